@@ -1,0 +1,17 @@
+"""lafn_hf: multilingual knowledge editing with Language-Agnostic Factual Neurons (arXiv 2406.16416)."""
+
+from .bank import BankEntry, EditBank, LayerUpdate
+from .config import EditGroup, LafnConfig, LanguageEdit
+from .model import EditableCausalLM, EditManyResult, EditResult
+
+__all__ = [
+    "BankEntry",
+    "EditBank",
+    "EditGroup",
+    "EditManyResult",
+    "EditResult",
+    "EditableCausalLM",
+    "LafnConfig",
+    "LanguageEdit",
+    "LayerUpdate",
+]

@@ -1,0 +1,168 @@
+"""The edit bank: {subjects S_G: dV_{D_G}} for every edit (paper section 2.3, Eq. 10).
+
+An entry stores, per edited layer, the located neuron indices D_G (int64) and the update
+dV (float32). Model weights are never touched; the bank is applied at inference by
+``lafn_hf.inject``.
+
+Overlapping subjects: every entry is kept, even when two entries share a subject. At
+inference, when a subject matches, the dV of *every* entry listing that subject is added
+(updates sum). When two different subjects overlap in the text ("Paris" inside "Paris
+Hilton"), the matcher takes the leftmost-longest one, so only "Paris Hilton" edits apply.
+"""
+
+from __future__ import annotations
+
+import re
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from .config import nfc
+
+_ENTRY_ID = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+
+
+@dataclass(frozen=True)
+class LayerUpdate:
+    """dV for one layer: ``delta[k]`` is added to the value of neuron ``neurons[k]``."""
+
+    neurons: torch.Tensor  # (n,) int64, unique, sorted
+    delta: torch.Tensor  # (n,) float32
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.neurons, torch.Tensor) or self.neurons.dtype != torch.int64 or self.neurons.dim() != 1:
+            raise TypeError(f"neurons must be a 1-D int64 tensor, got {_describe(self.neurons)}")
+        if not isinstance(self.delta, torch.Tensor) or self.delta.dtype != torch.float32 or self.delta.dim() != 1:
+            raise TypeError(f"delta must be a 1-D float32 tensor, got {_describe(self.delta)}")
+        if self.neurons.shape != self.delta.shape:
+            raise ValueError(f"neurons {tuple(self.neurons.shape)} and delta {tuple(self.delta.shape)} differ in shape")
+        if self.neurons.numel() and (int(self.neurons.min()) < 0 or self.neurons.unique().numel() != self.neurons.numel()):
+            raise ValueError("neuron indices must be unique and >= 0")
+        if not bool(torch.isfinite(self.delta).all()):
+            raise ValueError("delta contains NaN or inf")
+
+
+def _describe(value: object) -> str:
+    if isinstance(value, torch.Tensor):
+        return f"tensor of dtype {value.dtype} and shape {tuple(value.shape)}"
+    return type(value).__name__
+
+
+@dataclass(frozen=True)
+class BankEntry:
+    """One edit: aligned subjects per language, the per-layer updates and free-form metadata.
+
+    ``metadata`` holds what produced the edit (prompts, targets, config, result summary);
+    it is saved as JSON and must be JSON-serialisable.
+    """
+
+    subjects: dict[str, str]
+    updates: dict[int, LayerUpdate]
+    metadata: dict[str, Any] = field(default_factory=dict)
+    id: str = field(default_factory=lambda: f"edit-{uuid.uuid4().hex[:12]}")
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.id, str) or not _ENTRY_ID.match(self.id):
+            raise ValueError(f"entry id must match {_ENTRY_ID.pattern}, got {self.id!r}")
+        if not isinstance(self.subjects, dict) or not self.subjects:
+            raise ValueError(f"entry {self.id!r} needs at least one subject, got {self.subjects!r}")
+        for lang, subject in self.subjects.items():
+            if not isinstance(subject, str) or not subject.strip():
+                raise ValueError(f"entry {self.id!r}: subject for {lang!r} must be a non-empty str, got {subject!r}")
+        object.__setattr__(self, "subjects", {lang: nfc(s) for lang, s in self.subjects.items()})
+        if not isinstance(self.updates, dict) or not self.updates:
+            raise ValueError(f"entry {self.id!r} needs at least one layer update")
+        for layer, update in self.updates.items():
+            if not isinstance(layer, int) or layer < 0:
+                raise ValueError(f"entry {self.id!r}: layer index must be an int >= 0, got {layer!r}")
+            if not isinstance(update, LayerUpdate):
+                raise TypeError(f"entry {self.id!r}: updates[{layer}] must be a LayerUpdate")
+
+    @property
+    def layers(self) -> tuple[int, ...]:
+        return tuple(sorted(self.updates))
+
+
+class EditBank:
+    """An ordered collection of ``BankEntry`` with add / get / remove / merge.
+
+    ``version`` increases on every change so that matchers and device caches rebuild lazily.
+    """
+
+    def __init__(self, entries: list[BankEntry] | None = None) -> None:
+        self._entries: dict[str, BankEntry] = {}
+        self.version = 0
+        for entry in entries or []:
+            self.add(entry)
+
+    def add(self, entry: BankEntry) -> str:
+        """Add an entry; returns its id. A second entry with the same id is a ``ValueError``."""
+        if not isinstance(entry, BankEntry):
+            raise TypeError(f"expected a BankEntry, got {type(entry).__name__}")
+        if entry.id in self._entries:
+            raise ValueError(f"entry id {entry.id!r} is already in the bank")
+        self._entries[entry.id] = entry
+        self.version += 1
+        return entry.id
+
+    def get(self, entry_id: str) -> BankEntry:
+        try:
+            return self._entries[entry_id]
+        except KeyError:
+            raise ValueError(f"no entry {entry_id!r} in the bank; known ids: {list(self._entries)[:10]}") from None
+
+    def remove(self, entry_id: str) -> BankEntry:
+        """Roll back one edit; returns the removed entry."""
+        entry = self.get(entry_id)
+        del self._entries[entry_id]
+        self.version += 1
+        return entry
+
+    def clear(self) -> None:
+        self._entries.clear()
+        self.version += 1
+
+    def merge(self, other: EditBank) -> EditBank:
+        """A new bank with this bank's entries then ``other``'s; a shared id must hold the same entry."""
+        merged = EditBank(list(self))
+        for entry in other:
+            if entry.id in merged and not _same_entry(merged.get(entry.id), entry):
+                raise ValueError(f"cannot merge: entry id {entry.id!r} exists in both banks with different content")
+            if entry.id not in merged:
+                merged.add(entry)
+        return merged
+
+    def subject_index(self) -> dict[str, tuple[str, ...]]:
+        """Every subject (any language) -> ids of the entries that list it, in insertion order."""
+        index: dict[str, list[str]] = {}
+        for entry in self._entries.values():
+            for subject in dict.fromkeys(entry.subjects.values()):
+                index.setdefault(subject, []).append(entry.id)
+        return {subject: tuple(ids) for subject, ids in index.items()}
+
+    def layers(self) -> tuple[int, ...]:
+        return tuple(sorted({layer for entry in self._entries.values() for layer in entry.updates}))
+
+    def __contains__(self, entry_id: object) -> bool:
+        return entry_id in self._entries
+
+    def __iter__(self) -> Iterator[BankEntry]:
+        return iter(list(self._entries.values()))
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def __repr__(self) -> str:
+        return f"EditBank({len(self)} entries, layers={list(self.layers())})"
+
+
+def _same_entry(a: BankEntry, b: BankEntry) -> bool:
+    if a.subjects != b.subjects or a.updates.keys() != b.updates.keys():
+        return False
+    return all(
+        torch.equal(a.updates[k].neurons, b.updates[k].neurons) and torch.equal(a.updates[k].delta, b.updates[k].delta)
+        for k in a.updates
+    )

@@ -1,0 +1,270 @@
+"""Typed, validated settings and edit requests.
+
+``LanguageEdit`` / ``EditGroup`` describe one multilingual edit (the paper's group G, section 2.1);
+``LafnConfig`` holds the hyper-parameters of locating (Eq. 3-5) and optimising (Eq. 6-9).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import unicodedata
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+logger = logging.getLogger(__name__)
+
+LocateStrategy = Literal["paraphrases", "single", "all", "random"]
+LOCATE_STRATEGIES: tuple[str, ...] = ("paraphrases", "single", "all", "random")
+
+#: "{subject} is a" in each language (Eq. 8's q_l). Override with ``LafnConfig.kl_templates``.
+DEFAULT_KL_TEMPLATES: dict[str, str] = {
+    "cs": "{subject} je",
+    "de": "{subject} ist ein",
+    "en": "{subject} is a",
+    "es": "{subject} es un",
+    "fr": "{subject} est un",
+    "nl": "{subject} is een",
+    "pt": "{subject} é um",
+    "ru": "{subject} — это",
+    "th": "{subject} เป็น",
+    "tr": "{subject} bir",
+    "vi": "{subject} là một",
+    "zh": "{subject}是一个",
+}
+
+
+def nfc(text: str) -> str:
+    """NFC-normalise ``text`` (prompts, subjects and matched inputs are compared in NFC)."""
+    return unicodedata.normalize("NFC", text)
+
+
+def _require_text(name: str, value: object) -> str:
+    if not isinstance(value, str):
+        raise TypeError(f"{name} must be a str, got {type(value).__name__} ({value!r})")
+    if not value.strip():
+        raise ValueError(f"{name} must be a non-empty string, got {value!r}")
+    return nfc(value)
+
+
+@dataclass(frozen=True)
+class LanguageEdit:
+    """One language's side of an edit.
+
+    Args:
+        prompt: the question x_l^e, which must contain ``subject``.
+        subject: the subject s_l; its last token is where dV is added.
+        target: the new answer y_l^e.
+        paraphrases: rewrites of ``prompt`` forming the locating corpus C_l (Eq. 3). A paraphrase
+            that does not contain the subject is still a valid sentence about the fact, so it is
+            kept for locating (neuron counts use every token), with a warning.
+    """
+
+    prompt: str
+    subject: str
+    target: str
+    paraphrases: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "prompt", _require_text("prompt", self.prompt))
+        object.__setattr__(self, "subject", _require_text("subject", self.subject))
+        object.__setattr__(self, "target", _require_text("target", self.target))
+        if isinstance(self.paraphrases, str) or not isinstance(self.paraphrases, (list, tuple)):
+            raise TypeError(f"paraphrases must be a list of str, got {type(self.paraphrases).__name__}")
+        paraphrases = tuple(_require_text(f"paraphrases[{i}]", p) for i, p in enumerate(self.paraphrases))
+        object.__setattr__(self, "paraphrases", tuple(dict.fromkeys(paraphrases)))
+        if self.subject not in self.prompt:
+            raise ValueError(f"subject {self.subject!r} does not occur in prompt {self.prompt!r} (NFC, exact)")
+        lacking = [p for p in self.paraphrases if self.subject not in p]
+        if lacking:
+            logger.warning(
+                "%d paraphrase(s) lack subject %r; they are used for locating only: %r",
+                len(lacking),
+                self.subject,
+                lacking[:3],
+            )
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> LanguageEdit:
+        if not isinstance(data, dict):
+            raise TypeError(f"a language edit must be a JSON object, got {type(data).__name__}")
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"unknown field(s) {unknown} in language edit; expected {sorted(known)}")
+        return cls(**{**data, "paraphrases": tuple(data.get("paraphrases", ()))})
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**dataclasses.asdict(self), "paraphrases": list(self.paraphrases)}
+
+
+@dataclass(frozen=True)
+class EditGroup:
+    """A multilingual edit group G = {l: (x_l^e, y_l^e)} with aligned subjects S_G."""
+
+    edits: dict[str, LanguageEdit]
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.edits, dict) or not self.edits:
+            raise ValueError(f"an EditGroup needs at least one language, got {self.edits!r}")
+        for lang, edit in self.edits.items():
+            if not isinstance(lang, str) or not lang.strip() or lang != lang.strip():
+                raise ValueError(f"language code must be a non-empty str without spaces, got {lang!r}")
+            if not isinstance(edit, LanguageEdit):
+                raise TypeError(f"edits[{lang!r}] must be a LanguageEdit, got {type(edit).__name__}")
+
+    @property
+    def languages(self) -> tuple[str, ...]:
+        return tuple(self.edits)
+
+    @property
+    def subjects(self) -> dict[str, str]:
+        return {lang: edit.subject for lang, edit in self.edits.items()}
+
+    @classmethod
+    def from_pairs(cls, pairs: list[tuple[str, LanguageEdit]]) -> EditGroup:
+        """Build from (language, edit) pairs; a language listed twice is a ``ValueError``."""
+        seen: dict[str, LanguageEdit] = {}
+        for lang, edit in pairs:
+            if lang in seen:
+                raise ValueError(f"language {lang!r} is listed twice in the edit group")
+            seen[lang] = edit
+        return cls(seen)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> EditGroup:
+        """``{"en": {"prompt", "subject", "target", "paraphrases"}, "zh": {...}}``."""
+        if not isinstance(data, dict):
+            raise TypeError(f"an edit group must be a JSON object keyed by language, got {type(data).__name__}")
+        return cls({lang: LanguageEdit.from_dict(edit) for lang, edit in data.items()})
+
+    @classmethod
+    def from_json(cls, text: str) -> EditGroup:
+        """Parse JSON; a language key given twice (which ``json`` would silently merge) raises."""
+        return cls.from_dict(json.loads(text, object_pairs_hook=_dict_without_duplicates))
+
+    def to_dict(self) -> dict[str, Any]:
+        return {lang: edit.to_dict() for lang, edit in self.edits.items()}
+
+
+def _dict_without_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    result: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in result:
+            raise ValueError(f"key {key!r} is given twice (a language listed twice?)")
+        result[key] = value
+    return result
+
+
+@dataclass
+class LafnConfig:
+    """Hyper-parameters of LAFN. Defaults follow the paper (section 3.1) unless noted.
+
+    Args:
+        beta: activation-frequency threshold of Eq. 4 (keep neurons with n_j / max(N) > beta).
+        num_paraphrases: at most this many paraphrases per language are used for locating.
+        num_prefixes: M random prefixes per language (Eq. 7).
+        prefix_length: tokens per random prefix, sampled from the model itself (as MEMIT).
+        include_bare_prompt: also train on the prompt without a prefix (MEMIT's "{}" template;
+            not stated in the paper). Helps the plain question, which is what users ask.
+        lambda_target: lambda_1 of Eq. 9. lambda_kl: lambda_2 of Eq. 9.
+        learning_rate: Adam learning rate for dV.
+        steps: maximum optimisation steps (not stated in the paper; MEMIT uses 20-25).
+        early_stop_loss: stop once the target NLL (Eq. 7) falls below this value.
+        clamp_norm_factor: after each step each layer's dV is projected onto the ball of radius
+            ``clamp_norm_factor * ||V||``, V the unedited value vector (all neurons of the layer)
+            at the subject's last token, averaged over the training sequences (MEMIT's clamp).
+            ``None`` disables the clamp.
+        layers: edited layer indices; ``None`` uses the ``lafn_hf.modeling`` default.
+        locate_strategy: ``"paraphrases"`` (paper), ``"single"`` (no-PGs: prompt only),
+            ``"all"`` (every neuron of the layers) or ``"random"`` (as many random neurons as
+            "paraphrases" locates; seeded) -- the ablation of Table 4.
+        kl_templates: per-language template for Eq. 8's q_l, with a ``{subject}`` field. Languages
+            missing here use ``DEFAULT_KL_TEMPLATES`` and then English.
+        upper_layer_shortcut: compute hidden states below the first edited layer once and run
+            only the upper layers per step (exact: those states do not depend on dV).
+        seed: seeds prefix sampling and the "random" strategy.
+    """
+
+    beta: float = field(default=0.1, metadata={"help": "Eq. 4 threshold"})
+    num_paraphrases: int = 30
+    num_prefixes: int = 4
+    prefix_length: int = 5
+    include_bare_prompt: bool = True
+    lambda_target: float = 1.0
+    lambda_kl: float = 0.0625
+    learning_rate: float = 0.5
+    steps: int = 30
+    early_stop_loss: float = 0.05
+    clamp_norm_factor: float | None = 4.0
+    layers: tuple[int, ...] | None = None
+    locate_strategy: str = "paraphrases"
+    kl_templates: dict[str, str] = field(default_factory=dict)
+    upper_layer_shortcut: bool = True
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.beta < 1.0:
+            raise ValueError(f"beta must be in [0, 1), got {self.beta!r}")
+        for name in ("num_paraphrases", "prefix_length", "steps"):
+            _require_int(name, getattr(self, name), minimum=1)
+        _require_int("num_prefixes", self.num_prefixes, minimum=0)
+        _require_int("seed", self.seed, minimum=0)
+        if self.num_prefixes == 0 and not self.include_bare_prompt:
+            raise ValueError("num_prefixes=0 with include_bare_prompt=False leaves nothing to train on")
+        for name in ("lambda_target", "lambda_kl", "early_stop_loss"):
+            if float(getattr(self, name)) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)!r}")
+        if self.learning_rate <= 0:
+            raise ValueError(f"learning_rate must be > 0, got {self.learning_rate!r}")
+        if self.clamp_norm_factor is not None and self.clamp_norm_factor <= 0:
+            raise ValueError(f"clamp_norm_factor must be > 0 or None, got {self.clamp_norm_factor!r}")
+        if self.locate_strategy not in LOCATE_STRATEGIES:
+            raise ValueError(f"locate_strategy must be one of {LOCATE_STRATEGIES}, got {self.locate_strategy!r}")
+        if self.layers is not None:
+            layers = tuple(self.layers)
+            if not layers or any(not isinstance(i, int) or isinstance(i, bool) or i < 0 for i in layers):
+                raise ValueError(f"layers must be a non-empty list of layer indices >= 0, got {self.layers!r}")
+            if len(set(layers)) != len(layers):
+                raise ValueError(f"layers must not repeat, got {self.layers!r}")
+            self.layers = tuple(sorted(layers))
+        for lang, template in self.kl_templates.items():
+            if "{subject}" not in template:
+                raise ValueError(f"kl_templates[{lang!r}] must contain '{{subject}}', got {template!r}")
+
+    def kl_prompt(self, language: str, subject: str) -> str:
+        """q_l of Eq. 8: "{subject} is a" in ``language``."""
+        template = self.kl_templates.get(language) or DEFAULT_KL_TEMPLATES.get(language, DEFAULT_KL_TEMPLATES["en"])
+        return template.format(subject=subject)
+
+    def to_dict(self) -> dict[str, Any]:
+        data = dataclasses.asdict(self)
+        data["layers"] = list(self.layers) if self.layers is not None else None
+        return data
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), sort_keys=True, ensure_ascii=False, indent=2)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> LafnConfig:
+        """Build from a dict; keys this version does not know (a newer file) are warned about and dropped."""
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            logger.warning("ignoring unknown LafnConfig key(s) %s", unknown)
+        kwargs = {k: v for k, v in data.items() if k in known}
+        if kwargs.get("layers") is not None:
+            kwargs["layers"] = tuple(kwargs["layers"])
+        return cls(**kwargs)
+
+    @classmethod
+    def from_json(cls, text: str) -> LafnConfig:
+        return cls.from_dict(json.loads(text))
+
+
+def _require_int(name: str, value: object, *, minimum: int) -> None:
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__} ({value!r})")
+    if value < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {value!r}")

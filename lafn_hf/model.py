@@ -1,0 +1,255 @@
+"""``EditableCausalLM``: a Hugging Face causal LM plus an LAFN edit bank.
+
+The wrapper behaves as the wrapped model (``forward``, ``generate``, ``pipeline``, attribute
+passthrough) while a ``BankInjector`` applies the bank's dV at matched subjects. The base
+weights are never modified.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from lafn_hf.modeling import decoder_layers, default_edit_layers, get_spec, mlp_parts
+
+from .bank import BankEntry, EditBank, LayerUpdate
+from .config import EditGroup, LafnConfig
+from .hub import BaseModelRef, is_bank_dir, load_bank, push_bank, resolve_bank_dir, save_bank
+from .inject import BankInjector
+from .locate import locate_neurons
+from .optimize import optimize_update
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class EditResult:
+    """What ``edit`` did: located neuron counts, loss curve, final target probabilities, time."""
+
+    entry_id: str
+    layers: tuple[int, ...]
+    neuron_counts: dict[str, dict[int, int]]  # language -> layer -> |D_l^i|
+    shared_counts: dict[int, int]  # layer -> |D^i| (Eq. 5)
+    loss_curve: list[float]
+    target_loss_curve: list[float]
+    target_probabilities: dict[str, float]
+    steps: int
+    wall_time_s: float
+
+
+@dataclass
+class EditManyResult:
+    """``edit_many`` outcome: results of the groups that worked and errors of those that did not."""
+
+    results: list[EditResult] = field(default_factory=list)
+    failures: list[tuple[int, str]] = field(default_factory=list)  # (group index, error)
+
+
+class EditableCausalLM(nn.Module):
+    """Wraps a LLaMA/Qwen/Mistral/Gemma causal LM and applies an ``EditBank`` at inference.
+
+    Example::
+
+        model = EditableCausalLM.from_pretrained("path/to/base")
+        model.edit(EditGroup.from_dict({...}))
+        model.generate(**model.tokenizer("The capital of ...", return_tensors="pt"))
+    """
+
+    def __init__(self, model: nn.Module, tokenizer: Any, bank: EditBank | None = None,
+                 config: LafnConfig | None = None, base_revision: str | None = None) -> None:
+        super().__init__()
+        if not isinstance(model, nn.Module) or not hasattr(model, "config"):
+            raise TypeError(f"model must be a transformers causal LM, got {type(model).__name__}")
+        if tokenizer is None or not getattr(tokenizer, "is_fast", False):
+            raise TypeError(f"a fast (Rust) tokenizer is required for offset mapping, got {type(tokenizer).__name__}")
+        get_spec(model.config)
+        layers = decoder_layers(model)
+        mlp_parts(layers[0])
+        self.model = model
+        self.tokenizer = tokenizer
+        self.lafn_config = config or LafnConfig()
+        self.base_ref = BaseModelRef.from_model(model, base_revision)
+        self._injector = BankInjector(model, tokenizer, bank if bank is not None else EditBank())
+        self._injector.attach()
+
+    # -- construction -------------------------------------------------------------------------
+    @classmethod
+    def from_pretrained(cls, name_or_path: str | os.PathLike[str], tokenizer: Any = None, *,
+                        revision: str | None = None, token: str | None = None, config: LafnConfig | None = None,
+                        **hf_kwargs: Any) -> EditableCausalLM:
+        """Load a base model (path or Hub id), or an edit bank together with the base model it names.
+
+        ``hf_kwargs`` go to ``AutoModelForCausalLM.from_pretrained`` (e.g. ``torch_dtype``).
+        """
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        bank: EditBank | None = None
+        base_path, base_revision = str(name_or_path), revision
+        bank_dir = _find_bank(name_or_path, revision, token)
+        if bank_dir is not None:
+            bank, ref = load_bank(bank_dir)
+            if not ref.name_or_path:
+                raise ValueError(f"the bank at {name_or_path} does not name its base model")
+            base_path, base_revision = ref.name_or_path, ref.revision
+        model = AutoModelForCausalLM.from_pretrained(base_path, revision=base_revision, token=token, **hf_kwargs)
+        if tokenizer is None:
+            tokenizer = AutoTokenizer.from_pretrained(base_path, revision=base_revision, token=token)
+        editable = cls(model, tokenizer, config=config, base_revision=base_revision)
+        if bank is not None:
+            editable.load_bank(bank_dir)  # type: ignore[arg-type]
+        return editable
+
+    # -- the bank -----------------------------------------------------------------------------
+    @property
+    def bank(self) -> EditBank:
+        return self._injector.bank
+
+    def set_bank(self, bank: EditBank) -> None:
+        """Use ``bank`` (entries must fit this model's layers and intermediate size)."""
+        for entry in bank:
+            self._check_entry(entry)
+        self._injector.bank = bank
+
+    def load_bank(self, name_or_path: str | os.PathLike[str], *, revision: str | None = None,
+                  token: str | None = None, merge: bool = False) -> EditBank:
+        """Load a bank (dir or Hub id) checked against this model; ``merge`` adds it to the current one."""
+        bank, ref = load_bank(resolve_bank_dir(name_or_path, revision, token))
+        ref.check_compatible(self.base_ref)
+        self.set_bank(self.bank.merge(bank) if merge else bank)
+        return self.bank
+
+    def add_entry(self, entry: BankEntry) -> str:
+        self._check_entry(entry)
+        return self.bank.add(entry)
+
+    def remove_edit(self, entry_id: str) -> BankEntry:
+        """Roll back one edit."""
+        return self.bank.remove(entry_id)
+
+    def _check_entry(self, entry: BankEntry) -> None:
+        for layer, update in entry.updates.items():
+            if layer >= self.base_ref.num_hidden_layers:
+                raise ValueError(f"entry {entry.id!r}: layer {layer} >= num_hidden_layers {self.base_ref.num_hidden_layers}")
+            if update.neurons.numel() and int(update.neurons.max()) >= self.base_ref.intermediate_size:
+                raise ValueError(f"entry {entry.id!r}: neuron index >= intermediate_size {self.base_ref.intermediate_size}")
+
+    def save_pretrained(self, directory: str | os.PathLike[str]) -> None:
+        """Write the bank (not the base weights) atomically; see ``lafn_hf.hub``."""
+        save_bank(directory, self.bank, self.base_ref)
+
+    def push_to_hub(self, repo_id: str, *, private: bool | None = None, token: str | None = None,
+                    revision: str | None = None, commit_message: str | None = None) -> str:
+        return push_bank(repo_id, self.bank, self.base_ref, private=private, token=token, revision=revision,
+                         commit_message=commit_message)
+
+    # -- editing ------------------------------------------------------------------------------
+    def edit_layers(self, config: LafnConfig | None = None) -> tuple[int, ...]:
+        config = config or self.lafn_config
+        layers = config.layers if config.layers is not None else default_edit_layers(self.model.config)
+        if max(layers) >= self.base_ref.num_hidden_layers:
+            raise ValueError(f"layers {list(layers)} out of range for {self.base_ref.num_hidden_layers} layers")
+        return tuple(layers)
+
+    def edit(self, group: EditGroup, config: LafnConfig | None = None) -> EditResult:
+        """Locate D_G (Eq. 3-5), optimise dV (Eq. 6-9) against the base model, add one bank entry."""
+        if not isinstance(group, EditGroup):
+            raise TypeError(f"edit expects an EditGroup, got {type(group).__name__}")
+        config = config or self.lafn_config
+        layers = self.edit_layers(config)
+        started = time.perf_counter()
+        with self.edits_disabled():
+            located = locate_neurons(self.model, self.tokenizer, group, layers, config)
+            optimized = optimize_update(self.model, self.tokenizer, group, located.shared, config)
+        updates = {layer: LayerUpdate(located.shared[layer].clone(), delta) for layer, delta in optimized.deltas.items()}
+        entry = BankEntry(
+            subjects=group.subjects,
+            updates=updates,
+            metadata={
+                "prompts": {lang: e.prompt for lang, e in group.edits.items()},
+                "targets": {lang: e.target for lang, e in group.edits.items()},
+                "config": config.to_dict(),
+                "target_probabilities": optimized.target_probabilities,
+            },
+        )
+        self.add_entry(entry)
+        result = EditResult(entry.id, layers, located.counts(), located.shared_counts(), optimized.loss_curve,
+                            optimized.target_loss_curve, optimized.target_probabilities, optimized.steps,
+                            time.perf_counter() - started)
+        logger.info("edit %s: %d steps, loss %.4f, p(target) %s", entry.id, result.steps, result.loss_curve[-1],
+                    result.target_probabilities)
+        return result
+
+    def edit_many(self, groups: Sequence[EditGroup], config: LafnConfig | None = None,
+                  progress: bool = True) -> EditManyResult:
+        """Edit each group in turn; a failing group is recorded and the others go on."""
+        outcome = EditManyResult()
+        for index, group in enumerate(tqdm(groups, desc="LAFN edits", disable=not progress)):
+            try:
+                outcome.results.append(self.edit(group, config))
+            except (ValueError, TypeError, RuntimeError) as error:
+                logger.warning("edit group %d failed: %s", index, error)
+                outcome.failures.append((index, f"{type(error).__name__}: {error}"))
+        return outcome
+
+    # -- inference ----------------------------------------------------------------------------
+    @contextmanager
+    def edits_disabled(self) -> Iterator[None]:
+        """Run the plain base model inside the block; our hooks are removed and put back in finally."""
+        was_attached = self._injector.attached
+        self._injector.detach()
+        try:
+            yield
+        finally:
+            if was_attached:
+                self._injector.attach()
+
+    def hook_handles(self) -> tuple[Any, ...]:
+        """The hook handles this wrapper owns right now (for inspection and tests)."""
+        return self._injector.handles()
+
+    def unwrap(self) -> nn.Module:
+        """Remove our hooks and return the plain base model."""
+        self._injector.detach()
+        return self.model
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        return self.model(*args, **kwargs)
+
+    def generate(self, *args: Any, **kwargs: Any) -> Any:
+        return self.model.generate(*args, **kwargs)  # type: ignore[operator]
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name == "model":
+                raise
+            return getattr(self._modules["model"], name)
+
+    def __repr__(self) -> str:
+        return f"EditableCausalLM({type(self.model).__name__}, {self.bank!r})"
+
+
+def _find_bank(name_or_path: str | os.PathLike[str], revision: str | None, token: str | None) -> os.PathLike[str] | None:
+    """The bank directory if ``name_or_path`` is a bank (local dir or Hub repo with lafn_config.json)."""
+    if os.path.isdir(name_or_path):
+        return name_or_path if is_bank_dir(name_or_path) else None  # type: ignore[return-value]
+    from huggingface_hub import file_exists
+
+    from .hub import BANK_CONFIG_NAME
+
+    try:
+        found = file_exists(str(name_or_path), BANK_CONFIG_NAME, revision=revision, token=token)
+    except Exception as error:  # offline, gated, not a repo: treat as a base model id
+        logger.debug("could not look for a bank at %s: %s", name_or_path, error)
+        return None
+    return resolve_bank_dir(name_or_path, revision, token) if found else None

@@ -1,0 +1,270 @@
+"""Optimise the update dV of the located neurons (paper section 2.3, Eq. 6-9).
+
+Eq. 6: F_(theta, V_D + dV_D)(x_l^e) = y_l^e, dV added at the last subject token of x_l^e.
+Eq. 7: L_target = 1/(|L| M) sum_l sum_m -log P_F'(y_l^e | p_l^m + x_l^e)
+Eq. 8: L_kl = 1/|L| sum_l KL[P_F(. | q_l) || P_F'(. | q_l)],  q_l = "{s_l} is a" in language l
+Eq. 9: L = lambda_1 L_target + lambda_2 L_kl
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator, Sequence
+from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from lafn_hf.modeling import decoder_layers, mlp_parts, text_config
+
+from .config import EditGroup, LafnConfig, nfc
+from .inject import LayerPlan, ValueInjection
+from .matcher import last_token_index
+from .tokens import char_ends, pad_batch, pad_id, target_separator
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class TrainingBatch:
+    """All sequences of one optimisation step, right-padded: target rows first, then KL rows."""
+
+    input_ids: torch.Tensor  # (B, T)
+    attention_mask: torch.Tensor  # (B, T)
+    subject_hits: list[tuple[int, int]]  # (row, last subject token) for every row
+    target_rows: torch.Tensor  # (N,) row of each target token
+    target_positions: torch.Tensor  # (N,) position of each target token
+    target_ids: torch.Tensor  # (N,) the target token ids
+    target_sequence: torch.Tensor  # (N,) index of the training sequence the token belongs to
+    sequence_language: list[str]  # language of each training sequence
+    report_sequence: dict[str, int]  # per language, the sequence whose probability is reported
+    kl_rows: torch.Tensor  # (L,) rows of the "{subject} is a" prompts
+    kl_positions: torch.Tensor  # (L,) their last token
+
+
+@dataclass
+class OptimizationResult:
+    deltas: dict[int, torch.Tensor]  # layer -> (n,) float32 on CPU
+    loss_curve: list[float] = field(default_factory=list)
+    target_loss_curve: list[float] = field(default_factory=list)
+    target_probabilities: dict[str, float] = field(default_factory=dict)
+    steps: int = 0
+
+
+def subject_last_tokens(text: str, subject: str, ends: Sequence[int]) -> list[int]:
+    """Last-token index of every occurrence of ``subject`` in ``text`` (same rule as the matcher)."""
+    positions, start = [], text.find(subject)
+    while start >= 0:
+        index = last_token_index(ends, start + len(subject))
+        if index is not None:
+            positions.append(index)
+        start = text.find(subject, start + len(subject))
+    return positions
+
+
+def sample_prefixes(model: nn.Module, tokenizer: Any, languages: Sequence[str], config: LafnConfig) -> dict[str, list[str]]:
+    """M random prefixes per language, sampled from the model itself (top-k 5), seeded."""
+    if config.num_prefixes == 0:
+        return {lang: [] for lang in languages}
+    start = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
+    if start is None:
+        raise ValueError("the tokenizer has neither bos_token_id nor eos_token_id to start random prefixes from")
+    device = next(model.parameters()).device
+    count = config.num_prefixes * len(languages)
+    input_ids = torch.full((count, 1), int(start), dtype=torch.long, device=device)
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        torch.manual_seed(config.seed)
+        output = model.generate(  # type: ignore[operator]
+            input_ids=input_ids, attention_mask=torch.ones_like(input_ids), do_sample=True, top_k=5, top_p=1.0,
+            temperature=1.0, max_new_tokens=config.prefix_length, min_new_tokens=config.prefix_length,
+            pad_token_id=pad_id(tokenizer),
+        )
+    texts = [nfc(" ".join(t.split())) for t in tokenizer.batch_decode(output[:, 1:], skip_special_tokens=True)]
+    return {lang: texts[i * config.num_prefixes : (i + 1) * config.num_prefixes] for i, lang in enumerate(languages)}
+
+
+def build_batch(tokenizer: Any, group: EditGroup, prefixes: dict[str, list[str]], config: LafnConfig,
+                device: torch.device) -> TrainingBatch:
+    rows: list[list[int]] = []
+    hits: list[tuple[int, int]] = []
+    targets: list[tuple[int, int, int, int]] = []  # (row, position, token, sequence)
+    languages: list[str] = []
+    report: dict[str, int] = {}
+    for lang, edit in group.edits.items():
+        contexts = [f"{p} {edit.prompt}" if p else edit.prompt for p in prefixes.get(lang, [])]
+        if config.include_bare_prompt:
+            contexts.append(edit.prompt)
+        report[lang] = len(languages) + len(contexts) - 1
+        for context in contexts:
+            full = context + target_separator(context, edit.target) + edit.target
+            encoded = tokenizer(full, return_offsets_mapping=True)
+            ids, offsets = list(encoded["input_ids"]), encoded["offset_mapping"]
+            row, sequence = len(rows), len(languages)
+            hits += [(row, p) for p in subject_last_tokens(context, edit.subject, char_ends(offsets))]
+            target_tokens = [j for j, (_, end) in enumerate(offsets) if end > len(context) and j > 0]
+            if not target_tokens:
+                raise ValueError(f"target {edit.target!r} ({lang}) produced no tokens after the prompt")
+            targets += [(row, j, ids[j], sequence) for j in target_tokens]
+            rows.append(ids)
+            languages.append(lang)
+    kl_rows, kl_positions = [], []
+    for lang, edit in group.edits.items():
+        prompt = config.kl_prompt(lang, edit.subject)
+        encoded = tokenizer(prompt, return_offsets_mapping=True)
+        hits += [(len(rows), p) for p in subject_last_tokens(prompt, edit.subject, char_ends(encoded["offset_mapping"]))]
+        kl_rows.append(len(rows))
+        kl_positions.append(len(encoded["input_ids"]) - 1)
+        rows.append(list(encoded["input_ids"]))
+    input_ids, attention_mask = pad_batch(rows, pad_id(tokenizer), device)
+    column = list(zip(*targets))
+    as_long = lambda values: torch.tensor(values, dtype=torch.long, device=device)  # noqa: E731
+    return TrainingBatch(input_ids, attention_mask, hits, as_long(column[0]), as_long(column[1]), as_long(column[2]),
+                         as_long(column[3]), languages, report, as_long(kl_rows), as_long(kl_positions))
+
+
+class _Skip(nn.Module):
+    """Stands in for a lower decoder layer: passes hidden states through, or returns a cached tensor."""
+
+    def __init__(self, cached: torch.Tensor | None = None) -> None:
+        super().__init__()
+        self.cached = cached
+
+    def forward(self, hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        return self.cached if self.cached is not None else hidden_states
+
+
+@contextmanager
+def upper_layers_only(model: nn.Module, first: int, hidden_in: torch.Tensor) -> Iterator[None]:
+    """Run only layers >= ``first``: the lower layers are swapped for ``_Skip`` (restored in finally).
+
+    ``hidden_in`` is the input of layer ``first`` from a full forward of the same batch; it does not
+    depend on dV, which is only added at layers >= ``first``.
+    """
+    layers = decoder_layers(model)
+    originals = [layers[i] for i in range(first)]
+    try:
+        for i in range(first):
+            layers[i] = _Skip(hidden_in if i == first - 1 else None)
+        yield
+    finally:
+        for i, module in enumerate(originals):
+            layers[i] = module
+
+
+def selected_logits(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                    rows: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    """Float32 logits at (rows, positions) only: (N, V). The LM head runs on N vectors, not B*T."""
+    decoder = model.get_decoder()  # type: ignore[operator]
+    hidden = decoder(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
+    logits = model.get_output_embeddings()(hidden[rows, positions]).float()  # type: ignore[operator]
+    cap = getattr(text_config(model.config), "final_logit_softcapping", None)
+    return torch.tanh(logits / cap) * cap if cap else logits
+
+
+@contextmanager
+def frozen_parameters(model: nn.Module) -> Iterator[None]:
+    """Parameters stop requiring grad (only dV is trained); flags and train/eval mode restored in finally."""
+    flags = [(p, p.requires_grad) for p in model.parameters()]
+    was_training = model.training
+    try:
+        for parameter, _ in flags:
+            parameter.requires_grad_(False)
+        model.eval()
+        yield
+    finally:
+        for parameter, flag in flags:
+            parameter.requires_grad_(flag)
+        model.train(was_training)
+
+
+class _BaseRun:
+    """One full forward without dV: the input of the first edited layer, base KL log-probs and ||V||."""
+
+    def __init__(self, model: nn.Module, batch: TrainingBatch, layers: Sequence[int]) -> None:
+        modules = decoder_layers(model)
+        captured: dict[str, torch.Tensor] = {}
+        value_norms: dict[int, torch.Tensor] = {}
+        rows = torch.tensor([r for r, _ in batch.subject_hits], dtype=torch.long)
+        positions = torch.tensor([p for _, p in batch.subject_hits], dtype=torch.long)
+
+        def capture_input(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+            captured["hidden"] = (args[0] if args else kwargs["hidden_states"]).detach()
+
+        def capture_values(layer: int) -> Any:
+            def hook(module: nn.Module, args: tuple[Any, ...]) -> None:
+                value_norms[layer] = args[0][rows, positions].float().norm(dim=-1).mean()
+            return hook
+
+        with ExitStack() as stack, torch.no_grad():
+            handle = modules[layers[0]].register_forward_pre_hook(capture_input, with_kwargs=True)
+            stack.callback(handle.remove)
+            for layer in layers:
+                stack.callback(mlp_parts(modules[layer]).down_proj.register_forward_pre_hook(capture_values(layer)).remove)
+            logits = selected_logits(model, batch.input_ids, batch.attention_mask, batch.kl_rows, batch.kl_positions)
+        self.hidden_in = captured["hidden"]
+        self.kl_log_probs = torch.log_softmax(logits, dim=-1)
+        self.value_norms = value_norms
+
+
+def _losses(logits: torch.Tensor, batch: TrainingBatch, base: _BaseRun) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(per-sequence mean target NLL (S,), L_target (Eq. 7), L_kl (Eq. 8)) from the selected logits."""
+    count = batch.target_ids.numel()
+    token_nll = -torch.log_softmax(logits[:count], dim=-1).gather(1, batch.target_ids[:, None]).squeeze(1)
+    sequences = len(batch.sequence_language)
+    total = torch.zeros(sequences, device=logits.device).index_add(0, batch.target_sequence, token_nll)
+    tokens = torch.zeros(sequences, device=logits.device).index_add(0, batch.target_sequence, torch.ones_like(token_nll))
+    sequence_nll = total / tokens
+    edited = torch.log_softmax(logits[count:], dim=-1)
+    kl = (base.kl_log_probs.exp() * (base.kl_log_probs - edited)).sum(-1).mean()
+    return total, sequence_nll.mean(), kl
+
+
+def optimize_update(model: nn.Module, tokenizer: Any, group: EditGroup, neurons: dict[int, torch.Tensor],
+                    config: LafnConfig) -> OptimizationResult:
+    """Adam on dV (zero init, float32) minimising Eq. 9; early stop on L_target; norm clamp per layer."""
+    layers = sorted(layer for layer, idx in neurons.items() if idx.numel())
+    if not layers:
+        raise ValueError("no language-agnostic neurons were located in any edited layer; lower beta")
+    device = next(model.parameters()).device
+    batch = build_batch(tokenizer, group, sample_prefixes(model, tokenizer, group.languages, config), config, device)
+    neuron_index = {layer: neurons[layer].to(device) for layer in layers}
+    deltas = {layer: torch.zeros(neuron_index[layer].numel(), device=device, requires_grad=True) for layer in layers}
+    optimizer = torch.optim.Adam(list(deltas.values()), lr=config.learning_rate)
+    rows = torch.cat([batch.target_rows, batch.kl_rows])
+    positions = torch.cat([batch.target_positions - 1, batch.kl_positions])
+    result = OptimizationResult(deltas={})
+    with frozen_parameters(model), ExitStack() as stack:
+        base = _BaseRun(model, batch, layers)
+        radius = {layer: config.clamp_norm_factor * float(base.value_norms[layer]) for layer in layers
+                  } if config.clamp_norm_factor is not None else {}
+        if config.upper_layer_shortcut and layers[0] > 0:
+            stack.enter_context(upper_layers_only(model, layers[0], base.hidden_in))
+        injection = stack.enter_context(ValueInjection(model, layers))
+        for step in range(config.steps + 1):
+            injection.plan = {l: LayerPlan.build(batch.subject_hits, neuron_index[l], deltas[l]) for l in layers}
+            logits = selected_logits(model, batch.input_ids, batch.attention_mask, rows, positions)
+            totals, target_loss, kl_loss = _losses(logits, batch, base)
+            loss = config.lambda_target * target_loss + config.lambda_kl * kl_loss
+            result.loss_curve.append(float(loss))
+            result.target_loss_curve.append(float(target_loss))
+            if step == config.steps or float(target_loss) < config.early_stop_loss:
+                break
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            _clamp(deltas, radius)
+        result.steps = step
+        result.target_probabilities = {lang: float(torch.exp(-totals[i]).detach())
+                                       for lang, i in batch.report_sequence.items()}
+    result.deltas = {layer: deltas[layer].detach().float().cpu() for layer in layers}
+    return result
+
+
+@torch.no_grad()
+def _clamp(deltas: dict[int, torch.Tensor], radius: dict[int, float]) -> None:
+    for layer, limit in radius.items():
+        norm = float(deltas[layer].norm())
+        if norm > limit > 0:
+            deltas[layer].mul_(limit / norm)

@@ -1,0 +1,76 @@
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
+
+from lafn_hf import BankEntry, EditGroup, LanguageEdit, LayerUpdate
+
+TINY_DIR = Path(__file__).resolve().parents[1] / "lafn_hf" / "assets" / "tiny-bilingual"
+
+
+@pytest.fixture(scope="session")
+def tokenizer() -> Any:
+    return AutoTokenizer.from_pretrained(TINY_DIR)
+
+
+@pytest.fixture(scope="session")
+def facts() -> dict[str, Any]:
+    return json.loads((TINY_DIR / "facts.json").read_text(encoding="utf-8"))
+
+
+@pytest.fixture()
+def trained_model() -> Any:
+    """The shipped tiny LLaMA that knows 50 invented capitals in en and zh."""
+    return AutoModelForCausalLM.from_pretrained(TINY_DIR).eval()
+
+
+def random_model(kind: str, vocab_size: int) -> Any:
+    torch.manual_seed(0)
+    common = dict(vocab_size=vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=3,
+                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+                  bos_token_id=1, eos_token_id=2, pad_token_id=0, initializer_range=0.2)
+    if kind == "llama":
+        return LlamaForCausalLM(LlamaConfig(**common)).eval()
+    return Qwen2ForCausalLM(Qwen2Config(**common)).eval()
+
+
+@pytest.fixture(params=["llama", "qwen2"])
+def random_base(request: pytest.FixtureRequest, tokenizer: Any) -> Any:
+    return random_model(request.param, len(tokenizer))
+
+
+def make_entry(subjects: dict[str, str], layers: tuple[int, ...] = (1,), size: int = 64, scale: float = 3.0,
+               seed: int = 0) -> BankEntry:
+    generator = torch.Generator().manual_seed(seed)
+    updates = {}
+    for layer in layers:
+        neurons = torch.randperm(size, generator=generator)[: size // 2].sort().values
+        updates[layer] = LayerUpdate(neurons, scale * torch.randn(neurons.numel(), generator=generator))
+    return BankEntry(subjects=subjects, updates=updates, metadata={"targets": {"en": "x"}})
+
+
+def fact_group(facts: dict[str, Any], source: int, target: int, languages: tuple[str, ...] = ("en", "zh"),
+               paraphrase_templates: slice = slice(1, 3)) -> EditGroup:
+    """Edit fact ``source`` so that its capital becomes fact ``target``'s capital."""
+    templates, rows = facts["templates"], facts["facts"]
+    edits = {}
+    for lang in languages:
+        subject = rows[source][lang]["subject"]
+        edits[lang] = LanguageEdit(
+            prompt=templates[lang][0].format(s=subject),
+            subject=subject,
+            target=rows[target][lang]["object"],
+            paraphrases=tuple(t.format(s=subject) for t in templates[lang][paraphrase_templates]),
+        )
+    return EditGroup(edits)
+
+
+def greedy(model: Any, tokenizer: Any, prompt: str, new_tokens: int = 6) -> str:
+    encoded = tokenizer(prompt, return_tensors="pt")
+    output = model.generate(**encoded, max_new_tokens=new_tokens, do_sample=False, pad_token_id=tokenizer.pad_token_id)
+    return tokenizer.decode(output[0, encoded["input_ids"].shape[1]:], skip_special_tokens=True)

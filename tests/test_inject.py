@@ -1,0 +1,124 @@
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+import torch
+from transformers import pipeline
+
+from lafn_hf import EditableCausalLM
+from lafn_hf.tokens import encode_texts
+
+from .conftest import make_entry
+
+SUBJECT = "Marbrafi"
+WITH = f"The capital of {SUBJECT} is"
+WITHOUT = "The capital city of nowhere is"
+
+
+def logits(model: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+    with torch.no_grad():
+        return model(input_ids=input_ids, attention_mask=attention_mask).logits
+
+
+def test_empty_bank_is_bitwise_identical_and_hooks_are_owned(random_base: Any, tokenizer: Any) -> None:
+    ids, mask = encode_texts(tokenizer, [WITH, WITHOUT])
+    plain = logits(random_base, ids, mask)
+    editable = EditableCausalLM(random_base, tokenizer)
+    assert torch.equal(logits(editable, ids, mask), plain)
+    owned = len(editable.hook_handles())
+    assert owned == 2 + len(random_base.model.layers)
+    with editable.edits_disabled():
+        assert editable.hook_handles() == ()
+        assert all(not m._forward_pre_hooks and not m._forward_hooks for m in random_base.modules())
+    with pytest.raises(RuntimeError, match="boom"), editable.edits_disabled():
+        raise RuntimeError("boom")
+    assert len(editable.hook_handles()) == owned
+    editable.unwrap()
+    assert all(not m._forward_pre_hooks and not m._forward_hooks for m in random_base.modules())
+
+
+def test_foreign_hooks_survive(random_base: Any, tokenizer: Any) -> None:
+    foreign = random_base.model.layers[0].mlp.down_proj.register_forward_pre_hook(lambda m, a: None)
+    editable = EditableCausalLM(random_base, tokenizer)
+    with editable.edits_disabled():
+        pass
+    editable.unwrap()
+    assert list(random_base.model.layers[0].mlp.down_proj._forward_pre_hooks) == [foreign.id]
+
+
+def test_one_entry_changes_only_from_the_subject_on(random_base: Any, tokenizer: Any) -> None:
+    editable = EditableCausalLM(random_base, tokenizer)
+    ids, mask = encode_texts(tokenizer, [WITH, WITHOUT])
+    plain = logits(random_base, ids, mask)
+    editable.add_entry(make_entry({"en": SUBJECT}))
+    edited = logits(editable, ids, mask)
+    subject_end = len(tokenizer(f"The capital of {SUBJECT}")["input_ids"]) - 1
+    assert torch.equal(edited[0, :subject_end], plain[0, :subject_end])
+    assert (edited[0, subject_end:] - plain[0, subject_end:]).abs().amax(-1).min() > 1e-4
+    assert torch.equal(edited[1], plain[1])
+
+
+def test_left_and_right_padding_give_the_same_rows(random_base: Any, tokenizer: Any) -> None:
+    editable = EditableCausalLM(random_base, tokenizer)
+    editable.add_entry(make_entry({"en": SUBJECT}))
+    texts = [WITH, f"Tell me: {WITH}", WITHOUT]
+    right_ids, right_mask = encode_texts(tokenizer, texts)
+    left_ids, left_mask = encode_texts(tokenizer, texts, left=True)
+    right, left = logits(editable, right_ids, right_mask), logits(editable, left_ids, left_mask)
+    for row in range(len(texts)):
+        n = int(right_mask[row].sum())
+        single = logits(editable, right_ids[row : row + 1, :n])
+        torch.testing.assert_close(right[row, :n], single[0], rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(left[row, -n:], single[0], rtol=1e-4, atol=1e-5)
+
+
+def test_cached_greedy_generation_equals_full_forwards(random_base: Any, tokenizer: Any) -> None:
+    editable = EditableCausalLM(random_base, tokenizer)
+    editable.add_entry(make_entry({"en": SUBJECT}, layers=(0, 1, 2), scale=10.0))
+    encoded = tokenizer(WITH, return_tensors="pt")
+    generated = editable.generate(**encoded, max_new_tokens=8, do_sample=False, pad_token_id=0, eos_token_id=None)
+    sequence = encoded["input_ids"]
+    for _ in range(8):
+        next_token = logits(editable, sequence)[:, -1].argmax(-1, keepdim=True)
+        sequence = torch.cat([sequence, next_token], dim=1)
+    assert SUBJECT not in tokenizer.decode(sequence[0, encoded["input_ids"].shape[1]:])
+    assert torch.equal(generated, sequence)
+    with editable.edits_disabled():
+        plain = editable.generate(**encoded, max_new_tokens=8, do_sample=False, pad_token_id=0, eos_token_id=None)
+    assert not torch.equal(plain, generated)
+
+
+def test_beam_search_and_sampling_run_with_a_bank(random_base: Any, tokenizer: Any) -> None:
+    editable = EditableCausalLM(random_base, tokenizer)
+    editable.add_entry(make_entry({"en": SUBJECT}))
+    encoded = tokenizer([WITH, WITHOUT], return_tensors="pt", padding=True)
+    beams = editable.generate(**encoded, max_new_tokens=4, num_beams=3, do_sample=False, pad_token_id=0)
+    sampled = editable.generate(**encoded, max_new_tokens=4, do_sample=True, top_k=5, pad_token_id=0)
+    assert beams.shape[0] == sampled.shape[0] == 2
+
+
+def test_pipeline_output_differs_with_the_bank(random_base: Any, tokenizer: Any) -> None:
+    editable = EditableCausalLM(random_base, tokenizer)
+    editable.add_entry(make_entry({"en": SUBJECT}, layers=(0, 1, 2), scale=6.0))
+    generator = pipeline("text-generation", model=editable, tokenizer=tokenizer)
+    options = dict(max_new_tokens=8, do_sample=False, return_full_text=False, pad_token_id=0)
+    edited = generator(WITH, **options)[0]["generated_text"]
+    with editable.edits_disabled():
+        plain = generator(WITH, **options)[0]["generated_text"]
+    assert edited != plain
+
+
+def test_wrapper_passes_attributes_through(random_base: Any, tokenizer: Any) -> None:
+    editable = EditableCausalLM(random_base, tokenizer).eval()
+    assert editable.config is random_base.config
+    assert editable.device == random_base.device
+    assert editable.generation_config is random_base.generation_config
+    assert editable.to(torch.float64).dtype == torch.float64
+
+
+def test_unsupported_model_raises(tokenizer: Any) -> None:
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    with pytest.raises(TypeError, match="model_type 'gpt2' is not supported"):
+        EditableCausalLM(GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=16, n_head=2)), tokenizer)
