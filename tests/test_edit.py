@@ -1,0 +1,143 @@
+from __future__ import annotations
+
+import hashlib
+from typing import Any
+
+import pytest
+import torch
+
+from lafn_hf import EditableCausalLM, EditGroup, LafnConfig, LanguageEdit
+from lafn_hf.locate import count_activations, locate_neurons, select_frequent
+from lafn_hf.optimize import _losses, _BaseRun, build_batch, sample_prefixes, selected_logits, upper_layers_only
+from lafn_hf.inject import LayerPlan, ValueInjection
+
+from .conftest import fact_group, greedy
+
+TINY = LafnConfig(layers=(0, 1), steps=40)
+
+
+def weights_hash(model: Any) -> str:
+    digest = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict().items()):
+        digest.update(name.encode())
+        digest.update(tensor.detach().cpu().numpy().tobytes())
+    return digest.hexdigest()
+
+
+def test_edit_changes_the_fact_in_chinese_and_leaves_other_facts_bitwise(trained_model: Any, tokenizer: Any,
+                                                                        facts: dict[str, Any]) -> None:
+    templates, rows = facts["templates"], facts["facts"]
+    editable = EditableCausalLM(trained_model, tokenizer)
+    others = [templates[lang][0].format(s=rows[i][lang]["subject"]) for i in (5, 6, 7) for lang in ("en", "zh")]
+    before = [greedy(editable, tokenizer, p) for p in others]
+    weights = weights_hash(trained_model)
+    group = fact_group(facts, source=0, target=1, languages=("zh",))
+    result = editable.edit(group, TINY)
+    assert weights_hash(trained_model) == weights
+    target = rows[1]["zh"]["object"]
+    assert result.target_probabilities["zh"] > 0.5
+    subject = rows[0]["zh"]["subject"]
+    assert greedy(editable, tokenizer, templates["zh"][0].format(s=subject)).startswith(target)
+    # a paraphrase that only served for locating (Eq. 3), never in the loss (Eq. 7)
+    assert greedy(editable, tokenizer, templates["zh"][1].format(s=subject)).startswith(target)
+    assert [greedy(editable, tokenizer, p) for p in others] == before
+    editable.remove_edit(result.entry_id)
+    assert greedy(editable, tokenizer, templates["zh"][0].format(s=subject)).startswith(rows[0]["zh"]["object"])
+
+
+def test_edit_result_reports_the_run(trained_model: Any, tokenizer: Any, facts: dict[str, Any]) -> None:
+    editable = EditableCausalLM(trained_model, tokenizer)
+    result = editable.edit(fact_group(facts, 2, 3), LafnConfig(layers=(0, 1), steps=3, early_stop_loss=0.0))
+    assert result.layers == (0, 1) and result.steps == 3 and len(result.loss_curve) == 4
+    assert set(result.neuron_counts) == {"en", "zh"}
+    for layer, shared in result.shared_counts.items():
+        assert 0 < shared <= min(result.neuron_counts[lang][layer] for lang in ("en", "zh"))
+    entry = editable.bank.get(result.entry_id)
+    assert entry.subjects == {"en": facts["facts"][2]["en"]["subject"], "zh": facts["facts"][2]["zh"]["subject"]}
+    assert entry.metadata["targets"]["en"] == facts["facts"][3]["en"]["object"]
+
+
+def test_located_sets_are_deterministic_and_nested(trained_model: Any, tokenizer: Any, facts: dict[str, Any]) -> None:
+    group = fact_group(facts, 0, 1)
+    first = locate_neurons(trained_model, tokenizer, group, (0, 1, 2), TINY)
+    second = locate_neurons(trained_model, tokenizer, group, (0, 1, 2), TINY)
+    for layer in (0, 1, 2):
+        assert torch.equal(first.shared[layer], second.shared[layer])
+        for lang in ("en", "zh"):
+            assert torch.isin(first.shared[layer], first.per_language[lang][layer]).all()
+    strict = locate_neurons(trained_model, tokenizer, group, (0, 1, 2), LafnConfig(beta=0.9))
+    assert all(strict.shared[layer].numel() < first.shared[layer].numel() for layer in (0, 1, 2))
+    random = locate_neurons(trained_model, tokenizer, group, (0, 1, 2), LafnConfig(locate_strategy="random"))
+    assert random.shared_counts() == first.shared_counts()
+    assert not all(torch.equal(random.shared[layer], first.shared[layer]) for layer in (0, 1, 2))
+    everything = locate_neurons(trained_model, tokenizer, group, (0,), LafnConfig(locate_strategy="all"))
+    assert everything.shared[0].tolist() == list(range(256))
+
+
+def test_beta_zero_keeps_every_neuron_that_fired(trained_model: Any, tokenizer: Any) -> None:
+    counts = count_activations(trained_model, tokenizer, ["The capital of", "首都是"], (1,))
+    assert torch.equal(select_frequent(counts[1], 0.0), torch.nonzero(counts[1] > 0).flatten())
+    assert counts[1].max() <= 2 * max(len(tokenizer("The capital of")["input_ids"]), len(tokenizer("首都是")["input_ids"]))
+    assert select_frequent(torch.zeros(4, dtype=torch.int64), 0.1).numel() == 0
+
+
+def test_upper_layer_shortcut_gives_the_full_forward_loss(trained_model: Any, tokenizer: Any,
+                                                         facts: dict[str, Any]) -> None:
+    group = fact_group(facts, 0, 1)
+    config = LafnConfig(layers=(2, 3))
+    batch = build_batch(tokenizer, group, sample_prefixes(trained_model, tokenizer, group.languages, config), config,
+                        torch.device("cpu"))
+    rows = torch.cat([batch.target_rows, batch.kl_rows])
+    positions = torch.cat([batch.target_positions - 1, batch.kl_positions])
+    neurons = {2: torch.arange(0, 256, 2), 3: torch.arange(1, 256, 3)}
+    generator = torch.Generator().manual_seed(0)
+    plan = {l: LayerPlan.build(batch.subject_hits, idx, torch.randn(idx.numel(), generator=generator))
+            for l, idx in neurons.items()}
+    with torch.no_grad():
+        base = _BaseRun(trained_model, batch, (2, 3))
+        with ValueInjection(trained_model, (2, 3)) as injection:
+            injection.plan = plan
+            full = _losses(selected_logits(trained_model, batch.input_ids, batch.attention_mask, rows, positions),
+                           batch, base)
+            with upper_layers_only(trained_model, 2, base.hidden_in):
+                short = _losses(selected_logits(trained_model, batch.input_ids, batch.attention_mask, rows,
+                                                positions), batch, base)
+    assert float(full[2]) > 0  # the random dV moves the KL term
+    for a, b in zip(full, short):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    assert isinstance(trained_model.model.layers[0], type(trained_model.model.layers[3]))
+
+
+def test_bad_input_is_rejected_with_the_value() -> None:
+    with pytest.raises(ValueError, match="subject 'Paris' does not occur in prompt 'The capital of France is'"):
+        LanguageEdit("The capital of France is", "Paris", "Rome")
+    with pytest.raises(ValueError, match="target must be a non-empty string, got ''"):
+        LanguageEdit("The capital of France is", "France", "")
+    with pytest.raises(ValueError, match="language 'en' is listed twice"):
+        EditGroup.from_json('{"en": {"prompt": "A x", "subject": "x", "target": "y"},'
+                            ' "en": {"prompt": "B x", "subject": "x", "target": "z"}}')
+    with pytest.raises(ValueError, match=r"unknown field\(s\) \['answer'\]"):
+        EditGroup.from_dict({"en": {"prompt": "A x", "subject": "x", "target": "y", "answer": "z"}})
+    with pytest.raises(ValueError, match="beta must be in \\[0, 1\\), got 1.5"):
+        LafnConfig(beta=1.5)
+    with pytest.raises(ValueError, match="locate_strategy must be one of"):
+        LafnConfig(locate_strategy="best")
+
+
+def test_config_json_round_trip_and_unknown_keys(caplog: pytest.LogCaptureFixture) -> None:
+    config = LafnConfig(layers=(3, 1), kl_templates={"en": "{subject} was a"}, steps=7)
+    assert LafnConfig.from_json(config.to_json()) == config
+    assert config.layers == (1, 3)
+    restored = LafnConfig.from_dict({**config.to_dict(), "from_the_future": 1})
+    assert restored == config and "from_the_future" in caplog.text
+    assert config.kl_prompt("en", "Rome") == "Rome was a" and config.kl_prompt("zh", "罗马") == "罗马是一个"
+
+
+def test_edit_many_keeps_going_after_a_failure(trained_model: Any, tokenizer: Any, facts: dict[str, Any]) -> None:
+    editable = EditableCausalLM(trained_model, tokenizer)
+    good = fact_group(facts, 0, 1)
+    outcome = editable.edit_many([good, good], LafnConfig(layers=(0, 9), steps=1), progress=False)
+    assert outcome.results == [] and [i for i, _ in outcome.failures] == [0, 1]
+    assert "out of range" in outcome.failures[0][1]
+    outcome = editable.edit_many([good, fact_group(facts, 2, 3)], LafnConfig(layers=(0, 1), steps=1), progress=False)
+    assert len(outcome.results) == 2 and len(editable.bank) == 2
