@@ -8,7 +8,7 @@ Eq. 5: D^i = D_{l_1}^i  intersect ... intersect  D_{l_L}^i
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from contextlib import ExitStack
+from contextlib import ExitStack, suppress
 from dataclasses import dataclass
 from typing import Any
 
@@ -59,10 +59,8 @@ def count_activations(
         for start in range(0, len(texts), batch_size):
             input_ids, attention_mask = encode_texts(tokenizer, texts[start : start + batch_size], device)
             mask_holder["mask"] = attention_mask.bool()
-            try:
+            with suppress(_StopForward):
                 model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
-            except _StopForward:
-                pass
     return counts
 
 

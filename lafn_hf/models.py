@@ -91,9 +91,12 @@ def _convert(spec: OfflineModel, out: Path) -> None:
     gguf = spec.gguf(scratch)
     tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
     model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
-    model.hf_quantizer = None  # loading dequantized the weights; transformers refuses to save otherwise
+    model.hf_quantizer = None  # type: ignore[assignment]  # loading dequantized; else saving is refused
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
-    model.to(torch.bfloat16).save_pretrained(out, safe_serialization=True)
+    for parameter in model.parameters():
+        parameter.data = parameter.data.to(torch.bfloat16)
+    model.config.dtype = torch.bfloat16  # type: ignore[attr-defined]
+    model.save_pretrained(out)
     tokenizer.save_pretrained(out)
     shutil.rmtree(scratch)

@@ -243,7 +243,7 @@ def optimize_update(model: nn.Module, tokenizer: Any, group: EditGroup, neurons:
             stack.enter_context(upper_layers_only(model, layers[0], base.hidden_in))
         injection = stack.enter_context(ValueInjection(model, layers))
         for step in range(config.steps + 1):
-            injection.plan = {l: LayerPlan.build(batch.subject_hits, neuron_index[l], deltas[l]) for l in layers}
+            injection.plan = {i: LayerPlan.build(batch.subject_hits, neuron_index[i], deltas[i]) for i in layers}
             logits = selected_logits(model, batch.input_ids, batch.attention_mask, rows, positions)
             totals, target_loss, kl_loss = _losses(logits, batch, base)
             loss = config.lambda_target * target_loss + config.lambda_kl * kl_loss

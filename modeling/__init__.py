@@ -123,7 +123,7 @@ def mlp_parts(layer: nn.Module) -> MlpParts:
             f"decoder layer {type(layer).__name__} has no gated MLP (missing mlp.{', mlp.'.join(missing)}); "
             "LAFN needs down_proj(act_fn(gate_proj(x)) * up_proj(x))"
         )
-    return MlpParts(**parts)
+    return MlpParts(**{name: module for name, module in parts.items() if isinstance(module, nn.Module)})
 
 
 def default_edit_layers(config: Any) -> tuple[int, ...]:

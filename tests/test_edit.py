@@ -7,9 +7,9 @@ import pytest
 import torch
 
 from lafn_hf import EditableCausalLM, EditGroup, LafnConfig, LanguageEdit
-from lafn_hf.locate import count_activations, locate_neurons, select_frequent
-from lafn_hf.optimize import _losses, _BaseRun, build_batch, sample_prefixes, selected_logits, upper_layers_only
 from lafn_hf.inject import LayerPlan, ValueInjection
+from lafn_hf.locate import count_activations, locate_neurons, select_frequent
+from lafn_hf.optimize import _BaseRun, _losses, build_batch, sample_prefixes, selected_logits, upper_layers_only
 
 from .conftest import fact_group, greedy
 
@@ -77,7 +77,8 @@ def test_located_sets_are_deterministic_and_nested(trained_model: Any, tokenizer
 def test_beta_zero_keeps_every_neuron_that_fired(trained_model: Any, tokenizer: Any) -> None:
     counts = count_activations(trained_model, tokenizer, ["The capital of", "首都是"], (1,))
     assert torch.equal(select_frequent(counts[1], 0.0), torch.nonzero(counts[1] > 0).flatten())
-    assert counts[1].max() <= 2 * max(len(tokenizer("The capital of")["input_ids"]), len(tokenizer("首都是")["input_ids"]))
+    longest = max(len(tokenizer(text)["input_ids"]) for text in ("The capital of", "首都是"))
+    assert counts[1].max() <= 2 * longest
     assert select_frequent(torch.zeros(4, dtype=torch.int64), 0.1).numel() == 0
 
 
@@ -91,8 +92,8 @@ def test_upper_layer_shortcut_gives_the_full_forward_loss(trained_model: Any, to
     positions = torch.cat([batch.target_positions - 1, batch.kl_positions])
     neurons = {2: torch.arange(0, 256, 2), 3: torch.arange(1, 256, 3)}
     generator = torch.Generator().manual_seed(0)
-    plan = {l: LayerPlan.build(batch.subject_hits, idx, torch.randn(idx.numel(), generator=generator))
-            for l, idx in neurons.items()}
+    plan = {layer: LayerPlan.build(batch.subject_hits, idx, torch.randn(idx.numel(), generator=generator))
+            for layer, idx in neurons.items()}
     with torch.no_grad():
         base = _BaseRun(trained_model, batch, (2, 3))
         with ValueInjection(trained_model, (2, 3)) as injection:

