@@ -92,6 +92,7 @@ class EditableCausalLM(nn.Module):
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         bank: EditBank | None = None
+        ref: BaseModelRef | None = None
         base_path, base_revision = str(name_or_path), revision
         bank_dir = _find_bank(name_or_path, revision, token)
         if bank_dir is not None:
@@ -103,8 +104,9 @@ class EditableCausalLM(nn.Module):
         if tokenizer is None:
             tokenizer = AutoTokenizer.from_pretrained(base_path, revision=base_revision, token=token)
         editable = cls(model, tokenizer, config=config, base_revision=base_revision)
-        if bank is not None:
-            editable.load_bank(bank_dir)  # type: ignore[arg-type]
+        if bank is not None and ref is not None:
+            ref.check_compatible(editable.base_ref)
+            editable.set_bank(bank)
         return editable
 
     # -- the bank -----------------------------------------------------------------------------

@@ -209,7 +209,10 @@ class _BaseRun:
 
 
 def _losses(logits: torch.Tensor, batch: TrainingBatch, base: _BaseRun) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(per-sequence mean target NLL (S,), L_target (Eq. 7), L_kl (Eq. 8)) from the selected logits."""
+    """(summed target NLL per sequence (S,), L_target (Eq. 7), L_kl (Eq. 8)) from the selected logits.
+
+    L_target averages each sequence's mean per-token NLL over sequences (languages x prefixes).
+    """
     count = batch.target_ids.numel()
     token_nll = -torch.log_softmax(logits[:count], dim=-1).gather(1, batch.target_ids[:, None]).squeeze(1)
     sequences = len(batch.sequence_language)
