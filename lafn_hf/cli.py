@@ -1,4 +1,4 @@
-"""``lafn`` command line: demo, edit, info, push, models."""
+"""``lafn`` command line: demo, edit, eval, neurons, info, push, models."""
 
 from __future__ import annotations
 
@@ -79,9 +79,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 def cmd_edit(args: argparse.Namespace) -> int:
     model = _load_model(args.model)
-    config = LafnConfig.from_json(Path(args.config).read_text("utf-8")) if args.config else LafnConfig()
-    if args.layers:
-        config = LafnConfig.from_dict({**config.to_dict(), "layers": [int(x) for x in args.layers.split(",")]})
+    config = _config(args)
     raw = json.loads(Path(args.group).read_text("utf-8"))
     groups = [EditGroup.from_dict(g) for g in (raw if isinstance(raw, list) else [raw])]
     outcome = model.edit_many(groups, config)
@@ -114,6 +112,58 @@ def cmd_push(args: argparse.Namespace) -> int:
         print(f"dry run: would push {len(bank)} edit(s) for {base.name_or_path} to {args.repo_id}")
         return 0
     print(push_bank(args.repo_id, bank, base, private=args.private, token=args.token, revision=args.revision))
+    return 0
+
+
+def _config(args: argparse.Namespace) -> LafnConfig:
+    config = LafnConfig.from_json(Path(args.config).read_text("utf-8")) if args.config else LafnConfig()
+    if args.layers:
+        config = LafnConfig.from_dict({**config.to_dict(), "layers": [int(x) for x in args.layers.split(",")]})
+    return config
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from .evaluate import EvalSettings, evaluate, markdown_table
+    from .zsre import load_files
+
+    settings = EvalSettings(mode=args.mode, protocol=args.protocol, margin=args.margin, limit=args.limit)
+    items = load_files(args.data, args.langs.split(",") if args.langs else None)
+    config = _config(args)
+    model = _load_model(args.model)
+    out = Path(args.out)
+    jsonl = Path(args.results) if args.results else out.with_suffix(".jsonl")
+    result = evaluate(model, items, settings, jsonl, config)
+    result["model"] = args.model
+    result["data"] = [str(p) for p in args.data]
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2, ensure_ascii=False, sort_keys=True) + "\n", encoding="utf-8")
+    matchable = ", ".join(f"{lang} {hit}/{total}" for lang, (hit, total) in result["matchable_subjects"].items())
+    print(f"subjects found in the question (editable): {matchable}\n")
+    print(markdown_table(result, "f1"))
+    print(f"\nper-item results: {jsonl}; summary: {out}")
+    return 0
+
+
+def cmd_neurons(args: argparse.Namespace) -> int:
+    from .analysis import count_factual_neurons, plot_neuron_counts
+
+    corpora: dict[str, list[str]] = {}
+    for spec in args.corpus:
+        lang, sep, file = spec.partition("=")
+        if not sep or not lang or not file:
+            raise ValueError(f"--corpus must look like LANG=FILE, got {spec!r}")
+        corpora[lang] = [line.strip() for line in Path(file).read_text("utf-8").splitlines() if line.strip()]
+    model = _load_model(args.model)
+    layers = [int(x) for x in args.layers.split(",")] if args.layers else None
+    counts = count_factual_neurons(model.model, model.tokenizer, corpora, args.beta, layers)
+    names = list(counts)
+    layer_ids = sorted(counts[names[0]])
+    print("| layer | " + " | ".join(names) + " |\n| --- |" + " --- |" * len(names))
+    for layer in layer_ids:
+        print(f"| {layer} | " + " | ".join(str(counts[name][layer]) for name in names) + " |")
+    if args.plot:
+        plot_neuron_counts(counts, args.plot, title=f"Factual neurons (beta={args.beta}) of {args.model}")
+        print(f"plot: {args.plot}")
     return 0
 
 
@@ -151,6 +201,26 @@ def build_parser() -> argparse.ArgumentParser:
     push.add_argument("--revision")
     push.add_argument("--dry-run", action="store_true")
     push.set_defaults(run=cmd_push)
+    evaluate = sub.add_parser("eval", help="the paper's metrics on Bi-ZsRE / MzsRE files (resumable)")
+    evaluate.add_argument("--model", required=True)
+    evaluate.add_argument("--data", required=True, nargs="+", help="bizsre_test.json or MzsRE pair files (merged)")
+    evaluate.add_argument("--langs", help="comma-separated languages to keep (default: all in the files)")
+    evaluate.add_argument("--limit", type=int)
+    evaluate.add_argument("--protocol", choices=["single", "sequential"], default="single")
+    evaluate.add_argument("--mode", choices=["generate", "teacher_forced"], default="generate")
+    evaluate.add_argument("--margin", type=int, default=2, help="extra tokens decoded beyond the gold length")
+    evaluate.add_argument("--out", required=True, help="summary JSON")
+    evaluate.add_argument("--results", help="per-item JSONL (default: --out with .jsonl); reruns resume from it")
+    evaluate.add_argument("--config", help="LafnConfig JSON")
+    evaluate.add_argument("--layers", help="comma-separated layer indices")
+    evaluate.set_defaults(run=cmd_eval)
+    neurons = sub.add_parser("neurons", help="count factual neurons per layer and language (paper Fig. 2)")
+    neurons.add_argument("--model", required=True)
+    neurons.add_argument("--corpus", required=True, action="append", help="LANG=FILE, one sentence per line")
+    neurons.add_argument("--beta", type=float, default=0.8)
+    neurons.add_argument("--layers", help="comma-separated layer indices (default: all)")
+    neurons.add_argument("--plot", help="PNG path")
+    neurons.set_defaults(run=cmd_neurons)
     models = sub.add_parser("models", help="materialize an offline real model (gemma-3-270m, smollm2-135m)")
     models.add_argument("name")
     models.set_defaults(run=cmd_models)

@@ -1,0 +1,220 @@
+"""The paper's metrics (Reliability, Generality, Locality, Portability) on Bi-ZsRE / MzsRE items.
+
+F1 is the Bi-ZsRE token-level F1 over token-id multisets: P = |pred & gold| / |pred|,
+R = |pred & gold| / |gold|, F1 = 2PR / (P + R). ``remake_score`` is the ReMaKE variant P * R (labelled
+as such wherever it is reported). Two answer modes: ``generate`` (greedy decoding through the real
+``generate()`` path, up to len(gold) + margin tokens, cut at EOS or a newline) and ``teacher_forced``
+(argmax at each gold position given the gold prefix, as the Bi-ZsRE code does).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from collections import Counter
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+from .config import LafnConfig
+from .hub import load_bank
+from .model import EditableCausalLM
+from .tokens import target_separator
+from .zsre import Item, edit_group, matchability
+
+logger = logging.getLogger(__name__)
+METRICS = ("reliability", "generality", "locality", "portability")
+MODES = ("generate", "teacher_forced")
+PROTOCOLS = ("single", "sequential")
+F1_DEFINITION = "token-level F1 = 2PR/(P+R) over token-id multisets (Bi-ZsRE)"
+
+
+def _overlap(prediction: Sequence[int], gold: Sequence[int]) -> tuple[float, float]:
+    common = sum((Counter(prediction) & Counter(gold)).values())
+    return (common / len(prediction) if prediction else 0.0), (common / len(gold) if gold else 0.0)
+
+
+def token_f1(prediction: Sequence[int], gold: Sequence[int]) -> float:
+    """Bi-ZsRE F1; two empty sequences score 1, one empty sequence scores 0."""
+    if not prediction or not gold:
+        return float(len(prediction) == len(gold))
+    precision, recall = _overlap(prediction, gold)
+    return 0.0 if precision + recall == 0 else 2 * precision * recall / (precision + recall)
+
+
+def remake_score(prediction: Sequence[int], gold: Sequence[int]) -> float:
+    """The ReMaKE variant P * R (not the harmonic F1)."""
+    precision, recall = _overlap(prediction, gold)
+    return precision * recall
+
+
+@dataclass(frozen=True)
+class EvalSettings:
+    """How to evaluate: answer mode, editing protocol, decoding margin and an item limit."""
+
+    mode: str = "generate"
+    protocol: str = "single"
+    margin: int = 2
+    limit: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.mode not in MODES:
+            raise ValueError(f"mode must be one of {MODES}, got {self.mode!r}")
+        if self.protocol not in PROTOCOLS:
+            raise ValueError(f"protocol must be one of {PROTOCOLS}, got {self.protocol!r}")
+        if self.margin < 0 or (self.limit is not None and self.limit < 1):
+            raise ValueError(f"margin must be >= 0 and limit >= 1, got {self.margin!r}, {self.limit!r}")
+
+
+def answer_ids(tokenizer: Any, prompt: str, answer: str) -> list[int]:
+    """Gold tokens of ``answer`` as it follows ``prompt`` (same separator rule as editing)."""
+    return list(tokenizer(target_separator(prompt, answer) + answer, add_special_tokens=False)["input_ids"])
+
+
+@torch.no_grad()
+def predict(model: EditableCausalLM, prompt: str, gold: Sequence[int], settings: EvalSettings) -> list[int]:
+    """The model's answer tokens for ``prompt`` in ``settings.mode``."""
+    tokenizer = model.tokenizer
+    prompt_ids = list(tokenizer(prompt)["input_ids"])
+    device = model.device
+    if settings.mode == "teacher_forced":
+        ids = torch.tensor([prompt_ids + list(gold)], device=device)
+        logits = model(input_ids=ids).logits[0, len(prompt_ids) - 1 : len(prompt_ids) - 1 + len(gold)]
+        return logits.argmax(-1).tolist()
+    ids = torch.tensor([prompt_ids], device=device)
+    output = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=False,
+                            max_new_tokens=len(gold) + settings.margin, pad_token_id=tokenizer.pad_token_id)
+    generated = output[0, len(prompt_ids):].tolist()
+    stops = {tokenizer.eos_token_id, *tokenizer(["\n"], add_special_tokens=False)["input_ids"][0]}
+    cut = next((i for i, token in enumerate(generated) if token in stops), len(generated))
+    return generated[:cut]
+
+
+def _score(prediction: Sequence[int], gold: Sequence[int]) -> dict[str, float]:
+    return {"f1": token_f1(prediction, gold), "em": float(list(prediction) == list(gold)),
+            "remake_pr": remake_score(prediction, gold)}
+
+
+def evaluate_item(model: EditableCausalLM, index: int, item: Item, settings: EvalSettings,
+                  config: LafnConfig | None) -> dict[str, Any]:
+    """Edit the item's group, score every language, roll back under the single-edit protocol."""
+    tokenizer = model.tokenizer
+    with model.edits_disabled():
+        unedited_loc = {lang: predict(model, r.loc, answer_ids(tokenizer, r.loc, r.loc_ans), settings)
+                        for lang, r in item.items()}
+    group = edit_group(item)
+    record: dict[str, Any] = {"index": index, "edited": sorted(group.edits) if group else [], "error": None,
+                              "entry_id": None, "scores": {}}
+    if group is not None:
+        try:
+            record["entry_id"] = model.edit(group, config).entry_id
+            model.bank.get(record["entry_id"]).metadata["item_index"] = index
+        except (ValueError, RuntimeError) as error:
+            record["error"] = f"{type(error).__name__}: {error}"
+    for lang, r in item.items():
+        gold = answer_ids(tokenizer, r.src, r.alt)
+        scores = {"reliability": _score(predict(model, r.src, gold, settings), gold)}
+        gold = answer_ids(tokenizer, r.rephrase, r.alt)
+        scores["generality"] = _score(predict(model, r.rephrase, gold, settings), gold)
+        loc_gold = answer_ids(tokenizer, r.loc, r.loc_ans)  # same decoding budget as the unedited run
+        scores["locality"] = _score(predict(model, r.loc, loc_gold, settings), unedited_loc[lang])
+        if r.portability_question and r.portability_answer:
+            gold = answer_ids(tokenizer, r.portability_question, r.portability_answer)
+            scores["portability"] = _score(predict(model, r.portability_question, gold, settings), gold)
+        record["scores"][lang] = scores
+    if settings.protocol == "single" and record["entry_id"]:
+        model.remove_edit(record["entry_id"])
+    return record
+
+
+def _read_done(path: Path) -> dict[int, dict[str, Any]]:
+    done: dict[int, dict[str, Any]] = {}
+    if path.is_file():
+        for line in path.read_text(encoding="utf-8").splitlines():
+            if line.strip():
+                try:
+                    record = json.loads(line)
+                except ValueError:
+                    logger.warning("ignoring a truncated line in %s", path)
+                    continue
+                done[int(record["index"])] = record
+    return done
+
+
+def _append(path: Path, record: dict[str, Any]) -> None:
+    with path.open("a", encoding="utf-8") as handle:
+        handle.write(json.dumps(record, ensure_ascii=False, sort_keys=True) + "\n")
+        handle.flush()
+        os.fsync(handle.fileno())
+
+
+def evaluate(model: EditableCausalLM, items: Sequence[Item], settings: EvalSettings, results_path: str | os.PathLike[str],
+             config: LafnConfig | None = None, progress: bool = True,
+             on_item: Callable[[int], None] | None = None) -> dict[str, Any]:
+    """Run (or resume) an evaluation; per-item results are appended to ``results_path`` (JSONL).
+
+    Items already in the JSONL are skipped. Under the sequential protocol the accumulated bank is
+    saved beside it (``<results>.bank``) after every item and restored on resume.
+    """
+    path = Path(results_path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    items = list(items)[: settings.limit] if settings.limit else list(items)
+    done = _read_done(path)
+    bank_dir = path.with_name(path.name + ".bank")
+    if settings.protocol == "sequential" and done and bank_dir.is_dir():
+        bank, _ = load_bank(bank_dir)
+        for entry in bank:  # an edit whose line never got written is dropped
+            if entry.metadata.get("item_index") not in done:
+                bank.remove(entry.id)
+        model.set_bank(bank)
+    for index in tqdm(range(len(items)), desc="lafn eval", disable=not progress):
+        if index in done:
+            continue
+        done[index] = evaluate_item(model, index, items[index], settings, config)
+        if settings.protocol == "sequential":
+            model.save_pretrained(bank_dir)
+        _append(path, done[index])
+        if on_item is not None:
+            on_item(index)
+    return summarize([done[i] for i in range(len(items))], items, settings)
+
+
+def summarize(records: Sequence[dict[str, Any]], items: Sequence[Item], settings: EvalSettings) -> dict[str, Any]:
+    """Mean scores x100 per metric and language, plus the average over languages."""
+    languages = sorted({lang for item in items for lang in item})
+    summary: dict[str, dict[str, dict[str, float]]] = {}
+    for kind in ("f1", "em", "remake_pr"):
+        table: dict[str, dict[str, float]] = {}
+        for metric in METRICS:
+            row = {}
+            for lang in languages:
+                values = [r["scores"][lang][metric][kind] for r in records
+                          if lang in r["scores"] and metric in r["scores"][lang]]
+                if values:
+                    row[lang] = 100 * sum(values) / len(values)
+            if row:
+                row["avg"] = sum(row.values()) / len(row)
+                table[metric] = row
+        summary[kind] = table
+    return {"settings": asdict(settings), "f1_definition": F1_DEFINITION, "items": len(records),
+            "edit_errors": sum(r["error"] is not None for r in records),
+            "matchable_subjects": {lang: list(v) for lang, v in matchability(items).items()}, "summary": summary}
+
+
+def markdown_table(result: dict[str, Any], kind: str = "f1") -> str:
+    """Rows: metrics; columns: languages + avg (the shape of the paper's Table 1 / Table 6)."""
+    table = result["summary"][kind]
+    languages = sorted({lang for row in table.values() for lang in row if lang != "avg"})
+    label = {"f1": "F1", "em": "exact match", "remake_pr": "ReMaKE P*R"}[kind]
+    lines = [f"{label} x100, mode={result['settings']['mode']}, protocol={result['settings']['protocol']}, "
+             f"{result['items']} items" + (f"; {result['f1_definition']}" if kind == "f1" else ""),
+             "", "| metric | " + " | ".join(languages) + " | avg |", "| --- |" + " --- |" * (len(languages) + 1)]
+    for metric, row in table.items():
+        cells = [f"{row[lang]:.2f}" if lang in row else "-" for lang in languages]
+        lines.append(f"| {metric} | " + " | ".join(cells) + f" | {row['avg']:.2f} |")
+    return "\n".join(lines)

@@ -1,0 +1,56 @@
+"""Generate the paraphrase set P_l used as locating corpus (paper section 2.3 and Appendix A)."""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+import torch
+from torch import nn
+
+from .config import nfc
+
+#: Appendix A, with the count and language filled in.
+INSTRUCTION = (
+    "You are an expert at sentence rewriting. Below I will give you a subject and a question containing the "
+    "subject. Please give me {n} questions including this subject in {language}. They must have the same "
+    "semantics as the given question. Subject: {subject}. Question containing this Subject: {question}"
+)
+
+_LIST_MARKER = re.compile(r"^\s*(?:[-*•]|\d+[.)、:：]|\(\d+\))\s*")
+
+
+def parse_paraphrases(text: str, subject: str, question: str) -> list[str]:
+    """One paraphrase per line: list markers stripped, deduplicated, only lines containing the subject."""
+    subject, question = nfc(subject), nfc(question)
+    seen: dict[str, None] = {}
+    for line in nfc(text).splitlines():
+        candidate = _LIST_MARKER.sub("", line).strip().strip('"“”')
+        if candidate and subject in candidate and candidate != question:
+            seen.setdefault(candidate, None)
+    return list(seen)
+
+
+@torch.no_grad()
+def generate_paraphrases(chat_model: nn.Module, tokenizer: Any, subject: str, question: str, n: int = 30,
+                         language: str = "English", max_new_tokens: int = 1024) -> list[str]:
+    """Ask a chat model (through its chat template) for ``n`` paraphrases of ``question``.
+
+    Returns at most ``n`` distinct paraphrases that contain ``subject`` (NFC, exact); may return fewer.
+    """
+    if not isinstance(n, int) or n < 1:
+        raise ValueError(f"n must be a positive int, got {n!r}")
+    if nfc(subject) not in nfc(question):
+        raise ValueError(f"subject {subject!r} does not occur in question {question!r}")
+    if getattr(tokenizer, "chat_template", None) is None:
+        raise ValueError("the tokenizer has no chat template; pass an instruction-tuned (chat) model's tokenizer")
+    message = INSTRUCTION.format(n=n, language=language, subject=subject, question=question)
+    input_ids = tokenizer.apply_chat_template([{"role": "user", "content": message}], add_generation_prompt=True,
+                                              return_tensors="pt", return_dict=True)["input_ids"]
+    device = next(chat_model.parameters()).device
+    output = chat_model.generate(  # type: ignore[operator]
+        input_ids=input_ids.to(device), attention_mask=torch.ones_like(input_ids).to(device),
+        max_new_tokens=max_new_tokens, do_sample=False,
+    )
+    text = tokenizer.decode(output[0, input_ids.shape[1]:], skip_special_tokens=True)
+    return parse_paraphrases(text, subject, question)[:n]

@@ -1,0 +1,125 @@
+"""Loaders for the Bi-ZsRE and MzsRE test files (users bring the files; nothing is downloaded).
+
+Each file is a JSON list of items ``{"<lang>": {"subject", "src", "rephrase", "alt", "loc", "loc_ans",
+"portability": {"New Question", "New Answer"}}, ...}``. MzsRE files pair English with one other
+language; ``merge_items`` joins several pair files into multi-language items by index. Language codes
+are normalised to ISO 639-1: MzsRE's "cz" is "cs" (Czech) and "du" is "nl" (Dutch). Texts are kept as
+given (English ``loc`` questions start with "nq question: ").
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from .config import EditGroup, LanguageEdit, nfc
+
+LANGUAGE_ALIASES = {"cz": "cs", "du": "nl"}
+_FIELDS = ("subject", "src", "rephrase", "alt", "loc", "loc_ans")
+
+
+@dataclass(frozen=True)
+class ZsreRecord:
+    """One language's side of a benchmark item."""
+
+    subject: str
+    src: str
+    rephrase: str
+    alt: str
+    loc: str
+    loc_ans: str
+    portability_question: str | None = None
+    portability_answer: str | None = None
+
+    @property
+    def matchable(self) -> bool:
+        """Whether the subject occurs in the question (NFC, exact): only then can LAFN edit it."""
+        return bool(self.subject) and nfc(self.subject) in nfc(self.src)
+
+
+Item = dict[str, ZsreRecord]
+
+
+def _record(raw: Any, where: str) -> ZsreRecord:
+    if not isinstance(raw, dict):
+        raise ValueError(f"{where}: expected an object with {list(_FIELDS)}, got {type(raw).__name__}")
+    missing = [f for f in _FIELDS if not isinstance(raw.get(f), str)]
+    if missing:
+        raise ValueError(f"{where}: missing or non-string field(s) {missing}")
+    portability = raw.get("portability") or {}
+    return ZsreRecord(raw["subject"], raw["src"], raw["rephrase"], raw["alt"], raw["loc"], raw["loc_ans"],
+                      portability.get("New Question"), portability.get("New Answer"))
+
+
+def load_items(path: str | os.PathLike[str]) -> list[Item]:
+    """Read one Bi-ZsRE or MzsRE file into items keyed by normalised language code."""
+    path = Path(path)
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as error:
+        raise ValueError(f"cannot read {path} as JSON: {error}") from error
+    if not isinstance(data, list):
+        raise ValueError(f"{path}: expected a JSON list of items, got {type(data).__name__}")
+    items = []
+    for index, raw in enumerate(data):
+        if not isinstance(raw, dict) or not raw:
+            raise ValueError(f"{path}[{index}]: expected an object keyed by language")
+        items.append({LANGUAGE_ALIASES.get(str(lang), str(lang)): _record(rec, f"{path}[{index}][{lang!r}]")
+                      for lang, rec in raw.items()})
+    return items
+
+
+def merge_items(files: Sequence[Sequence[Item]]) -> list[Item]:
+    """Join pair files by item index; a language present in several files must hold the same record."""
+    if not files:
+        return []
+    lengths = {len(items) for items in files}
+    if len(lengths) != 1:
+        raise ValueError(f"cannot merge files of different lengths {sorted(lengths)}")
+    merged: list[Item] = []
+    for index, parts in enumerate(zip(*files)):
+        item: Item = {}
+        for part in parts:
+            for lang, record in part.items():
+                if lang in item and item[lang] != record:
+                    raise ValueError(f"item {index}: the {lang!r} side differs between files")
+                item[lang] = record
+        merged.append(item)
+    return merged
+
+
+def load_files(paths: Sequence[str | os.PathLike[str]], languages: Sequence[str] | None = None) -> list[Item]:
+    """Load and merge files; keep only ``languages`` (all when None)."""
+    items = merge_items([load_items(p) for p in paths])
+    if languages is None:
+        return items
+    wanted = [LANGUAGE_ALIASES.get(lang, lang) for lang in languages]
+    absent = [lang for lang in wanted if items and all(lang not in item for item in items)]
+    if absent:
+        raise ValueError(f"language(s) {absent} are in none of the files; found {sorted(set().union(*items))}")
+    return [{lang: item[lang] for lang in wanted if lang in item} for item in items]
+
+
+def matchability(items: Sequence[Item]) -> dict[str, tuple[int, int]]:
+    """Per language: (items whose subject occurs in the question, items)."""
+    counts: dict[str, list[int]] = {}
+    for item in items:
+        for lang, record in item.items():
+            slot = counts.setdefault(lang, [0, 0])
+            slot[0] += record.matchable
+            slot[1] += 1
+    return {lang: (hit, total) for lang, (hit, total) in counts.items()}
+
+
+def edit_group(item: Item) -> EditGroup | None:
+    """The edit group of an item: every language whose subject occurs in its question (None if none does).
+
+    The dataset's ``rephrase`` is the Generality test, so it is not used for locating.
+    """
+    edits = {lang: LanguageEdit(record.src, record.subject, record.alt)
+             for lang, record in item.items() if record.matchable and record.alt.strip()}
+    return EditGroup(edits) if edits else None

@@ -1,0 +1,98 @@
+from __future__ import annotations
+
+import json
+import struct
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from lafn_hf import EditableCausalLM, LafnConfig
+from lafn_hf.analysis import count_factual_neurons, neuron_set_difference, plot_difference_heatmap, plot_neuron_counts
+from lafn_hf.cli import main
+from lafn_hf.evaluate import EvalSettings, evaluate, remake_score, token_f1
+from lafn_hf.zsre import load_files, load_items, matchability, merge_items
+
+FIXTURES = Path(__file__).parent / "fixtures"
+ENZH, ENDE, ENCZ = (FIXTURES / f"mzsre_test_duplicate_en{x}.json" for x in ("zh", "de", "cz"))
+
+
+def test_token_f1_on_hand_computed_examples(tokenizer: Any) -> None:
+    assert token_f1([1, 2, 2, 3], [2, 2, 4]) == pytest.approx(2 * 0.5 * (2 / 3) / (0.5 + 2 / 3))
+    assert remake_score([1, 2, 2, 3], [2, 2, 4]) == pytest.approx(0.5 * 2 / 3)
+    assert token_f1([], [5]) == 0.0 and token_f1([], []) == 1.0 and token_f1([7], [8]) == 0.0
+    gold = tokenizer("伦夸城", add_special_tokens=False)["input_ids"]
+    assert token_f1(list(reversed(gold)), gold) == 1.0
+    assert token_f1(tokenizer("伦多城", add_special_tokens=False)["input_ids"], gold) < 1.0
+
+
+def test_loader_aliases_merge_and_matchability() -> None:
+    assert set(load_items(ENCZ)[0]) == {"en", "cs"}
+    items = merge_items([load_items(ENZH), load_items(ENDE)])
+    assert len(items) == 3 and all(set(item) == {"en", "zh", "de"} for item in items)
+    assert items[0]["en"].loc.startswith("nq question: ")
+    assert matchability(items) == {"en": (3, 3), "zh": (3, 3), "de": (2, 3)}
+    assert [set(i) for i in load_files([ENZH, ENDE], ["de", "en"])] == [{"de", "en"}] * 3
+    with pytest.raises(ValueError, match=r"language\(s\) \['th'\] are in none of the files"):
+        load_files([ENZH], ["th"])
+    with pytest.raises(ValueError, match="cannot merge files of different lengths"):
+        merge_items([load_items(ENZH), load_items(ENCZ)])
+
+
+def test_lafn_eval_end_to_end(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "results.json"
+    code = main(["eval", "--model", "tiny-bilingual", "--data", str(ENZH), str(ENDE), "--out", str(out),
+                 "--layers", "0,1"])
+    assert code == 0
+    printed = capsys.readouterr().out
+    assert "| metric | de | en | zh | avg |" in printed and "de 2/3" in printed
+    result = json.loads(out.read_text())
+    f1 = result["summary"]["f1"]
+    assert result["settings"]["mode"] == "generate" and result["items"] == 3
+    assert all(value == 100.0 for value in f1["locality"].values())  # loc questions hold no bank subject
+    assert f1["reliability"]["zh"] > 60  # the toy model's Chinese edits work (see tests/test_edit.py)
+    assert len((tmp_path / "results.jsonl").read_text().splitlines()) == 3
+
+
+def test_resume_gives_the_same_result(tokenizer: Any, trained_model: Any, tmp_path: Path) -> None:
+    items = load_files([ENZH])
+    settings = EvalSettings(mode="teacher_forced", protocol="sequential")
+    config = LafnConfig(layers=(0, 1), steps=10)
+    reference = evaluate(EditableCausalLM(trained_model, tokenizer), items, settings, tmp_path / "once.jsonl",
+                         config, progress=False)
+
+    def interrupt(index: int) -> None:
+        if index == 0:
+            raise KeyboardInterrupt
+
+    model = EditableCausalLM(trained_model, tokenizer)
+    with pytest.raises(KeyboardInterrupt):
+        evaluate(model, items, settings, tmp_path / "twice.jsonl", config, progress=False, on_item=interrupt)
+    resumed = evaluate(EditableCausalLM(model.unwrap(), tokenizer), items, settings, tmp_path / "twice.jsonl",
+                       config, progress=False)
+    assert resumed == reference
+    assert len((tmp_path / "twice.jsonl").read_text().splitlines()) == 3
+
+
+def png_size(path: Path) -> tuple[int, int]:
+    header = path.read_bytes()[:24]
+    assert header[:8] == b"\x89PNG\r\n\x1a\n"
+    return struct.unpack(">II", header[16:24])
+
+
+def test_neuron_counts_plot_and_difference(trained_model: Any, tokenizer: Any, facts: dict[str, Any],
+                                           tmp_path: Path) -> None:
+    corpora = {lang: [t.format(s=f[lang]["subject"]) for f in facts["facts"][:10] for t in facts["templates"][lang]]
+               for lang in ("en", "zh")}
+    counts = count_factual_neurons(trained_model, tokenizer, corpora, beta=0.8)
+    assert set(counts) == {"en", "zh", "shared"} and sorted(counts["shared"]) == [0, 1, 2, 3]
+    assert all(counts["shared"][i] <= min(counts["en"][i], counts["zh"][i]) for i in range(4))
+    plot_neuron_counts(counts, tmp_path / "counts.png")
+    assert png_size(tmp_path / "counts.png") == (800, 400)
+    sets = [torch.tensor([1, 2, 3]), torch.tensor([2, 3, 4, 5]), torch.tensor([9])]
+    matrix = neuron_set_difference(sets)
+    assert torch.equal(matrix.diagonal(), torch.zeros(3, dtype=torch.float64))
+    assert matrix[0, 1] == pytest.approx(1 - (2 / 3 + 2 / 4) / 2) and matrix[0, 2] == 1.0
+    plot_difference_heatmap(matrix, ["a", "b", "c"], tmp_path / "dif.png")
+    assert png_size(tmp_path / "dif.png") == (600, 500)
