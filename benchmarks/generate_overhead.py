@@ -18,13 +18,20 @@ from lafn_hf import BankEntry, EditableCausalLM, EditBank, LayerUpdate
 from lafn_hf.cli import _load_model
 
 
-def best_time(model: Any, encoded: Any, new_tokens: int, repeats: int) -> float:
-    times = []
+def run_once(model: Any, encoded: Any, new_tokens: int) -> float:
+    start = time.perf_counter()
+    model.generate(**encoded, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False)
+    return time.perf_counter() - start
+
+
+def best_times(model: EditableCausalLM, encoded: Any, new_tokens: int, repeats: int) -> tuple[float, float]:
+    """(edited, plain) best-of-``repeats`` seconds, the two interleaved so drift hits both alike."""
+    edited, plain = [], []
     for _ in range(repeats):
-        start = time.perf_counter()
-        model.generate(**encoded, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False)
-        times.append(time.perf_counter() - start)
-    return min(times)
+        edited.append(run_once(model, encoded, new_tokens))
+        with model.edits_disabled():
+            plain.append(run_once(model, encoded, new_tokens))
+    return min(edited), min(plain)
 
 
 def synthetic_bank(count: int, layers: tuple[int, ...], size: int, subject: str | None) -> EditBank:
@@ -42,7 +49,7 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--model", default="gemma-3-270m")
     parser.add_argument("--new-tokens", type=int, default=32)
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=5)
     args = parser.parse_args()
     torch.set_num_threads(2)
     model: EditableCausalLM = _load_model(args.model)
@@ -56,10 +63,8 @@ def main() -> None:
         model.set_bank(synthetic_bank(count, layers, size, "Eiffel Tower"))
         for label, prompt in prompts.items():
             encoded = model.tokenizer(prompt, return_tensors="pt")
-            best_time(model, encoded, 2, 1)  # warm-up (and matcher build)
-            edited = best_time(model, encoded, args.new_tokens, args.repeats)
-            with model.edits_disabled():
-                plain = best_time(model, encoded, args.new_tokens, args.repeats)
+            run_once(model, encoded, 2)  # warm-up (and matcher build)
+            edited, plain = best_times(model, encoded, args.new_tokens, args.repeats)
             print(f"| {count} | {label} | {args.new_tokens / plain:.1f} | {args.new_tokens / edited:.1f} "
                   f"| {edited / plain:.3f} |")
 
