@@ -60,7 +60,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     prompts += [(lang, p) for lang, ps in held_out.items() for p in ps] + [("unrelated", p) for p in unrelated]
     before = [_generate(model, p) for _, p in prompts]
     print(f"Editing {args.model}: " + ", ".join(f"{lang}: {e.subject} -> {e.target}" for lang, e in group.edits.items()))
-    result = model.edit(group, config)
+    result = model.edit(group, config, progress=True)
     print(f"  layers {list(result.layers)}, shared neurons {result.shared_counts}, {result.steps} steps, "
           f"p(target) {({k: round(v, 3) for k, v in result.target_probabilities.items()})}, "
           f"{result.wall_time_s:.1f}s")
@@ -174,6 +174,11 @@ def cmd_models(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_config_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", help="LafnConfig JSON")
+    parser.add_argument("--layers", help="comma-separated layer indices (default: the modeling/ table's)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="lafn", description="Multilingual knowledge editing (LAFN) for HF LMs")
     parser.add_argument("-v", "--verbose", action="store_true")
@@ -187,8 +192,7 @@ def build_parser() -> argparse.ArgumentParser:
     edit.add_argument("--group", required=True, help="JSON: one group {lang: {prompt, subject, target, paraphrases}}"
                       " or a list of groups")
     edit.add_argument("--out", required=True)
-    edit.add_argument("--config", help="LafnConfig JSON")
-    edit.add_argument("--layers", help="comma-separated layer indices")
+    _add_config_options(edit)
     edit.set_defaults(run=cmd_edit)
     info = sub.add_parser("info", help="describe a saved bank")
     info.add_argument("bank")
@@ -211,8 +215,7 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--margin", type=int, default=2, help="extra tokens decoded beyond the gold length")
     evaluate.add_argument("--out", required=True, help="summary JSON")
     evaluate.add_argument("--results", help="per-item JSONL (default: --out with .jsonl); reruns resume from it")
-    evaluate.add_argument("--config", help="LafnConfig JSON")
-    evaluate.add_argument("--layers", help="comma-separated layer indices")
+    _add_config_options(evaluate)
     evaluate.set_defaults(run=cmd_eval)
     neurons = sub.add_parser("neurons", help="count factual neurons per layer and language (paper Fig. 2)")
     neurons.add_argument("--model", required=True)

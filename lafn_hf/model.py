@@ -160,8 +160,11 @@ class EditableCausalLM(nn.Module):
             raise ValueError(f"layers {list(layers)} out of range for {self.base_ref.num_hidden_layers} layers")
         return tuple(layers)
 
-    def edit(self, group: EditGroup, config: LafnConfig | None = None) -> EditResult:
-        """Locate D_G (Eq. 3-5), optimise dV (Eq. 6-9) against the base model, add one bank entry."""
+    def edit(self, group: EditGroup, config: LafnConfig | None = None, progress: bool = False) -> EditResult:
+        """Locate D_G (Eq. 3-5), optimise dV (Eq. 6-9) against the base model, add one bank entry.
+
+        ``progress`` shows a bar over the optimisation steps.
+        """
         if not isinstance(group, EditGroup):
             raise TypeError(f"edit expects an EditGroup, got {type(group).__name__}")
         config = config or self.lafn_config
@@ -169,7 +172,7 @@ class EditableCausalLM(nn.Module):
         started = time.perf_counter()
         with self.edits_disabled():
             located = locate_neurons(self.model, self.tokenizer, group, layers, config)
-            optimized = optimize_update(self.model, self.tokenizer, group, located.shared, config)
+            optimized = optimize_update(self.model, self.tokenizer, group, located.shared, config, progress)
         updates = {layer: LayerUpdate(located.shared[layer].clone(), delta) for layer, delta in optimized.deltas.items()}
         entry = BankEntry(
             subjects=group.subjects,

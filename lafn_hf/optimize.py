@@ -16,6 +16,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from tqdm.auto import tqdm
 
 from lafn_hf.modeling import decoder_layers, mlp_parts, text_config
 
@@ -225,7 +226,7 @@ def _losses(logits: torch.Tensor, batch: TrainingBatch, base: _BaseRun) -> tuple
 
 
 def optimize_update(model: nn.Module, tokenizer: Any, group: EditGroup, neurons: dict[int, torch.Tensor],
-                    config: LafnConfig) -> OptimizationResult:
+                    config: LafnConfig, progress: bool = False) -> OptimizationResult:
     """Adam on dV (zero init, float32) minimising Eq. 9; early stop on L_target; norm clamp per layer."""
     layers = sorted(layer for layer, idx in neurons.items() if idx.numel())
     if not layers:
@@ -245,6 +246,7 @@ def optimize_update(model: nn.Module, tokenizer: Any, group: EditGroup, neurons:
         if config.upper_layer_shortcut and layers[0] > 0:
             stack.enter_context(upper_layers_only(model, layers[0], base.hidden_in))
         injection = stack.enter_context(ValueInjection(model, layers))
+        bar = stack.enter_context(tqdm(total=config.steps, desc="LAFN dV", disable=not progress, leave=False))
         for step in range(config.steps + 1):
             injection.plan = {i: LayerPlan.build(batch.subject_hits, neuron_index[i], deltas[i]) for i in layers}
             logits = selected_logits(model, batch.input_ids, batch.attention_mask, rows, positions)
@@ -258,6 +260,8 @@ def optimize_update(model: nn.Module, tokenizer: Any, group: EditGroup, neurons:
             loss.backward()
             optimizer.step()
             _clamp(deltas, radius)
+            bar.set_postfix(loss=f"{result.loss_curve[-1]:.3f}")
+            bar.update()
         result.steps = step
         result.target_probabilities = {lang: float(torch.exp(-totals[i]).detach())
                                        for lang, i in batch.report_sequence.items()}
