@@ -123,16 +123,6 @@ class EditGroup:
         return {lang: edit.subject for lang, edit in self.edits.items()}
 
     @classmethod
-    def from_pairs(cls, pairs: list[tuple[str, LanguageEdit]]) -> EditGroup:
-        """Build from (language, edit) pairs; a language listed twice is a ``ValueError``."""
-        seen: dict[str, LanguageEdit] = {}
-        for lang, edit in pairs:
-            if lang in seen:
-                raise ValueError(f"language {lang!r} is listed twice in the edit group")
-            seen[lang] = edit
-        return cls(seen)
-
-    @classmethod
     def from_dict(cls, data: dict[str, Any]) -> EditGroup:
         """``{"en": {"prompt", "subject", "target", "paraphrases"}, "zh": {...}}``."""
         if not isinstance(data, dict):

@@ -74,6 +74,9 @@ class ValueInjection:
     def attached(self) -> bool:
         return bool(self._handles)
 
+    def handles(self) -> tuple[RemovableHandle, ...]:
+        return tuple(self._handles)
+
     def attach(self) -> None:
         if self._handles:
             return
@@ -144,7 +147,7 @@ class BankInjector:
         return bool(self._handles)
 
     def handles(self) -> tuple[RemovableHandle, ...]:
-        return (*self._handles, *self._values._handles)
+        return (*self._handles, *self._values.handles())
 
     def attach(self) -> None:
         if self._handles:
