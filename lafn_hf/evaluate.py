@@ -104,16 +104,15 @@ def evaluate_item(model: EditableCausalLM, index: int, item: Item, settings: Eva
                   config: LafnConfig | None) -> dict[str, Any]:
     """Edit the item's group, score every language, roll back under the single-edit protocol."""
     tokenizer = model.tokenizer
+    loc_gold = {lang: answer_ids(tokenizer, r.loc, r.loc_ans) for lang, r in item.items()}
     with model.edits_disabled():
-        unedited_loc = {lang: predict(model, r.loc, answer_ids(tokenizer, r.loc, r.loc_ans), settings)
-                        for lang, r in item.items()}
+        unedited_loc = {lang: predict(model, r.loc, loc_gold[lang], settings) for lang, r in item.items()}
     group = edit_group(item)
     record: dict[str, Any] = {"index": index, "edited": sorted(group.edits) if group else [], "error": None,
                               "entry_id": None, "scores": {}}
     if group is not None:
         try:
-            record["entry_id"] = model.edit(group, config).entry_id
-            model.bank.get(record["entry_id"]).metadata["item_index"] = index
+            record["entry_id"] = model.edit(group, config, metadata={"item_index": index}).entry_id
         except (ValueError, RuntimeError) as error:
             record["error"] = f"{type(error).__name__}: {error}"
     for lang, r in item.items():
@@ -121,8 +120,8 @@ def evaluate_item(model: EditableCausalLM, index: int, item: Item, settings: Eva
         scores = {"reliability": _score(predict(model, r.src, gold, settings), gold)}
         gold = answer_ids(tokenizer, r.rephrase, r.alt)
         scores["generality"] = _score(predict(model, r.rephrase, gold, settings), gold)
-        loc_gold = answer_ids(tokenizer, r.loc, r.loc_ans)  # same decoding budget as the unedited run
-        scores["locality"] = _score(predict(model, r.loc, loc_gold, settings), unedited_loc[lang])
+        # same decoding budget as the unedited run, compared with its answer
+        scores["locality"] = _score(predict(model, r.loc, loc_gold[lang], settings), unedited_loc[lang])
         if r.portability_question and r.portability_answer:
             gold = answer_ids(tokenizer, r.portability_question, r.portability_answer)
             scores["portability"] = _score(predict(model, r.portability_question, gold, settings), gold)

@@ -134,6 +134,7 @@ class BankInjector:
     def __init__(self, model: nn.Module, tokenizer: Any, bank: EditBank) -> None:
         self._model = model
         self._tokenizer = tokenizer
+        self._special_ids = frozenset(int(i) for i in tokenizer.all_special_ids)
         self.bank = bank
         self._values = ValueInjection(model, range(len(decoder_layers(model))))
         self._handles: list[RemovableHandle] = []
@@ -177,7 +178,7 @@ class BankInjector:
         per_layer: dict[int, list[LayerPlan]] = {}
         for row, ids in enumerate(rows):
             keep = [i for i, m in enumerate(masks[row]) if m] if masks is not None else list(range(len(ids)))
-            hits = find_subject_tokens(self._tokenizer, [ids[i] for i in keep], self._matcher)
+            hits = find_subject_tokens(self._tokenizer, [ids[i] for i in keep], self._matcher, self._special_ids)
             for hit in hits:
                 self._add_hit(per_layer, row, keep[hit.position], hit)
         if not per_layer:

@@ -12,7 +12,7 @@ from __future__ import annotations
 import bisect
 import logging
 import unicodedata
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Sequence, Set
 from dataclasses import dataclass
 from typing import Any
 
@@ -65,12 +65,14 @@ def last_token_index(token_ends: Sequence[int], char_end: int) -> int | None:
     return index if index < len(token_ends) else None
 
 
-def find_subject_tokens(tokenizer: Any, token_ids: Sequence[int], matcher: SubjectMatcher) -> list[SubjectHit]:
+def find_subject_tokens(tokenizer: Any, token_ids: Sequence[int], matcher: SubjectMatcher,
+                        special_ids: Set[int] | None = None) -> list[SubjectHit]:
     """Last-token positions (indices into ``token_ids``) of every subject found in the row.
 
-    Special tokens (BOS, padding, ...) are skipped when decoding and never part of a match.
+    Special tokens (BOS, padding, ...) are skipped when decoding and never part of a match;
+    ``special_ids`` lets a caller that matches many rows compute them once.
     """
-    special = set(tokenizer.all_special_ids)
+    special = special_ids if special_ids is not None else set(tokenizer.all_special_ids)
     positions = [i for i, token in enumerate(token_ids) if int(token) not in special]
     content = [int(token_ids[i]) for i in positions]
     if not content:

@@ -160,10 +160,12 @@ class EditableCausalLM(nn.Module):
             raise ValueError(f"layers {list(layers)} out of range for {self.base_ref.num_hidden_layers} layers")
         return tuple(layers)
 
-    def edit(self, group: EditGroup, config: LafnConfig | None = None, progress: bool = False) -> EditResult:
+    def edit(self, group: EditGroup, config: LafnConfig | None = None, progress: bool = False,
+             metadata: dict[str, Any] | None = None) -> EditResult:
         """Locate D_G (Eq. 3-5), optimise dV (Eq. 6-9) against the base model, add one bank entry.
 
-        ``progress`` shows a bar over the optimisation steps.
+        ``progress`` shows a bar over the optimisation steps; ``metadata`` (JSON-serialisable) is stored
+        with the entry beside the prompts, targets and config.
         """
         if not isinstance(group, EditGroup):
             raise TypeError(f"edit expects an EditGroup, got {type(group).__name__}")
@@ -182,6 +184,7 @@ class EditableCausalLM(nn.Module):
                 "targets": {lang: e.target for lang, e in group.edits.items()},
                 "config": config.to_dict(),
                 "target_probabilities": optimized.target_probabilities,
+                **(metadata or {}),
             },
         )
         self.add_entry(entry)
