@@ -8,6 +8,7 @@ past key/values), so decoding with a KV cache reproduces a full forward of the s
 from __future__ import annotations
 
 import logging
+import weakref
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -22,6 +23,7 @@ from .bank import EditBank
 from .matcher import SubjectHit, SubjectMatcher, find_subject_tokens
 
 logger = logging.getLogger(__name__)
+_OWNER_ATTRIBUTE = "_lafn_injector"  # on the base model: a weak reference to the attached BankInjector
 
 
 @dataclass(frozen=True)
@@ -151,9 +153,16 @@ class BankInjector:
         return (*self._handles, *self._values.handles())
 
     def attach(self) -> None:
+        """Install the hooks; a model carries at most one attached injector (two would add two banks)."""
         if self._handles:
             return
+        owner_ref = getattr(self._model, _OWNER_ATTRIBUTE, None)
+        owner = owner_ref() if owner_ref is not None else None
+        if owner is not None and owner is not self and owner.attached:
+            raise ValueError(f"this {type(self._model).__name__} already carries the edit hooks of another "
+                             "EditableCausalLM; call .unwrap() on that one first (or keep using it)")
         try:
+            object.__setattr__(self._model, _OWNER_ATTRIBUTE, weakref.ref(self))
             self._values.attach()
             self._handles.append(self._model.register_forward_pre_hook(self._before_forward, with_kwargs=True))
             self._handles.append(self._model.register_forward_hook(self._after_forward, always_call=True))
@@ -167,6 +176,9 @@ class BankInjector:
             handle.remove()
         self._values.detach()
         self._values.plan = None
+        owner_ref = getattr(self._model, _OWNER_ATTRIBUTE, None)
+        if owner_ref is not None and owner_ref() is self:
+            object.__delattr__(self._model, _OWNER_ATTRIBUTE)
 
     def plan_for(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> dict[int, LayerPlan] | None:
         """The per-layer plan for a prefill batch (``None`` when no subject matches)."""

@@ -59,8 +59,9 @@ def test_resume_gives_the_same_result(tokenizer: Any, trained_model: Any, tmp_pa
     items = load_files([ENZH])
     settings = EvalSettings(mode="teacher_forced", protocol="sequential")
     config = LafnConfig(layers=(0, 1), steps=10)
-    reference = evaluate(EditableCausalLM(trained_model, tokenizer), items, settings, tmp_path / "once.jsonl",
-                         config, progress=False)
+    once = EditableCausalLM(trained_model, tokenizer)
+    reference = evaluate(once, items, settings, tmp_path / "once.jsonl", config, progress=False)
+    once.unwrap()
 
     def interrupt(index: int) -> None:
         if index == 0:

@@ -38,6 +38,19 @@ def test_empty_bank_is_bitwise_identical_and_hooks_are_owned(random_base: Any, t
     assert all(not m._forward_pre_hooks and not m._forward_hooks for m in random_base.modules())
 
 
+def test_a_model_takes_one_editable_wrapper_at_a_time(random_base: Any, tokenizer: Any) -> None:
+    first = EditableCausalLM(random_base, tokenizer)
+    first.add_entry(make_entry({"en": SUBJECT}))
+    with pytest.raises(ValueError, match="already carries the edit hooks of another EditableCausalLM"):
+        EditableCausalLM(random_base, tokenizer)
+    assert len(first.hook_handles()) == 2 + len(random_base.model.layers)  # the failed wrapper left nothing
+    ids, mask = encode_texts(tokenizer, [WITH])
+    edited = logits(first, ids, mask)
+    second = EditableCausalLM(first.unwrap(), tokenizer)
+    assert not torch.equal(logits(second, ids, mask), edited)  # the first bank no longer applies
+    second.unwrap()
+
+
 def test_foreign_hooks_survive(random_base: Any, tokenizer: Any) -> None:
     foreign = random_base.model.layers[0].mlp.down_proj.register_forward_pre_hook(lambda m, a: None)
     editable = EditableCausalLM(random_base, tokenizer)
