@@ -15,6 +15,7 @@ from .config import EditGroup, LafnConfig
 
 logger = logging.getLogger(__name__)
 TINY_MODEL = "tiny-bilingual"
+TINY_LAYERS = (0, 1)  # the toy's layer 0 has no attention; edits must include it (scripts/train_tiny_model.py)
 
 
 def _load_model(name: str, dtype: str = "float32") -> Any:
@@ -40,17 +41,23 @@ def _generate(model: Any, prompt: str, new_tokens: int = 8) -> str:
     return " ".join(text.replace("<start_of_image>", "").split())
 
 
+def _tiny_demo_edit() -> tuple[EditGroup, dict[str, list[str]], list[str]]:
+    """Fact 0 gets fact 1's capital in en and zh; templates 1-2 locate, template 3 is held out."""
+    data = json.loads((resources.files("lafn_hf") / "assets" / TINY_MODEL / "facts.json").read_text("utf-8"))
+    templates, (fact, other) = data["templates"], data["facts"][:2]
+    group = EditGroup.from_dict({lang: {"prompt": templates[lang][0].format(s=fact[lang]["subject"]),
+                                        "subject": fact[lang]["subject"], "target": other[lang]["object"],
+                                        "paraphrases": [t.format(s=fact[lang]["subject"]) for t in templates[lang][1:3]]}
+                                 for lang in ("en", "zh")})
+    held_out = {lang: [templates[lang][3].format(s=fact[lang]["subject"])] for lang in ("en", "zh")}
+    unrelated = [templates[lang][0].format(s=data["facts"][5][lang]["subject"]) for lang in ("en", "zh")]
+    return group, held_out, unrelated
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     if args.model == TINY_MODEL:
-        data = json.loads((resources.files("lafn_hf") / "assets" / TINY_MODEL / "facts.json").read_text("utf-8"))
-        fact, other = data["facts"][0], data["facts"][1]
-        group = EditGroup.from_dict({"zh": {"prompt": data["templates"]["zh"][0].format(s=fact["zh"]["subject"]),
-                                            "subject": fact["zh"]["subject"], "target": other["zh"]["object"],
-                                            "paraphrases": [t.format(s=fact["zh"]["subject"])
-                                                            for t in data["templates"]["zh"][1:]]}})
-        held_out = {"zh": [data["templates"]["zh"][1].format(s=fact["zh"]["subject"])]}
-        unrelated = [data["templates"]["en"][0].format(s=data["facts"][5]["en"]["subject"])]
-        config = LafnConfig(layers=(0, 1))
+        group, held_out, unrelated = _tiny_demo_edit()
+        config = LafnConfig(layers=TINY_LAYERS, steps=60)
     else:
         data = json.loads((resources.files("lafn_hf") / "assets" / "demo_eiffel.json").read_text("utf-8"))
         group, held_out, unrelated = EditGroup.from_dict(data["group"]), data["held_out"], data["unrelated"]
@@ -117,8 +124,11 @@ def cmd_push(args: argparse.Namespace) -> int:
 
 def _config(args: argparse.Namespace) -> LafnConfig:
     config = LafnConfig.from_json(Path(args.config).read_text("utf-8")) if args.config else LafnConfig()
-    if args.layers:
-        config = LafnConfig.from_dict({**config.to_dict(), "layers": [int(x) for x in args.layers.split(",")]})
+    layers = [int(x) for x in args.layers.split(",")] if args.layers else None
+    if layers is None and config.layers is None and args.model == TINY_MODEL:
+        layers = list(TINY_LAYERS)
+    if layers is not None:
+        config = LafnConfig.from_dict({**config.to_dict(), "layers": layers})
     return config
 
 

@@ -1,14 +1,27 @@
 """Build the tiny bilingual (en/zh) fact model shipped in lafn_hf/assets/tiny-bilingual.
 
-50 invented countries and capitals, 4 English and 4 Chinese templates each; a byte-level BPE
-tokenizer trained on that corpus and a 4-layer LLaMA (hidden 64) trained until every fact is
-answered by greedy decoding. Deterministic; about a minute on 2 CPU cores:
+50 invented countries with a capital each, named differently in English and Chinese; 4 English and 4
+Chinese templates, each filled with either language's country name (800 sentences); a byte-level BPE
+tokenizer trained on that corpus and a 4-layer LLaMA (hidden 64) trained until every sentence is
+answered by greedy decoding. Deterministic; about two minutes on 2 CPU cores.
 
-    python scripts/train_tiny_model.py
+Three choices make the toy store facts the way LAFN assumes real LMs do (the subject's last token is
+enriched by early MLPs, later attention moves the attribute to the answer: Meng et al. 2022, Geva et
+al. 2023). Each was needed: without them edits at the subject did not take.
+- Layer 0 has no attention (q/k/v/o projections zero and frozen; still a plain LlamaForCausalLM).
+  Otherwise the final token reads the subject's raw embedding in layer-0 attention, a path no edit
+  at the subject can reach. Edits must therefore include layer 0 (tests use layers 0-1).
+- Subjects are single tokens, spaces and punctuation are tokens of their own: the model has no early
+  attention to assemble a multi-token subject, and an answer never fuses with the full stop.
+- Code-switched sentences ("The capital of 多塞里国 is Thobra.") tie both names of a country to one
+  language-agnostic fact, so one dV at the shared neurons moves the answer in both languages.
+
+    python scripts/train_tiny_model.py [--out DIR]
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 import random
 from pathlib import Path
@@ -21,13 +34,12 @@ OUT = Path(__file__).resolve().parents[1] / "lafn_hf" / "assets" / "tiny-bilingu
 EN_SYLLABLES = ["val", "dor", "mir", "ka", "lun", "tes", "bra", "no", "sel", "qua", "ren", "zo", "fi", "mar", "tho"]
 ZH_CHARS = "瓦多米卡伦特布诺塞夸仁佐菲马托尔里亚斯兰纳维"
 TEMPLATES = {
-    "en": ["The capital of {s} is", "{s}'s capital is", "The capital city of {s} is", "In {s}, the capital is"],
+    "en": ["The capital of {s} is", "The capital city of {s} is", "In {s}, the capital is",
+           "As for {s}, its capital is"],
     "zh": ["{s}的首都是", "{s}的首府是", "{s}的首都城市是", "在{s}，首都是"],
 }
 ENDINGS = {"en": (" ", "."), "zh": ("", "。")}
-# Training-only pattern where the capital follows the subject directly: it makes the model store the
-# fact at the subject's last token (as real LMs do, and as LAFN assumes) instead of looking it up later.
-ENRICH = {"en": "{s} {o}.", "zh": "{s}，{o}。"}
+ATTENTION_FREE_LAYERS = (0,)
 
 
 def make_facts(count: int = 50, seed: int = 0) -> list[dict[str, dict[str, str]]]:
@@ -49,27 +61,53 @@ def make_facts(count: int = 50, seed: int = 0) -> list[dict[str, dict[str, str]]
 
 
 def sentences(facts: list[dict[str, dict[str, str]]]) -> list[str]:
+    """Every template with every language's subject, answered in the template's language.
+
+    The code-switched half ("The capital of 多塞里国 is ...") makes both names of a country carry one
+    shared, language-agnostic fact, the premise of LAFN.
+    """
     out = []
     for fact in facts:
         for lang, templates in TEMPLATES.items():
             space, stop = ENDINGS[lang]
             for template in templates:
-                out.append(template.format(s=fact[lang]["subject"]) + space + fact[lang]["object"] + stop)
-            out.append(ENRICH[lang].format(s=fact[lang]["subject"], o=fact[lang]["object"]))
+                for subject_lang in TEMPLATES:
+                    prompt = template.format(s=fact[subject_lang]["subject"])
+                    out.append(prompt + space + fact[lang]["object"] + stop)
     return out
 
 
-def train_tokenizer(corpus: list[str]) -> PreTrainedTokenizerFast:
+def train_tokenizer(corpus: list[str], facts: list[dict[str, dict[str, str]]]) -> PreTrainedTokenizerFast:
     tokenizer = Tokenizer(models.BPE())
-    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    # Spaces and punctuation are tokens of their own, so a subject is the same token in either
+    # language's sentences and an answer never fuses with the full stop after it.
+    tokenizer.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(" ", behavior="isolated"),
+        pre_tokenizers.Punctuation(behavior="isolated"),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+    ])
     tokenizer.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=600, special_tokens=["<pad>", "<s>", "</s>"],
+    trainer = trainers.BpeTrainer(vocab_size=1000, min_frequency=40, special_tokens=["<pad>", "<s>", "</s>"],
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    # Subjects become whole tokens (as in a real model, their last token carries the identity).
-    subject_words = [line.split(" ")[3] for line in corpus if line.startswith("The capital of ")]
-    tokenizer.train_from_iterator(corpus + [" " + w for w in subject_words] * 30, trainer)
+    # Subjects become whole tokens in both languages: the toy has no early attention to assemble a
+    # multi-token subject (real models do that), so the subject's one token carries its identity.
+    # Repeating them makes their merges outrank template merges such as "国" + "的首都是".
+    subjects = [fact[lang]["subject"] for fact in facts for lang in TEMPLATES]
+    tokenizer.train_from_iterator(corpus + subjects * 300, trainer)
     tokenizer.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
     return PreTrainedTokenizerFast(tokenizer_object=tokenizer, bos_token="<s>", eos_token="</s>", pad_token="<pad>")
+
+
+def remove_attention(model: LlamaForCausalLM, layers: tuple[int, ...]) -> list[torch.nn.Parameter]:
+    """Zero (and return, to be frozen) the attention projections of ``layers``."""
+    frozen = []
+    for index in layers:
+        attention = model.model.layers[index].self_attn
+        for projection in (attention.q_proj, attention.k_proj, attention.v_proj, attention.o_proj):
+            with torch.no_grad():
+                projection.weight.zero_()
+            frozen.append(projection.weight)
+    return frozen
 
 
 def train_model(tokenizer: PreTrainedTokenizerFast, corpus: list[str], steps: int = 3000) -> LlamaForCausalLM:
@@ -78,6 +116,7 @@ def train_model(tokenizer: PreTrainedTokenizerFast, corpus: list[str], steps: in
                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
                          bos_token_id=1, eos_token_id=2, pad_token_id=0, tie_word_embeddings=False)
     model = LlamaForCausalLM(config)
+    frozen = remove_attention(model, ATTENTION_FREE_LAYERS)
     rows = [tokenizer(text)["input_ids"] + [tokenizer.eos_token_id] for text in corpus]
     width = max(map(len, rows))
     ids = torch.zeros(len(rows), width, dtype=torch.long)
@@ -86,7 +125,8 @@ def train_model(tokenizer: PreTrainedTokenizerFast, corpus: list[str], steps: in
         ids[i, : len(row)] = torch.tensor(row)
         mask[i, : len(row)] = 1
     labels = ids.masked_fill(mask == 0, -100)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.0)
+    trainable = [p for p in model.parameters() if all(p is not f for f in frozen)]
+    optimizer = torch.optim.AdamW(trainable, lr=3e-3, weight_decay=0.0)
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, steps)
     generator = torch.Generator().manual_seed(0)
     for step in range(steps):
@@ -116,16 +156,19 @@ def accuracy(model: LlamaForCausalLM, tokenizer: PreTrainedTokenizerFast, facts:
 
 
 def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--out", type=Path, default=OUT, help=f"output directory (default: {OUT})")
+    out = parser.parse_args().out
     facts = make_facts()
     corpus = sentences(facts)
-    tokenizer = train_tokenizer(corpus)
+    tokenizer = train_tokenizer(corpus, facts)
     model = train_model(tokenizer, corpus)
     print(f"greedy accuracy on all {len(corpus)} fact sentences: {accuracy(model, tokenizer, facts):.3f}")
-    OUT.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(OUT)
-    tokenizer.save_pretrained(OUT)
+    out.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
     data = {"templates": TEMPLATES, "facts": facts}
-    (OUT / "facts.json").write_text(json.dumps(data, ensure_ascii=False, indent=1) + "\n", encoding="utf-8")
+    (out / "facts.json").write_text(json.dumps(data, ensure_ascii=False, indent=1) + "\n", encoding="utf-8")
 
 
 if __name__ == "__main__":

@@ -14,7 +14,11 @@ from .conftest import fact_group
 def test_demo_on_the_tiny_model(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
     assert main(["demo", "--model", "tiny-bilingual", "--out", str(tmp_path / "bank")]) == 0
     out = capsys.readouterr().out
-    assert "| zh | " in out and "generations identical = True" in out
+    assert "generations identical = True" in out
+    rows = [line.split(" | ") for line in out.splitlines() if line.startswith(("| en | ", "| zh | "))]
+    assert [row[0] for row in rows] == ["| en", "| zh", "| en", "| zh"]  # edit prompts, then held-out ones
+    assert [row[-1] for row in rows] == ["Notes. |", "伦夸城。 |"] * 2  # fact 1's capital, in each language
+    assert all(row[2] != row[3] for row in rows)
     assert (tmp_path / "bank" / "lafn_bank.safetensors").is_file()
 
 

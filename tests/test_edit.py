@@ -13,7 +13,7 @@ from lafn_hf.optimize import _BaseRun, _losses, build_batch, sample_prefixes, se
 
 from .conftest import fact_group, greedy
 
-TINY = LafnConfig(layers=(0, 1), steps=40)
+TINY = LafnConfig(layers=(0, 1), steps=60)
 
 
 def weights_hash(model: Any) -> str:
@@ -24,25 +24,26 @@ def weights_hash(model: Any) -> str:
     return digest.hexdigest()
 
 
-def test_edit_changes_the_fact_in_chinese_and_leaves_other_facts_bitwise(trained_model: Any, tokenizer: Any,
-                                                                        facts: dict[str, Any]) -> None:
+def test_edit_changes_the_fact_in_both_languages_and_leaves_other_facts_bitwise(
+        trained_model: Any, tokenizer: Any, facts: dict[str, Any]) -> None:
     templates, rows = facts["templates"], facts["facts"]
     editable = EditableCausalLM(trained_model, tokenizer)
     others = [templates[lang][0].format(s=rows[i][lang]["subject"]) for i in (5, 6, 7) for lang in ("en", "zh")]
     before = [greedy(editable, tokenizer, p) for p in others]
     weights = weights_hash(trained_model)
-    group = fact_group(facts, source=0, target=1, languages=("zh",))
-    result = editable.edit(group, TINY)
+    result = editable.edit(fact_group(facts, source=0, target=1), TINY)  # templates 1-2 locate only (Eq. 3)
     assert weights_hash(trained_model) == weights
-    target = rows[1]["zh"]["object"]
-    assert result.target_probabilities["zh"] > 0.5
-    subject = rows[0]["zh"]["subject"]
-    assert greedy(editable, tokenizer, templates["zh"][0].format(s=subject)).startswith(target)
-    # a paraphrase that only served for locating (Eq. 3), never in the loss (Eq. 7)
-    assert greedy(editable, tokenizer, templates["zh"][1].format(s=subject)).startswith(target)
+    for lang in ("en", "zh"):
+        subject, target = rows[0][lang]["subject"], rows[1][lang]["object"]
+        assert result.target_probabilities[lang] > 0.5
+        # the edit prompt, the locating-only paraphrases and a template never used at all
+        answers = [greedy(editable, tokenizer, template.format(s=subject)) for template in templates[lang]]
+        assert all(answer.strip().startswith(target) for answer in answers), (lang, answers)
     assert [greedy(editable, tokenizer, p) for p in others] == before
     editable.remove_edit(result.entry_id)
-    assert greedy(editable, tokenizer, templates["zh"][0].format(s=subject)).startswith(rows[0]["zh"]["object"])
+    for lang in ("en", "zh"):
+        prompt = templates[lang][3].format(s=rows[0][lang]["subject"])
+        assert greedy(editable, tokenizer, prompt).strip().startswith(rows[0][lang]["object"])
 
 
 def test_edit_result_reports_the_run(trained_model: Any, tokenizer: Any, facts: dict[str, Any]) -> None:

@@ -51,8 +51,17 @@ def test_lafn_eval_end_to_end(tmp_path: Path, capsys: pytest.CaptureFixture[str]
     f1 = result["summary"]["f1"]
     assert result["settings"]["mode"] == "generate" and result["items"] == 3
     assert all(value == 100.0 for value in f1["locality"].values())  # loc questions hold no bank subject
-    assert f1["reliability"]["zh"] > 60  # the toy model's Chinese edits work (see tests/test_edit.py)
     assert len((tmp_path / "results.jsonl").read_text().splitlines()) == 3
+
+
+def test_lafn_eval_scores_the_toy_edits_in_both_languages(tmp_path: Path) -> None:
+    out = tmp_path / "enzh.json"
+    assert main(["eval", "--model", "tiny-bilingual", "--data", str(ENZH), "--out", str(out),
+                 "--mode", "teacher_forced"]) == 0  # the CLI's default layers for the toy: 0, 1
+    f1 = json.loads(out.read_text())["summary"]["f1"]
+    # prompt, held-out rephrase and portability question all answer the new capital, in en and in zh
+    assert {metric: (row["en"], row["zh"]) for metric, row in f1.items()} == {
+        metric: (100.0, 100.0) for metric in ("reliability", "generality", "locality", "portability")}
 
 
 def test_resume_gives_the_same_result(tokenizer: Any, trained_model: Any, tmp_path: Path) -> None:
