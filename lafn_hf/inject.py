@@ -128,9 +128,10 @@ class BankInjector:
     """Applies an ``EditBank`` to a model for every forward (so ``generate`` and pipelines work).
 
     A forward pre-hook on the model finds bank subjects in the prefill ``input_ids`` (per row,
-    padding excluded through ``attention_mask``) and sets the per-layer plan; ``ValueInjection``
-    adds it; a forward hook (``always_call``) clears it. Forwards given ``inputs_embeds`` instead
-    of ``input_ids`` cannot be matched and run unedited.
+    padding excluded through ``attention_mask``) and, when some match, attaches a ``ValueInjection``
+    on just the layers the plan touches; a forward hook (``always_call``) removes it. Decoding steps
+    and forwards without a match thus run with two hooks only. Forwards given ``inputs_embeds``
+    instead of ``input_ids`` cannot be matched and run unedited.
     """
 
     def __init__(self, model: nn.Module, tokenizer: Any, bank: EditBank) -> None:
@@ -138,7 +139,7 @@ class BankInjector:
         self._tokenizer = tokenizer
         self._special_ids = frozenset(int(i) for i in tokenizer.all_special_ids)
         self.bank = bank
-        self._values = ValueInjection(model, range(len(decoder_layers(model))))
+        self._values: ValueInjection | None = None  # only during a forward that applies a plan
         self._handles: list[RemovableHandle] = []
         self._built_for: tuple[int, int, torch.device] | None = None
         self._matcher = SubjectMatcher(())
@@ -150,7 +151,7 @@ class BankInjector:
         return bool(self._handles)
 
     def handles(self) -> tuple[RemovableHandle, ...]:
-        return (*self._handles, *self._values.handles())
+        return (*self._handles, *(self._values.handles() if self._values is not None else ()))
 
     def attach(self) -> None:
         """Install the hooks; a model carries at most one attached injector (two would add two banks)."""
@@ -163,7 +164,6 @@ class BankInjector:
                              "EditableCausalLM; call .unwrap() on that one first (or keep using it)")
         try:
             object.__setattr__(self._model, _OWNER_ATTRIBUTE, weakref.ref(self))
-            self._values.attach()
             self._handles.append(self._model.register_forward_pre_hook(self._before_forward, with_kwargs=True))
             self._handles.append(self._model.register_forward_hook(self._after_forward, always_call=True))
         except BaseException:
@@ -174,8 +174,7 @@ class BankInjector:
         handles, self._handles = self._handles, []
         for handle in handles:
             handle.remove()
-        self._values.detach()
-        self._values.plan = None
+        self._drop_values()
         owner_ref = getattr(self._model, _OWNER_ATTRIBUTE, None)
         if owner_ref is not None and owner_ref() is self:
             object.__delattr__(self._model, _OWNER_ATTRIBUTE)
@@ -218,11 +217,22 @@ class BankInjector:
         self._built_for = key
 
     def _before_forward(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
-        self._values.plan = None
+        self._drop_values()
         input_ids = kwargs.get("input_ids", args[0] if args else None)
         if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2 or not _is_prefill(kwargs):
             return
-        self._values.plan = self.plan_for(input_ids, kwargs.get("attention_mask"))
+        plan = self.plan_for(input_ids, kwargs.get("attention_mask"))
+        if plan is None:
+            return
+        values = ValueInjection(self._model, sorted(plan))
+        values.plan = plan
+        values.attach()
+        self._values = values
 
     def _after_forward(self, module: nn.Module, args: tuple[Any, ...], output: Any) -> None:
-        self._values.plan = None
+        self._drop_values()
+
+    def _drop_values(self) -> None:
+        values, self._values = self._values, None
+        if values is not None:
+            values.detach()

@@ -27,7 +27,7 @@ def test_empty_bank_is_bitwise_identical_and_hooks_are_owned(random_base: Any, t
     editable = EditableCausalLM(random_base, tokenizer)
     assert torch.equal(logits(editable, ids, mask), plain)
     owned = len(editable.hook_handles())
-    assert owned == 2 + len(random_base.model.layers)
+    assert owned == 2  # value hooks exist only during a forward that applies an edit
     with editable.edits_disabled():
         assert editable.hook_handles() == ()
         assert all(not m._forward_pre_hooks and not m._forward_hooks for m in random_base.modules())
@@ -43,12 +43,31 @@ def test_a_model_takes_one_editable_wrapper_at_a_time(random_base: Any, tokenize
     first.add_entry(make_entry({"en": SUBJECT}))
     with pytest.raises(ValueError, match="already carries the edit hooks of another EditableCausalLM"):
         EditableCausalLM(random_base, tokenizer)
-    assert len(first.hook_handles()) == 2 + len(random_base.model.layers)  # the failed wrapper left nothing
+    assert len(first.hook_handles()) == 2  # the failed wrapper left nothing
     ids, mask = encode_texts(tokenizer, [WITH])
     edited = logits(first, ids, mask)
     second = EditableCausalLM(first.unwrap(), tokenizer)
     assert not torch.equal(logits(second, ids, mask), edited)  # the first bank no longer applies
     second.unwrap()
+
+
+def test_value_hooks_live_only_on_the_bank_layers_during_an_edited_prefill(random_base: Any, tokenizer: Any) -> None:
+    editable = EditableCausalLM(random_base, tokenizer)
+    editable.add_entry(make_entry({"en": SUBJECT}, layers=(0, 2)))
+    seen: list[list[int]] = []
+
+    def count_value_hooks(module: Any, args: Any) -> None:  # runs inside each forward, before layer 0
+        seen.append([len(layer.mlp.down_proj._forward_pre_hooks) for layer in random_base.model.layers])
+
+    handle = random_base.model.layers[0].register_forward_pre_hook(count_value_hooks)
+    try:
+        encoded = tokenizer([WITH], return_tensors="pt")
+        editable.generate(**encoded, max_new_tokens=3, do_sample=False, pad_token_id=tokenizer.pad_token_id)
+        editable(**tokenizer([WITHOUT], return_tensors="pt"))
+    finally:
+        handle.remove()
+    assert seen == [[1, 0, 1], [0, 0, 0], [0, 0, 0], [0, 0, 0]]  # prefill, two decode steps, no match
+    assert all(not layer.mlp.down_proj._forward_pre_hooks for layer in random_base.model.layers)
 
 
 def test_foreign_hooks_survive(random_base: Any, tokenizer: Any) -> None:
