@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from .config import EditGroup, LafnConfig
-from .models import TINY_LAYERS, TINY_MODEL, tiny_fact_group, tiny_facts, tiny_model_path
+from .models import TINY_MODEL, tiny_fact_group, tiny_facts, tiny_model_path
 
 logger = logging.getLogger(__name__)
 
@@ -52,7 +52,7 @@ def _tiny_demo_edit() -> tuple[EditGroup, dict[str, list[str]], list[str]]:
 def cmd_demo(args: argparse.Namespace) -> int:
     if args.model == TINY_MODEL:
         group, held_out, unrelated = _tiny_demo_edit()
-        config = LafnConfig(layers=TINY_LAYERS, steps=60)
+        config = LafnConfig(steps=60)  # layers: the toy's config pins 0, 1
     else:
         data = json.loads((resources.files("lafn_hf") / "assets" / "demo_eiffel.json").read_text("utf-8"))
         group, held_out, unrelated = EditGroup.from_dict(data["group"]), data["held_out"], data["unrelated"]
@@ -119,11 +119,8 @@ def cmd_push(args: argparse.Namespace) -> int:
 
 def _config(args: argparse.Namespace) -> LafnConfig:
     config = LafnConfig.from_json(Path(args.config).read_text("utf-8")) if args.config else LafnConfig()
-    layers = [int(x) for x in args.layers.split(",")] if args.layers else None
-    if layers is None and config.layers is None and args.model == TINY_MODEL:
-        layers = list(TINY_LAYERS)
-    if layers is not None:
-        config = LafnConfig.from_dict({**config.to_dict(), "layers": layers})
+    if args.layers:
+        config = LafnConfig.from_dict({**config.to_dict(), "layers": [int(x) for x in args.layers.split(",")]})
     return config
 
 

@@ -27,7 +27,6 @@ logger = logging.getLogger(__name__)
 
 _MARKER = ".lafn_complete"
 TINY_MODEL = "tiny-bilingual"
-TINY_LAYERS = (0, 1)  # the toy's layer 0 has no attention; edits must include it (scripts/train_tiny_model.py)
 
 
 def tiny_model_path() -> Path:

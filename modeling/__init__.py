@@ -15,6 +15,7 @@ from torch import nn
 
 __all__ = [
     "ArchitectureSpec",
+    "EDIT_LAYERS_ATTR",
     "MlpParts",
     "SUPPORTED_MODEL_TYPES",
     "decoder_layers",
@@ -126,12 +127,21 @@ def mlp_parts(layer: nn.Module) -> MlpParts:
     return MlpParts(**{name: module for name, module in parts.items() if isinstance(module, nn.Module)})
 
 
+EDIT_LAYERS_ATTR = "lafn_edit_layers"  # a checkpoint's own choice, kept in its config.json
+
+
 def default_edit_layers(config: Any) -> tuple[int, ...]:
-    """Default edit layers: ``num_edit_layers`` consecutive layers from ``edit_start_fraction``.
+    """Default edit layers: the config's ``lafn_edit_layers`` when the checkpoint names them, else
+    ``num_edit_layers`` consecutive layers from ``edit_start_fraction``.
 
     LLaMA2-7b (32 layers) gives (10, 11, 12) and Qwen1.5-7b gives (14, 15, 16), as in the paper.
     Shallow models are clamped so every index is valid.
     """
+    pinned = getattr(text_config(config), EDIT_LAYERS_ATTR, None)
+    if pinned is not None:
+        if not isinstance(pinned, (list, tuple)) or not pinned or not all(isinstance(i, int) for i in pinned):
+            raise ValueError(f"config.{EDIT_LAYERS_ATTR} must be a non-empty list of layer indices, got {pinned!r}")
+        return tuple(sorted(set(pinned)))
     spec = get_spec(config)
     depth = int(text_config(config).num_hidden_layers)
     count = min(spec.num_edit_layers, depth)

@@ -11,7 +11,7 @@ al. 2023). Each mattered in trials of 10 en+zh edits: without the first no Engli
 multi-token subjects a held-out Chinese template never did, without the third 34/80 prompts did.
 - Layer 0 has no attention (q/k/v/o projections zero and frozen; still a plain LlamaForCausalLM).
   Otherwise the final token reads the subject's raw embedding in layer-0 attention, a path no edit
-  at the subject can reach. Edits must therefore include layer 0 (tests use layers 0-1).
+  at the subject can reach. Edits must therefore include layer 0: the config pins layers 0-1.
 - Subjects are single tokens, spaces and punctuation are tokens of their own: the model has no early
   attention to assemble a multi-token subject, and an answer never fuses with the full stop.
 - Code-switched sentences ("The capital of 多塞里国 is Thobra.") tie both names of a country to one
@@ -41,6 +41,7 @@ TEMPLATES = {
 }
 ENDINGS = {"en": (" ", "."), "zh": ("", "。")}
 ATTENTION_FREE_LAYERS = (0,)
+EDIT_LAYERS = [0, 1]  # saved as config.lafn_edit_layers, the default for edits of this model
 
 
 def make_facts(count: int = 50, seed: int = 0) -> list[dict[str, dict[str, str]]]:
@@ -88,7 +89,7 @@ def train_tokenizer(corpus: list[str], facts: list[dict[str, dict[str, str]]]) -
         pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
     ])
     tokenizer.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=1000, min_frequency=40, special_tokens=["<pad>", "<s>", "</s>"],
+    trainer = trainers.BpeTrainer(vocab_size=600, min_frequency=40, special_tokens=["<pad>", "<s>", "</s>"],
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
     # Subjects become whole tokens in both languages: the toy has no early attention to assemble a
     # multi-token subject (real models do that), so the subject's one token carries its identity.
@@ -99,16 +100,14 @@ def train_tokenizer(corpus: list[str], facts: list[dict[str, dict[str, str]]]) -
     return PreTrainedTokenizerFast(tokenizer_object=tokenizer, bos_token="<s>", eos_token="</s>", pad_token="<pad>")
 
 
-def remove_attention(model: LlamaForCausalLM, layers: tuple[int, ...]) -> list[torch.nn.Parameter]:
-    """Zero (and return, to be frozen) the attention projections of ``layers``."""
-    frozen = []
+def remove_attention(model: LlamaForCausalLM, layers: tuple[int, ...]) -> None:
+    """Zero and freeze the attention projections of ``layers``."""
     for index in layers:
         attention = model.model.layers[index].self_attn
         for projection in (attention.q_proj, attention.k_proj, attention.v_proj, attention.o_proj):
             with torch.no_grad():
                 projection.weight.zero_()
-            frozen.append(projection.weight)
-    return frozen
+            projection.weight.requires_grad_(False)
 
 
 def train_model(tokenizer: PreTrainedTokenizerFast, corpus: list[str], steps: int = 3000) -> LlamaForCausalLM:
@@ -117,7 +116,7 @@ def train_model(tokenizer: PreTrainedTokenizerFast, corpus: list[str], steps: in
                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
                          bos_token_id=1, eos_token_id=2, pad_token_id=0, tie_word_embeddings=False)
     model = LlamaForCausalLM(config)
-    frozen = remove_attention(model, ATTENTION_FREE_LAYERS)
+    remove_attention(model, ATTENTION_FREE_LAYERS)
     rows = [tokenizer(text)["input_ids"] + [tokenizer.eos_token_id] for text in corpus]
     width = max(map(len, rows))
     ids = torch.zeros(len(rows), width, dtype=torch.long)
@@ -126,7 +125,7 @@ def train_model(tokenizer: PreTrainedTokenizerFast, corpus: list[str], steps: in
         ids[i, : len(row)] = torch.tensor(row)
         mask[i, : len(row)] = 1
     labels = ids.masked_fill(mask == 0, -100)
-    trainable = [p for p in model.parameters() if all(p is not f for f in frozen)]
+    trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=3e-3, weight_decay=0.0)
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, steps)
     generator = torch.Generator().manual_seed(0)
@@ -165,6 +164,7 @@ def main() -> None:
     tokenizer = train_tokenizer(corpus, facts)
     model = train_model(tokenizer, corpus)
     print(f"greedy accuracy on all {len(corpus)} fact sentences: {accuracy(model, tokenizer, facts):.3f}")
+    model.config.lafn_edit_layers = EDIT_LAYERS
     out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)

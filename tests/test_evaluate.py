@@ -57,7 +57,7 @@ def test_lafn_eval_end_to_end(tmp_path: Path, capsys: pytest.CaptureFixture[str]
 def test_lafn_eval_scores_the_toy_edits_in_both_languages(tmp_path: Path) -> None:
     out = tmp_path / "enzh.json"
     assert main(["eval", "--model", "tiny-bilingual", "--data", str(ENZH), "--out", str(out),
-                 "--mode", "teacher_forced"]) == 0  # the CLI's default layers for the toy: 0, 1
+                 "--mode", "teacher_forced"]) == 0  # layers: the toy's config pins 0, 1
     f1 = json.loads(out.read_text())["summary"]["f1"]
     # prompt, held-out rephrase and portability question all answer the new capital, in en and in zh
     assert {metric: (row["en"], row["zh"]) for metric, row in f1.items()} == {

@@ -14,6 +14,12 @@ def test_default_edit_layers_match_the_paper() -> None:
     assert default_edit_layers(LlamaConfig(num_hidden_layers=2)) == (0, 1)
 
 
+def test_a_checkpoint_can_pin_its_edit_layers() -> None:
+    assert default_edit_layers(LlamaConfig(num_hidden_layers=32, lafn_edit_layers=[5, 4])) == (4, 5)
+    with pytest.raises(ValueError, match=r"lafn_edit_layers must be a non-empty list of layer indices, got '0,1'"):
+        default_edit_layers(LlamaConfig(num_hidden_layers=32, lafn_edit_layers="0,1"))
+
+
 def test_unsupported_model_type_lists_supported_ones() -> None:
     class Config:
         model_type = "gpt2"
