@@ -1,16 +1,25 @@
 """Apply dV at inference: hooks on ``mlp.down_proj`` whose input is the neuron values V.
 
-Eq. 10: F'(x) = F_(theta, V + dV)(x) when a bank subject s is found in x, else F(x). The update
-is added only at the last token of each matched subject, only in the prefill forward (no
-past key/values), so decoding with a KV cache reproduces a full forward of the same tokens.
+Eq. 10: F'(x) = F_(theta, V + dV)(x) when a bank subject s is found in x, else F(x). The update is added
+at the token that completes each subject occurrence in the tokens the model reads (prompt, later turns
+and its own generation alike; the causal rule is in ``lafn_hf.matcher``), so decoding with a KV cache
+gives exactly what full forwards over the same tokens give.
+
+Concurrency: what one forward needs (its plan, its rows' readers) lives in a ``contextvars`` context that
+the model-level pre-hook sets and the forward hook resets, so threads and asyncio tasks sharing the model
+never see each other's plans. The bank is compiled into an immutable snapshot (matcher + device tensors);
+a forward uses the snapshot it started with, and a bank change builds a new one.
 """
 
 from __future__ import annotations
 
 import logging
+import threading
 import weakref
-from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
+from contextvars import ContextVar, Token
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -20,10 +29,13 @@ from torch.utils.hooks import RemovableHandle
 from lafn_hf.modeling import decoder_layers, mlp_parts
 
 from .bank import EditBank
-from .matcher import SubjectHit, SubjectMatcher, find_subject_tokens
+from .cache_rows import cache_length, keep_readers, readers_for
+from .matcher import RowReader, SubjectMatcher, decoder_for
+from .scope import ForwardScope
 
 logger = logging.getLogger(__name__)
 _OWNER_ATTRIBUTE = "_lafn_injector"  # on the base model: a weak reference to the attached BankInjector
+_BANK_OFF: ContextVar[bool] = ContextVar("lafn_bank_off", default=False)
 
 
 @dataclass(frozen=True)
@@ -60,98 +72,127 @@ def add_values(values: torch.Tensor, plan: LayerPlan) -> torch.Tensor:
 
 
 class ValueInjection:
-    """Owns forward pre-hooks on ``down_proj`` of ``layers``; adds ``self.plan`` to their input.
+    """Adds ``self.plan`` to ``down_proj``'s input on ``layers``, for the opening thread's forwards only.
 
-    Usable as a context manager; hooks are removed in ``finally`` and only our own handles are
-    removed. ``plan`` maps layer index -> ``LayerPlan``; ``None`` or a missing layer = no change.
+    A context manager (used while optimising dV): hooks are owned by a ``ForwardScope``, so concurrent
+    inference on the same model is untouched, and removed on exit. ``plan`` maps layer -> ``LayerPlan``.
     """
 
     def __init__(self, model: nn.Module, layers: Iterable[int]) -> None:
         self._model = model
         self._layers = tuple(layers)
-        self._handles: list[RemovableHandle] = []
+        self._scope = ForwardScope()
         self.plan: dict[int, LayerPlan] | None = None
 
-    @property
-    def attached(self) -> bool:
-        return bool(self._handles)
-
-    def handles(self) -> tuple[RemovableHandle, ...]:
-        return tuple(self._handles)
-
-    def attach(self) -> None:
-        if self._handles:
-            return
+    def __enter__(self) -> ValueInjection:
         modules = decoder_layers(self._model)
         for layer in self._layers:
             if not 0 <= layer < len(modules):
                 raise ValueError(f"layer {layer} is out of range for a model with {len(modules)} layers")
+        self._scope.__enter__()
         try:
             for layer in self._layers:
-                down_proj = mlp_parts(modules[layer]).down_proj
-                self._handles.append(down_proj.register_forward_pre_hook(self._hook_for(layer)))
+                self._scope.pre_hook(mlp_parts(modules[layer]).down_proj, self._hook_for(layer))
         except BaseException:
-            self.detach()
+            self._scope.__exit__()
             raise
+        return self
 
-    def detach(self) -> None:
-        handles, self._handles = self._handles, []
-        for handle in handles:
-            handle.remove()
+    def __exit__(self, *exc: object) -> None:
+        self._scope.__exit__()
 
     def _hook_for(self, layer: int) -> Any:
         def hook(module: nn.Module, args: tuple[Any, ...]) -> tuple[Any, ...] | None:
             plan = self.plan.get(layer) if self.plan else None
-            if plan is None:
-                return None
-            return (add_values(args[0], plan), *args[1:])
+            return None if plan is None else (add_values(args[0], plan), *args[1:])
 
         return hook
 
-    def __enter__(self) -> ValueInjection:
-        self.attach()
-        return self
 
-    def __exit__(self, *exc: object) -> None:
-        self.detach()
+@contextmanager
+def bank_disabled() -> Iterator[None]:
+    """Inside the block, forwards of the calling thread/context run without any bank (others are untouched)."""
+    token = _BANK_OFF.set(True)
+    try:
+        yield
+    finally:
+        _BANK_OFF.reset(token)
 
 
-def _is_prefill(kwargs: dict[str, Any]) -> bool:
-    cache = kwargs.get("past_key_values")
-    if cache is None:
-        return True
-    get_length = getattr(cache, "get_seq_length", None)
-    return get_length is not None and int(get_length()) == 0
+@dataclass(frozen=True)
+class CompiledBank:
+    """An immutable view of one bank version: matcher, subject -> entry ids, device tensors."""
+
+    version: tuple[int, int, torch.device]
+    matcher: SubjectMatcher
+    entries_of: dict[str, tuple[str, ...]]
+    updates: dict[str, dict[int, tuple[torch.Tensor, torch.Tensor]]]  # entry -> layer -> (neurons, delta)
+    layers: tuple[int, ...]
+
+    @classmethod
+    def build(cls, bank: EditBank, device: torch.device) -> CompiledBank:
+        version = (id(bank), bank.version, device)
+        entries = list(bank)
+        index: dict[str, list[str]] = {}
+        for entry in entries:
+            for subject in dict.fromkeys(entry.subjects.values()):
+                index.setdefault(subject, []).append(entry.id)
+        updates = {entry.id: {layer: (u.neurons.to(device), u.delta.to(device)) for layer, u in entry.updates.items()}
+                   for entry in entries}
+        layers = tuple(sorted({layer for entry in entries for layer in entry.updates}))
+        return cls(version, SubjectMatcher(index), {s: tuple(ids) for s, ids in index.items()}, updates, layers)
+
+    def plan(self, rows: Sequence[RowReader], first: int) -> dict[int, LayerPlan] | None:
+        """Per-layer plan for positions >= ``first`` of ``rows`` (plan positions are relative to ``first``)."""
+        per_layer: dict[int, list[LayerPlan]] = {}
+        for row, reader in enumerate(rows):
+            for hit in reader.hits(self.matcher, first):
+                for entry_id in self.entries_of.get(hit.subject, ()):
+                    for layer, (neurons, delta) in self.updates[entry_id].items():
+                        plan = LayerPlan.build([(row, hit.position - first)], neurons, delta)
+                        per_layer.setdefault(layer, []).append(plan)
+        if not per_layer:
+            return None
+        return {layer: LayerPlan.concat(plans) for layer, plans in per_layer.items()}
+
+
+@dataclass
+class _Forward:
+    """What one model forward carries from the pre-hook to the value hooks and the forward hook."""
+
+    plan: dict[int, LayerPlan] | None = None
+    readers: list[RowReader] | None = None
+    token: Token[_Forward | None] | None = field(default=None, repr=False)
+
+
+_CURRENT: ContextVar[_Forward | None] = ContextVar("lafn_current_forward", default=None)
 
 
 class BankInjector:
-    """Applies an ``EditBank`` to a model for every forward (so ``generate`` and pipelines work).
+    """Applies an ``EditBank`` to every forward of a model (so ``generate`` and pipelines work).
 
-    A forward pre-hook on the model finds bank subjects in the prefill ``input_ids`` (per row,
-    padding excluded through ``attention_mask``) and, when some match, attaches a ``ValueInjection``
-    on just the layers the plan touches; a forward hook (``always_call``) removes it. Decoding steps
-    and forwards without a match thus run with two hooks only. Forwards given ``inputs_embeds``
-    instead of ``input_ids`` cannot be matched and run unedited.
+    A model pre-hook reads each row's new tokens (continuing the readers kept on the KV cache), finds
+    completed subjects and puts the plan in the forward's context; pre-hooks on ``down_proj`` of the
+    bank's layers add it; a forward hook (``always_call``) stores the readers on the returned cache and
+    clears the context. Forwards given ``inputs_embeds`` instead of ``input_ids`` run unedited.
     """
 
     def __init__(self, model: nn.Module, tokenizer: Any, bank: EditBank) -> None:
         self._model = model
-        self._tokenizer = tokenizer
         self._special_ids = frozenset(int(i) for i in tokenizer.all_special_ids)
+        self._decode = decoder_for(tokenizer)
         self.bank = bank
-        self._values: ValueInjection | None = None  # only during a forward that applies a plan
         self._handles: list[RemovableHandle] = []
-        self._built_for: tuple[int, int, torch.device] | None = None
-        self._matcher = SubjectMatcher(())
-        self._subject_index: dict[str, tuple[str, ...]] = {}
-        self._device_updates: dict[tuple[str, int], tuple[torch.Tensor, torch.Tensor]] = {}
+        self._value_handles: dict[int, RemovableHandle] = {}
+        self._compiled: CompiledBank | None = None
+        self._lock = threading.Lock()  # guards compiling and (re)attaching value hooks
 
     @property
     def attached(self) -> bool:
         return bool(self._handles)
 
     def handles(self) -> tuple[RemovableHandle, ...]:
-        return (*self._handles, *(self._values.handles() if self._values is not None else ()))
+        return (*self._handles, *self._value_handles.values())
 
     def attach(self) -> None:
         """Install the hooks; a model carries at most one attached injector (two would add two banks)."""
@@ -171,68 +212,83 @@ class BankInjector:
             raise
 
     def detach(self) -> None:
-        handles, self._handles = self._handles, []
+        with self._lock:
+            handles = [*self._handles, *self._value_handles.values()]
+            self._handles, self._value_handles, self._compiled = [], {}, None
         for handle in handles:
             handle.remove()
-        self._drop_values()
         owner_ref = getattr(self._model, _OWNER_ATTRIBUTE, None)
         if owner_ref is not None and owner_ref() is self:
             object.__delattr__(self._model, _OWNER_ATTRIBUTE)
 
-    def plan_for(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> dict[int, LayerPlan] | None:
-        """The per-layer plan for a prefill batch (``None`` when no subject matches)."""
-        if len(self.bank) == 0:
-            return None
-        self._refresh(input_ids.device)
-        rows = input_ids.tolist()
-        masks = attention_mask.tolist() if attention_mask is not None and attention_mask.dim() == 2 else None
-        per_layer: dict[int, list[LayerPlan]] = {}
-        for row, ids in enumerate(rows):
-            keep = [i for i, m in enumerate(masks[row]) if m] if masks is not None else list(range(len(ids)))
-            hits = find_subject_tokens(self._tokenizer, [ids[i] for i in keep], self._matcher, self._special_ids)
-            for hit in hits:
-                self._add_hit(per_layer, row, keep[hit.position], hit)
-        if not per_layer:
-            return None
-        return {layer: LayerPlan.concat(plans) for layer, plans in per_layer.items()}
+    def compiled(self, device: torch.device) -> CompiledBank:
+        """The snapshot of the current bank version (built once per version and device)."""
+        compiled = self._compiled
+        if compiled is not None and compiled.version == (id(self.bank), self.bank.version, device):
+            return compiled
+        with self._lock:
+            compiled = CompiledBank.build(self.bank, device)
+            self._sync_value_hooks(compiled.layers)
+            self._compiled = compiled
+        return compiled
 
-    def _add_hit(self, per_layer: dict[int, list[LayerPlan]], row: int, position: int, hit: SubjectHit) -> None:
-        for entry_id in self._subject_index.get(hit.subject, ()):
-            for layer in self.bank.get(entry_id).updates:
-                neurons, delta = self._device_updates[(entry_id, layer)]
-                per_layer.setdefault(layer, []).append(LayerPlan.build([(row, position)], neurons, delta))
-
-    def _refresh(self, device: torch.device) -> None:
-        key = (id(self.bank), self.bank.version, device)
-        if self._built_for == key:
+    def _sync_value_hooks(self, layers: Sequence[int]) -> None:
+        """Value hooks exactly on the bank's layers (only while the injector is attached)."""
+        if not self._handles:
             return
-        index = self.bank.subject_index()
-        self._matcher = SubjectMatcher(index)
-        self._subject_index = index
-        self._device_updates = {
-            (entry.id, layer): (update.neurons.to(device), update.delta.to(device))
-            for entry in self.bank
-            for layer, update in entry.updates.items()
-        }
-        self._built_for = key
+        modules = decoder_layers(self._model)
+        for layer in set(self._value_handles) - set(layers):
+            self._value_handles.pop(layer).remove()
+        for layer in layers:
+            if layer not in self._value_handles:
+                down_proj = mlp_parts(modules[layer]).down_proj
+                self._value_handles[layer] = down_proj.register_forward_pre_hook(_value_hook_for(layer))
+
+    def readers_and_plan(self, compiled: CompiledBank, input_ids: torch.Tensor, attention_mask: Any,
+                         cache: Any) -> _Forward:
+        """Continue each row's reader over the new tokens and plan dV at completed subjects."""
+        past = cache_length(cache)
+        batch, new = input_ids.shape
+        readers = readers_for(cache, batch, past, self._decode, self._special_ids)
+        readers = [reader.clone() if reader.tokens and cache is not None else reader for reader in readers]
+        mask = _new_token_mask(attention_mask, batch, new)
+        ids = input_ids.tolist()
+        for row, reader in enumerate(readers):
+            reader.read([t if mask is None or mask[row][i] else None for i, t in enumerate(ids[row])])
+        return _Forward(plan=compiled.plan(readers, past), readers=readers)
 
     def _before_forward(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
-        self._drop_values()
+        state = _Forward()
         input_ids = kwargs.get("input_ids", args[0] if args else None)
-        if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2 or not _is_prefill(kwargs):
-            return
-        plan = self.plan_for(input_ids, kwargs.get("attention_mask"))
-        if plan is None:
-            return
-        values = ValueInjection(self._model, sorted(plan))
-        values.plan = plan
-        values.attach()
-        self._values = values
+        if not _BANK_OFF.get() and isinstance(input_ids, torch.Tensor) and input_ids.dim() == 2 and input_ids.shape[1]:
+            compiled = self.compiled(input_ids.device)
+            if len(compiled.matcher):
+                state = self.readers_and_plan(compiled, input_ids, kwargs.get("attention_mask"),
+                                              kwargs.get("past_key_values"))
+        state.token = _CURRENT.set(state)
 
     def _after_forward(self, module: nn.Module, args: tuple[Any, ...], output: Any) -> None:
-        self._drop_values()
+        state = _CURRENT.get()
+        if state is None or state.token is None:
+            return
+        _CURRENT.reset(state.token)
+        if state.readers is not None:
+            keep_readers(getattr(output, "past_key_values", None), state.readers)
 
-    def _drop_values(self) -> None:
-        values, self._values = self._values, None
-        if values is not None:
-            values.detach()
+
+def _value_hook_for(layer: int) -> Any:
+    def hook(module: nn.Module, args: tuple[Any, ...]) -> tuple[Any, ...] | None:
+        state = _CURRENT.get()
+        plan = state.plan.get(layer) if state is not None and state.plan else None
+        return None if plan is None else (add_values(args[0], plan), *args[1:])
+
+    return hook
+
+
+def _new_token_mask(attention_mask: Any, batch: int, new: int) -> list[list[int]] | None:
+    """The 2-D attention mask's columns for the new tokens (``None``: every new token is real)."""
+    if not isinstance(attention_mask, torch.Tensor) or attention_mask.dim() != 2 or attention_mask.shape[0] != batch:
+        return None
+    if attention_mask.shape[1] < new:
+        return None
+    return attention_mask[:, attention_mask.shape[1] - new :].tolist()

@@ -8,7 +8,7 @@ Eq. 5: D^i = D_{l_1}^i  intersect ... intersect  D_{l_L}^i
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from contextlib import ExitStack, suppress
+from contextlib import suppress
 from dataclasses import dataclass
 from typing import Any
 
@@ -18,6 +18,7 @@ from torch import nn
 from lafn_hf.modeling import decoder_layers, mlp_parts
 
 from .config import EditGroup, LafnConfig
+from .scope import ForwardScope
 from .tokens import encode_texts
 
 
@@ -52,10 +53,10 @@ def count_activations(
         return hook
 
     device = next(model.parameters()).device
-    with ExitStack() as stack:
+    with ForwardScope() as scope:  # the hooks see (and stop) only this thread's forwards
         for layer in layers:
             parts = mlp_parts(modules[layer])
-            stack.callback(parts.gate_proj.register_forward_hook(hook_for(layer, parts.act_fn)).remove)
+            scope.forward_hook(parts.gate_proj, hook_for(layer, parts.act_fn))
         for start in range(0, len(texts), batch_size):
             input_ids, attention_mask = encode_texts(tokenizer, texts[start : start + batch_size], device)
             mask_holder["mask"] = attention_mask.bool()

@@ -1,32 +1,40 @@
-"""Find bank subjects in model inputs and map them to token positions.
+"""Find bank subjects in what the model reads, token by token, with a causal rule.
 
-Subjects are searched with an Aho-Corasick automaton (``ahocorasick-rs``, leftmost-longest)
-over the NFC-normalised decoded text of each row. Character spans become token positions
-through the fast tokenizer's offset mapping of that text; when re-encoding the decoded
-text does not give back the row's ids (rare: lossy decoding, non-NFC input), the last
-subject token is found by decoding growing prefixes of the row (binary search).
+The rule (the same for a prompt, a later chat turn and the model's own generated tokens, with or without
+a KV cache): a subject occurrence fires at the token that completes it, judged only from the text read up
+to and including that token.
+
+- Text: each row's tokens are detokenised incrementally (the window-diff method of text streamers), so the
+  text known after token t never changes when later tokens arrive; special tokens read as a line break
+  and padding reads as nothing. Matching runs on that text with invisible characters (zero-width spaces
+  and joiners, soft hyphens) removed and NFC applied (``lafn_hf.text.normalize_for_matching``).
+- Every occurrence of every subject counts (overlapping matches: "Paris" fires at "Paris" even when
+  "Paris Hilton" follows, because at that token "Hilton" has not been read yet).
+- Word boundaries: a subject whose first (last) character belongs to a script written with spaces does
+  not match when the character before (after) it is a letter or digit of such a script: "Rome" does not
+  fire inside "Romeo". The character after the subject is looked at only when it is already part of the
+  completing token (" Romeo" as one token: no fire); when the subject ends exactly at a token boundary it
+  fires, since the next character is not read yet (a generated "Rome" that later continues as "o" keeps
+  its edit, in full forwards and cached decoding alike). Scripts written without spaces (CJK, Thai, ...)
+  match as plain substrings.
 """
 
 from __future__ import annotations
 
-import bisect
-import logging
-import unicodedata
-from collections.abc import Iterable, Sequence, Set
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable, Sequence, Set
+from dataclasses import dataclass, field
 from typing import Any
 
 from ahocorasick_rs import AhoCorasick, MatchKind
 
-from .config import nfc
-from .tokens import char_ends
+from .text import clean_subject, needs_word_boundary, normalize_for_matching, skip_ignorable
 
-logger = logging.getLogger(__name__)
+SPECIAL_TOKEN_TEXT = "\n"  # what a special token (BOS, chat-turn markers, ...) reads as
 
 
 @dataclass(frozen=True)
 class SubjectMatch:
-    """A subject found in text: characters [start, end) of the NFC text."""
+    """A subject found in text: characters [start, end) of the text given to ``SubjectMatcher.find``."""
 
     subject: str
     start: int
@@ -35,88 +43,160 @@ class SubjectMatch:
 
 @dataclass(frozen=True)
 class SubjectHit:
-    """A subject found in a token row: ``position`` is the index of its last token."""
+    """A subject found in a token row: ``position`` is the index of the token that completes it."""
 
     subject: str
     position: int
 
 
 class SubjectMatcher:
-    """Aho-Corasick over a fixed set of subjects (NFC), leftmost-longest, non-overlapping."""
+    """Aho-Corasick over cleaned subjects (invisible characters removed, NFC), all overlapping occurrences."""
 
     def __init__(self, subjects: Iterable[str]) -> None:
-        self.subjects: tuple[str, ...] = tuple(dict.fromkeys(nfc(s) for s in subjects if s))
-        self._automaton = AhoCorasick(list(self.subjects), matchkind=MatchKind.LeftmostLongest) if self.subjects else None
+        by_pattern: dict[str, list[str]] = {}
+        for subject in subjects:
+            cleaned = clean_subject(subject) if subject else ""
+            if cleaned:
+                by_pattern.setdefault(cleaned, [])
+                if subject not in by_pattern[cleaned]:
+                    by_pattern[cleaned].append(subject)
+        self.patterns: tuple[str, ...] = tuple(by_pattern)
+        self.subjects_of: tuple[tuple[str, ...], ...] = tuple(tuple(by_pattern[p]) for p in self.patterns)
+        self.subjects: tuple[str, ...] = tuple(s for names in self.subjects_of for s in names)
+        self.max_length = max((len(p) for p in self.patterns), default=0)
+        self._automaton = AhoCorasick(list(self.patterns), matchkind=MatchKind.Standard) if self.patterns else None
 
-    def find(self, text: str) -> list[SubjectMatch]:
-        """Matches in ``text`` (normalised to NFC first; offsets refer to the NFC text)."""
+    def __len__(self) -> int:
+        return len(self.patterns)
+
+    def raw_matches(self, normalized: str) -> list[tuple[int, int, int]]:
+        """(pattern index, start, end) of every occurrence in already-normalised text, boundaries unchecked."""
         if self._automaton is None:
             return []
-        text = nfc(text)
-        return [
-            SubjectMatch(self.subjects[index], start, end)
-            for index, start, end in self._automaton.find_matches_as_indexes(text)
-        ]
+        return list(self._automaton.find_matches_as_indexes(normalized, overlapping=True))
+
+    def find(self, text: str) -> list[SubjectMatch]:
+        """Whole-text matches (both neighbours known) with offsets into ``text``; one per subject name."""
+        normalized, ends = normalize_for_matching(text)
+        found = []
+        for index, start, end in self.raw_matches(normalized):
+            pattern = self.patterns[index]
+            if _joins(normalized, start - 1, pattern[0]) or _joins(normalized, end, pattern[-1]):
+                continue
+            raw_start = skip_ignorable(text, ends[start - 1] if start else 0)
+            found += [SubjectMatch(subject, raw_start, ends[end - 1]) for subject in self.subjects_of[index]]
+        return sorted(found, key=lambda m: (m.end, m.start))
 
 
-def last_token_index(token_ends: Sequence[int], char_end: int) -> int | None:
-    """Index of the first token whose character end reaches ``char_end`` (the subject's last token)."""
-    index = bisect.bisect_left(token_ends, char_end)
-    return index if index < len(token_ends) else None
+def _joins(text: str, index: int, edge: str) -> bool:
+    """Would ``text[index]`` run into a subject edge character as one word (both of spaced scripts)?"""
+    return 0 <= index < len(text) and needs_word_boundary(edge) and needs_word_boundary(text[index])
 
 
-def find_subject_tokens(tokenizer: Any, token_ids: Sequence[int], matcher: SubjectMatcher,
-                        special_ids: Set[int] | None = None) -> list[SubjectHit]:
-    """Last-token positions (indices into ``token_ids``) of every subject found in the row.
+@dataclass
+class RowReader:
+    """The text one row has read so far, position by position, decoded incrementally.
 
-    Special tokens (BOS, padding, ...) are skipped when decoding and never part of a match;
-    ``special_ids`` lets a caller that matches many rows compute them once.
+    ``ends[p]`` is the length of ``text`` once position ``p`` is read. ``tokens[p]`` is the token id read
+    at ``p`` (``None`` for padding). ``unknown_before`` counts positions read elsewhere (a KV cache this
+    reader did not see): they read as nothing and the text starts there.
     """
-    special = special_ids if special_ids is not None else set(tokenizer.all_special_ids)
-    positions = [i for i, token in enumerate(token_ids) if int(token) not in special]
-    content = [int(token_ids[i]) for i in positions]
-    if not content:
-        return []
-    text = nfc(tokenizer.decode(content, clean_up_tokenization_spaces=False))
-    matches = matcher.find(text)
-    if not matches:
-        return []
-    token_ends = _token_ends_from_offsets(tokenizer, text, content)
-    hits = []
-    for match in matches:
-        if token_ends is not None:
-            index = last_token_index(token_ends, match.end)
-        else:
-            index = _last_token_by_prefix_decoding(tokenizer, content, match)
-        if index is None:
-            logger.debug("could not map subject %r to a token; skipped", match.subject)
-            continue
-        hits.append(SubjectHit(match.subject, positions[index]))
-    return hits
+
+    decode: Callable[[list[int]], str]
+    special_ids: Set[int]
+    tokens: list[int | None] = field(default_factory=list)
+    ends: list[int] = field(default_factory=list)
+    text: str = ""
+    _content: list[int] = field(default_factory=list)  # non-special ids fed to the detokeniser
+    _prefix_offset: int = 0
+    _read_offset: int = 0
+
+    def __len__(self) -> int:
+        return len(self.tokens)
+
+    def clone(self) -> RowReader:
+        return RowReader(self.decode, self.special_ids, list(self.tokens), list(self.ends), self.text, list(self._content),
+            self._prefix_offset, self._read_offset)
+
+    def prefix(self, length: int) -> RowReader:
+        """A reader that has read only the first ``length`` positions (``None``-padded history kept)."""
+        unknown = 0
+        while unknown < min(length, len(self.tokens)) and self.tokens[unknown] is None:
+            unknown += 1
+        reader = RowReader(self.decode, self.special_ids, tokens=[None] * unknown, ends=[0] * unknown)
+        reader.read(self.tokens[unknown:length])
+        return reader
+
+    def read(self, tokens: Sequence[int | None]) -> None:
+        """Read ``tokens`` (``None`` = padding or a position read elsewhere)."""
+        for token in tokens:
+            if token is not None:
+                if token in self.special_ids:
+                    self.text += SPECIAL_TOKEN_TEXT
+                else:
+                    self._content.append(token)
+                    self.text += self._next_piece()
+            self.tokens.append(token)
+            self.ends.append(len(self.text))
+
+    def _next_piece(self) -> str:
+        """Text added by the newest content token ('' while a multi-byte character is incomplete)."""
+        prefix = self.decode(self._content[self._prefix_offset : self._read_offset])
+        full = self.decode(self._content[self._prefix_offset :])
+        if len(full) > len(prefix) and not full.endswith("\ufffd"):
+            self._prefix_offset, self._read_offset = self._read_offset, len(self._content)
+            return full[len(prefix) :]
+        return ""
+
+    def hits(self, matcher: SubjectMatcher, first: int) -> list[SubjectHit]:
+        """Subjects completed at positions >= ``first`` (see the module docstring for the rule)."""
+        if not len(matcher) or first >= len(self.ends):
+            return []
+        read_before = self.ends[first - 1] if first > 0 else 0
+        window_start = max(0, read_before - 4 * matcher.max_length - 16)
+        normalized, norm_ends = normalize_for_matching(self.text[window_start:])
+        found = []
+        for index, start, end in matcher.raw_matches(normalized):
+            pattern = matcher.patterns[index]
+            raw_end = window_start + norm_ends[end - 1]
+            if raw_end <= read_before:
+                continue
+            if start == 0 and window_start > 0:
+                continue  # its left neighbour lies before the window (a subject longer than the window)
+            position = _first_reaching(self.ends, raw_end, first)
+            if _joins(normalized, start - 1, pattern[0]):
+                continue
+            next_known = end < len(normalized) and window_start + norm_ends[end] <= self.ends[position]
+            if next_known and _joins(normalized, end, pattern[-1]):
+                continue
+            found += [SubjectHit(subject, position) for subject in matcher.subjects_of[index]]
+        return sorted(found, key=lambda h: h.position)
 
 
-def _token_ends_from_offsets(tokenizer: Any, text: str, content: list[int]) -> list[int] | None:
-    """Character end of each token of ``text``, if re-encoding ``text`` reproduces ``content``."""
-    encoded = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
-    if list(encoded["input_ids"]) != content:
-        return None
-    return char_ends(encoded["offset_mapping"])
-
-
-def _last_token_by_prefix_decoding(tokenizer: Any, content: list[int], match: SubjectMatch) -> int | None:
-    """Smallest k such that the decoded prefix ``content[:k+1]`` already holds the whole subject."""
-
-    def holds_subject(k: int) -> bool:
-        prefix = unicodedata.normalize("NFC", tokenizer.decode(content[: k + 1], clean_up_tokenization_spaces=False))
-        return prefix[match.start : match.end] == match.subject
-
-    low, high = 0, len(content) - 1
-    if not holds_subject(high):
-        return None
+def _first_reaching(ends: Sequence[int], char_end: int, first: int) -> int:
+    """Smallest position >= ``first`` whose text end reaches ``char_end``."""
+    low, high = first, len(ends) - 1
     while low < high:
         middle = (low + high) // 2
-        if holds_subject(middle):
+        if ends[middle] >= char_end:
             high = middle
         else:
             low = middle + 1
     return low
+
+
+def decoder_for(tokenizer: Any) -> Callable[[list[int]], str]:
+    """A fast ``ids -> text`` function (the Rust tokenizer's decode, special tokens skipped)."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is not None:
+        return lambda ids: backend.decode(ids, skip_special_tokens=True)
+    return lambda ids: tokenizer.decode(ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)
+
+
+def find_subject_tokens(tokenizer: Any, token_ids: Sequence[int], matcher: SubjectMatcher,
+                        special_ids: Set[int] | None = None) -> list[SubjectHit]:
+    """Positions (indices into ``token_ids``) of the tokens completing a subject, by the causal rule."""
+    special = special_ids if special_ids is not None else frozenset(int(i) for i in tokenizer.all_special_ids)
+    reader = RowReader(decoder_for(tokenizer), special)
+    reader.read([int(t) for t in token_ids])
+    return reader.hits(matcher, 0)

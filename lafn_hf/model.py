@@ -23,7 +23,7 @@ from lafn_hf.modeling import decoder_layers, default_edit_layers, get_spec, mlp_
 from .bank import BankEntry, EditBank, LayerUpdate
 from .config import EditGroup, LafnConfig
 from .hub import BaseModelRef, is_bank_dir, load_bank, push_bank, resolve_bank_dir, save_bank
-from .inject import BankInjector
+from .inject import BankInjector, bank_disabled
 from .locate import locate_neurons
 from .optimize import optimize_update
 
@@ -77,29 +77,48 @@ class EditableCausalLM(nn.Module):
         self.tokenizer = tokenizer
         self.lafn_config = config or LafnConfig()
         self.base_ref = BaseModelRef.from_model(model, base_revision)
-        self._injector = BankInjector(model, tokenizer, bank if bank is not None else EditBank())
+        from .bank import BankLimits
+
+        self._limits = BankLimits(self.base_ref.num_hidden_layers, self.base_ref.intermediate_size)
+        bank = bank if bank is not None else EditBank()
+        for entry in bank:
+            self._check_entry(entry)
+        self._injector = BankInjector(model, tokenizer, bank)
         self._injector.attach()
+        bank.limits = self._limits  # later ``bank.add`` calls are checked too
 
     # -- construction -------------------------------------------------------------------------
     @classmethod
     def from_pretrained(cls, name_or_path: str | os.PathLike[str], tokenizer: Any = None, *,
                         revision: str | None = None, token: str | None = None, config: LafnConfig | None = None,
-                        **hf_kwargs: Any) -> EditableCausalLM:
+                        base_model: str | None = None, **hf_kwargs: Any) -> EditableCausalLM:
         """Load a base model (path or Hub id), or an edit bank together with the base model it names.
 
-        ``hf_kwargs`` go to ``AutoModelForCausalLM.from_pretrained`` (e.g. ``torch_dtype``).
+        ``base_model`` (``"org/name"``, ``"org/name@revision"`` or a local directory) loads a bank onto that
+        base model instead of the one the bank names; the shapes must still match. ``hf_kwargs`` go to
+        ``AutoModelForCausalLM.from_pretrained`` (e.g. ``dtype``).
         """
         from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        from .hub import parse_base_model
 
         bank: EditBank | None = None
         ref: BaseModelRef | None = None
         base_path, base_revision = str(name_or_path), revision
         bank_dir = _find_bank(name_or_path, revision, token)
+        if bank_dir is None and base_model is not None:
+            raise ValueError(f"base_model= only applies when loading an edit bank; {name_or_path} is not one")
         if bank_dir is not None:
             bank, ref = load_bank(bank_dir)
-            if not ref.name_or_path:
-                raise ValueError(f"the bank at {name_or_path} does not name its base model")
-            base_path, base_revision = ref.name_or_path, ref.revision
+            if base_model is not None:
+                base_path, base_revision = parse_base_model(base_model)
+            elif not ref.name_or_path:
+                raise ValueError(f"the bank at {name_or_path} does not name its base model; pass base_model=")
+            elif os.path.isabs(ref.name_or_path) and not os.path.isdir(ref.name_or_path):
+                raise ValueError(f"the bank at {name_or_path} was made for the local base model {ref.name_or_path}, "
+                                 "which does not exist here; pass base_model='org/name' (or a local directory)")
+            else:
+                base_path, base_revision = ref.name_or_path, ref.revision
         model = AutoModelForCausalLM.from_pretrained(base_path, revision=base_revision, token=token, **hf_kwargs)
         if tokenizer is None:
             tokenizer = AutoTokenizer.from_pretrained(base_path, revision=base_revision, token=token)
@@ -115,9 +134,11 @@ class EditableCausalLM(nn.Module):
         return self._injector.bank
 
     def set_bank(self, bank: EditBank) -> None:
-        """Use ``bank`` (entries must fit this model's layers and intermediate size)."""
+        """Use ``bank``: its entries, and those added to it later, must fit this model's layers and
+        intermediate size (``ValueError`` naming the entry; nothing changes)."""
         for entry in bank:
             self._check_entry(entry)
+        bank.limits = self._limits
         self._injector.bank = bank
 
     def load_bank(self, name_or_path: str | os.PathLike[str], *, revision: str | None = None,
@@ -129,6 +150,7 @@ class EditableCausalLM(nn.Module):
         return self.bank
 
     def add_entry(self, entry: BankEntry) -> str:
+        """Add an entry to the bank (``ValueError`` if it does not fit this model); returns its id."""
         self._check_entry(entry)
         return self.bank.add(entry)
 
@@ -137,19 +159,26 @@ class EditableCausalLM(nn.Module):
         return self.bank.remove(entry_id)
 
     def _check_entry(self, entry: BankEntry) -> None:
-        for layer, update in entry.updates.items():
-            if layer >= self.base_ref.num_hidden_layers:
-                raise ValueError(f"entry {entry.id!r}: layer {layer} >= num_hidden_layers {self.base_ref.num_hidden_layers}")
-            if update.neurons.numel() and int(update.neurons.max()) >= self.base_ref.intermediate_size:
-                raise ValueError(f"entry {entry.id!r}: neuron index >= intermediate_size {self.base_ref.intermediate_size}")
+        if not isinstance(entry, BankEntry):
+            raise TypeError(f"expected a BankEntry, got {type(entry).__name__}")
+        self._limits.check(entry)
 
-    def save_pretrained(self, directory: str | os.PathLike[str]) -> None:
-        """Write the bank (not the base weights) atomically; see ``lafn_hf.hub``."""
-        save_bank(directory, self.bank, self.base_ref)
+    def save_pretrained(self, directory: str | os.PathLike[str], *, base_model: str | None = None) -> None:
+        """Write the bank (not the base weights) crash-safely; see ``lafn_hf.hub``.
+
+        ``base_model`` (``"org/name"`` or ``"org/name@revision"``) is recorded as the base model instead of
+        the one this model was loaded from (its Hub id when known, else its local path).
+        """
+        base = self.base_ref if base_model is None else self.base_ref.with_base_model(base_model)
+        save_bank(directory, self.bank, base)
 
     def push_to_hub(self, repo_id: str, *, private: bool | None = None, token: str | None = None,
-                    revision: str | None = None, commit_message: str | None = None) -> str:
-        return push_bank(repo_id, self.bank, self.base_ref, private=private, token=token, revision=revision,
+                    revision: str | None = None, commit_message: str | None = None,
+                    base_model: str | None = None) -> str:
+        """Upload the bank to ``repo_id`` (``base_model`` as in ``save_pretrained``); warns when the recorded
+        base model is a local path, which others cannot load. Returns the commit URL."""
+        base = self.base_ref if base_model is None else self.base_ref.with_base_model(base_model)
+        return push_bank(repo_id, self.bank, base, private=private, token=token, revision=revision,
                          commit_message=commit_message)
 
     # -- editing ------------------------------------------------------------------------------
@@ -210,14 +239,12 @@ class EditableCausalLM(nn.Module):
     # -- inference ----------------------------------------------------------------------------
     @contextmanager
     def edits_disabled(self) -> Iterator[None]:
-        """Run the plain base model inside the block; our hooks are removed and put back in finally."""
-        was_attached = self._injector.attached
-        self._injector.detach()
-        try:
+        """Inside the block, this thread's (or asyncio task's) forwards run as the plain base model.
+
+        Other threads calling the same model meanwhile keep their edits; no hook is added or removed.
+        """
+        with bank_disabled():
             yield
-        finally:
-            if was_attached:
-                self._injector.attach()
 
     def hook_handles(self) -> tuple[Any, ...]:
         """The hook handles this wrapper owns right now (for inspection and tests)."""

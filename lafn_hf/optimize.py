@@ -22,8 +22,9 @@ from lafn_hf.modeling import decoder_layers, mlp_parts, text_config
 
 from .config import EditGroup, LafnConfig, nfc
 from .inject import LayerPlan, ValueInjection
-from .matcher import last_token_index
-from .tokens import char_ends, pad_batch, pad_id, target_separator
+from .matcher import SubjectMatcher, find_subject_tokens
+from .scope import ForwardScope
+from .tokens import pad_batch, pad_id, target_separator
 
 logger = logging.getLogger(__name__)
 
@@ -54,14 +55,16 @@ class OptimizationResult:
     steps: int = 0
 
 
-def subject_last_tokens(text: str, subject: str, ends: Sequence[int]) -> list[int]:
-    """Last-token index of every occurrence of ``subject`` in ``text`` (same rule as the matcher)."""
-    positions, start = [], text.find(subject)
-    while start >= 0:
-        index = last_token_index(ends, start + len(subject))
-        if index is not None:
-            positions.append(index)
-        start = text.find(subject, start + len(subject))
+def subject_positions(tokenizer: Any, ids: Sequence[int], subject: str, context: str) -> list[int]:
+    """Positions of the tokens completing ``subject`` in ``ids``: the inference rule (``lafn_hf.matcher``).
+
+    ``ValueError`` when there is none (e.g. the subject only occurs inside a longer word), since dV would
+    then be trained where inference never adds it.
+    """
+    positions = [hit.position for hit in find_subject_tokens(tokenizer, ids, SubjectMatcher([subject]))]
+    if not positions:
+        raise ValueError(f"subject {subject!r} does not occur in {context!r} as the matcher reads it (as a whole word "
+                         "in scripts written with spaces): write the subject as it appears in the prompt")
     return positions
 
 
@@ -103,7 +106,7 @@ def build_batch(tokenizer: Any, group: EditGroup, prefixes: dict[str, list[str]]
             encoded = tokenizer(full, return_offsets_mapping=True)
             ids, offsets = list(encoded["input_ids"]), encoded["offset_mapping"]
             row, sequence = len(rows), len(languages)
-            hits += [(row, p) for p in subject_last_tokens(context, edit.subject, char_ends(offsets))]
+            hits += [(row, p) for p in subject_positions(tokenizer, ids, edit.subject, context)]
             target_tokens = [j for j, (_, end) in enumerate(offsets) if end > len(context) and j > 0]
             if not target_tokens:
                 raise ValueError(f"target {edit.target!r} ({lang}) produced no tokens after the prompt")
@@ -114,7 +117,7 @@ def build_batch(tokenizer: Any, group: EditGroup, prefixes: dict[str, list[str]]
     for lang, edit in group.edits.items():
         prompt = config.kl_prompt(lang, edit.subject)
         encoded = tokenizer(prompt, return_offsets_mapping=True)
-        hits += [(len(rows), p) for p in subject_last_tokens(prompt, edit.subject, char_ends(encoded["offset_mapping"]))]
+        hits += [(len(rows), p) for p in subject_positions(tokenizer, encoded["input_ids"], edit.subject, prompt)]
         kl_rows.append(len(rows))
         kl_positions.append(len(encoded["input_ids"]) - 1)
         rows.append(list(encoded["input_ids"]))
@@ -126,32 +129,45 @@ def build_batch(tokenizer: Any, group: EditGroup, prefixes: dict[str, list[str]]
 
 
 class _Skip(nn.Module):
-    """Stands in for a lower decoder layer: passes hidden states through, or returns a cached tensor."""
+    """Stands in for a lower decoder layer inside ``scope``: passes hidden states through, or returns a cached
+    tensor; forwards from other threads/contexts run the original layer unchanged."""
 
-    def __init__(self, cached: torch.Tensor | None = None) -> None:
+    def __init__(self, original: nn.Module, scope: ForwardScope, cached: torch.Tensor | None = None) -> None:
         super().__init__()
+        self.original = original
+        self._scope = scope
         self.cached = cached
 
-    def forward(self, hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+    def forward(self, hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
+        if not self._scope.active:
+            return self.original(hidden_states, *args, **kwargs)
         return self.cached if self.cached is not None else hidden_states
+
+    def __getattr__(self, name: str) -> Any:  # layer attributes (attention_type, ...) read by the decoder
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            return getattr(self._modules["original"], name)
 
 
 @contextmanager
 def upper_layers_only(model: nn.Module, first: int, hidden_in: torch.Tensor) -> Iterator[None]:
-    """Run only layers >= ``first``: the lower layers are swapped for ``_Skip`` (restored in finally).
+    """Run only layers >= ``first`` in this thread: lower layers are wrapped in ``_Skip`` (restored in finally).
 
     ``hidden_in`` is the input of layer ``first`` from a full forward of the same batch; it does not
-    depend on dV, which is only added at layers >= ``first``.
+    depend on dV, which is only added at layers >= ``first``. Concurrent forwards of other threads run
+    the whole model as usual.
     """
     layers = decoder_layers(model)
     originals = [layers[i] for i in range(first)]
-    try:
-        for i in range(first):
-            layers[i] = _Skip(hidden_in if i == first - 1 else None)
-        yield
-    finally:
-        for i, module in enumerate(originals):
-            layers[i] = module
+    with ForwardScope() as scope:
+        try:
+            for i in range(first):
+                layers[i] = _Skip(originals[i], scope, hidden_in if i == first - 1 else None)
+            yield
+        finally:
+            for i, module in enumerate(originals):
+                layers[i] = module
 
 
 def selected_logits(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,
@@ -165,19 +181,16 @@ def selected_logits(model: nn.Module, input_ids: torch.Tensor, attention_mask: t
 
 
 @contextmanager
-def frozen_parameters(model: nn.Module) -> Iterator[None]:
-    """Parameters stop requiring grad (only dV is trained); flags and train/eval mode restored in finally."""
-    flags = [(p, p.requires_grad) for p in model.parameters()]
+def eval_mode(model: nn.Module) -> Iterator[None]:
+    """Dropout off while optimising (a model already in eval mode, the usual case, is left untouched)."""
     was_training = model.training
     try:
-        for parameter, _ in flags:
-            parameter.requires_grad_(False)
-        model.eval()
+        if was_training:
+            model.eval()
         yield
     finally:
-        for parameter, flag in flags:
-            parameter.requires_grad_(flag)
-        model.train(was_training)
+        if was_training:
+            model.train(True)
 
 
 class _BaseRun:
@@ -198,11 +211,10 @@ class _BaseRun:
                 value_norms[layer] = args[0][rows, positions].float().norm(dim=-1).mean()
             return hook
 
-        with ExitStack() as stack, torch.no_grad():
-            handle = modules[layers[0]].register_forward_pre_hook(capture_input, with_kwargs=True)
-            stack.callback(handle.remove)
+        with ForwardScope() as scope, torch.no_grad():
+            scope.pre_hook(modules[layers[0]], capture_input, with_kwargs=True)
             for layer in layers:
-                stack.callback(mlp_parts(modules[layer]).down_proj.register_forward_pre_hook(capture_values(layer)).remove)
+                scope.pre_hook(mlp_parts(modules[layer]).down_proj, capture_values(layer))
             logits = selected_logits(model, batch.input_ids, batch.attention_mask, batch.kl_rows, batch.kl_positions)
         self.hidden_in = captured["hidden"]
         self.kl_log_probs = torch.log_softmax(logits, dim=-1)
@@ -239,7 +251,7 @@ def optimize_update(model: nn.Module, tokenizer: Any, group: EditGroup, neurons:
     rows = torch.cat([batch.target_rows, batch.kl_rows])
     positions = torch.cat([batch.target_positions - 1, batch.kl_positions])
     result = OptimizationResult(deltas={})
-    with frozen_parameters(model), ExitStack() as stack:
+    with eval_mode(model), ExitStack() as stack:
         base = _BaseRun(model, batch, layers)
         radius = {layer: config.clamp_norm_factor * float(base.value_norms[layer]) for layer in layers
                   } if config.clamp_norm_factor is not None else {}
@@ -256,8 +268,10 @@ def optimize_update(model: nn.Module, tokenizer: Any, group: EditGroup, neurons:
             result.target_loss_curve.append(float(target_loss.detach()))
             if step == config.steps or result.target_loss_curve[-1] < config.early_stop_loss:
                 break
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
+            # gradients for dV only: the shared model's parameters are neither written nor re-flagged
+            grads = torch.autograd.grad(loss, [deltas[layer] for layer in layers])
+            for layer, grad in zip(layers, grads):
+                deltas[layer].grad = grad
             optimizer.step()
             _clamp(deltas, radius)
             bar.set_postfix(loss=f"{result.loss_curve[-1]:.3f}")

@@ -7,23 +7,14 @@ from typing import Any
 
 import torch
 
-# Scripts written without spaces between words: CJK, kana, Thai, Lao, Khmer, Myanmar, fullwidth forms.
-_NO_SPACE_RANGES = (
-    (0x0E00, 0x0EFF), (0x1000, 0x109F), (0x1780, 0x17FF), (0x3000, 0x30FF),
-    (0x3400, 0x4DBF), (0x4E00, 0x9FFF), (0xF900, 0xFAFF), (0xFF00, 0xFFEF), (0x20000, 0x2FFFF),
-)
-
-
-def _no_space_script(char: str) -> bool:
-    code = ord(char)
-    return any(low <= code <= high for low, high in _NO_SPACE_RANGES)
+from .text import is_spaceless_char
 
 
 def target_separator(prompt: str, target: str) -> str:
     """" " between a prompt and its answer, unless one already has the space or the script uses none."""
     if not prompt or not target or prompt[-1].isspace() or target[0].isspace():
         return ""
-    return "" if _no_space_script(prompt[-1]) or _no_space_script(target[0]) else " "
+    return "" if is_spaceless_char(prompt[-1]) or is_spaceless_char(target[0]) else " "
 
 
 def pad_id(tokenizer: Any) -> int:
@@ -52,12 +43,3 @@ def encode_texts(tokenizer: Any, texts: Sequence[str], device: torch.device | st
     """Tokenise (with the tokenizer's special tokens, as inference does) and pad."""
     rows = [tokenizer(text)["input_ids"] for text in texts]
     return pad_batch(rows, pad_id(tokenizer), device, left=left)
-
-
-def char_ends(offsets: Sequence[Sequence[int]]) -> list[int]:
-    """Running maximum of each token's character end (special tokens have (0, 0))."""
-    ends, running = [], 0
-    for _, end in offsets:
-        running = max(running, int(end))
-        ends.append(running)
-    return ends

@@ -10,9 +10,28 @@ def spans(matcher: SubjectMatcher, text: str) -> list[tuple[str, int, int]]:
     return [(m.subject, m.start, m.end) for m in matcher.find(text)]
 
 
-def test_overlapping_subjects_take_leftmost_longest() -> None:
+def test_every_occurrence_counts_overlaps_included() -> None:
     matcher = SubjectMatcher(["Paris", "Paris Hilton", "Hilton"])
-    assert spans(matcher, "Paris Hilton met Paris.") == [("Paris Hilton", 0, 12), ("Paris", 17, 22)]
+    assert spans(matcher, "Paris Hilton met Paris.") == [
+        ("Paris", 0, 5), ("Paris Hilton", 0, 12), ("Hilton", 6, 12), ("Paris", 17, 22)]
+
+
+def test_spaced_scripts_match_whole_words_only() -> None:
+    matcher = SubjectMatcher(["Rome", "Eiffel Tower", "Москва"])
+    assert spans(matcher, "The Romeo and Juliet balcony, Romer, 2Rome, Rome_x") == []
+    assert spans(matcher, "Rome. (Rome) «Rome» Rome's Rome-based") == [
+        ("Rome", 0, 4), ("Rome", 7, 11), ("Rome", 14, 18), ("Rome", 20, 24), ("Rome", 27, 31)]
+    assert spans(matcher, "the Eiffel Towers") == [] and spans(matcher, "Москвы Москва") == [("Москва", 7, 13)]
+    assert spans(matcher, "去Rome的路") == [("Rome", 1, 5)]  # a spaced-script subject inside CJK text
+
+
+def test_invisible_characters_do_not_hide_a_subject() -> None:
+    matcher = SubjectMatcher(["Eiffel Tower", "埃菲尔铁塔"])
+    for text in ("the Eif\u00adfel Tower is", "the Eiffel\u200b Tower is", "the \ufeffEiffel To\u200dwer is"):
+        (match,) = matcher.find(text)
+        assert text[match.start : match.end].replace("\u00ad", "").replace("\u200b", "").replace("\u200d", "") \
+            == "Eiffel Tower"
+    assert [m.subject for m in matcher.find("埃菲\u200b尔铁塔位于")] == ["埃菲尔铁塔"]
 
 
 def test_chinese_and_thai_subjects_at_text_start_and_end() -> None:
@@ -27,7 +46,7 @@ def test_nfc_and_nfd_inputs_match_the_same_subject() -> None:
     matcher = SubjectMatcher([unicodedata.normalize("NFD", subject)])
     for form in ("NFC", "NFD"):
         text = unicodedata.normalize(form, f"{subject} est une ville")
-        assert [m.subject for m in matcher.find(text)] == [subject]
+        assert [m.subject for m in matcher.find(text)] == [unicodedata.normalize("NFD", subject)]
 
 
 def test_last_token_through_offsets_with_bos(tokenizer: Any, facts: dict[str, Any]) -> None:
@@ -49,21 +68,26 @@ def test_byte_level_chinese_subject_maps_to_its_last_token(tokenizer: Any, facts
     assert subject not in tokenizer.decode(ids[: hit.position], skip_special_tokens=True)
 
 
-def test_prefix_decoding_fallback_agrees_with_offsets(tokenizer: Any, facts: dict[str, Any]) -> None:
+def test_the_rule_is_causal_prefixes_never_change_earlier_hits(tokenizer: Any, facts: dict[str, Any]) -> None:
+    subjects = [facts["facts"][i][lang]["subject"] for i in range(4) for lang in ("en", "zh")]
+    matcher = SubjectMatcher(subjects)
+    text = f"{subjects[0]} and {subjects[1]}的首都, then {subjects[2]}{subjects[3]} and {subjects[4]}."
+    ids = tokenizer(text)["input_ids"]
+    full = find_subject_tokens(tokenizer, ids, matcher)
+    assert len(full) >= 4
+    for cut in range(1, len(ids) + 1):
+        assert find_subject_tokens(tokenizer, ids[:cut], matcher) == [h for h in full if h.position < cut]
+
+
+def test_a_subject_at_a_token_boundary_fires_before_the_word_goes_on(tokenizer: Any, facts: dict[str, Any]) -> None:
     subject = facts["facts"][1]["en"]["subject"]
-    ids = tokenizer(f"{subject}'s capital is")["input_ids"]
     matcher = SubjectMatcher([subject])
-    expected = find_subject_tokens(tokenizer, ids, matcher)
-
-    class NoOffsets:  # a tokenizer whose re-encoding never reproduces the ids
-        all_special_ids = tokenizer.all_special_ids
-        decode = staticmethod(tokenizer.decode)
-
-        def __call__(self, text: str, **kwargs: Any) -> dict[str, Any]:
-            return {"input_ids": [], "offset_mapping": []}
-
-    assert find_subject_tokens(NoOffsets(), ids, matcher) == expected
-    assert expected[0].position == 1 + len(tokenizer(subject, add_special_tokens=False)["input_ids"]) - 1
+    ids = tokenizer(f"The capital of {subject}")["input_ids"]
+    letters = tokenizer("xy", add_special_tokens=False)["input_ids"]
+    (hit,) = find_subject_tokens(tokenizer, ids, matcher)
+    # read on: "{subject}xy" is one word, but the decision at the subject's token was taken before "xy" arrived
+    assert find_subject_tokens(tokenizer, ids + letters, matcher) == [hit]
+    assert SubjectMatcher([subject]).find(tokenizer.decode(ids + letters, skip_special_tokens=True)) == []
 
 
 def test_rows_without_subject_and_padding_give_no_hits(tokenizer: Any) -> None:

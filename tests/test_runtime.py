@@ -1,0 +1,141 @@
+"""Real programs: threads sharing one model, edits while others generate, chats through a reused KV cache."""
+
+from __future__ import annotations
+
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import torch
+from transformers import DynamicCache
+
+from lafn_hf import EditableCausalLM
+
+from .conftest import fact_group, make_entry, random_model
+
+SUBJECT = "Marbrafi"
+
+
+def generate_ids(model: Any, tokenizer: Any, prompt: str, new_tokens: int = 4, **options: Any) -> list[int]:
+    encoded = tokenizer(prompt, return_tensors="pt")
+    output = model.generate(**encoded, max_new_tokens=new_tokens, do_sample=False, pad_token_id=0, eos_token_id=None,
+                            **options)
+    return output[0].tolist()
+
+
+def forward_logits(model: Any, ids: list[int], cache: Any = None) -> tuple[torch.Tensor, Any]:
+    with torch.no_grad():
+        out = model(input_ids=torch.tensor([ids]), past_key_values=cache, use_cache=cache is not None)
+    return out.logits[0], out.past_key_values
+
+
+def test_four_threads_generating_see_exactly_their_own_edits(trained_model: Any, tokenizer: Any,
+                                                            facts: dict[str, Any]) -> None:
+    editable = EditableCausalLM(trained_model, tokenizer)
+    subject = facts["facts"][0]["en"]["subject"]
+    editable.add_entry(make_entry({"en": subject}, layers=(0, 1), size=256, scale=8.0))
+    prompts = [f"The capital of {subject} is", f"The capital of {facts['facts'][1]['en']['subject']} is",
+               f"{subject}的首都是", "The capital of"]
+    expected = [generate_ids(editable, tokenizer, p) for p in prompts]
+    with editable.edits_disabled():
+        assert generate_ids(editable, tokenizer, prompts[0]) != expected[0]  # the edit changes the matched answer
+
+    def worker(seed: int) -> list[tuple[int, list[int]]]:
+        order = torch.randint(len(prompts), (250,), generator=torch.Generator().manual_seed(seed)).tolist()
+        return [(i, generate_ids(editable, tokenizer, prompts[i])) for i in order]
+
+    with ThreadPoolExecutor(4) as pool:
+        results = [pair for batch in pool.map(worker, range(4)) for pair in batch]
+    wrong = [i for i, ids in results if ids != expected[i]]
+    assert len(results) == 1000 and wrong == []
+
+
+def test_edit_while_other_threads_generate(trained_model: Any, tokenizer: Any, facts: dict[str, Any]) -> None:
+    editable = EditableCausalLM(trained_model, tokenizer)
+    kept = facts["facts"][2]["en"]["subject"]
+    editable.add_entry(make_entry({"en": kept}, layers=(0, 1), size=256, scale=8.0))
+    prompts = [f"The capital of {kept} is", f"The capital of {facts['facts'][3]['en']['subject']} is"]
+    expected = [generate_ids(editable, tokenizer, p) for p in prompts]
+    alone = editable.edit(fact_group(facts, 5, 6))
+    editable.remove_edit(alone.entry_id)
+    stop = threading.Event()
+    outputs: list[tuple[int, list[int]]] = []
+    errors: list[BaseException] = []
+
+    def generate_until_stopped(offset: int) -> None:
+        step = 0
+        try:
+            while not stop.is_set() or step < 5:
+                index = (step + offset) % len(prompts)
+                outputs.append((index, generate_ids(editable, tokenizer, prompts[index])))
+                step += 1
+        except BaseException as error:  # noqa: BLE001 - reported below
+            errors.append(error)
+
+    threads = [threading.Thread(target=generate_until_stopped, args=(k,)) for k in range(2)]
+    for thread in threads:
+        thread.start()
+    try:
+        concurrent = editable.edit(fact_group(facts, 5, 6))
+    finally:
+        stop.set()
+        for thread in threads:
+            thread.join()
+    assert errors == []
+    assert len(outputs) >= 10 and [i for i, ids in outputs if ids != expected[i]] == []
+    entry, reference = editable.bank.get(concurrent.entry_id), alone
+    assert concurrent.shared_counts == reference.shared_counts and concurrent.steps == reference.steps
+    assert abs(concurrent.target_probabilities["en"] - reference.target_probabilities["en"]) < 1e-5
+    assert set(entry.updates) == set(reference.layers)
+
+
+def test_a_later_chat_turn_through_the_cache_is_edited_like_a_full_forward(tokenizer: Any) -> None:
+    editable = EditableCausalLM(random_model("llama", len(tokenizer)), tokenizer)
+    editable.add_entry(make_entry({"en": SUBJECT}, layers=(0, 1, 2), scale=10.0))
+    first = tokenizer("Hello there.")["input_ids"]
+    second = tokenizer(f" Tell me about {SUBJECT} and more", add_special_tokens=False)["input_ids"]
+    full, _ = forward_logits(editable, first + second)
+    _, cache = forward_logits(editable, first, DynamicCache())
+    turn, _ = forward_logits(editable, second, cache)
+    torch.testing.assert_close(turn, full[len(first):], rtol=1e-4, atol=1e-5)
+    with editable.edits_disabled():
+        plain, _ = forward_logits(editable, first + second)
+    assert not torch.allclose(plain[len(first):], full[len(first):], atol=1e-3)  # the subject really is edited
+
+
+def test_token_by_token_decoding_matches_full_forwards_for_subjects_read_later(tokenizer: Any) -> None:
+    editable = EditableCausalLM(random_model("qwen2", len(tokenizer)), tokenizer)
+    editable.add_entry(make_entry({"en": SUBJECT}, layers=(0, 2), scale=10.0))
+    ids = tokenizer(f"So {SUBJECT} was {SUBJECT}x or {SUBJECT}.")["input_ids"]
+    full, _ = forward_logits(editable, ids)
+    step_logits, cache = forward_logits(editable, ids[:2], DynamicCache())
+    rows = [step_logits]
+    for token in ids[2:]:
+        logits, cache = forward_logits(editable, [token], cache)
+        rows.append(logits)
+    torch.testing.assert_close(torch.cat(rows), full, rtol=1e-4, atol=1e-5)
+
+
+def test_generation_with_and_without_the_cache_agree(tokenizer: Any) -> None:
+    editable = EditableCausalLM(random_model("llama", len(tokenizer)), tokenizer)
+    editable.add_entry(make_entry({"en": SUBJECT}, layers=(0, 1, 2), scale=10.0))
+    for prompt in (f"The capital of {SUBJECT} is", f"{SUBJECT}", "Nothing here"):
+        cached = generate_ids(editable, tokenizer, prompt, new_tokens=8)
+        assert cached == generate_ids(editable, tokenizer, prompt, new_tokens=8, use_cache=False)
+        beams = generate_ids(editable, tokenizer, prompt, new_tokens=6, num_beams=3)
+        assert beams == generate_ids(editable, tokenizer, prompt, new_tokens=6, num_beams=3, use_cache=False)
+
+
+def test_beam_reordering_moves_each_rows_reading_with_it(tokenizer: Any) -> None:
+    editable = EditableCausalLM(random_model("llama", len(tokenizer)), tokenizer)
+    editable.add_entry(make_entry({"en": SUBJECT}, layers=(0, 1, 2), scale=10.0))
+    rows = [tokenizer("It was x")["input_ids"], tokenizer("It was  ")["input_ids"]]  # word char vs space before
+    assert len(rows[0]) == len(rows[1])
+    subject_ids = tokenizer(SUBJECT, add_special_tokens=False)["input_ids"]
+    with torch.no_grad():
+        cache = editable(input_ids=torch.tensor(rows), use_cache=True).past_key_values
+        cache.reorder_cache(torch.tensor([1, 0]))
+        stepped = editable(input_ids=torch.tensor([subject_ids, subject_ids]), past_key_values=cache).logits
+    for row, source in enumerate((1, 0)):
+        full, _ = forward_logits(editable, rows[source] + subject_ids)
+        torch.testing.assert_close(stepped[row], full[len(rows[source]):], rtol=1e-4, atol=1e-5)
