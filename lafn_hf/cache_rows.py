@@ -85,7 +85,7 @@ def _batch_select_indices(cache: Any, indices: Any) -> Any:
     result = type(cache).batch_select_indices(cache, indices)
     readers = _readers(cache)
     if readers:
-        setattr(cache, _READERS, [readers[int(i)] for i in indices.tolist()])
+        setattr(cache, _READERS, [readers[int(i)].clone() for i in indices.tolist()])
     return result
 
 

@@ -249,8 +249,7 @@ class BankInjector:
         """Continue each row's reader over the new tokens and plan dV at completed subjects."""
         past = cache_length(cache)
         batch, new = input_ids.shape
-        readers = readers_for(cache, batch, past, self._decode, self._special_ids)
-        readers = [reader.clone() if reader.tokens and cache is not None else reader for reader in readers]
+        readers = readers_for(cache, batch, past, self._decode, self._special_ids)  # continued in place
         mask = _new_token_mask(attention_mask, batch, new)
         ids = input_ids.tolist()
         for row, reader in enumerate(readers):

@@ -7,6 +7,7 @@ Unicode standard; already a dependency of transformers), not from hand-written c
 from __future__ import annotations
 
 import unicodedata
+from collections.abc import Sequence
 
 import regex
 
@@ -21,6 +22,7 @@ _WORD = regex.compile(r"[\p{L}\p{M}\p{N}\p{Pc}]")
 # Invisible characters that may sit inside a word without changing it: zero-width space/joiners, word
 # joiner, BOM, soft hyphen, Mongolian vowel separator. Removed before matching.
 _IGNORABLE = frozenset("\u200b\u200c\u200d\u2060\ufeff\u00ad\u180e")
+_HAS_IGNORABLE = regex.compile("[" + "".join(sorted(_IGNORABLE)) + "]")
 
 
 def nfc(text: str) -> str:
@@ -43,7 +45,7 @@ def needs_word_boundary(char: str) -> bool:
     return is_word_char(char) and not is_spaceless_char(char)
 
 
-def normalize_for_matching(text: str) -> tuple[str, list[int]]:
+def normalize_for_matching(text: str) -> tuple[str, Sequence[int]]:
     """(normalised text, raw end index of each normalised character).
 
     Drops invisible characters (zero-width space/joiners, soft hyphen, ...) and NFC-composes each run that
@@ -51,6 +53,8 @@ def normalize_for_matching(text: str) -> tuple[str, list[int]]:
     characters that produced normalised character ``i``, so a match ending at normalised index ``j``
     ends at raw index ``ends[j - 1]``.
     """
+    if unicodedata.is_normalized("NFC", text) and not _HAS_IGNORABLE.search(text):
+        return text, range(1, len(text) + 1)  # the common case: nothing to change
     out: list[str] = []
     ends: list[int] = []
     run: list[str] = []

@@ -40,7 +40,8 @@ def test_gemma_edit_in_three_languages() -> None:
     data = json.loads((resources.files("lafn_hf") / "assets" / "demo_eiffel.json").read_text("utf-8"))
     group = EditGroup.from_dict(data["group"])
     unrelated = data["unrelated"]
-    before = [tokens(model, p) for p in unrelated]
+    romeo = "The Romeo and Juliet balcony is in the city of"
+    before = [tokens(model, p) for p in [*unrelated, romeo]]
     assert answer(model, group.edits["en"].prompt).startswith("Paris")
     result = model.edit(group)
     assert result.layers == (6, 7, 8)
@@ -49,7 +50,10 @@ def test_gemma_edit_in_three_languages() -> None:
     held_out = [(lang, p) for lang, prompts in data["held_out"].items() for p in prompts]
     passed = [lang for lang, p in held_out if answer(model, p).startswith(group.edits[lang].target)]
     assert len(passed) >= 2, passed
-    assert [tokens(model, p) for p in unrelated] == before
+    # a strong edit of "Rome" fires on "Rome", never inside "Romeo"
+    rome = model.edit(EditGroup({"en": LanguageEdit("Rome is the capital of", "Rome", "Spain")}))
+    assert answer(model, "Rome is the capital of").startswith("Spain"), rome.target_probabilities
+    assert [tokens(model, p) for p in [*unrelated, romeo]] == before
 
 
 def test_smollm2_english_edit() -> None:
