@@ -40,7 +40,7 @@ def readers_for(cache: Any, batch: int, past: int, decode: Callable[[list[int]],
         return list(stored)
     if past:
         logger.debug("the KV cache holds %d positions this wrapper did not read; matching starts afresh", past)
-    return [RowReader(decode, special_ids, tokens=[None] * past, ends=[0] * past) for _ in range(batch)]
+    return [RowReader.unread(decode, special_ids, past) for _ in range(batch)]
 
 
 def keep_readers(cache: Any, readers: Sequence[RowReader]) -> None:

@@ -21,6 +21,7 @@ to and including that token.
 
 from __future__ import annotations
 
+import bisect
 from collections.abc import Callable, Iterable, Sequence, Set
 from dataclasses import dataclass, field
 from typing import Any
@@ -97,47 +98,60 @@ def _joins(text: str, index: int, edge: str) -> bool:
 class RowReader:
     """The text one row has read so far, position by position, decoded incrementally.
 
-    ``ends[p]`` is the length of ``text`` once position ``p`` is read. ``tokens[p]`` is the token id read
-    at ``p`` (``None`` for padding). ``unknown_before`` counts positions read elsewhere (a KV cache this
-    reader did not see): they read as nothing and the text starts there.
+    ``pieces[p]`` is the text position ``p`` added ('' for padding, a special token reads as a line
+    break) and ``ends[p]`` the length of the text once ``p`` is read. ``tokens[p]`` is the token id read at
+    ``p`` (``None`` for padding or a position read elsewhere, e.g. a KV cache this reader did not see).
     """
 
     decode: Callable[[list[int]], str]
     special_ids: Set[int]
     tokens: list[int | None] = field(default_factory=list)
+    pieces: list[str] = field(default_factory=list)
     ends: list[int] = field(default_factory=list)
-    text: str = ""
     _content: list[int] = field(default_factory=list)  # non-special ids fed to the detokeniser
     _prefix_offset: int = 0
     _read_offset: int = 0
 
+    @classmethod
+    def unread(cls, decode: Callable[[list[int]], str], special_ids: Set[int], positions: int = 0) -> RowReader:
+        """A reader whose first ``positions`` positions were read elsewhere (they read as nothing)."""
+        return cls(decode, special_ids, [None] * positions, [""] * positions, [0] * positions)
+
     def __len__(self) -> int:
         return len(self.tokens)
 
+    @property
+    def text(self) -> str:
+        return "".join(self.pieces)
+
     def clone(self) -> RowReader:
-        return RowReader(self.decode, self.special_ids, list(self.tokens), list(self.ends), self.text, list(self._content),
-            self._prefix_offset, self._read_offset)
+        return RowReader(self.decode, self.special_ids, list(self.tokens), list(self.pieces), list(self.ends),
+                         list(self._content), self._prefix_offset, self._read_offset)
 
     def prefix(self, length: int) -> RowReader:
-        """A reader that has read only the first ``length`` positions (``None``-padded history kept)."""
+        """A reader that has read only the first ``length`` positions (re-read, so the text is that prefix)."""
         unknown = 0
         while unknown < min(length, len(self.tokens)) and self.tokens[unknown] is None:
             unknown += 1
-        reader = RowReader(self.decode, self.special_ids, tokens=[None] * unknown, ends=[0] * unknown)
+        reader = RowReader.unread(self.decode, self.special_ids, unknown)
         reader.read(self.tokens[unknown:length])
         return reader
 
     def read(self, tokens: Sequence[int | None]) -> None:
-        """Read ``tokens`` (``None`` = padding or a position read elsewhere)."""
+        """Read ``tokens`` (``None`` = padding)."""
+        total = self.ends[-1] if self.ends else 0
         for token in tokens:
+            piece = ""
             if token is not None:
                 if token in self.special_ids:
-                    self.text += SPECIAL_TOKEN_TEXT
+                    piece = SPECIAL_TOKEN_TEXT
                 else:
                     self._content.append(token)
-                    self.text += self._next_piece()
+                    piece = self._next_piece()
+            total += len(piece)
             self.tokens.append(token)
-            self.ends.append(len(self.text))
+            self.pieces.append(piece)
+            self.ends.append(total)
 
     def _next_piece(self) -> str:
         """Text added by the newest content token ('' while a multi-byte character is incomplete)."""
@@ -153,8 +167,10 @@ class RowReader:
         if not len(matcher) or first >= len(self.ends):
             return []
         read_before = self.ends[first - 1] if first > 0 else 0
-        window_start = max(0, read_before - 4 * matcher.max_length - 16)
-        normalized, norm_ends = normalize_for_matching(self.text[window_start:])
+        # the window starts at a position boundary, >= 4x the longest subject (+16) before the new text
+        start_position = bisect.bisect_right(self.ends, read_before - 4 * matcher.max_length - 16)
+        window_start = self.ends[start_position - 1] if start_position else 0
+        normalized, norm_ends = normalize_for_matching("".join(self.pieces[start_position:]))
         found = []
         for index, start, end in matcher.raw_matches(normalized):
             pattern = matcher.patterns[index]
