@@ -13,6 +13,7 @@ Hilton"), the matcher takes the leftmost-longest one, so only "Paris Hilton" edi
 from __future__ import annotations
 
 import re
+import threading
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -39,10 +40,15 @@ class LayerUpdate:
             raise TypeError(f"delta must be a 1-D float32 tensor, got {_describe(self.delta)}")
         if self.neurons.shape != self.delta.shape:
             raise ValueError(f"neurons {tuple(self.neurons.shape)} and delta {tuple(self.delta.shape)} differ in shape")
-        if self.neurons.numel() and (int(self.neurons.min()) < 0 or self.neurons.unique().numel() != self.neurons.numel()):
+        if self.neurons.numel() and (int(self.neurons.min()) < 0 or not _distinct(self.neurons)):
             raise ValueError("neuron indices must be unique and >= 0")
         if not bool(torch.isfinite(self.delta).all()):
             raise ValueError("delta contains NaN or inf")
+
+
+def _distinct(neurons: torch.Tensor) -> bool:
+    """No index twice; O(n) for the usual sorted case."""
+    return bool((neurons[1:] > neurons[:-1]).all()) or neurons.unique().numel() == neurons.numel()
 
 
 def _describe(value: object) -> str:
@@ -85,27 +91,59 @@ class BankEntry:
     def layers(self) -> tuple[int, ...]:
         return tuple(sorted(self.updates))
 
+    def __repr__(self) -> str:
+        neurons = {layer: int(self.updates[layer].neurons.numel()) for layer in self.layers}
+        return f"BankEntry(id={self.id!r}, subjects={self.subjects!r}, layers={list(self.layers)}, neurons={neurons!r})"
+
+
+@dataclass(frozen=True)
+class BankLimits:
+    """The model sizes an entry must fit: layers < ``num_hidden_layers``, neurons < ``intermediate_size``."""
+
+    num_hidden_layers: int
+    intermediate_size: int
+
+    def check(self, entry: BankEntry) -> None:
+        """``ValueError`` naming the entry, the layer and the limit it exceeds."""
+        for layer, update in sorted(entry.updates.items()):
+            if layer >= self.num_hidden_layers:
+                raise ValueError(f"entry {entry.id!r}: layer {layer} is out of range for a model with "
+                                 f"num_hidden_layers {self.num_hidden_layers}")
+            top = int(update.neurons.max()) if update.neurons.numel() else -1
+            if top >= self.intermediate_size:
+                raise ValueError(f"entry {entry.id!r}: layer {layer}: neuron index {top} is out of range for "
+                                 f"intermediate_size {self.intermediate_size}")
+
 
 class EditBank:
     """An ordered collection of ``BankEntry`` with add / get / remove / merge.
 
     ``version`` increases on every change so that matchers and device caches rebuild lazily.
+    ``limits`` (set by the model wrapper the bank is attached to) makes ``add`` refuse entries that do
+    not fit the model. Changes are serialised by a lock, and ``snapshot`` reads the version and the entries
+    together, so threads may edit while others generate.
     """
 
-    def __init__(self, entries: list[BankEntry] | None = None) -> None:
+    def __init__(self, entries: list[BankEntry] | None = None, limits: BankLimits | None = None) -> None:
         self._entries: dict[str, BankEntry] = {}
+        self._lock = threading.RLock()
         self.version = 0
+        self.limits = limits
         for entry in entries or []:
             self.add(entry)
 
     def add(self, entry: BankEntry) -> str:
-        """Add an entry; returns its id. A second entry with the same id is a ``ValueError``."""
+        """Add an entry; returns its id. A second entry with the same id, or one outside ``limits``, is a
+        ``ValueError`` and leaves the bank unchanged."""
         if not isinstance(entry, BankEntry):
             raise TypeError(f"expected a BankEntry, got {type(entry).__name__}")
-        if entry.id in self._entries:
-            raise ValueError(f"entry id {entry.id!r} is already in the bank")
-        self._entries[entry.id] = entry
-        self.version += 1
+        if self.limits is not None:
+            self.limits.check(entry)
+        with self._lock:
+            if entry.id in self._entries:
+                raise ValueError(f"entry id {entry.id!r} is already in the bank")
+            self._entries[entry.id] = entry
+            self.version += 1
         return entry.id
 
     def get(self, entry_id: str) -> BankEntry:
@@ -116,18 +154,33 @@ class EditBank:
 
     def remove(self, entry_id: str) -> BankEntry:
         """Roll back one edit; returns the removed entry."""
-        entry = self.get(entry_id)
-        del self._entries[entry_id]
-        self.version += 1
+        with self._lock:
+            entry = self.get(entry_id)
+            del self._entries[entry_id]
+            self.version += 1
         return entry
 
     def clear(self) -> None:
-        self._entries.clear()
-        self.version += 1
+        with self._lock:
+            self._entries.clear()
+            self.version += 1
+
+    def snapshot(self) -> tuple[int, list[BankEntry]]:
+        """(version, entries) read together."""
+        with self._lock:
+            return self.version, list(self._entries.values())
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {key: value for key, value in self.__dict__.items() if key != "_lock"}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._lock = threading.RLock()
 
     def merge(self, other: EditBank) -> EditBank:
-        """A new bank with this bank's entries then ``other``'s; a shared id must hold the same entry."""
-        merged = EditBank(list(self))
+        """A new bank (same ``limits``) with this bank's entries then ``other``'s; a shared id must hold the
+        same entry."""
+        merged = EditBank(list(self), limits=self.limits)
         for entry in other:
             if entry.id in merged and not _same_entry(merged.get(entry.id), entry):
                 raise ValueError(f"cannot merge: entry id {entry.id!r} exists in both banks with different content")
@@ -156,7 +209,11 @@ class EditBank:
         return len(self._entries)
 
     def __repr__(self) -> str:
-        return f"EditBank({len(self)} entries, layers={list(self.layers())})"
+        shown = [f"{entry.id} {entry.subjects!r}" for entry in list(self._entries.values())[:3]]
+        if len(self) > 3:
+            shown.append(f"... {len(self) - 3} more")
+        count = f"{len(self)} {'entry' if len(self) == 1 else 'entries'}"
+        return f"EditBank({count}, layers={list(self.layers())}" + (": " + ", ".join(shown) if shown else "") + ")"
 
 
 def _same_entry(a: BankEntry, b: BankEntry) -> bool:

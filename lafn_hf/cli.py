@@ -1,4 +1,4 @@
-"""``lafn`` command line: demo, edit, eval, neurons, info, push, models."""
+"""``lafn`` command line: demo, edit, eval, neurons, info, push, models, serve."""
 
 from __future__ import annotations
 
@@ -17,20 +17,32 @@ from .models import TINY_MODEL, tiny_fact_group, tiny_facts, tiny_model_path
 logger = logging.getLogger(__name__)
 
 
-def _load_model(name: str, dtype: str = "float32") -> Any:
-    """``name``: a shipped asset (tiny-bilingual), an offline model (gemma-3-270m, ...), a path or a Hub id."""
+def _load_model(name: str, dtype: str = "auto", device: str = "auto") -> Any:
+    """``name``: a shipped asset (tiny-bilingual), an offline model (gemma-3-270m, ...), a path or a Hub id.
+
+    ``dtype`` "auto" loads float32 on CPU and the checkpoint's dtype on GPU; ``device`` "auto" is CUDA when
+    available. Says on stderr what it loaded.
+    """
     import torch
 
     from .model import EditableCausalLM
-    from .models import OFFLINE_MODELS, materialize
+    from .models import OFFLINE_MODELS, load_dtype, materialize
 
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    torch_dtype = load_dtype(dtype, device)
     if name == TINY_MODEL:
         path: str = str(tiny_model_path())
     elif name in OFFLINE_MODELS:
         path = str(materialize(name))
     else:
         path = name
-    return EditableCausalLM.from_pretrained(path, dtype=getattr(torch, dtype))
+    model = EditableCausalLM.from_pretrained(path, dtype=torch_dtype)
+    model.to(device)
+    parameter = next(model.parameters())
+    print(f"lafn: loaded {name} in {parameter.dtype} on {parameter.device} (--dtype, --device to change)",
+          file=sys.stderr)
+    return model
 
 
 def _generate(model: Any, prompt: str, new_tokens: int = 8) -> str:
@@ -57,12 +69,12 @@ def cmd_demo(args: argparse.Namespace) -> int:
         data = json.loads((resources.files("lafn_hf") / "assets" / "demo_eiffel.json").read_text("utf-8"))
         group, held_out, unrelated = EditGroup.from_dict(data["group"]), data["held_out"], data["unrelated"]
         config = LafnConfig()
-    model = _load_model(args.model)
+    model = _load_model(args.model, args.dtype, args.device)
     prompts = [(lang, e.prompt) for lang, e in group.edits.items()]
     prompts += [(lang, p) for lang, ps in held_out.items() for p in ps] + [("unrelated", p) for p in unrelated]
     before = [_generate(model, p) for _, p in prompts]
     print(f"Editing {args.model}: " + ", ".join(f"{lang}: {e.subject} -> {e.target}" for lang, e in group.edits.items()))
-    result = model.edit(group, config, progress=True)
+    result = model.edit(group, config)  # a progress bar when stderr is a terminal
     print(f"  layers {list(result.layers)}, shared neurons {result.shared_counts}, {result.steps} steps, "
           f"p(target) {({k: round(v, 3) for k, v in result.target_probabilities.items()})}, "
           f"{result.wall_time_s:.1f}s")
@@ -79,18 +91,33 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0 if same else 1
 
 
+def _read_groups(path: str) -> list[EditGroup]:
+    text = Path(path).read_text("utf-8")
+    try:
+        return EditGroup.list_from_json(text)
+    except json.JSONDecodeError as error:
+        raise ValueError(f"{path} is not valid JSON: {error}") from None
+    except (TypeError, ValueError) as error:
+        raise type(error)(f"{path}: {error}") from None
+
+
 def cmd_edit(args: argparse.Namespace) -> int:
-    model = _load_model(args.model)
+    groups = _read_groups(args.group)  # checked before the model loads
     config = _config(args)
-    raw = json.loads(Path(args.group).read_text("utf-8"))
-    groups = [EditGroup.from_dict(g) for g in (raw if isinstance(raw, list) else [raw])]
+    model = _load_model(args.model, args.dtype, args.device)
     outcome = model.edit_many(groups, config)
     for result in outcome.results:
-        print(f"{result.entry_id}: p(target) {result.target_probabilities} in {result.wall_time_s:.1f}s")
+        shown = {lang: round(p, 3) for lang, p in result.target_probabilities.items()}
+        print(f"{result.entry_id}: {result.subjects} p(target) {shown} in {result.wall_time_s:.1f}s")
     for index, error in outcome.failures:
         print(f"group {index} failed: {error}", file=sys.stderr)
+    if not outcome.results:
+        print(f"no edit took; nothing was saved to {args.out}", file=sys.stderr)
+        return 1
     model.save_pretrained(args.out)
     print(f"saved {len(model.bank)} edit(s) to {args.out}")
+    if outcome.failures:
+        print(f"{len(outcome.failures)} of {len(groups)} group(s) failed (listed above)", file=sys.stderr)
     return 1 if outcome.failures else 0
 
 
@@ -107,11 +134,15 @@ def cmd_info(args: argparse.Namespace) -> int:
 
 
 def cmd_push(args: argparse.Namespace) -> int:
-    from .hub import load_bank, push_bank
+    from .hub import load_bank, push_bank, warn_if_local_base
 
     bank, base = load_bank(args.bank)
+    if args.base_model:
+        base = base.with_base_model(args.base_model)
     if args.dry_run:
-        print(f"dry run: would push {len(bank)} edit(s) for {base.name_or_path} to {args.repo_id}")
+        warn_if_local_base(base)
+        revision = f"@{base.revision}" if base.revision else ""
+        print(f"dry run: would push {len(bank)} edit(s) for {base.name_or_path}{revision} to {args.repo_id}")
         return 0
     print(push_bank(args.repo_id, bank, base, private=args.private, token=args.token, revision=args.revision))
     return 0
@@ -131,7 +162,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     settings = EvalSettings(mode=args.mode, protocol=args.protocol, margin=args.margin, limit=args.limit)
     items = load_files(args.data, args.langs.split(",") if args.langs else None)
     config = _config(args)
-    model = _load_model(args.model)
+    model = _load_model(args.model, args.dtype, args.device)
     out = Path(args.out)
     jsonl = Path(args.results) if args.results else out.with_suffix(".jsonl")
     result = evaluate(model, items, settings, jsonl, config)
@@ -146,6 +177,38 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_bench(args: argparse.Namespace) -> int:
+    """``lafn bench``: several editing methods side by side on the same items (``lafn_hf.bench``)."""
+    import importlib.util
+    import time
+
+    from .bench import BenchSettings, build_methods, load_locality_hard, markdown_table, run_benchmark
+    from .bench.methods import METHODS
+    from .zsre import load_files
+
+    names = [name.strip() for name in args.methods.split(",") if name.strip()]
+    unknown = [name for name in names if name not in METHODS]
+    if unknown or not names:
+        raise ValueError(f"--methods: unknown method(s) {unknown}; choose from {', '.join(METHODS)}")
+    if "lora" in names and importlib.util.find_spec("peft") is None:
+        raise ImportError("--methods lora needs peft: pip install peft")
+    settings = BenchSettings(mode=args.mode, margin=args.margin, free_tokens=args.free_tokens, limit=args.limit)
+    items = load_files(args.data, args.langs.split(",") if args.langs else None)
+    hard = load_locality_hard(args.locality_hard)
+    config = _config(args)
+    if args.locate_strategy:
+        config = LafnConfig.from_dict({**config.to_dict(), "locate_strategy": args.locate_strategy})
+    model = _load_model(args.model, args.dtype, args.device)
+    started = time.perf_counter()
+    summary = run_benchmark(model, items, build_methods(names, model, config), args.out, settings,
+                            locality_hard=hard, fresh=args.fresh)
+    print(markdown_table(summary, "hit"))
+    out = Path(args.out)
+    print(f"\n{time.perf_counter() - started:.0f}s. Tables (hit, contains, F1): {out / 'tables.md'}; summary: "
+          f"{out / 'summary.json'}; plot: {out / 'plot.png'}; per-item results (resumable): {out / 'results.jsonl'}")
+    return 0
+
+
 def cmd_neurons(args: argparse.Namespace) -> int:
     from .analysis import count_factual_neurons, plot_neuron_counts
 
@@ -155,7 +218,7 @@ def cmd_neurons(args: argparse.Namespace) -> int:
         if not sep or not lang or not file:
             raise ValueError(f"--corpus must look like LANG=FILE, got {spec!r}")
         corpora[lang] = [line.strip() for line in Path(file).read_text("utf-8").splitlines() if line.strip()]
-    model = _load_model(args.model)
+    model = _load_model(args.model, args.dtype, args.device)
     layers = [int(x) for x in args.layers.split(",")] if args.layers else None
     counts = count_factual_neurons(model.model, model.tokenizer, corpora, args.beta, layers)
     names = list(counts)
@@ -176,60 +239,143 @@ def cmd_models(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_serve(args: argparse.Namespace) -> int:
+    from .serve import serve  # needs the serve extra (fastapi, uvicorn, openai)
+
+    return serve(args.model, args.bank or [], host=args.host, port=args.port, dtype=args.dtype, device=args.device,
+                 continuous_batching=args.continuous_batching, chat_template=args.chat_template,
+                 admin_token=args.admin_token, log_level="info" if args.verbose else "warning")
+
+
 def _add_config_options(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--config", help="LafnConfig JSON")
+    parser.add_argument("--config", help="LafnConfig JSON (keys as LafnConfig's fields; unknown keys are dropped)")
     parser.add_argument("--layers", help="comma-separated layer indices (default: the modeling/ table's)")
+
+
+def _add_model_options(parser: argparse.ArgumentParser, required: bool = True, default: str | None = None,
+                       help: str = f"a local folder, a Hub id, gemma-3-270m / smollm2-135m (offline) or {TINY_MODEL}"
+                       ) -> None:
+    from .models import DTYPES
+
+    parser.add_argument("--model", required=required, default=default, help=help)
+    parser.add_argument("--dtype", choices=DTYPES, default="auto",
+                        help="weights dtype (default auto: float32 on CPU, where bf16 edits are ~20x slower; the "
+                        "checkpoint's dtype on GPU)")
+    parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, mps... (default: cuda if available)")
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("lafn-hf")
+    except PackageNotFoundError:
+        return "unknown (not installed)"
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="lafn", description="Multilingual knowledge editing (LAFN) for HF LMs")
-    parser.add_argument("-v", "--verbose", action="store_true")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log progress details (INFO level)")
+    parser.add_argument("--version", action="version", version=f"lafn {_version()}",
+                        help="print the lafn-hf version and exit")
     sub = parser.add_subparsers(dest="command", required=True)
     demo = sub.add_parser("demo", help="edit one fact in several languages and show generations before/after")
-    demo.add_argument("--model", default="gemma-3-270m", help=f"gemma-3-270m (default) or {TINY_MODEL}")
+    _add_model_options(demo, required=False, default="gemma-3-270m",
+                       help=f"gemma-3-270m (default: a real model, offline) or {TINY_MODEL} (seconds)")
     demo.add_argument("--out", help="where to save the bank (default: a temporary directory)")
     demo.set_defaults(run=cmd_demo)
     edit = sub.add_parser("edit", help="apply edit group(s) from a JSON file and save the bank")
-    edit.add_argument("--model", required=True)
+    _add_model_options(edit)
     edit.add_argument("--group", required=True, help="JSON: one group {lang: {prompt, subject, target, paraphrases}}"
                       " or a list of groups")
-    edit.add_argument("--out", required=True)
+    edit.add_argument("--out", required=True, help="directory to save the bank to (written only if an edit took)")
     _add_config_options(edit)
     edit.set_defaults(run=cmd_edit)
     info = sub.add_parser("info", help="describe a saved bank")
-    info.add_argument("bank")
+    info.add_argument("bank", help="a bank directory")
     info.set_defaults(run=cmd_info)
     push = sub.add_parser("push", help="push a saved bank to the Hugging Face Hub")
-    push.add_argument("bank")
-    push.add_argument("repo_id")
-    push.add_argument("--private", action="store_true", default=None)
-    push.add_argument("--token")
-    push.add_argument("--revision")
-    push.add_argument("--dry-run", action="store_true")
+    push.add_argument("bank", help="a bank directory")
+    push.add_argument("repo_id", help="Hub repo to create or update, user/name")
+    push.add_argument("--private", action="store_true", default=None, help="create the repo as private")
+    push.add_argument("--token", help="Hub token (default: the one `hf auth login` saved, or HF_TOKEN)")
+    push.add_argument("--revision", help="branch of the bank repo to push to")
+    push.add_argument("--base-model", help="record this base model: org/name or org/name@revision (default: the "
+                      "one the bank names; a local path there only loads on this machine)")
+    push.add_argument("--dry-run", action="store_true", help="check the bank and say what would be pushed")
     push.set_defaults(run=cmd_push)
     evaluate = sub.add_parser("eval", help="the paper's metrics on Bi-ZsRE / MzsRE files (resumable)")
-    evaluate.add_argument("--model", required=True)
+    _add_model_options(evaluate)
     evaluate.add_argument("--data", required=True, nargs="+", help="bizsre_test.json or MzsRE pair files (merged)")
     evaluate.add_argument("--langs", help="comma-separated languages to keep (default: all in the files)")
-    evaluate.add_argument("--limit", type=int)
-    evaluate.add_argument("--protocol", choices=["single", "sequential"], default="single")
-    evaluate.add_argument("--mode", choices=["generate", "teacher_forced"], default="generate")
+    evaluate.add_argument("--limit", type=int, help="evaluate only the first N items")
+    evaluate.add_argument("--protocol", choices=["single", "sequential"], default="single",
+                          help="single: roll each edit back (the paper's); sequential: keep edits accumulating")
+    evaluate.add_argument("--mode", choices=["generate", "teacher_forced"], default="generate",
+                          help="generate: greedy decoding; teacher_forced: argmax at each gold position")
     evaluate.add_argument("--margin", type=int, default=2, help="extra tokens decoded beyond the gold length")
     evaluate.add_argument("--out", required=True, help="summary JSON")
     evaluate.add_argument("--results", help="per-item JSONL (default: --out with .jsonl); reruns resume from it")
     _add_config_options(evaluate)
     evaluate.set_defaults(run=cmd_eval)
+    bench = sub.add_parser("bench", help="editing methods side by side on MzsRE / Bi-ZsRE files (resumable)")
+    _add_model_options(bench)
+    bench.add_argument("--data", required=True, nargs="+", help="MzsRE pair files (merged by index) or bizsre_test.json")
+    bench.add_argument("--methods", default="lafn,unedited,in-context",
+                       help="comma-separated: lafn, unedited, in-context, lora (lora needs peft)")
+    bench.add_argument("--langs", help="comma-separated languages to keep (default: all in the files)")
+    bench.add_argument("--limit", type=int, help="run only the first N items")
+    bench.add_argument("--mode", choices=["generate", "teacher_forced"], default="generate",
+                       help="generate: greedy decoding (default); teacher_forced: argmax at each gold position")
+    bench.add_argument("--margin", type=int, default=2, help="extra tokens decoded beyond the gold answer's length")
+    bench.add_argument("--free-tokens", type=int, default=10, help="tokens decoded for a Locality-Hard question")
+    bench.add_argument("--locality-hard", help="Locality-Hard JSON (default: the set shipped for the MzsRE dev split)")
+    bench.add_argument("--locate-strategy", choices=["paraphrases", "single", "all", "random"],
+                       help="LAFN's locating (paper Table 4; default: the config's, paraphrases)")
+    bench.add_argument("--out", required=True, help="directory: results.jsonl, summary.json, tables.md, plot.png")
+    bench.add_argument("--fresh", action="store_true", help="start a new results file (the old one is kept renamed)")
+    _add_config_options(bench)
+    bench.set_defaults(run=cmd_bench)
     neurons = sub.add_parser("neurons", help="count factual neurons per layer and language (paper Fig. 2)")
-    neurons.add_argument("--model", required=True)
+    _add_model_options(neurons)
     neurons.add_argument("--corpus", required=True, action="append", help="LANG=FILE, one sentence per line")
-    neurons.add_argument("--beta", type=float, default=0.8)
+    neurons.add_argument("--beta", type=float, default=0.8, help="activation-frequency threshold (Eq. 4)")
     neurons.add_argument("--layers", help="comma-separated layer indices (default: all)")
-    neurons.add_argument("--plot", help="PNG path")
+    neurons.add_argument("--plot", help="PNG path for a bar chart of the counts")
     neurons.set_defaults(run=cmd_neurons)
     models = sub.add_parser("models", help="materialize an offline real model (gemma-3-270m, smollm2-135m)")
-    models.add_argument("name")
+    models.add_argument("name", help="gemma-3-270m or smollm2-135m")
     models.set_defaults(run=cmd_models)
+    serve = sub.add_parser("serve", help="serve the model and banks on an OpenAI-compatible API (transformers serve)")
+    serve.add_argument("--model", required=True, help="path, Hub id, tiny-bilingual or an offline model; the model "
+                       "name that gets every bank")
+    serve.add_argument("--bank", action="append", help="DIR or NAME=DIR (repeatable); served as MODEL+NAME")
+    serve.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1, this machine only)")
+    serve.add_argument("--port", type=int, default=8000, help="port to listen on (default: 8000)")
+    serve.add_argument("--dtype", default="auto", help="auto (float32 on CPU), float32, bfloat16, float16")
+    serve.add_argument("--device", default="auto", help="auto (cuda when available), cpu, cuda, cuda:1, ...")
+    serve.add_argument("--continuous-batching", action="store_true",
+                       help="transformers' continuous batching for requests that meet no bank entry")
+    serve.add_argument("--chat-template", help="Jinja chat template file (default: the tokenizer's)")
+    serve.add_argument("--admin-token", help="require 'Authorization: Bearer TOKEN' on /lafn/banks (default: "
+                       "$LAFN_ADMIN_TOKEN; without one the admin routes exist only on loopback hosts)")
+    serve.set_defaults(run=cmd_serve)
     return parser
+
+
+def _hub_problem(error: BaseException) -> str | None:
+    """One line for a network failure or a refusal by the Hub (any HTTP client huggingface_hub uses), else None."""
+    from huggingface_hub.errors import HfHubHTTPError
+
+    first_line = next((line.strip() for line in str(error).splitlines() if line.strip()), type(error).__name__)
+    if isinstance(error, HfHubHTTPError):
+        return f"the Hugging Face Hub refused the request: {first_line}"
+    transport = any(cls.__name__ in ("TransportError", "ConnectionError", "Timeout")
+                    and cls.__module__.split(".")[0] in ("httpx", "httpx2", "requests", "urllib3")
+                    for cls in type(error).__mro__)
+    if transport or isinstance(error, (ConnectionError, TimeoutError)):
+        return f"cannot reach the Hugging Face Hub ({type(error).__name__}: {first_line}); check the network"
+    return None
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -237,9 +383,15 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(message)s")
     try:
         return int(args.run(args))
-    except (ValueError, TypeError, ImportError, OSError) as error:
-        print(f"lafn {args.command}: error: {error}", file=sys.stderr)
-        return 2
+    except Exception as error:
+        problem = _hub_problem(error)
+        if problem is not None:
+            print(f"lafn {args.command}: error: {problem}", file=sys.stderr)
+            return 1
+        if isinstance(error, (ValueError, TypeError, ImportError, OSError)):
+            print(f"lafn {args.command}: error: {error}", file=sys.stderr)
+            return 2
+        raise
 
 
 if __name__ == "__main__":

@@ -9,6 +9,7 @@ as such wherever it is reported). Two answer modes: ``generate`` (greedy decodin
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -107,14 +108,14 @@ def evaluate_item(model: EditableCausalLM, index: int, item: Item, settings: Eva
     loc_gold = {lang: answer_ids(tokenizer, r.loc, r.loc_ans) for lang, r in item.items()}
     with model.edits_disabled():
         unedited_loc = {lang: predict(model, r.loc, loc_gold[lang], settings) for lang, r in item.items()}
-    group = edit_group(item)
-    record: dict[str, Any] = {"index": index, "edited": sorted(group.edits) if group else [], "error": None,
-                              "entry_id": None, "scores": {}}
-    if group is not None:
-        try:
-            record["entry_id"] = model.edit(group, config, metadata={"item_index": index}).entry_id
-        except (ValueError, RuntimeError) as error:
-            record["error"] = f"{type(error).__name__}: {error}"
+    record: dict[str, Any] = {"index": index, "edited": [], "error": None, "entry_id": None, "scores": {}}
+    try:  # a refused subject (too short or too common) or an edit that did not take is scored unedited
+        group = edit_group(item)
+        if group is not None:
+            record["edited"] = sorted(group.edits)
+            record["entry_id"] = model.edit(group, config, progress=False, metadata={"item_index": index}).entry_id
+    except (ValueError, RuntimeError) as error:
+        record["error"] = f"{type(error).__name__}: {error}"
     for lang, r in item.items():
         gold = answer_ids(tokenizer, r.src, r.alt)
         scores = {"reliability": _score(predict(model, r.src, gold, settings), gold)}
@@ -145,6 +146,41 @@ def _read_done(path: Path) -> dict[int, dict[str, Any]]:
     return done
 
 
+def run_settings(model: EditableCausalLM, items: Sequence[Item], settings: EvalSettings,
+                 config: LafnConfig | None) -> dict[str, Any]:
+    """What per-item results depend on (``limit`` aside): a results file is only resumed under the same."""
+    data = json.dumps([{lang: asdict(record) for lang, record in item.items()} for item in items], sort_keys=True)
+    return {"mode": settings.mode, "protocol": settings.protocol, "margin": settings.margin,
+            "languages": sorted({lang for item in items for lang in item}),
+            "items_sha256": hashlib.sha256(data.encode("utf-8")).hexdigest(),
+            "base_model": model.base_ref.name_or_path, "config": (config or model.lafn_config).to_dict()}
+
+
+def _check_resume(path: Path, settings_path: Path, current: dict[str, Any], has_results: bool) -> None:
+    """Refuse to resume ``path`` when it was written under other settings; record them on a fresh start."""
+    if not has_results:
+        settings_path.write_text(json.dumps(current, sort_keys=True, ensure_ascii=False, indent=1) + "\n", "utf-8")
+        return
+    if not settings_path.is_file():
+        raise ValueError(f"{path} holds results without their settings (written by an older lafn-hf); "
+                         "delete it or choose another --results file to start fresh")
+    stored = json.loads(settings_path.read_text(encoding="utf-8"))
+    differences = []
+    for key in sorted(set(stored) | set(current)):
+        if stored.get(key) == current.get(key):
+            continue
+        if key == "config":
+            keys = sorted(k for k in set(stored[key]) | set(current[key]) if stored[key].get(k) != current[key].get(k))
+            differences.append(f"config ({', '.join(keys)}) differs")
+        elif key == "items_sha256":
+            differences.append("the data files hold other items")
+        else:
+            differences.append(f"{key} {stored.get(key)!r} there, {current.get(key)!r} now")
+    if differences:
+        raise ValueError(f"{path} holds results of other settings: {'; '.join(differences)}. Rerun with those "
+                         "settings to resume, or give another --results (or --out) file to start fresh")
+
+
 def _append(path: Path, record: dict[str, Any]) -> None:
     with path.open("a", encoding="utf-8") as handle:
         handle.write(json.dumps(record, ensure_ascii=False, sort_keys=True) + "\n")
@@ -157,13 +193,17 @@ def evaluate(model: EditableCausalLM, items: Sequence[Item], settings: EvalSetti
              on_item: Callable[[int], None] | None = None) -> dict[str, Any]:
     """Run (or resume) an evaluation; per-item results are appended to ``results_path`` (JSONL).
 
-    Items already in the JSONL are skipped. Under the sequential protocol the accumulated bank is
-    saved beside it (``<results>.bank``) after every item and restored on resume.
+    Items already in the JSONL are skipped. The settings the results depend on (``run_settings``) are
+    saved beside it (``<results>.settings.json``); resuming under other settings raises ``ValueError``.
+    Under the sequential protocol the accumulated bank is saved beside it (``<results>.bank``) after
+    every item and restored on resume.
     """
     path = Path(results_path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    items = list(items)[: settings.limit] if settings.limit else list(items)
     done = _read_done(path)
+    _check_resume(path, path.with_name(path.name + ".settings.json"), run_settings(model, items, settings, config),
+                  bool(done))
+    items = list(items)[: settings.limit] if settings.limit else list(items)
     bank_dir = path.with_name(path.name + ".bank")
     if settings.protocol == "sequential" and done and bank_dir.is_dir():
         bank, _ = load_bank(bank_dir)

@@ -1,17 +1,31 @@
 """Save, load and share edit banks: safetensors + JSON naming the base model, like a peft adapter.
 
-Files: ``lafn_bank.safetensors`` (``{id}/{layer}/neurons`` int64 and ``{id}/{layer}/delta``
-float32), ``lafn_config.json`` (format and library version, base model reference, entries'
-metadata) and a ``README.md`` model card.
+Files: ``lafn_bank-<first 16 hex digits of its sha256>.safetensors`` (``{id}/{layer}/neurons`` int64,
+``{id}/{layer}/delta`` float32), ``lafn_config.json`` (format and library version, the weights file's name
+and full sha256, the base model reference, entries' metadata) and a ``README.md`` model card. Banks of
+format 1 (``lafn_bank.safetensors``, no checksum) still load.
+
+Saving never removes the directory. Each file is written to a temporary file inside it, flushed, fsynced
+and renamed over its final name: first the weights (a new, content-addressed name, so the old bank's file
+is untouched), then ``lafn_config.json``, whose rename is the commit point, then the model card; last,
+weights no longer referenced and what crashed saves left behind are deleted. After a crash at any point
+the directory holds the old bank or the new one, complete.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
+import logging
 import os
+import re
+import secrets
 import shutil
+import sys
 import tempfile
-from dataclasses import asdict, dataclass
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager, suppress
+from dataclasses import asdict, dataclass, replace
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
@@ -19,18 +33,28 @@ from typing import Any
 import torch
 from huggingface_hub import HfApi, snapshot_download
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load as load_safetensors
+from safetensors.torch import save as save_safetensors
 from torch import nn
 
 from lafn_hf.modeling import decoder_layers, get_spec, text_config
 
-from .bank import BankEntry, EditBank, LayerUpdate
+from .bank import _ENTRY_ID, BankEntry, EditBank, LayerUpdate
 
-BANK_WEIGHTS_NAME = "lafn_bank.safetensors"
+logger = logging.getLogger(__name__)
+
+BANK_WEIGHTS_NAME = "lafn_bank.safetensors"  # format 1; format 2 names the file after its sha256
 BANK_CONFIG_NAME = "lafn_config.json"
 MODEL_CARD_NAME = "README.md"
-FORMAT_VERSION = 1
-_BANK_FILES = (BANK_WEIGHTS_NAME, BANK_CONFIG_NAME, MODEL_CARD_NAME)
+FORMAT_VERSION = 2
+SUPPORTED_FORMAT_VERSIONS = (1, 2)
+BANK_DOWNLOAD_PATTERNS = (BANK_CONFIG_NAME, MODEL_CARD_NAME, BANK_WEIGHTS_NAME, "lafn_bank-*.safetensors")
+_WEIGHTS_FILE = re.compile(r"^lafn_bank-[0-9a-f]{16}\.safetensors$")
+_SHA256 = re.compile(r"^[0-9a-f]{64}$")
+_TEMP_PREFIX = ".lafn-tmp-"  # our temporary files inside a bank directory
+_REPO_PART = r"[A-Za-z0-9](?:[A-Za-z0-9_.-]{0,94}[A-Za-z0-9_])?"
+_REPO_ID = re.compile(rf"^(?:{_REPO_PART}/)?{_REPO_PART}$")
+_TENSOR_KEY = re.compile(r"^([^/]+)/(\d+)/(neurons|delta)$")
 
 
 def library_version() -> str:
@@ -40,9 +64,55 @@ def library_version() -> str:
         return "0+unknown"
 
 
+def weights_name(sha256: str) -> str:
+    """The content-addressed weights file name for a file whose sha256 is ``sha256``."""
+    return f"lafn_bank-{sha256[:16]}.safetensors"
+
+
+def is_repo_id(name: str) -> bool:
+    """Whether ``name`` is a Hub repo id (``org/name`` or a legacy bare ``name``), not a filesystem path."""
+    return bool(_REPO_ID.match(name)) and "--" not in name and ".." not in name and not os.path.isabs(name)
+
+
+def parse_base_model(spec: str) -> tuple[str, str | None]:
+    """``"org/name"`` or ``"org/name@revision"`` -> (repo id, revision); an existing local directory -> its
+    absolute path (which only loads on this machine)."""
+    if not isinstance(spec, str) or not spec.strip():
+        raise ValueError(f"base_model must be a non-empty str, got {spec!r}")
+    if os.path.isdir(spec):
+        return os.path.abspath(spec), None
+    repo, sep, revision = spec.partition("@")
+    if is_repo_id(repo) and (revision or not sep):
+        return repo, revision or None
+    raise ValueError(f"base_model must be a Hub id ('org/name' or 'org/name@revision') or an existing local "
+                     f"directory, got {spec!r}")
+
+
+def base_reference(config: Any) -> tuple[str, str | None]:
+    """(Hub id or absolute path, revision) of the checkpoint ``config`` was loaded from.
+
+    The Hub id is recorded whenever it is known: the id the model was loaded by, the repo of a Hugging Face
+    cache snapshot folder (``models--org--name/snapshots/<commit>``) or ``lafn_hub_id`` in its config.json
+    (``lafn_hf.models.materialize`` writes it); otherwise the folder's absolute path.
+    """
+    name = str(getattr(config, "name_or_path", "") or getattr(config, "_name_or_path", "") or "")
+    commit = getattr(config, "_commit_hash", None)
+    if name and not os.path.isdir(name):
+        return name, commit
+    folder = Path(os.path.abspath(name)) if name else None
+    if folder is not None and folder.parent.name == "snapshots" and folder.parent.parent.name.startswith("models--"):
+        repo = folder.parent.parent.name[len("models--"):].replace("--", "/")
+        if is_repo_id(repo):
+            return repo, folder.name
+    hub_id = getattr(config, "lafn_hub_id", None)
+    if isinstance(hub_id, str) and is_repo_id(hub_id):
+        return hub_id, None
+    return (str(folder) if folder is not None else ""), commit
+
+
 @dataclass(frozen=True)
 class BaseModelRef:
-    """The base model a bank was made for: hub id (or path), revision and the shapes that must match."""
+    """The base model a bank was made for: Hub id (or local path), revision and the shapes that must match."""
 
     name_or_path: str
     revision: str | None
@@ -55,14 +125,20 @@ class BaseModelRef:
     def from_model(cls, model: nn.Module, revision: str | None = None) -> BaseModelRef:
         config: Any = model.config
         text = text_config(config)
-        return cls(
-            name_or_path=str(getattr(config, "name_or_path", "") or getattr(config, "_name_or_path", "")),
-            revision=revision or getattr(config, "_commit_hash", None),
-            model_type=get_spec(config).model_type,
-            hidden_size=int(text.hidden_size),
-            intermediate_size=int(text.intermediate_size),
-            num_hidden_layers=len(decoder_layers(model)),
-        )
+        name, found_revision = base_reference(config)
+        return cls(name_or_path=name, revision=revision or found_revision, model_type=get_spec(config).model_type,
+                   hidden_size=int(text.hidden_size), intermediate_size=int(text.intermediate_size),
+                   num_hidden_layers=len(decoder_layers(model)))
+
+    @property
+    def is_hub_id(self) -> bool:
+        """Whether the reference loads anywhere (a Hub id), not only on the machine that made the bank."""
+        return is_repo_id(self.name_or_path)
+
+    def with_base_model(self, base_model: str) -> BaseModelRef:
+        """The same shapes under another name: ``"org/name"``, ``"org/name@revision"`` or a local directory."""
+        name, revision = parse_base_model(base_model)
+        return replace(self, name_or_path=name, revision=revision)
 
     def check_compatible(self, other: BaseModelRef) -> None:
         """``ValueError`` naming every field that differs (model_type and sizes; not the id)."""
@@ -70,99 +146,142 @@ class BaseModelRef:
         diffs = [f"{f}: bank has {getattr(self, f)!r}, model has {getattr(other, f)!r}" for f in fields
                  if getattr(self, f) != getattr(other, f)]
         if diffs:
-            raise ValueError(
-                f"this edit bank was made for {self.name_or_path!r} and does not fit the model: " + "; ".join(diffs)
-            )
+            raise ValueError(f"this edit bank was made for {self.name_or_path!r} and does not fit the model: "
+                             + "; ".join(diffs))
 
 
+# -- saving ------------------------------------------------------------------------------------------
 def save_bank(directory: str | os.PathLike[str], bank: EditBank, base: BaseModelRef) -> Path:
-    """Write the bank atomically: a temporary sibling directory is filled, then swapped in.
+    """Write the bank into ``directory`` so that a crash at any point leaves the old bank or the new one.
 
-    Other files already in ``directory`` are kept; if anything fails, the old directory is intact.
+    Other files in the directory and its permissions are kept; new files get ``0o666 & ~umask``. A
+    ``directory`` that is a regular file or a symlink is a ``ValueError``.
     """
     target = Path(directory)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
-    try:
-        if target.is_dir():
-            for item in target.iterdir():
-                if item.name not in _BANK_FILES:
-                    _copy(item, staging / item.name)
-        _write_bank_files(staging, bank, base)
-        _swap_in(staging, target)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
+    _check_target(target)
+    weights = save_safetensors(_tensors(bank), metadata={"format": "pt"})
+    sha = hashlib.sha256(weights).hexdigest()
+    weights_file = weights_name(sha)
+    config = _config_json(bank, base, weights_file, sha)
+    card = model_card(bank, base).encode("utf-8")
+    target.mkdir(parents=True, exist_ok=True)
+    with _locked_directory(target) as sync:
+        existed = (target / weights_file).exists()
+        try:
+            _write_atomic(target, weights_file, weights)
+            sync()
+            _write_atomic(target, BANK_CONFIG_NAME, config)  # the commit point
+            sync()
+        except BaseException:
+            if not existed and _referenced_weights(target) != weights_file:
+                with suppress(OSError):
+                    (target / weights_file).unlink()
+            raise
+        _write_atomic(target, MODEL_CARD_NAME, card)
+        _remove_leftovers(target, weights_file)
     return target
 
 
-def _copy(source: Path, destination: Path) -> None:
-    if source.is_dir():
-        shutil.copytree(source, destination, symlinks=True)
-    else:
-        shutil.copy2(source, destination, follow_symlinks=False)
+def _check_target(target: Path) -> None:
+    if target.is_symlink():
+        raise ValueError(f"{target} is a symlink (to {os.readlink(target)}); refusing to save an edit bank through it: "
+                         "pass the directory itself")
+    if target.exists() and not target.is_dir():
+        kind = "a regular file" if target.is_file() else "not a directory"
+        raise ValueError(f"{target} is {kind}; an edit bank is a directory, refusing to replace it")
 
 
-def _swap_in(staging: Path, target: Path) -> None:
-    if not target.exists():
-        os.replace(staging, target)
-        return
-    retired = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent))
-    os.rmdir(retired)
-    os.replace(target, retired)
-    try:
-        os.replace(staging, target)
-    except BaseException:
-        os.replace(retired, target)
-        raise
-    shutil.rmtree(retired, ignore_errors=True)
-
-
-def _write_bank_files(directory: Path, bank: EditBank, base: BaseModelRef) -> None:
+def _tensors(bank: EditBank) -> dict[str, torch.Tensor]:
     tensors: dict[str, torch.Tensor] = {}
-    entries = []
     for entry in bank:
         for layer, update in entry.updates.items():
             tensors[f"{entry.id}/{layer}/neurons"] = update.neurons.detach().cpu().contiguous()
             tensors[f"{entry.id}/{layer}/delta"] = update.delta.detach().cpu().contiguous()
-        entries.append({"id": entry.id, "subjects": entry.subjects, "layers": list(entry.layers),
-                        "metadata": entry.metadata})
-    config = {
-        "format_version": FORMAT_VERSION,
-        "library": "lafn-hf",
-        "library_version": library_version(),
-        "base_model": asdict(base),
-        "entries": entries,
-    }
-    save_file(tensors, str(directory / BANK_WEIGHTS_NAME), metadata={"format": "pt"})
-    (directory / BANK_CONFIG_NAME).write_text(json.dumps(config, indent=2, sort_keys=True, ensure_ascii=False) + "\n",
-                                              encoding="utf-8")
-    (directory / MODEL_CARD_NAME).write_text(model_card(bank, base), encoding="utf-8")
+    return tensors
+
+
+def _config_json(bank: EditBank, base: BaseModelRef, weights_file: str, sha: str) -> bytes:
+    entries = [{"id": e.id, "subjects": e.subjects, "layers": list(e.layers), "metadata": e.metadata} for e in bank]
+    config = {"format_version": FORMAT_VERSION, "library": "lafn-hf", "library_version": library_version(),
+              "base_model": asdict(base), "weights_file": weights_file, "weights_sha256": sha, "entries": entries}
+    return (json.dumps(config, indent=2, sort_keys=True, ensure_ascii=False) + "\n").encode("utf-8")
+
+
+@contextmanager
+def _locked_directory(target: Path) -> Iterator[Callable[[], None]]:
+    """Hold an exclusive lock on ``target`` (POSIX; concurrent saves wait) and yield its fsync."""
+    fd = -1
+    if sys.platform != "win32":  # Windows cannot open directories: no lock, no directory fsync
+        with suppress(OSError):
+            fd = os.open(target, os.O_RDONLY)
+    if fd < 0:
+        yield lambda: None
+        return
+    import fcntl
+
+    try:
+        with suppress(OSError):  # e.g. a file system without locks
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        yield lambda: _fsync_quietly(fd)
+    finally:
+        os.close(fd)
+
+
+def _fsync_quietly(fd: int) -> None:
+    with suppress(OSError):  # some file systems refuse to fsync a directory; the renames still happened
+        os.fsync(fd)
+
+
+def _write_atomic(directory: Path, name: str, data: bytes) -> None:
+    """Write ``data`` to a temporary file in ``directory``, fsync it, then rename it over ``name``."""
+    temp = directory / f"{_TEMP_PREFIX}{secrets.token_hex(8)}-{name}"
+    fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666)  # umask applies
+    try:
+        with open(fd, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(temp, directory / name)
+    except BaseException:
+        with suppress(OSError):
+            os.unlink(temp)
+        raise
+
+
+def _referenced_weights(directory: Path) -> str | None:
+    try:
+        return str(json.loads((directory / BANK_CONFIG_NAME).read_bytes()).get("weights_file"))
+    except (OSError, ValueError, AttributeError, RecursionError):
+        return None
+
+
+def _remove_leftovers(target: Path, keep: str) -> None:
+    """Delete weights files other than ``keep``, our temporary files, and the staging/retired sibling
+    directories that saves of lafn-hf <= 0.1 left when they crashed."""
+    for path in target.iterdir():
+        name = path.name
+        ours = name.startswith(_TEMP_PREFIX) or name == BANK_WEIGHTS_NAME or bool(_WEIGHTS_FILE.match(name))
+        if ours and name != keep and (path.is_symlink() or not path.is_dir()):
+            with suppress(FileNotFoundError):
+                path.unlink()
+    absolute = Path(os.path.abspath(target))
+    old_staging = re.compile(rf"^\.{re.escape(absolute.name)}\.(tmp|old)-[a-z0-9_]{{8}}$")
+    for path in absolute.parent.iterdir():
+        if old_staging.match(path.name) and path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path, ignore_errors=True)
 
 
 def model_card(bank: EditBank, base: BaseModelRef) -> str:
-    """A Hub model card listing the edits."""
+    """A Hub model card listing the edits (``base_model`` metadata only when it is a Hub id)."""
+    revision = f" (revision `{base.revision}`)" if base.revision else ""
     lines = [
-        "---",
-        f"base_model: {base.name_or_path}" if base.name_or_path else "base_model: null",
-        "library_name: lafn-hf",
-        "pipeline_tag: text-generation",
-        "tags:",
-        "- lafn",
-        "- knowledge-editing",
-        "---",
-        "",
-        f"# LAFN edit bank for `{base.name_or_path}`",
-        "",
+        "---", f"base_model: {base.name_or_path}" if base.is_hub_id else "base_model: null", "library_name: lafn-hf",
+        "pipeline_tag: text-generation", "tags:", "- lafn", "- knowledge-editing", "---", "",
+        f"# LAFN edit bank for `{base.name_or_path}`{revision}", "",
         f"{len(bank)} multilingual edit(s) made with [lafn-hf](https://pypi.org/project/lafn-hf/) "
-        "(Language-Agnostic Factual Neurons, arXiv 2406.16416). Base weights are unchanged; load with",
-        "",
-        "```python",
-        "from lafn_hf import EditableCausalLM",
-        'model = EditableCausalLM.from_pretrained("<this repo>")',
-        "```",
-        "",
-        "| id | subjects | new answers | layers |",
-        "| --- | --- | --- | --- |",
+        "(Language-Agnostic Factual Neurons, arXiv 2406.16416). Base weights are unchanged; load with", "",
+        "```python", "from lafn_hf import EditableCausalLM", 'model = EditableCausalLM.from_pretrained("<this repo>")',
+        "```", "", "| id | subjects | new answers | layers |", "| --- | --- | --- | --- |",
     ]
     for entry in bank:
         subjects = ", ".join(f"{lang}: {s}" for lang, s in entry.subjects.items())
@@ -173,74 +292,234 @@ def model_card(bank: EditBank, base: BaseModelRef) -> str:
     return "\n".join(lines) + "\n"
 
 
+# -- loading -----------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class BankConfig:
+    """A checked ``lafn_config.json``; ``entries`` hold ``id``, ``subjects``, sorted ``layers``, ``metadata``."""
+
+    format_version: int
+    base: BaseModelRef
+    weights_file: str
+    weights_sha256: str | None  # None in format 1
+    entries: tuple[dict[str, Any], ...]
+
+
 def load_bank(directory: str | os.PathLike[str]) -> tuple[EditBank, BaseModelRef]:
-    """Read a bank directory; any inconsistency raises ``ValueError`` naming the file."""
+    """Read a bank directory; any inconsistency raises ``ValueError`` naming the file and the field."""
     directory = Path(directory)
-    config_path, weights_path = directory / BANK_CONFIG_NAME, directory / BANK_WEIGHTS_NAME
-    for path in (config_path, weights_path):
-        if not path.is_file():
-            raise ValueError(f"{directory} is not an edit bank: {path.name} is missing")
+    config_path = directory / BANK_CONFIG_NAME
+    for attempt in range(2):  # a save that commits meanwhile deletes the old weights: read its config then
+        if not config_path.is_file():
+            raise ValueError(f"{directory} is not an edit bank: {BANK_CONFIG_NAME} is missing")
+        parsed = parse_bank_config(config_path.read_bytes(), str(config_path))
+        weights_path = directory / parsed.weights_file
+        try:
+            data = weights_path.read_bytes()
+            break
+        except FileNotFoundError:
+            if attempt:
+                raise ValueError(f"{directory} is not an edit bank: {parsed.weights_file} is missing") from None
+    if parsed.weights_sha256 is not None:
+        actual = hashlib.sha256(data).hexdigest()
+        if actual != parsed.weights_sha256:
+            raise ValueError(f"{weights_path} is corrupted or truncated: its sha256 is {actual}, "
+                             f"{BANK_CONFIG_NAME} records {parsed.weights_sha256}")
     try:
-        config = json.loads(config_path.read_text(encoding="utf-8"))
-        base = BaseModelRef(**config["base_model"])
-        raw_entries = list(config["entries"])
-        format_version = int(config["format_version"])
-    except (ValueError, KeyError, TypeError) as error:
-        raise ValueError(f"{config_path} is not a valid lafn_config.json: {error}") from error
-    if format_version > FORMAT_VERSION:
-        raise ValueError(f"{config_path} has format_version {format_version}; this lafn-hf reads <= {FORMAT_VERSION}")
-    try:
-        tensors = load_file(str(weights_path))
-    except (SafetensorError, OSError, ValueError) as error:
+        tensors = load_safetensors(data)
+    except (SafetensorError, OSError, ValueError, RuntimeError) as error:
         raise ValueError(f"{weights_path} is corrupted or truncated: {error}") from error
-    bank = EditBank()
-    for raw in raw_entries:
-        bank.add(_entry_from(raw, tensors, base, weights_path))
-    return bank, base
-
-
-def _entry_from(raw: dict[str, Any], tensors: dict[str, torch.Tensor], base: BaseModelRef, path: Path) -> BankEntry:
     try:
+        return _bank_from(parsed, tensors), parsed.base
+    except ValueError as error:
+        raise ValueError(f"{weights_path} does not match {BANK_CONFIG_NAME}: {error}") from None
+
+
+def parse_bank_config(data: bytes | str, source: str = BANK_CONFIG_NAME) -> BankConfig:
+    """Parse and check ``lafn_config.json``; any problem is a ``ValueError`` naming ``source`` and the field."""
+    try:
+        raw = json.loads(data)
+    except RecursionError:
+        raise ValueError(f"{source} is not valid JSON: nested too deeply") from None
+    except ValueError as error:  # JSONDecodeError, UnicodeDecodeError, integers too long to convert
+        raise ValueError(f"{source} is not valid JSON: {error}") from None
+    try:
+        return _check_config(raw)
+    except ValueError as error:
+        raise ValueError(f"{source} is not a valid {BANK_CONFIG_NAME}: {error}") from None
+
+
+_REQUIRED: Any = object()
+
+
+def _show(value: Any) -> str:
+    kind = {dict: "object", list: "array", str: "string", bool: "", type(None): ""}.get(type(value), "number")
+    text = json.dumps(value, ensure_ascii=False) if not isinstance(value, (dict, list)) else repr(value)
+    return f"{kind} {text[:60]}{'...' if len(text) > 60 else ''}".strip()
+
+
+def _take(obj: dict[str, Any], key: str, where: str, expected: str, ok: Callable[[Any], bool],
+          default: Any = _REQUIRED) -> Any:
+    field = f"{where}.{key}" if where else key
+    if key not in obj:
+        if default is not _REQUIRED:
+            return default
+        raise ValueError(f"{field} is missing")
+    if not ok(obj[key]):
+        raise ValueError(f"{field} must be {expected}, got {_show(obj[key])}")
+    return obj[key]
+
+
+def _is_int(value: Any, minimum: int | None = None) -> bool:
+    return type(value) is int and (minimum is None or value >= minimum)  # not bool, not float
+
+
+def _object(value: Any, where: str) -> dict[str, Any]:
+    if not isinstance(value, dict):
+        raise ValueError(f"{where} must be an object, got {_show(value)}")
+    return value
+
+
+def _check_config(raw: Any) -> BankConfig:
+    top = _object(raw, "the top level")
+    supported = ", ".join(map(str, SUPPORTED_FORMAT_VERSIONS))
+    fmt = _take(top, "format_version", "", f"an integer ({supported})", _is_int)
+    if fmt > max(SUPPORTED_FORMAT_VERSIONS):
+        raise ValueError(f"format_version {fmt} was written by a newer lafn-hf; this one reads {supported}")
+    if fmt not in SUPPORTED_FORMAT_VERSIONS:
+        raise ValueError(f"format_version must be one of {supported}, got {fmt}")
+    known = {"format_version", "library", "library_version", "base_model", "entries"}
+    for key in ("library", "library_version"):
+        _take(top, key, "", "a string", lambda v: isinstance(v, str), default=None)
+    base = _base_model(_take(top, "base_model", "", "an object", lambda v: isinstance(v, dict)))
+    sha: str | None = None
+    weights_file = BANK_WEIGHTS_NAME
+    if fmt >= 2:
+        known |= {"weights_file", "weights_sha256"}
+        sha = _take(top, "weights_sha256", "", "64 lowercase hex digits",
+                    lambda v: isinstance(v, str) and bool(_SHA256.match(v)))
+        weights_file = _take(top, "weights_file", "", "'lafn_bank-<16 hex digits>.safetensors'",
+                             lambda v: isinstance(v, str) and bool(_WEIGHTS_FILE.match(v)))
+        if sha is not None and weights_file != weights_name(sha):
+            raise ValueError(f"weights_file {weights_file!r} does not match weights_sha256 (expected {weights_name(sha)!r})")
+    raw_entries = _take(top, "entries", "", "an array", lambda v: isinstance(v, list))
+    entries: list[dict[str, Any]] = []
+    seen: dict[str, int] = {}
+    for index, raw_entry in enumerate(raw_entries):
+        entry = _entry_fields(raw_entry, f"entries[{index}]", base)
+        if entry["id"] in seen:
+            raise ValueError(f"entries[{index}].id {entry['id']!r} is already used by entries[{seen[entry['id']]}]")
+        seen[entry["id"]] = index
+        entries.append(entry)
+    unknown = sorted(set(top) - known)
+    if unknown:
+        logger.warning("%s has fields this lafn-hf does not know (ignored): %s", BANK_CONFIG_NAME, unknown)
+    return BankConfig(fmt, base, weights_file, sha, tuple(entries))
+
+
+def _base_model(raw: dict[str, Any]) -> BaseModelRef:
+    def text(key: str, expected: str, ok: Callable[[Any], bool]) -> Any:
+        return _take(raw, key, "base_model", expected, ok)
+
+    return BaseModelRef(
+        name_or_path=text("name_or_path", "a string", lambda v: isinstance(v, str)),
+        revision=text("revision", "a string or null", lambda v: v is None or isinstance(v, str)),
+        model_type=text("model_type", "a non-empty string", lambda v: isinstance(v, str) and bool(v)),
+        hidden_size=text("hidden_size", "a positive integer", lambda v: _is_int(v, 1)),
+        intermediate_size=text("intermediate_size", "a positive integer", lambda v: _is_int(v, 1)),
+        num_hidden_layers=text("num_hidden_layers", "a positive integer", lambda v: _is_int(v, 1)),
+    )
+
+
+def _entry_fields(raw: Any, where: str, base: BaseModelRef) -> dict[str, Any]:
+    obj = _object(raw, where)
+    entry_id = _take(obj, "id", where, "a string of 1-64 letters, digits, _ or -",
+                     lambda v: isinstance(v, str) and bool(_ENTRY_ID.match(v)))
+    subjects = _take(obj, "subjects", where, "an object mapping languages to non-empty strings",
+                     lambda v: isinstance(v, dict) and bool(v) and all(isinstance(s, str) and s.strip() for s in v.values()))
+    layers = _take(obj, "layers", where, "a non-empty array of distinct integers",
+                   lambda v: isinstance(v, list) and bool(v) and all(map(_is_int, v)) and len(set(v)) == len(v))
+    outside = [layer for layer in layers if not 0 <= layer < base.num_hidden_layers]
+    if outside:
+        raise ValueError(f"{where}.layers: layer {outside[0]} is out of range for base_model.num_hidden_layers "
+                         f"{base.num_hidden_layers}")
+    metadata = _take(obj, "metadata", where, "an object", lambda v: isinstance(v, dict), default={})
+    return {"id": entry_id, "subjects": subjects, "layers": sorted(layers), "metadata": metadata}
+
+
+def _bank_from(config: BankConfig, tensors: dict[str, torch.Tensor]) -> EditBank:
+    """The bank, checking that the stored tensors are exactly the listed entries' layers."""
+    stored: dict[str, set[int]] = {}
+    for key in tensors:
+        match = _TENSOR_KEY.match(key)
+        if match is None:
+            raise ValueError(f"unexpected tensor {key!r}")
+        stored.setdefault(match[1], set()).add(int(match[2]))
+    orphans = sorted(set(stored) - {e["id"] for e in config.entries})
+    if orphans:
+        raise ValueError(f"it stores tensors of entries that entries[] does not list: {orphans[:5]}")
+    bank = EditBank()
+    for index, raw in enumerate(config.entries):
+        where = f"entries[{index}]"
+        extra = sorted(stored.get(raw["id"], set()) - set(raw["layers"]))
+        if extra:
+            raise ValueError(f"{where}.layers is {raw['layers']} but the weights also store layer(s) {extra}")
         updates = {}
         for layer in raw["layers"]:
-            update = LayerUpdate(tensors[f"{raw['id']}/{layer}/neurons"], tensors[f"{raw['id']}/{layer}/delta"])
-            if update.neurons.numel() and int(update.neurons.max()) >= base.intermediate_size:
-                raise ValueError(f"neuron index >= intermediate_size {base.intermediate_size}")
-            if not 0 <= int(layer) < base.num_hidden_layers:
-                raise ValueError(f"layer {layer} outside the base model's {base.num_hidden_layers} layers")
-            updates[int(layer)] = update
-        return BankEntry(subjects=raw["subjects"], updates=updates, metadata=raw.get("metadata", {}), id=raw["id"])
-    except (KeyError, TypeError, ValueError) as error:
-        raise ValueError(f"{path}: entry {raw.get('id')!r} is inconsistent: {error!r}") from error
+            keys = [f"{raw['id']}/{layer}/neurons", f"{raw['id']}/{layer}/delta"]
+            missing = [key for key in keys if key not in tensors]
+            if missing:
+                raise ValueError(f"{where}.layers lists {layer} but the weights have no tensor {missing[0]!r}")
+            try:
+                update = LayerUpdate(tensors[keys[0]], tensors[keys[1]])
+            except (TypeError, ValueError) as error:
+                raise ValueError(f"{where} layer {layer}: {error}") from None
+            top = int(update.neurons.max()) if update.neurons.numel() else -1
+            if top >= config.base.intermediate_size:
+                raise ValueError(f"{where} layer {layer}: neuron index {top} is out of range for "
+                                 f"base_model.intermediate_size {config.base.intermediate_size}")
+            updates[layer] = update
+        try:
+            bank.add(BankEntry(subjects=raw["subjects"], updates=updates, metadata=raw["metadata"], id=raw["id"]))
+        except (TypeError, ValueError) as error:
+            raise ValueError(f"{where}: {error}") from None
+    return bank
 
 
+# -- the Hub -----------------------------------------------------------------------------------------
 def resolve_bank_dir(name_or_path: str | os.PathLike[str], revision: str | None = None,
                      token: str | None = None) -> Path:
-    """A local bank directory, or a Hub repo id downloaded with ``snapshot_download``."""
+    """A local bank directory, or a Hub repo id downloaded with ``snapshot_download`` (bank files only)."""
     local = Path(name_or_path)
     if local.is_dir():
         return local
-    return Path(snapshot_download(str(name_or_path), revision=revision, token=token, allow_patterns=list(_BANK_FILES)))
+    return Path(snapshot_download(str(name_or_path), revision=revision, token=token,
+                                  allow_patterns=list(BANK_DOWNLOAD_PATTERNS)))
 
 
 def is_bank_dir(path: str | os.PathLike[str]) -> bool:
     return (Path(path) / BANK_CONFIG_NAME).is_file()
 
 
+def warn_if_local_base(base: BaseModelRef) -> None:
+    """Log a warning when the bank names its base model by a local path (it will not load elsewhere)."""
+    if not base.is_hub_id:
+        where = f"is the local path {base.name_or_path!r}" if base.name_or_path else "is not named"
+        logger.warning("the bank's base model %s, so the bank will not load on other machines; pass "
+                       "base_model='org/name' (or 'org/name@revision') to record its Hub id", where)
+
+
 def push_bank(repo_id: str, bank: EditBank, base: BaseModelRef, *, private: bool | None = None,
               token: str | None = None, revision: str | None = None, commit_message: str | None = None) -> str:
-    """Create the repo if needed and upload the bank folder; returns the commit URL."""
+    """Create the repo if needed and upload the bank folder (replacing older weights files); returns the
+    commit URL. Warns when ``base`` is a local path."""
+    warn_if_local_base(base)
     api = HfApi(token=token)
     api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
     if revision is not None:
         api.create_branch(repo_id, branch=revision, exist_ok=True, repo_type="model")
     with tempfile.TemporaryDirectory() as folder:
         save_bank(Path(folder) / "bank", bank, base)
-        info = api.upload_folder(
-            repo_id=repo_id,
-            folder_path=str(Path(folder) / "bank"),
-            repo_type="model",
-            revision=revision,
-            commit_message=commit_message or f"Upload LAFN edit bank ({len(bank)} edits)",
-        )
+        info = api.upload_folder(repo_id=repo_id, folder_path=str(Path(folder) / "bank"), repo_type="model",
+                                 revision=revision, delete_patterns=["lafn_bank*.safetensors"],
+                                 commit_message=commit_message or f"Upload LAFN edit bank ({len(bank)} edits)")
     return str(info)

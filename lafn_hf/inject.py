@@ -16,7 +16,7 @@ from __future__ import annotations
 import logging
 import threading
 import weakref
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Container, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from contextvars import ContextVar, Token
 from dataclasses import dataclass, field
@@ -36,6 +36,7 @@ from .scope import ForwardScope
 logger = logging.getLogger(__name__)
 _OWNER_ATTRIBUTE = "_lafn_injector"  # on the base model: a weak reference to the attached BankInjector
 _BANK_OFF: ContextVar[bool] = ContextVar("lafn_bank_off", default=False)
+_SELECTED: ContextVar[Container[str] | None] = ContextVar("lafn_selected_entries", default=None)
 
 
 @dataclass(frozen=True)
@@ -119,6 +120,18 @@ def bank_disabled() -> Iterator[None]:
         _BANK_OFF.reset(token)
 
 
+@contextmanager
+def entries_selected(entry_ids: Container[str] | None) -> Iterator[None]:
+    """Inside the block, forwards of the calling thread/context apply only the bank entries whose id is ``in
+    entry_ids`` (``None``: all); others are untouched. Asked at every forward, so a live container follows bank
+    changes. Rows still read every token, so a KV cache carries on correctly under another selection."""
+    token = _SELECTED.set(entry_ids)
+    try:
+        yield
+    finally:
+        _SELECTED.reset(token)
+
+
 @dataclass(frozen=True)
 class CompiledBank:
     """An immutable view of one bank version: matcher, subject -> entry ids, device tensors."""
@@ -131,8 +144,8 @@ class CompiledBank:
 
     @classmethod
     def build(cls, bank: EditBank, device: torch.device) -> CompiledBank:
-        version = (id(bank), bank.version, device)
-        entries = list(bank)
+        number, entries = bank.snapshot()
+        version = (id(bank), number, device)
         index: dict[str, list[str]] = {}
         for entry in entries:
             for subject in dict.fromkeys(entry.subjects.values()):
@@ -142,12 +155,16 @@ class CompiledBank:
         layers = tuple(sorted({layer for entry in entries for layer in entry.updates}))
         return cls(version, SubjectMatcher(index), {s: tuple(ids) for s, ids in index.items()}, updates, layers)
 
-    def plan(self, rows: Sequence[RowReader], first: int) -> dict[int, LayerPlan] | None:
-        """Per-layer plan for positions >= ``first`` of ``rows`` (plan positions are relative to ``first``)."""
+    def plan(self, rows: Sequence[RowReader], first: int,
+             selected: Container[str] | None = None) -> dict[int, LayerPlan] | None:
+        """Per-layer plan for positions >= ``first`` of ``rows`` (plan positions are relative to ``first``);
+        ``selected``: only entries whose id is in it (``None``: all)."""
         per_layer: dict[int, list[LayerPlan]] = {}
         for row, reader in enumerate(rows):
             for hit in reader.hits(self.matcher, first):
                 for entry_id in self.entries_of.get(hit.subject, ()):
+                    if selected is not None and entry_id not in selected:
+                        continue
                     for layer, (neurons, delta) in self.updates[entry_id].items():
                         plan = LayerPlan.build([(row, hit.position - first)], neurons, delta)
                         per_layer.setdefault(layer, []).append(plan)
@@ -174,7 +191,8 @@ class BankInjector:
     A model pre-hook reads each row's new tokens (continuing the readers kept on the KV cache), finds
     completed subjects and puts the plan in the forward's context; pre-hooks on ``down_proj`` of the
     bank's layers add it; a forward hook (``always_call``) stores the readers on the returned cache and
-    clears the context. Forwards given ``inputs_embeds`` instead of ``input_ids`` run unedited.
+    clears the context. Forwards given ``inputs_embeds`` instead of ``input_ids``, and packed forwards (several
+    sequences in one row, ``cu_seq_lens_q``: continuous batching), run unedited.
     """
 
     def __init__(self, model: nn.Module, tokenizer: Any, bank: EditBank) -> None:
@@ -186,6 +204,7 @@ class BankInjector:
         self._value_handles: dict[int, RemovableHandle] = {}
         self._compiled: CompiledBank | None = None
         self._lock = threading.Lock()  # guards compiling and (re)attaching value hooks
+        self._warned_packed = False
 
     @property
     def attached(self) -> bool:
@@ -254,12 +273,18 @@ class BankInjector:
         ids = input_ids.tolist()
         for row, reader in enumerate(readers):
             reader.read([t if mask is None or mask[row][i] else None for i, t in enumerate(ids[row])])
-        return _Forward(plan=compiled.plan(readers, past), readers=readers)
+        return _Forward(plan=compiled.plan(readers, past, _SELECTED.get()), readers=readers)
 
     def _before_forward(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
         state = _Forward()
         input_ids = kwargs.get("input_ids", args[0] if args else None)
-        if not _BANK_OFF.get() and isinstance(input_ids, torch.Tensor) and input_ids.dim() == 2 and input_ids.shape[1]:
+        packed = kwargs.get("cu_seq_lens_q") is not None  # several sequences flattened into one row
+        if packed and not self._warned_packed and len(self.bank):
+            self._warned_packed = True
+            logger.warning("forwards of packed sequences (cu_seq_lens_q: continuous batching, generate_batch, "
+                           "flattened collators) run without the edit bank: one row holds several sequences")
+        if (not _BANK_OFF.get() and not packed and isinstance(input_ids, torch.Tensor) and input_ids.dim() == 2
+                and input_ids.shape[1]):
             compiled = self.compiled(input_ids.device)
             if len(compiled.matcher):
                 state = self.readers_and_plan(compiled, input_ids, kwargs.get("attention_mask"),

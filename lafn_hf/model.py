@@ -9,23 +9,26 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
+import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from lafn_hf.modeling import decoder_layers, default_edit_layers, get_spec, mlp_parts
+from lafn_hf.modeling import decoder_layers, default_edit_layers, get_spec, mlp_parts, text_config
 
-from .bank import BankEntry, EditBank, LayerUpdate
+from .bank import BankEntry, BankLimits, EditBank, LayerUpdate
 from .config import EditGroup, LafnConfig
-from .hub import BaseModelRef, is_bank_dir, load_bank, push_bank, resolve_bank_dir, save_bank
+from .hub import BaseModelRef, is_bank_dir, load_bank, parse_base_model, push_bank, resolve_bank_dir, save_bank
 from .inject import BankInjector, bank_disabled
 from .locate import locate_neurons
 from .optimize import optimize_update
+from .tokens import target_separator
 
 logger = logging.getLogger(__name__)
 
@@ -43,6 +46,23 @@ class EditResult:
     target_probabilities: dict[str, float]
     steps: int
     wall_time_s: float
+    subjects: dict[str, str] = field(default_factory=dict)
+
+    def __repr__(self) -> str:
+        probabilities = {lang: float(f"{p:.3g}") for lang, p in self.target_probabilities.items()}
+        return (f"EditResult(entry_id={self.entry_id!r}, subjects={self.subjects!r}, layers={self.layers!r}, "
+                f"shared_neurons={self.shared_counts!r}, steps={self.steps}, p(target)={probabilities!r}, "
+                f"{self.wall_time_s:.1f}s)")
+
+
+class EditFailedError(ValueError):
+    """The optimised dV left p(target) below ``LafnConfig.min_target_probability`` in some language; the
+    edit was not stored. ``target_probabilities``: every language's final p(target | prompt)."""
+
+    def __init__(self, message: str, target_probabilities: dict[str, float], threshold: float) -> None:
+        super().__init__(message)
+        self.target_probabilities = target_probabilities
+        self.threshold = threshold
 
 
 @dataclass
@@ -51,6 +71,57 @@ class EditManyResult:
 
     results: list[EditResult] = field(default_factory=list)
     failures: list[tuple[int, str]] = field(default_factory=list)  # (group index, error)
+
+
+def _show_progress(progress: bool | None) -> bool:
+    """``None``: show progress bars when stderr is a terminal (as tqdm's ``disable=None``)."""
+    if progress is not None:
+        return bool(progress)
+    isatty = getattr(sys.stderr, "isatty", None)
+    return bool(isatty and isatty())
+
+
+def _context_limit(model: nn.Module, tokenizer: Any) -> tuple[int, str] | None:
+    """(positions the model handles, where that number comes from), or None when neither says."""
+    limits = []
+    positions = getattr(text_config(model.config), "max_position_embeddings", None)
+    if isinstance(positions, int) and positions > 0:
+        limits.append((positions, "max_position_embeddings"))
+    length = getattr(tokenizer, "model_max_length", None)
+    if isinstance(length, int) and 0 < length < 10**9:  # unset: transformers uses int(1e30)
+        limits.append((length, "the tokenizer's model_max_length"))
+    return min(limits) if limits else None
+
+
+def _check_context(model: nn.Module, tokenizer: Any, group: EditGroup, config: LafnConfig) -> None:
+    """Refuse, before any work, an edit whose training or locating sequences exceed the model's positions."""
+    found = _context_limit(model, tokenizer)
+    if found is None:
+        return
+    limit, source = found
+    prefix = config.prefix_length if config.num_prefixes else 0
+    for lang, edit in group.edits.items():
+        full = edit.prompt + target_separator(edit.prompt, edit.target) + edit.target
+        length = len(tokenizer(full)["input_ids"]) + prefix
+        if length > limit:
+            what = f"the prompt, its target and a {prefix}-token prefix take" if prefix else "the prompt and its target take"
+            raise ValueError(f"language {lang!r}: {what} {length} tokens; the model handles at most {limit} positions "
+                             f"({source}). Shorten the prompt")
+        for number, paraphrase in enumerate(edit.paraphrases[: config.num_paraphrases]):
+            length = len(tokenizer(paraphrase)["input_ids"])
+            if length > limit:
+                raise ValueError(f"language {lang!r}: paraphrase {number} takes {length} tokens; the model handles "
+                                 f"at most {limit} positions ({source})")
+
+
+_SLOW_ON_CPU = (torch.bfloat16, torch.float16)
+
+
+def _warn_if_slow_dtype(model: nn.Module) -> None:
+    parameter = next(model.parameters(), None)
+    if parameter is not None and parameter.device.type == "cpu" and parameter.dtype in _SLOW_ON_CPU:
+        logger.warning("editing a %s model on the CPU is ~20x slower than float32 (280 s against 13.5 s for "
+                       "Gemma-3-270M); load it with dtype=torch.float32 (the lafn CLI does on CPU)", parameter.dtype)
 
 
 class EditableCausalLM(nn.Module):
@@ -77,8 +148,6 @@ class EditableCausalLM(nn.Module):
         self.tokenizer = tokenizer
         self.lafn_config = config or LafnConfig()
         self.base_ref = BaseModelRef.from_model(model, base_revision)
-        from .bank import BankLimits
-
         self._limits = BankLimits(self.base_ref.num_hidden_layers, self.base_ref.intermediate_size)
         bank = bank if bank is not None else EditBank()
         for entry in bank:
@@ -96,11 +165,16 @@ class EditableCausalLM(nn.Module):
 
         ``base_model`` (``"org/name"``, ``"org/name@revision"`` or a local directory) loads a bank onto that
         base model instead of the one the bank names; the shapes must still match. ``hf_kwargs`` go to
-        ``AutoModelForCausalLM.from_pretrained`` (e.g. ``dtype``).
+        ``AutoModelForCausalLM.from_pretrained`` (e.g. ``dtype``). Without ``dtype`` or ``device_map``, a
+        machine without CUDA loads float32 (half-precision matmuls are ~20x slower on CPU) and a CUDA machine
+        the checkpoint's dtype.
         """
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
-        from .hub import parse_base_model
+        from .models import load_dtype
+
+        if not {"dtype", "torch_dtype", "device_map"} & set(hf_kwargs):
+            hf_kwargs["dtype"] = load_dtype("auto", "cuda" if torch.cuda.is_available() else "cpu")
 
         bank: EditBank | None = None
         ref: BaseModelRef | None = None
@@ -114,7 +188,7 @@ class EditableCausalLM(nn.Module):
                 base_path, base_revision = parse_base_model(base_model)
             elif not ref.name_or_path:
                 raise ValueError(f"the bank at {name_or_path} does not name its base model; pass base_model=")
-            elif os.path.isabs(ref.name_or_path) and not os.path.isdir(ref.name_or_path):
+            elif not ref.is_hub_id and not os.path.isdir(ref.name_or_path):
                 raise ValueError(f"the bank at {name_or_path} was made for the local base model {ref.name_or_path}, "
                                  "which does not exist here; pass base_model='org/name' (or a local directory)")
             else:
@@ -189,21 +263,36 @@ class EditableCausalLM(nn.Module):
             raise ValueError(f"layers {list(layers)} out of range for {self.base_ref.num_hidden_layers} layers")
         return tuple(layers)
 
-    def edit(self, group: EditGroup, config: LafnConfig | None = None, progress: bool = False,
+    def edit(self, group: EditGroup, config: LafnConfig | None = None, progress: bool | None = None,
              metadata: dict[str, Any] | None = None) -> EditResult:
         """Locate D_G (Eq. 3-5), optimise dV (Eq. 6-9) against the base model, add one bank entry.
 
-        ``progress`` shows a bar over the optimisation steps; ``metadata`` (JSON-serialisable) is stored
-        with the entry beside the prompts, targets and config.
+        ``progress`` shows a bar over the optimisation steps (default: when stderr is a terminal);
+        ``metadata`` (JSON-serialisable) is stored with the entry beside the prompts, targets and config.
+        A prompt that cannot fit the model's positions raises ``ValueError`` before any work; an edit whose
+        final p(target) stays below ``config.min_target_probability`` in any language raises
+        ``EditFailedError`` (a ``ValueError``) and stores nothing.
         """
         if not isinstance(group, EditGroup):
             raise TypeError(f"edit expects an EditGroup, got {type(group).__name__}")
         config = config or self.lafn_config
         layers = self.edit_layers(config)
+        _check_context(self.model, self.tokenizer, group, config)
+        _warn_if_slow_dtype(self.model)
         started = time.perf_counter()
         with self.edits_disabled():
             located = locate_neurons(self.model, self.tokenizer, group, layers, config)
-            optimized = optimize_update(self.model, self.tokenizer, group, located.shared, config, progress)
+            optimized = optimize_update(self.model, self.tokenizer, group, located.shared, config,
+                                        _show_progress(progress))
+        probabilities = optimized.target_probabilities
+        low = {lang: p for lang, p in probabilities.items() if not p >= config.min_target_probability}  # NaN too
+        if low:
+            shown = {lang: float(f"{p:.3g}") for lang, p in probabilities.items()}
+            raise EditFailedError(
+                f"the edit did not take: p(target) {shown} after {optimized.steps} steps; {sorted(low)} < "
+                f"min_target_probability {config.min_target_probability}; nothing was stored. Check that the target "
+                "is visible text the model can produce, try other layers or more steps, or lower "
+                "LafnConfig.min_target_probability", probabilities, config.min_target_probability)
         updates = {layer: LayerUpdate(located.shared[layer].clone(), delta) for layer, delta in optimized.deltas.items()}
         entry = BankEntry(
             subjects=group.subjects,
@@ -219,18 +308,20 @@ class EditableCausalLM(nn.Module):
         self.add_entry(entry)
         result = EditResult(entry.id, layers, located.counts(), located.shared_counts(), optimized.loss_curve,
                             optimized.target_loss_curve, optimized.target_probabilities, optimized.steps,
-                            time.perf_counter() - started)
+                            time.perf_counter() - started, dict(group.subjects))
         logger.info("edit %s: %d steps, loss %.4f, p(target) %s", entry.id, result.steps, result.loss_curve[-1],
                     result.target_probabilities)
         return result
 
     def edit_many(self, groups: Sequence[EditGroup], config: LafnConfig | None = None,
-                  progress: bool = True) -> EditManyResult:
-        """Edit each group in turn; a failing group is recorded and the others go on."""
+                  progress: bool | None = None) -> EditManyResult:
+        """Edit each group in turn; a failing group (including an ``EditFailedError``) is recorded in
+        ``failures`` and the others go on. ``progress``: bars (default: when stderr is a terminal)."""
         outcome = EditManyResult()
-        for index, group in enumerate(tqdm(groups, desc="LAFN edits", disable=not progress)):
+        show = _show_progress(progress)
+        for index, group in enumerate(tqdm(groups, desc="LAFN edits", disable=not show)):
             try:
-                outcome.results.append(self.edit(group, config))
+                outcome.results.append(self.edit(group, config, progress=show))
             except (ValueError, TypeError, RuntimeError) as error:
                 logger.warning("edit group %d failed: %s", index, error)
                 outcome.failures.append((index, f"{type(error).__name__}: {error}"))

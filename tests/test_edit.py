@@ -1,17 +1,21 @@
 from __future__ import annotations
 
 import hashlib
+import io
+import sys
 from typing import Any
 
 import pytest
 import torch
+from transformers import AutoModelForCausalLM
 
 from lafn_hf import EditableCausalLM, EditGroup, LafnConfig, LanguageEdit
 from lafn_hf.inject import LayerPlan, ValueInjection
 from lafn_hf.locate import count_activations, locate_neurons, select_frequent
+from lafn_hf.model import EditFailedError
 from lafn_hf.optimize import _BaseRun, _losses, build_batch, sample_prefixes, selected_logits, upper_layers_only
 
-from .conftest import fact_group, greedy
+from .conftest import TINY_DIR, fact_group, greedy
 
 TINY = LafnConfig(layers=(0, 1), steps=60)
 
@@ -48,7 +52,8 @@ def test_edit_changes_the_fact_in_both_languages_and_leaves_other_facts_bitwise(
 
 def test_edit_result_reports_the_run(trained_model: Any, tokenizer: Any, facts: dict[str, Any]) -> None:
     editable = EditableCausalLM(trained_model, tokenizer)
-    result = editable.edit(fact_group(facts, 2, 3), LafnConfig(layers=(0, 1), steps=3, early_stop_loss=0.0))
+    result = editable.edit(fact_group(facts, 2, 3), LafnConfig(layers=(0, 1), steps=3, early_stop_loss=0.0,
+                                                                  min_target_probability=0.0))
     assert result.layers == (0, 1) and result.steps == 3 and len(result.loss_curve) == 4
     assert set(result.neuron_counts) == {"en", "zh"}
     for layer, shared in result.shared_counts.items():
@@ -141,5 +146,91 @@ def test_edit_many_keeps_going_after_a_failure(trained_model: Any, tokenizer: An
     outcome = editable.edit_many([good, good], LafnConfig(layers=(0, 9), steps=1), progress=False)
     assert outcome.results == [] and [i for i, _ in outcome.failures] == [0, 1]
     assert "out of range" in outcome.failures[0][1]
-    outcome = editable.edit_many([good, fact_group(facts, 2, 3)], LafnConfig(layers=(0, 1), steps=1), progress=False)
+    outcome = editable.edit_many([good, fact_group(facts, 2, 3)],
+                                 LafnConfig(layers=(0, 1), steps=1, min_target_probability=0.0), progress=False)
     assert len(outcome.results) == 2 and len(editable.bank) == 2
+
+
+def test_an_edit_that_does_not_take_raises_and_stores_nothing(trained_model: Any, tokenizer: Any,
+                                                              facts: dict[str, Any]) -> None:
+    editable = EditableCausalLM(trained_model, tokenizer)
+    subject = facts["facts"][0]["en"]["subject"]
+    invisible = EditGroup({"en": LanguageEdit(facts["templates"]["en"][0].format(s=subject), subject, "\u200b")})
+    expected = r"did not take: p\(target\) \{'en': \d\.\d+e-\d\d\} after 60 steps; \['en'\] < min_target_probability 0.01"
+    with pytest.raises(EditFailedError, match=expected + "; nothing was stored") as failed:
+        editable.edit(invisible, TINY)
+    assert failed.value.target_probabilities["en"] < 1e-15 and isinstance(failed.value, ValueError)
+    assert len(editable.bank) == 0
+    result = editable.edit(invisible, LafnConfig(layers=(0, 1), steps=60, min_target_probability=0.0))  # opt out
+    assert result.target_probabilities["en"] < 1e-15 and len(editable.bank) == 1
+    outcome = editable.edit_many([invisible, fact_group(facts, 2, 3)], TINY, progress=False)
+    assert [i for i, _ in outcome.failures] == [0] and len(outcome.results) == 1
+    assert "EditFailedError: the edit did not take" in outcome.failures[0][1]
+
+
+def test_a_prompt_longer_than_the_context_is_refused_before_locating(
+        trained_model: Any, tokenizer: Any, facts: dict[str, Any], monkeypatch: pytest.MonkeyPatch) -> None:
+    editable = EditableCausalLM(trained_model, tokenizer)
+    monkeypatch.setattr("lafn_hf.model.locate_neurons", lambda *args: pytest.fail("located a prompt that cannot fit"))
+    subject = facts["facts"][0]["en"]["subject"]
+    long_prompt = "Notes on travel. " * 20 + facts["templates"]["en"][0].format(s=subject)
+    group = EditGroup({"en": LanguageEdit(long_prompt, subject, "Notes")})
+    with pytest.raises(ValueError, match=r"language 'en': the prompt, its target and a 5-token prefix take \d+ tokens;"
+                                         r" the model handles at most 64 positions \(max_position_embeddings\)"):
+        editable.edit(group, TINY)
+    paraphrase = EditGroup({"en": LanguageEdit(f"{subject} is in", subject, "Notes", (long_prompt,))})
+    with pytest.raises(ValueError, match=r"language 'en': paraphrase 0 takes \d+ tokens; the model handles at most 64"):
+        editable.edit(paraphrase, TINY)
+    assert len(editable.bank) == 0
+
+
+class _Terminal(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+def test_edit_shows_progress_on_a_terminal_only(trained_model: Any, tokenizer: Any, facts: dict[str, Any],
+                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    editable = EditableCausalLM(trained_model, tokenizer)
+    config = LafnConfig(layers=(0, 1), steps=2, early_stop_loss=0.0, min_target_probability=0.0)
+    terminal = _Terminal()
+    monkeypatch.setattr(sys, "stderr", terminal)
+    editable.edit(fact_group(facts, 0, 1), config)
+    assert "LAFN dV" in terminal.getvalue()
+    pipe = io.StringIO()
+    monkeypatch.setattr(sys, "stderr", pipe)
+    editable.edit(fact_group(facts, 0, 1), config)
+    assert pipe.getvalue() == ""
+    editable.edit(fact_group(facts, 0, 1), config, progress=True)
+    assert "LAFN dV" in pipe.getvalue()
+    terminal.truncate(0)
+    monkeypatch.setattr(sys, "stderr", terminal)
+    editable.edit(fact_group(facts, 0, 1), config, progress=False)
+    assert terminal.getvalue() == ""
+
+
+def test_results_bank_entries_and_banks_have_short_reprs(trained_model: Any, tokenizer: Any,
+                                                         facts: dict[str, Any]) -> None:
+    editable = EditableCausalLM(trained_model, tokenizer)
+    result = editable.edit(fact_group(facts, 2, 3), LafnConfig(layers=(0, 1), steps=2, min_target_probability=0.0))
+    entry = editable.bank.get(result.entry_id)
+    subjects = {"en": facts["facts"][2]["en"]["subject"], "zh": facts["facts"][2]["zh"]["subject"]}
+    counts = {layer: int(update.neurons.numel()) for layer, update in entry.updates.items()}
+    assert repr(entry) == f"BankEntry(id={entry.id!r}, subjects={subjects!r}, layers=[0, 1], neurons={counts!r})"
+    assert repr(result).startswith(f"EditResult(entry_id={entry.id!r}, subjects={subjects!r}, layers=(0, 1), "
+                                   f"shared_neurons={result.shared_counts!r}, steps=2, p(target)=")
+    assert repr(editable.bank) == f"EditBank(1 entry, layers=[0, 1]: {entry.id} {subjects!r})"
+    for text in (repr(entry), repr(result), repr(editable.bank)):
+        assert "tensor" not in text and len(text) < 300
+    for source in range(3, 9):
+        editable.edit(fact_group(facts, source, 0), LafnConfig(layers=(0, 1), steps=1, min_target_probability=0.0))
+    assert repr(editable.bank).startswith("EditBank(7 entries, layers=[0, 1]: ") and repr(editable.bank).endswith(
+        ", ... 4 more)")
+
+
+def test_editing_a_half_precision_model_on_cpu_warns(tokenizer: Any, facts: dict[str, Any],
+                                                    caplog: pytest.LogCaptureFixture) -> None:
+    model = AutoModelForCausalLM.from_pretrained(TINY_DIR, dtype=torch.bfloat16).eval()
+    editable = EditableCausalLM(model, tokenizer)
+    editable.edit(fact_group(facts, 0, 1), LafnConfig(layers=(0, 1), steps=1, min_target_probability=0.0))
+    assert "editing a torch.bfloat16 model on the CPU" in caplog.text and "dtype=torch.float32" in caplog.text

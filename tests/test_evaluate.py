@@ -11,8 +11,8 @@ import torch
 from lafn_hf import EditableCausalLM, LafnConfig
 from lafn_hf.analysis import count_factual_neurons, neuron_set_difference, plot_difference_heatmap, plot_neuron_counts
 from lafn_hf.cli import main
-from lafn_hf.evaluate import EvalSettings, evaluate, remake_score, token_f1
-from lafn_hf.zsre import load_files, load_items, matchability, merge_items
+from lafn_hf.evaluate import EvalSettings, evaluate, evaluate_item, remake_score, token_f1
+from lafn_hf.zsre import ZsreRecord, load_files, load_items, matchability, merge_items
 
 FIXTURES = Path(__file__).parent / "fixtures"
 ENZH, ENDE, ENCZ = (FIXTURES / f"mzsre_test_duplicate_en{x}.json" for x in ("zh", "de", "cz"))
@@ -106,3 +106,40 @@ def test_neuron_counts_plot_and_difference(trained_model: Any, tokenizer: Any, f
     assert matrix[0, 1] == pytest.approx(1 - (2 / 3 + 2 / 4) / 2) and matrix[0, 2] == 1.0
     plot_difference_heatmap(matrix, ["a", "b", "c"], tmp_path / "dif.png")
     assert png_size(tmp_path / "dif.png") == (600, 500)
+
+
+def test_resume_refuses_results_written_with_other_settings(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "results.json"
+    run = ["eval", "--model", "tiny-bilingual", "--data", str(ENZH), "--out", str(out), "--limit", "1"]
+    assert main([*run, "--mode", "teacher_forced"]) == 0
+    first = json.loads(out.read_text())
+    capsys.readouterr()
+    assert main([*run, "--mode", "generate"]) == 2
+    err = capsys.readouterr().err
+    assert "results.jsonl holds results of other settings: mode 'teacher_forced' there, 'generate' now" in err
+    assert "--results" in err
+    assert main([*run, "--mode", "teacher_forced", "--langs", "en"]) == 2
+    assert "languages ['en', 'zh'] there, ['en'] now" in capsys.readouterr().err
+    assert main([*run, "--mode", "teacher_forced", "--layers", "1,2"]) == 2
+    assert "config (layers) differs" in capsys.readouterr().err
+    assert json.loads(out.read_text()) == first  # nothing was overwritten
+    assert main([*run, "--mode", "teacher_forced", "--limit", "2"]) == 0  # same settings: resumes and extends
+    assert len((tmp_path / "results.jsonl").read_text().splitlines()) == 2
+    assert json.loads((tmp_path / "results.jsonl.settings.json").read_text())["mode"] == "teacher_forced"
+    assert main([*run, "--mode", "generate", "--results", str(tmp_path / "generate.jsonl")]) == 0
+
+
+def test_results_without_settings_are_refused(tokenizer: Any, trained_model: Any, tmp_path: Path) -> None:
+    (tmp_path / "old.jsonl").write_text('{"index": 0, "scores": {}, "error": null}\n', encoding="utf-8")
+    model = EditableCausalLM(trained_model, tokenizer)
+    with pytest.raises(ValueError, match="old.jsonl holds results without their settings"):
+        evaluate(model, load_files([ENZH]), EvalSettings(), tmp_path / "old.jsonl", progress=False)
+
+
+def test_an_item_whose_subject_is_refused_is_scored_unedited(tokenizer: Any, trained_model: Any) -> None:
+    record = ZsreRecord("the", "What is the capital of Marbrafi?", "Marbrafi's capital?", "Notes",
+                        "What is the capital of Dorzotho?", "Thoselno")
+    result = evaluate_item(EditableCausalLM(trained_model, tokenizer), 0, {"en": record},
+                           EvalSettings(mode="teacher_forced"), LafnConfig(layers=(0, 1)))
+    assert result["entry_id"] is None and "subject 'the' is refused" in result["error"]
+    assert set(result["scores"]["en"]) == {"reliability", "generality", "locality"}

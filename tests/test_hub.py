@@ -1,17 +1,42 @@
 from __future__ import annotations
 
+import fnmatch
 import json
+import logging
+import os
+import random
+import shutil
+import signal
+import stat
+import sys
+import time
+from collections import Counter
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
+from safetensors.torch import save_file
+from transformers import AutoModelForCausalLM
 
 from lafn_hf import BankEntry, EditableCausalLM, EditBank, LayerUpdate
 from lafn_hf import hub as hub_module
-from lafn_hf.hub import BANK_CONFIG_NAME, BANK_WEIGHTS_NAME, load_bank
+from lafn_hf.cli import main
+from lafn_hf.hub import (
+    BANK_CONFIG_NAME,
+    BANK_WEIGHTS_NAME,
+    FORMAT_VERSION,
+    BaseModelRef,
+    load_bank,
+    resolve_bank_dir,
+    save_bank,
+)
+from lafn_hf.models import materialize
 
 from .conftest import make_entry, random_model
+
+SMALL_BASE = BaseModelRef("acme/tiny", None, "llama", 32, 64, 3)
 
 
 def editable_with_entries(tokenizer: Any, count: int = 2) -> EditableCausalLM:
@@ -33,7 +58,7 @@ def test_round_trip_is_bit_exact(tokenizer: Any, tmp_path: Path) -> None:
             assert torch.equal(loaded.updates[layer].neurons, saved.updates[layer].neurons)
             assert torch.equal(loaded.updates[layer].delta, saved.updates[layer].delta)
     config = json.loads((tmp_path / "bank" / BANK_CONFIG_NAME).read_text())
-    assert config["format_version"] == 1 and config["library"] == "lafn-hf"
+    assert config["format_version"] == FORMAT_VERSION and config["library"] == "lafn-hf"
     card = (tmp_path / "bank" / "README.md").read_text()
     assert "library_name: lafn-hf" in card and "Subject1" in card
 
@@ -56,18 +81,24 @@ def test_truncated_file_raises_and_a_failed_save_keeps_the_old_bank(tokenizer: A
 
     broken = tmp_path / "broken"
     editable.save_pretrained(broken)
-    data = (broken / BANK_WEIGHTS_NAME).read_bytes()
-    (broken / BANK_WEIGHTS_NAME).write_bytes(data[: len(data) // 2])
+    weights = weights_file(broken)
+    data = weights.read_bytes()
+    weights.write_bytes(data[: len(data) // 2])
     with pytest.raises(ValueError, match="corrupted or truncated"):
         load_bank(broken)
 
-    def failing_save(*args: Any, **kwargs: Any) -> None:
-        raise OSError("disk full")
+    real_replace = os.replace
+
+    def failing_replace(source: Any, destination: Any) -> None:
+        if Path(destination).name == BANK_CONFIG_NAME:
+            raise OSError("disk full")
+        real_replace(source, destination)
 
     editable.add_entry(make_entry({"en": "Another"}, layers=(1,)))
-    monkeypatch.setattr(hub_module, "save_file", failing_save)
+    monkeypatch.setattr(hub_module.os, "replace", failing_replace)
     with pytest.raises(OSError, match="disk full"):
         editable.save_pretrained(target)
+    monkeypatch.undo()
     assert {p.name: p.read_bytes() for p in target.iterdir()} == before
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
 
@@ -121,8 +152,10 @@ def test_push_to_hub_uploads_the_bank_folder(tokenizer: Any, monkeypatch: pytest
     assert calls["token"] == "t0k"
     assert calls["create_repo"] == ("me/capitals", {"private": True, "exist_ok": True, "repo_type": "model"})
     assert calls["create_branch"][1]["branch"] == "v1"
-    assert calls["files"] == sorted(["README.md", BANK_CONFIG_NAME, BANK_WEIGHTS_NAME])
+    weights = [name for name in calls["files"] if fnmatch.fnmatch(name, "lafn_bank-*.safetensors")]
+    assert calls["files"] == sorted(["README.md", BANK_CONFIG_NAME, *weights]) and len(weights) == 1
     assert calls["upload"]["repo_id"] == "me/capitals" and calls["upload"]["revision"] == "v1"
+    assert calls["upload"]["delete_patterns"] == ["lafn_bank*.safetensors"]  # older weights go
     assert "2 edits" in calls["upload"]["commit_message"]
 
 
@@ -152,3 +185,399 @@ def test_overlapping_entries_add_up(tokenizer: Any) -> None:
     with torch.no_grad():
         twice = editable(ids).logits
     torch.testing.assert_close(twice, doubled, rtol=1e-5, atol=1e-5)
+
+
+# -- helpers ------------------------------------------------------------------------------------------
+needs_fork = pytest.mark.skipif(not hasattr(os, "fork") or sys.platform == "win32", reason="needs os.fork")
+BIG_BASE = BaseModelRef("acme/big", None, "llama", 16, 400_000, 4)
+
+
+def weights_file(directory: Path) -> Path:
+    found = sorted(directory.glob("lafn_bank*.safetensors"))
+    assert len(found) == 1, found
+    return found[0]
+
+
+def same_bank(a: EditBank, b: EditBank) -> bool:
+    if [e.id for e in a] != [e.id for e in b]:
+        return False
+    for x, y in zip(a, b):
+        if x.subjects != y.subjects or x.metadata != y.metadata or x.updates.keys() != y.updates.keys():
+            return False
+        if not all(torch.equal(x.updates[k].neurons, y.updates[k].neurons)
+                   and torch.equal(x.updates[k].delta, y.updates[k].delta) for k in x.updates):
+            return False
+    return True
+
+
+def big_bank(seed: int, entries: int = 3, neurons: int = 120_000) -> EditBank:
+    """About 8.6 MB of tensors."""
+    generator = torch.Generator().manual_seed(seed)
+    bank = EditBank()
+    for i in range(entries):
+        updates = {layer: LayerUpdate(torch.arange(neurons) * 3 + layer, torch.randn(neurons, generator=generator))
+                   for layer in (1, 2)}
+        bank.add(BankEntry({"en": f"Big{seed}x{i}"}, updates, {"targets": {"en": "x"}}, id=f"big{seed}-{i}"))
+    return bank
+
+
+def fork_save(target: Path, bank: EditBank, base: BaseModelRef, prepare: Callable[[], None] | None = None) -> int:
+    """Save in a forked child (file I/O only: the banks were built by the parent); returns its pid."""
+    pid = os.fork()
+    if pid == 0:
+        code = 1
+        try:
+            if prepare is not None:
+                prepare()
+            save_bank(target, bank, base)
+            code = 0
+        finally:
+            os._exit(code)  # never run pytest's teardown in the child
+    return pid
+
+
+def die_before_step(step: int) -> Callable[[], None]:
+    """In the child: SIGKILL itself just before its ``step``-th rename, unlink, rmdir or fsync."""
+    count = [0]
+
+    def counted(real: Callable[..., Any]) -> Callable[..., Any]:
+        def wrapper(*args: Any, **kwargs: Any) -> Any:
+            count[0] += 1
+            if count[0] == step:
+                os.kill(os.getpid(), signal.SIGKILL)
+            return real(*args, **kwargs)
+        return wrapper
+
+    def prepare() -> None:
+        for name in ("replace", "rename", "unlink", "rmdir", "fsync"):
+            setattr(os, name, counted(getattr(os, name)))
+
+    return prepare
+
+
+def assert_clean(target: Path, mode: int) -> None:
+    """Exactly one bank (config, one weights file, card), the user's file, no leftovers, same mode."""
+    names = sorted(p.name for p in target.iterdir())
+    weights = [n for n in names if n.endswith(".safetensors")]
+    assert len(weights) == 1 and set(names) - set(weights) == {BANK_CONFIG_NAME, "README.md", "notes.txt"}, names
+    assert [p.name for p in target.parent.iterdir()] == [target.name]
+    assert stat.S_IMODE(target.stat().st_mode) == mode
+
+
+# -- crash safety -------------------------------------------------------------------------------------
+@needs_fork
+def test_a_save_killed_at_every_step_leaves_the_old_or_the_new_bank(tmp_path: Path,
+                                                                   capsys: pytest.CaptureFixture[str]) -> None:
+    banks = {"A": EditBank([make_entry({"en": "Alpha"}, seed=1)]), "B": EditBank([make_entry({"en": "Beta"}, seed=2)])}
+    target = tmp_path / "bank"
+    save_bank(target, banks["A"], SMALL_BASE)
+    target.chmod(0o750)
+    (target / "notes.txt").write_text("mine")
+    current, kills = "A", 0
+    for step in range(1, 60):
+        name = "B" if current == "A" else "A"
+        _, status = os.waitpid(fork_save(target, banks[name], SMALL_BASE, die_before_step(step)), 0)
+        found = [k for k, bank in banks.items() if same_bank(load_bank(target)[0], bank)]
+        assert len(found) == 1, f"killed before step {step}: the directory holds neither bank"
+        if not os.WIFSIGNALED(status):
+            assert os.WEXITSTATUS(status) == 0 and found == [name]
+            break
+        kills += 1
+        current = found[0]
+    else:
+        pytest.fail("the save never completed")
+    with capsys.disabled():
+        print(f"\na save killed before each of its {kills} renames, fsyncs and unlinks: old or new bank every time")
+    assert kills >= 5
+    save_bank(target, banks[current], SMALL_BASE)
+    assert_clean(target, 0o750)
+
+
+@needs_fork
+def test_random_kills_during_large_saves_leave_the_old_or_the_new_bank(tmp_path: Path,
+                                                                     capsys: pytest.CaptureFixture[str]) -> None:
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # loading checks 8 MB of tensors 60 times; on a busy 2-core machine 1 thread is 10x faster
+    try:
+        run_random_kills(tmp_path / "bank", capsys)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def run_random_kills(target: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    banks = {"A": big_bank(1), "B": big_bank(2)}
+    save_bank(target, banks["A"], BIG_BASE)
+    target.chmod(0o750)
+    (target / "notes.txt").write_text("mine")
+    durations = []
+    for name in "BAB":
+        started = time.perf_counter()
+        assert os.waitpid(fork_save(target, banks[name], BIG_BASE), 0)[1] == 0
+        durations.append(time.perf_counter() - started)
+    full = sorted(durations)[1]  # fork + a whole save
+    rng = random.Random(20240617)
+    outcomes: Counter[str] = Counter()
+    current = "B"
+    for kill in range(60):
+        name = "A" if current == "B" else "B"
+        pid = fork_save(target, banks[name], BIG_BASE)
+        time.sleep(rng.uniform(0, min(0.3, 1.2 * full)))
+        os.kill(pid, signal.SIGKILL)
+        _, status = os.waitpid(pid, 0)
+        found = [k for k, bank in banks.items() if same_bank(load_bank(target)[0], bank)]
+        assert len(found) == 1, f"kill {kill}: the directory holds neither bank"
+        mid_save = os.WIFSIGNALED(status)
+        assert mid_save or found == [name]
+        phase = "killed mid-save" if mid_save else "finished first"
+        outcomes[f"{phase}: {'new' if found == [name] else 'old'}"] += 1
+        outcomes[f"bank {found[0]}"] += 1
+        current = found[0]
+        if kill % 10 == 9:  # a complete save removes what the killed ones left
+            save_bank(target, banks[current], BIG_BASE)
+            assert_clean(target, 0o750)
+    with capsys.disabled():
+        print(f"\n60 kills of a {weights_file(target).stat().st_size / 1e6:.1f} MB save ({full * 1000:.0f} ms): "
+              f"{dict(sorted(outcomes.items()))}")
+    assert sum(n for k, n in outcomes.items() if k.startswith("killed")) >= 10
+
+
+def test_save_refuses_a_file_or_a_symlink_and_keeps_permissions(tmp_path: Path) -> None:
+    bank = EditBank([make_entry({"en": "Alpha"})])
+    (tmp_path / "file").write_text("data")
+    with pytest.raises(ValueError, match="file is a regular file; an edit bank is a directory, refusing to replace it"):
+        save_bank(tmp_path / "file", bank, SMALL_BASE)
+    assert (tmp_path / "file").read_text() == "data"
+    real = tmp_path / "real"
+    save_bank(real, bank, SMALL_BASE)
+    (tmp_path / "link").symlink_to(real)
+    with pytest.raises(ValueError, match=r"link is a symlink \(to .*real\); refusing to save"):
+        save_bank(tmp_path / "link", EditBank(), SMALL_BASE)
+    assert (tmp_path / "link").is_symlink() and len(load_bank(real)[0]) == 1
+    real.chmod(0o751)
+    save_bank(real, EditBank([make_entry({"en": "Beta"}, seed=3)]), SMALL_BASE)
+    assert stat.S_IMODE(real.stat().st_mode) == 0o751
+    umask = os.umask(0)
+    os.umask(umask)
+    assert {p.name: stat.S_IMODE(p.stat().st_mode) for p in real.iterdir()} == {
+        p.name: 0o666 & ~umask for p in real.iterdir()}
+
+
+def test_format_1_banks_load_and_are_upgraded_by_the_next_save(tmp_path: Path) -> None:
+    entry = make_entry({"en": "Old"}, layers=(0, 2))
+    old = tmp_path / "old"
+    old.mkdir()
+    save_file({f"{entry.id}/{layer}/{kind}": getattr(update, kind) for layer, update in entry.updates.items()
+               for kind in ("neurons", "delta")}, str(old / BANK_WEIGHTS_NAME), metadata={"format": "pt"})
+    base = {"name_or_path": "acme/tiny", "revision": None, "model_type": "llama", "hidden_size": 32,
+            "intermediate_size": 64, "num_hidden_layers": 3}
+    (old / BANK_CONFIG_NAME).write_text(json.dumps({
+        "format_version": 1, "library": "lafn-hf", "library_version": "0.1.0", "base_model": base,
+        "entries": [{"id": entry.id, "subjects": entry.subjects, "layers": [0, 2], "metadata": entry.metadata}]}))
+    bank, ref = load_bank(old)
+    assert same_bank(bank, EditBank([entry])) and ref == SMALL_BASE
+    save_bank(old, bank, ref)
+    assert not (old / BANK_WEIGHTS_NAME).exists() and same_bank(load_bank(old)[0], bank)
+
+
+# -- integrity and strict parsing ---------------------------------------------------------------------
+def test_a_flipped_byte_in_the_weights_is_detected(tmp_path: Path) -> None:
+    save_bank(tmp_path / "bank", EditBank([make_entry({"en": "Alpha"})]), SMALL_BASE)
+    path = weights_file(tmp_path / "bank")
+    data = bytearray(path.read_bytes())
+    header_size = int.from_bytes(data[:8], "little")
+    header = json.loads(data[8: 8 + header_size])
+    start = next(v["data_offsets"][0] for k, v in header.items() if k.endswith("/delta"))
+    data[8 + header_size + start] ^= 0x01  # lowest mantissa bit of a float32 dV: still finite, still loads
+    path.write_bytes(bytes(data))
+    with pytest.raises(ValueError, match="is corrupted or truncated: its sha256 is [0-9a-f]{64}, lafn_config.json records"):
+        load_bank(tmp_path / "bank")
+
+
+def _set_version(value: str) -> Callable[[dict[str, Any]], str]:
+    def mutate(config: dict[str, Any]) -> str:
+        config["format_version"] = "@@"
+        return json.dumps(config).replace('"@@"', value)
+    return mutate
+
+
+def _entry(index: int, key: str, value: Any) -> Callable[[dict[str, Any]], None]:
+    return lambda config: config["entries"][index].__setitem__(key, value)
+
+
+def _top(key: str, value: Any) -> Callable[[dict[str, Any]], None]:
+    return lambda config: config.__setitem__(key, value)
+
+
+def _base(key: str, value: Any) -> Callable[[dict[str, Any]], None]:
+    return lambda config: config["base_model"].__setitem__(key, value)
+
+
+MALFORMED: dict[str, tuple[Callable[[dict[str, Any]], Any], str]] = {
+    "entries is a string": (_top("entries", "abc"), r'entries must be an array, got string "abc"'),
+    "an entry is a string": (lambda c: c["entries"].__setitem__(0, "abc"), r"entries\[0\] must be an object, got string"),
+    "format_version 1e400": (_set_version("1e400"), r"format_version must be an integer \(1, 2\), got number Infinity"),
+    "format_version string": (_set_version('"1"'), r'format_version must be an integer \(1, 2\), got string "1"'),
+    "format_version float": (_set_version("1.9"), r"format_version must be an integer \(1, 2\), got number 1.9"),
+    "format_version bool": (_set_version("true"), r"format_version must be an integer \(1, 2\), got true"),
+    "format_version 0": (_set_version("0"), r"format_version must be one of 1, 2, got 0"),
+    "format_version newer": (_set_version("3"), r"format_version 3 was written by a newer lafn-hf"),
+    "deep nesting": (lambda c: "[" * 100_000 + "]" * 100_000, r"is not valid JSON: nested too deeply"),
+    "not JSON": (lambda c: '{"entries": [', r"is not valid JSON"),
+    "top level is an array": (lambda c: "[]", r"the top level must be an object, got array"),
+    "a stored layer is not listed": (_entry(0, "layers", [0]),
+                                     r"entries\[0\]\.layers is \[0\] but the weights also store layer\(s\) \[1\]"),
+    "a layer is a bool": (_entry(0, "layers", [0, True]), r"entries\[0\]\.layers must be a non-empty array of distinct int"),
+    "a layer twice": (_entry(0, "layers", [0, 1, 1]), r"entries\[0\]\.layers must be a non-empty array of distinct int"),
+    "a layer out of range": (_entry(1, "layers", [1, 7]),
+                             r"entries\[1\]\.layers: layer 7 is out of range for base_model\.num_hidden_layers 3"),
+    "layers missing": (lambda c: c["entries"][1].__delitem__("layers"), r"entries\[1\]\.layers is missing"),
+    "subjects a string": (_entry(0, "subjects", "x"), r"entries\[0\]\.subjects must be an object mapping languages"),
+    "empty subject": (_entry(0, "subjects", {"en": " "}), r"entries\[0\]\.subjects must be an object mapping languages"),
+    "id a number": (_entry(1, "id", 5), r"entries\[1\]\.id must be a string of 1-64 letters, digits, _ or -, got number 5"),
+    "id not allowed": (_entry(1, "id", "a b"), r"entries\[1\]\.id must be a string of 1-64 letters, digits, _ or -"),
+    "id used twice": (lambda c: c["entries"][1].__setitem__("id", c["entries"][0]["id"]),
+                      r"entries\[1\]\.id '.*' is already used by entries\[0\]"),
+    "metadata a list": (_entry(0, "metadata", []), r"entries\[0\]\.metadata must be an object, got array"),
+    "base_model a list": (_top("base_model", []), r"base_model must be an object, got array"),
+    "model_type missing": (lambda c: c["base_model"].__delitem__("model_type"), r"base_model\.model_type is missing"),
+    "hidden_size a string": (_base("hidden_size", "32"), r'base_model\.hidden_size must be a positive integer, got string'),
+    "revision a number": (_base("revision", 3), r"base_model\.revision must be a string or null"),
+    "sha256 malformed": (_top("weights_sha256", "xyz"), r'weights_sha256 must be 64 lowercase hex digits, got string "xyz"'),
+    "weights_file outside": (_top("weights_file", "../lafn_bank-0123456789abcdef.safetensors"), r"weights_file must be"),
+    "weights_file not the sha's": (_top("weights_file", "lafn_bank-0123456789abcdef.safetensors"),
+                                   r"weights_file 'lafn_bank-0123456789abcdef\.safetensors' does not match weights_sha256"),
+}
+
+
+@pytest.mark.parametrize("case", list(MALFORMED))
+def test_every_malformed_config_raises_value_error_naming_the_field(tmp_path: Path, case: str) -> None:
+    bank = EditBank([make_entry({"en": "Alpha"}, layers=(0, 1), seed=1), make_entry({"en": "Beta"}, seed=2)])
+    save_bank(tmp_path / "bank", bank, SMALL_BASE)
+    config_path = tmp_path / "bank" / BANK_CONFIG_NAME
+    config = json.loads(config_path.read_text())
+    mutate, message = MALFORMED[case]
+    text = mutate(config)
+    config_path.write_text(text if isinstance(text, str) else json.dumps(config))
+    with pytest.raises(ValueError, match=message):
+        load_bank(tmp_path / "bank")
+
+
+# -- sharing the base model reference -----------------------------------------------------------------
+def test_the_base_model_is_recorded_by_its_hub_id_when_known(tokenizer: Any, tmp_path: Path) -> None:
+    model = random_model("llama", len(tokenizer))
+    snapshot = tmp_path / "hub" / "models--acme--tiny-llama" / "snapshots" / ("a1" * 20)
+    model.save_pretrained(snapshot)
+    tokenizer.save_pretrained(snapshot)
+    ref = BaseModelRef.from_model(AutoModelForCausalLM.from_pretrained(snapshot))
+    assert (ref.name_or_path, ref.revision) == ("acme/tiny-llama", "a1" * 20) and ref.is_hub_id
+
+    model.config._name_or_path = "acme/loaded-by-id"
+    assert BaseModelRef.from_model(model).name_or_path == "acme/loaded-by-id"
+
+    offline = tmp_path / "gemma-3-270m"  # an already materialised offline model (built before this change)
+    model.save_pretrained(offline)
+    tokenizer.save_pretrained(offline)
+    (offline / ".lafn_complete").write_text("ok\n")
+    assert materialize("gemma-3-270m", cache_dir=offline) == offline
+    editable = EditableCausalLM.from_pretrained(offline)
+    assert (editable.base_ref.name_or_path, editable.base_ref.revision) == ("google/gemma-3-270m", None)
+
+
+def test_the_base_model_can_be_set_on_save_and_push_and_overridden_on_load(
+        tokenizer: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    random_model("llama", len(tokenizer)).save_pretrained(tmp_path / "base")
+    tokenizer.save_pretrained(tmp_path / "base")
+    editable = EditableCausalLM.from_pretrained(tmp_path / "base")
+    editable.add_entry(make_entry({"en": "Marbrafi"}))
+    assert editable.base_ref.name_or_path == str(tmp_path / "base")  # a local path: loads only here
+
+    editable.save_pretrained(tmp_path / "shared", base_model="acme/tiny@v2")
+    recorded = json.loads((tmp_path / "shared" / BANK_CONFIG_NAME).read_text())["base_model"]
+    assert (recorded["name_or_path"], recorded["revision"]) == ("acme/tiny", "v2")
+    assert "base_model: acme/tiny\n" in (tmp_path / "shared" / "README.md").read_text()
+    with pytest.raises(ValueError, match="base_model must be a Hub id"):
+        editable.save_pretrained(tmp_path / "x", base_model="not a repo")
+
+    uploaded: list[str] = []
+
+    class StubApi:
+        def __init__(self, token: str | None = None) -> None:
+            pass
+
+        def create_repo(self, repo_id: str, **kwargs: Any) -> None:
+            pass
+
+        def upload_folder(self, **kwargs: Any) -> str:
+            uploaded.append(json.loads((Path(kwargs["folder_path"]) / BANK_CONFIG_NAME).read_text())
+                            ["base_model"]["name_or_path"])
+            return "url"
+
+    monkeypatch.setattr(hub_module, "HfApi", StubApi)
+    with caplog.at_level(logging.WARNING, logger="lafn_hf.hub"):
+        editable.push_to_hub("me/bank")
+    assert "base model is the local path" in caplog.text and "base_model='org/name'" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="lafn_hf.hub"):
+        editable.push_to_hub("me/bank", base_model="acme/tiny")
+    assert caplog.text == "" and uploaded == [str(tmp_path / "base"), "acme/tiny"]
+
+    editable.save_pretrained(tmp_path / "local")
+    assert main(["push", str(tmp_path / "local"), "me/bank", "--dry-run", "--base-model", "acme/tiny@v3"]) == 0
+    assert "would push 1 edit(s) for acme/tiny@v3 to me/bank" in capsys.readouterr().out
+
+    (tmp_path / "base").rename(tmp_path / "moved")  # the bank now names a folder that is gone
+    with pytest.raises(ValueError, match="which does not exist here; pass base_model="):
+        EditableCausalLM.from_pretrained(tmp_path / "local")
+    reloaded = EditableCausalLM.from_pretrained(tmp_path / "local", base_model=str(tmp_path / "moved"))
+    assert same_bank(reloaded.bank, editable.bank)
+    ids = tokenizer(["The capital of Marbrafi is"], return_tensors="pt")["input_ids"]
+    with torch.no_grad():
+        assert torch.equal(reloaded(ids).logits, editable(ids).logits)
+    with pytest.raises(ValueError, match="base_model= only applies when loading an edit bank"):
+        EditableCausalLM.from_pretrained(tmp_path / "moved", base_model="acme/tiny")
+
+
+def test_hub_download_fetches_the_bank_files(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    bank = EditBank([make_entry({"en": "Alpha"})])
+    save_bank(tmp_path / "repo", bank, SMALL_BASE)
+    (tmp_path / "repo" / "unrelated.bin").write_bytes(b"x")
+
+    def fake_snapshot_download(repo_id: str, *, revision: str | None, token: str | None,
+                               allow_patterns: list[str]) -> str:
+        out = tmp_path / "snapshot"
+        out.mkdir()
+        for path in (tmp_path / "repo").iterdir():
+            if any(fnmatch.fnmatch(path.name, pattern) for pattern in allow_patterns):
+                shutil.copy(path, out / path.name)
+        return str(out)
+
+    monkeypatch.setattr(hub_module, "snapshot_download", fake_snapshot_download)
+    local = resolve_bank_dir("me/bank")
+    assert same_bank(load_bank(local)[0], bank) and not (local / "unrelated.bin").exists()
+
+
+# -- sizes are checked wherever entries enter ---------------------------------------------------------
+def test_entries_that_do_not_fit_the_model_are_refused_wherever_they_enter(tokenizer: Any) -> None:
+    model = random_model("llama", len(tokenizer))  # 3 layers, intermediate size 64
+    deep = make_entry({"en": "Marbrafi"}, layers=(5,))
+    wide = BankEntry({"en": "Marbrafi"}, {1: LayerUpdate(torch.tensor([3, 64]), torch.ones(2))}, id="wide")
+    deep_message = rf"entry '{deep.id}': layer 5 is out of range for a model with num_hidden_layers 3"
+    wide_message = r"entry 'wide': layer 1: neuron index 64 is out of range for intermediate_size 64"
+    with pytest.raises(ValueError, match=deep_message):
+        EditableCausalLM(model, tokenizer, bank=EditBank([deep]))
+    good = make_entry({"en": "Marbrafi"})
+    bank = EditBank([good])
+    editable = EditableCausalLM(model, tokenizer, bank=bank)  # the failed wrapper left no hooks behind
+    with pytest.raises(ValueError, match=wide_message):
+        editable.bank.add(wide)
+    with pytest.raises(ValueError, match=deep_message):
+        editable.add_entry(deep)
+    with pytest.raises(ValueError, match=wide_message):
+        editable.set_bank(EditBank([make_entry({"en": "Other"}), wide]))
+    with pytest.raises(ValueError, match=wide_message):
+        editable.bank.merge(EditBank([wide]))
+    assert editable.bank is bank and [e.id for e in bank] == [good.id]
+    ids = tokenizer(["The capital of Marbrafi is"], return_tensors="pt")["input_ids"]
+    with torch.no_grad():
+        editable(ids)

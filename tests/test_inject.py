@@ -156,3 +156,18 @@ def test_unsupported_model_raises(tokenizer: Any) -> None:
 
     with pytest.raises(TypeError, match="model_type 'gpt2' is not supported"):
         EditableCausalLM(GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=16, n_head=2)), tokenizer)
+
+
+def test_from_pretrained_loads_float32_on_a_cpu_machine(tokenizer: Any, tmp_path: Any) -> None:
+    random_base_bf16 = random_model_bf16(len(tokenizer))
+    random_base_bf16.save_pretrained(tmp_path / "base")
+    tokenizer.save_pretrained(tmp_path / "base")
+    expected = torch.bfloat16 if torch.cuda.is_available() else torch.float32
+    assert EditableCausalLM.from_pretrained(tmp_path / "base").dtype == expected
+    assert EditableCausalLM.from_pretrained(tmp_path / "base", dtype=torch.bfloat16).dtype == torch.bfloat16
+
+
+def random_model_bf16(vocab_size: int) -> Any:
+    from .conftest import random_model
+
+    return random_model("llama", vocab_size).to(torch.bfloat16)

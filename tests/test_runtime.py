@@ -139,3 +139,19 @@ def test_beam_reordering_moves_each_rows_reading_with_it(tokenizer: Any) -> None
     for row, source in enumerate((1, 0)):
         full, _ = forward_logits(editable, rows[source] + subject_ids)
         torch.testing.assert_close(stepped[row], full[len(rows[source]):], rtol=1e-4, atol=1e-5)
+
+
+def test_threads_adding_and_removing_entries_keep_the_bank_and_its_snapshots_whole(tokenizer: Any) -> None:
+    editable = EditableCausalLM(random_model("llama", len(tokenizer)), tokenizer)
+
+    def add_then_remove_half(worker: int) -> None:
+        ids = [editable.add_entry(make_entry({"en": f"Name{worker}x{i}"}, seed=i)) for i in range(50)]
+        for entry_id in ids[::2]:
+            editable.remove_edit(entry_id)
+            editable(input_ids=torch.tensor([[1, 5, 6]]))  # compile snapshots while others change the bank
+
+    with ThreadPoolExecutor(4) as pool:
+        list(pool.map(add_then_remove_half, range(4)))
+    assert len(editable.bank) == 100 and editable.bank.version == 300
+    compiled = editable._injector.compiled(torch.device("cpu"))
+    assert compiled.version[1] == 300 and len(compiled.matcher) == 100
