@@ -13,6 +13,7 @@ import unicodedata
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from .matcher import SubjectMatcher
 from .stopwords import is_stop_word
 from .text import clean_subject, is_spaceless_char, is_word_char
 
@@ -85,12 +86,14 @@ class LanguageEdit:
         object.__setattr__(self, "paraphrases", tuple(dict.fromkeys(paraphrases)))
         if not isinstance(self.allow_common_subject, bool):
             raise TypeError(f"allow_common_subject must be a bool, got {type(self.allow_common_subject).__name__}")
-        if self.subject not in self.prompt:
-            raise ValueError(f"subject {self.subject!r} does not occur in prompt {self.prompt!r} (NFC, exact)")
-        lacking = [p for p in self.paraphrases if self.subject not in p]
+        matcher = SubjectMatcher([self.subject])
+        if not matcher.find(self.prompt):
+            raise ValueError(f"subject {self.subject!r} does not occur in prompt {self.prompt!r} as inference matches "
+                             "it (exact after NFC, as a whole word in scripts written with spaces)")
+        lacking = [p for p in self.paraphrases if not matcher.find(p)]
         if lacking:
             logger.warning(
-                "%d paraphrase(s) lack subject %r; they are used for locating only: %r",
+                "%d paraphrase(s) lack subject %r (as a whole word); they are used for locating only: %r",
                 len(lacking),
                 self.subject,
                 lacking[:3],

@@ -89,3 +89,12 @@ def test_min_target_probability_is_checked_and_serialised() -> None:
     assert json.loads(config.to_json())["min_target_probability"] == 0.0
     with pytest.raises(ValueError, match="min_target_probability must be in \\[0, 1\\), got 1.5"):
         LafnConfig(min_target_probability=1.5)
+
+
+def test_the_subject_must_occur_in_the_prompt_as_inference_matches_it() -> None:
+    with pytest.raises(ValueError, match="does not occur in prompt 'The Romeo and Juliet balcony is in' as inference"):
+        LanguageEdit("The Romeo and Juliet balcony is in", "Rome", "Verona")
+    edit = LanguageEdit("Where is Rome? In", "Rome", "Italy", paraphrases=("Rome's country is", "Romeo lives in"))
+    assert edit.subject == "Rome"
+    LanguageEdit("埃菲尔铁塔位于", "埃菲尔铁塔", "罗马")  # no word boundaries in spaceless scripts
+    LanguageEdit("Der Eif\u00adfelturm steht in", "Eiffelturm", "Rom")  # a soft hyphen does not hide it
