@@ -61,11 +61,16 @@ def _readers(cache: Any) -> list[RowReader]:
     return list(getattr(cache, _READERS, None) or [])
 
 
-def _reorder_cache(cache: Any, beam_idx: Any) -> Any:
-    result = type(cache).reorder_cache(cache, beam_idx)
+def _select_readers(cache: Any, rows: Any) -> None:
+    """Readers of ``rows`` (a tensor of row indices, repeats allowed: each gets its own copy)."""
     readers = _readers(cache)
     if readers:
-        setattr(cache, _READERS, [readers[int(i)].clone() for i in beam_idx.tolist()])
+        setattr(cache, _READERS, [readers[int(i)].clone() for i in rows.tolist()])
+
+
+def _reorder_cache(cache: Any, beam_idx: Any) -> Any:
+    result = type(cache).reorder_cache(cache, beam_idx)
+    _select_readers(cache, beam_idx)
     return result
 
 
@@ -83,9 +88,7 @@ def _batch_repeat_interleave(cache: Any, repeats: int) -> Any:
 
 def _batch_select_indices(cache: Any, indices: Any) -> Any:
     result = type(cache).batch_select_indices(cache, indices)
-    readers = _readers(cache)
-    if readers:
-        setattr(cache, _READERS, [readers[int(i)].clone() for i in indices.tolist()])
+    _select_readers(cache, indices)
     return result
 
 
