@@ -1,0 +1,63 @@
+"""``lafn bench`` on the MzsRE dev split: LAFN and the baselines side by side, per language set.
+
+Reads ../shared/data/mzsre-dev/mzsre_dev_en{xx}.json (343 items per pair, aligned by index; never copied
+into the repository). Language sets: en+zh, en+de, en+fr, en+zh+de. Each set is one resumable run in
+OUT/<set>/ (results.jsonl, summary.json, tables.md, plot.png); the script prints each set's answer-hit
+table and the wall time. Rerunning resumes; other settings need --fresh or another --out.
+
+    python benchmarks/bench_mzsre.py --model gemma-3-270m --limit 100 --out bench-mzsre
+    python benchmarks/bench_mzsre.py --model tiny-bilingual --limit 2 --sets en+zh --out /tmp/smoke   # smoke run
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+
+import torch
+
+from lafn_hf import LafnConfig
+from lafn_hf.bench import BenchSettings, build_methods, markdown_table, run_benchmark
+from lafn_hf.cli import _load_model
+from lafn_hf.zsre import load_files
+
+DATA_DIR = Path(__file__).resolve().parents[2] / "shared" / "data" / "mzsre-dev"
+SETS = ("en+zh", "en+de", "en+fr", "en+zh+de")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="gemma-3-270m", help="as for lafn: gemma-3-270m, tiny-bilingual, a path")
+    parser.add_argument("--data-dir", type=Path, default=DATA_DIR, help=f"default: {DATA_DIR}")
+    parser.add_argument("--sets", default=",".join(SETS), help=f"comma-separated language sets (default: {','.join(SETS)})")
+    parser.add_argument("--methods", default="lafn,unedited,in-context", help="add lora when peft is installed")
+    parser.add_argument("--limit", type=int, default=100, help="first N dev items per set (default 100)")
+    parser.add_argument("--mode", choices=["generate", "teacher_forced"], default="generate")
+    parser.add_argument("--locate-strategy", choices=["paraphrases", "single", "all", "random"], default="paraphrases")
+    parser.add_argument("--layers", help="comma-separated edit layers (default: the modeling/ table's)")
+    parser.add_argument("--threads", type=int, help="torch CPU threads (1 avoids oversubscription on a busy machine)")
+    parser.add_argument("--out", type=Path, default=Path("bench-mzsre"))
+    parser.add_argument("--fresh", action="store_true", help="start new results files (old ones kept renamed)")
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    layers = tuple(int(x) for x in args.layers.split(",")) if args.layers else None
+    config = LafnConfig(layers=layers, locate_strategy=args.locate_strategy)
+    model = _load_model(args.model)
+    methods = build_methods(args.methods.split(","), model, config)
+    settings = BenchSettings(mode=args.mode, limit=args.limit)
+    started = time.perf_counter()
+    for name in args.sets.split(","):
+        languages = name.split("+")
+        files = [args.data_dir / f"mzsre_dev_en{lang}.json" for lang in languages if lang != "en"]
+        items = load_files(files, languages)
+        begun = time.perf_counter()
+        summary = run_benchmark(model, items, methods, args.out / name, settings, fresh=args.fresh)
+        print(f"\n## {name} ({args.model})\n\n{markdown_table(summary)}\n\n{time.perf_counter() - begun:.0f}s; "
+              f"contains / F1 tables: {args.out / name / 'tables.md'}")
+    print(f"\ntotal wall time {time.perf_counter() - started:.0f}s")
+
+
+if __name__ == "__main__":
+    main()

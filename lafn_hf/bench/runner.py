@@ -1,0 +1,338 @@
+"""Run several editing methods on the same items with the same protocol, resumably.
+
+Per item: the unedited model's answers to every question are computed once (the Locality reference);
+then for each method: apply the item's edit group (``lafn_hf.zsre.edit_group``: every language whose
+subject occurs in its question) -> answer the item's questions in every language -> roll back.
+Questions per language: ``src`` (Reliability), ``rephrase`` (Generality), ``loc`` (Locality), the
+Locality-Hard questions about the same subject (``locality_hard.json``) and the portability question.
+
+Results are appended to a JSONL file whose first line holds the settings they depend on (model, dtype,
+methods and their settings, languages, mode, decoding budget, a hash of the items and of the
+Locality-Hard set; not ``limit``). A rerun with the same settings resumes; a rerun with other settings
+raises ``ValueError`` naming the differing keys; ``fresh=True`` starts a new file (the old one kept renamed).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import asdict, dataclass
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+from tqdm.auto import tqdm
+
+from ..config import EditGroup
+from ..evaluate import answer_ids
+from ..matcher import SubjectMatcher
+from ..model import EditableCausalLM
+from ..zsre import Item, edit_group
+from .methods import EditMethod, UneditedMethod
+from .metrics import answer_hit, contains, same_answer, token_f1
+
+logger = logging.getLogger(__name__)
+FORMAT = 1
+KINDS = ("reliability", "generality", "locality", "locality_hard", "portability")
+LOCALITY_KINDS = ("locality", "locality_hard")
+REFERENCE = "_unedited_reference"
+#: index -> language -> (subject, questions)
+LocalityHard = dict[int, dict[str, tuple[str, list[str]]]]
+
+
+@dataclass(frozen=True)
+class BenchSettings:
+    """Answer mode, decoding budget and an item limit.
+
+    ``mode``: ``generate`` (greedy ``generate()``, cut at EOS or a line break after the answer began) or
+    ``teacher_forced`` (argmax at each gold position; the secondary mode). In generate mode a question with a
+    gold answer gets len(gold tokens) + ``margin`` new tokens; a Locality-Hard question (no gold) gets
+    ``free_tokens``.
+    """
+
+    mode: str = "generate"
+    margin: int = 2
+    free_tokens: int = 10
+    limit: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.mode not in ("generate", "teacher_forced"):
+            raise ValueError(f"mode must be 'generate' or 'teacher_forced', got {self.mode!r}")
+        if self.margin < 0 or self.free_tokens < 1 or (self.limit is not None and self.limit < 1):
+            raise ValueError(f"margin must be >= 0, free_tokens >= 1 and limit >= 1, got {self}")
+
+
+@dataclass(frozen=True)
+class Question:
+    """One question of an item: ``gold`` is the expected answer (None for Locality-Hard)."""
+
+    kind: str
+    lang: str
+    text: str
+    subject: str
+    gold: str | None
+    subject_found: bool
+
+
+def load_locality_hard(path: str | os.PathLike[str] | None = None) -> LocalityHard:
+    """The Locality-Hard set (default: the one shipped for the MzsRE dev split)."""
+    if path is None:
+        text = (resources.files("lafn_hf.bench") / "data" / "locality_hard.json").read_text("utf-8")
+    else:
+        text = Path(path).read_text("utf-8")
+    data = json.loads(text)
+    hard: LocalityHard = {}
+    for entry in data["items"]:
+        for lang, side in entry.items():
+            if isinstance(side, dict):
+                if not isinstance(side.get("subject"), str) or not isinstance(side.get("questions"), list):
+                    raise ValueError(f"locality-hard item {entry.get('index')} {lang!r}: needs subject and questions")
+                hard.setdefault(int(entry["index"]), {})[lang] = (side["subject"], [str(q) for q in side["questions"]])
+    return hard
+
+
+def item_questions(index: int, item: Item, hard: LocalityHard) -> list[Question]:
+    """The item's questions, language by language; Locality-Hard ones only where the subject is the item's."""
+    questions = []
+    for lang, record in item.items():
+        asked: list[tuple[str, str, str | None]] = [
+            ("reliability", record.src, record.alt), ("generality", record.rephrase, record.alt),
+            ("locality", record.loc, record.loc_ans)]
+        subject, hard_questions = hard.get(index, {}).get(lang, ("", []))
+        if subject == record.subject:
+            asked += [("locality_hard", q, None) for q in hard_questions]
+        if record.portability_question and record.portability_answer:
+            asked.append(("portability", record.portability_question, record.portability_answer))
+        matcher = SubjectMatcher([record.subject])
+        questions += [Question(kind, lang, text, record.subject, gold, bool(matcher.find(text)))
+                      for kind, text, gold in asked]
+    return questions
+
+
+def _sha256(data: Any) -> str:
+    return hashlib.sha256(json.dumps(data, sort_keys=True, ensure_ascii=False, default=str).encode()).hexdigest()
+
+
+def run_settings(model: EditableCausalLM, items: Sequence[Item], methods: Sequence[EditMethod], settings: BenchSettings,
+                 hard: LocalityHard) -> dict[str, Any]:
+    """What the results depend on (``limit`` aside); the results file is keyed on it."""
+    return {"format": FORMAT, "model": model.base_ref.name_or_path, "dtype": str(next(model.parameters()).dtype),
+            "methods": {m.name: m.settings() for m in methods},
+            "languages": sorted({lang for item in items for lang in item}),
+            "mode": settings.mode, "margin": settings.margin, "free_tokens": settings.free_tokens,
+            "items_sha256": _sha256([{lang: asdict(r) for lang, r in item.items()} for item in items]),
+            "locality_hard_sha256": _sha256({str(k): v for k, v in sorted(hard.items())})}
+
+
+def _flatten(data: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    flat: dict[str, Any] = {}
+    for key, value in data.items():
+        if isinstance(value, Mapping) and value:
+            flat.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+def settings_difference(stored: Mapping[str, Any], current: Mapping[str, Any]) -> list[str]:
+    """One line per differing (dotted) key: ``"mode: 'generate' there, 'teacher_forced' now"``."""
+    old, new = _flatten(stored), _flatten(current)
+
+    def show(value: Any) -> str:
+        text = "absent" if value is _ABSENT else repr(value)
+        return text if len(text) <= 60 else text[:57] + "..."
+
+    return [f"{key}: {show(old.get(key, _ABSENT))} there, {show(new.get(key, _ABSENT))} now"
+            for key in sorted(set(old) | set(new)) if old.get(key, _ABSENT) != new.get(key, _ABSENT)]
+
+
+_ABSENT = object()
+
+
+def open_results(path: str | os.PathLike[str], settings: dict[str, Any], fresh: bool = False) -> list[dict[str, Any]]:
+    """Records already in ``path`` under ``settings``; starts the file (header line) when there are none.
+
+    Other settings raise ``ValueError`` naming the differing keys. With ``fresh`` a new file is started and
+    an old one is kept renamed to ``<stem>.<its settings hash>.jsonl``.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    header = {"lafn_bench": FORMAT, "settings": settings, "settings_sha256": _sha256(settings)}
+    text = path.read_text("utf-8") if path.is_file() else ""
+    if text and not text.endswith("\n"):  # an interrupted write: drop its partial line before appending
+        logger.warning("dropping a truncated last line of %s", path)
+        text = text[: text.rfind("\n") + 1]
+        path.write_text(text, encoding="utf-8")
+    lines = text.splitlines()
+    if lines:
+        try:
+            stored = json.loads(lines[0])
+            stored_settings = stored["settings"]
+        except (ValueError, KeyError, TypeError):
+            stored, stored_settings = {}, None
+        if fresh or stored_settings != settings:
+            if fresh:
+                old = path.with_name(f"{path.stem}.{str(stored.get('settings_sha256', 'unknown'))[:12]}{path.suffix}")
+                counter = 1
+                while old.exists():
+                    old, counter = old.with_name(f"{old.stem}-{counter}{old.suffix}"), counter + 1
+                path.rename(old)
+                logger.warning("--fresh: kept the old results as %s", old)
+                lines = []
+            else:
+                why = ("it has no lafn bench settings line" if stored_settings is None
+                       else "; ".join(settings_difference(stored_settings, settings)))
+                raise ValueError(f"{path} holds results of other settings ({why}). Rerun with those settings to "
+                                 "resume, pass --fresh (fresh=True) to start a new file (the old one is kept "
+                                 "renamed), or choose another --out")
+    if not lines:
+        path.write_text(json.dumps(header, sort_keys=True, ensure_ascii=False) + "\n", encoding="utf-8")
+        return []
+    records = []
+    for line in lines[1:]:
+        try:
+            records.append(json.loads(line))
+        except ValueError:
+            logger.warning("ignoring a truncated line in %s", path)
+    return records
+
+
+def _append(path: Path, record: dict[str, Any]) -> None:
+    with path.open("a", encoding="utf-8") as handle:
+        handle.write(json.dumps(record, ensure_ascii=False, sort_keys=True) + "\n")
+        handle.flush()
+        os.fsync(handle.fileno())
+
+
+def _reference(index: int, questions: Sequence[Question], unedited: UneditedMethod,
+               settings: BenchSettings) -> dict[str, Any]:
+    """The unedited answers (Locality's reference) and each question's gold tokens."""
+    tokenizer = unedited.model.tokenizer
+    golds, ids = [], []
+    for q in questions:
+        if q.gold is not None:
+            gold = answer_ids(tokenizer, q.text, q.gold)
+        elif settings.mode == "teacher_forced":  # Locality-Hard: the unedited greedy answer is the gold
+            gold = unedited.predict(q.text, q.lang, "generate", (), settings.free_tokens)
+        else:
+            gold = []
+        golds.append(gold)
+        ids.append(unedited.predict(q.text, q.lang, settings.mode, gold, _budget(gold, q, settings)))
+    return {"index": index, "method": REFERENCE, "gold": golds, "ids": ids,
+            "answers": [unedited.decode(i) for i in ids]}
+
+
+def _budget(gold: Sequence[int], question: Question, settings: BenchSettings) -> int:
+    return settings.free_tokens if question.gold is None else len(gold) + settings.margin
+
+
+def score(question: Question, ids: Sequence[int], answer: str, reference: dict[str, Any], position: int,
+          mode: str) -> dict[str, Any]:
+    """hit / contains / F1 of one answer; for Locality(-Hard) hit = contains = "same as unedited"."""
+    gold, ref_ids = reference["gold"][position], reference["ids"][position]
+    if question.kind in LOCALITY_KINDS:
+        if mode == "teacher_forced":
+            local = list(ids) == list(ref_ids)
+        else:
+            local = same_answer(answer, reference["answers"][position])
+        return {"kind": question.kind, "lang": question.lang, "answer": answer, "hit": local, "contains": local,
+                "f1": token_f1(list(ids), list(ref_ids))}
+    target = question.gold or ""
+    return {"kind": question.kind, "lang": question.lang, "answer": answer, "hit": answer_hit(answer, target),
+            "contains": contains(answer, target), "f1": token_f1(list(ids), list(gold))}
+
+
+def run_method(method: EditMethod, index: int, group: EditGroup | None, group_error: str | None,
+               questions: Sequence[Question], reference: dict[str, Any], settings: BenchSettings) -> dict[str, Any]:
+    """Apply ``group`` with ``method``, answer ``questions``, roll back; one result record."""
+    record: dict[str, Any] = {"index": index, "method": method.name, "edited": [], "error": group_error, "info": {}}
+    handle = None
+    if group is not None:
+        try:
+            handle = method.apply(group)
+            record["edited"], record["info"] = sorted(group.edits), handle.info
+        except (ValueError, RuntimeError) as error:  # e.g. EditFailedError: answered unedited, counted
+            record["error"] = f"{type(error).__name__}: {error}"
+    try:
+        scores = []
+        for position, q in enumerate(questions):
+            gold = reference["gold"][position]
+            ids = method.predict(q.text, q.lang, settings.mode, gold, _budget(gold, q, settings))
+            scores.append(score(q, ids, method.decode(ids), reference, position, settings.mode))
+    finally:
+        if handle is not None:
+            method.rollback(handle)
+    record["scores"] = scores
+    return record
+
+
+def _group(item: Item) -> tuple[EditGroup | None, str | None]:
+    try:
+        group = edit_group(item)
+    except (ValueError, TypeError) as error:  # a refused subject (too short or too common)
+        return None, f"{type(error).__name__}: {error}"
+    return group, None if group is not None else "no language's subject occurs in its question"
+
+
+def run_bench(model: EditableCausalLM, items: Sequence[Item], methods: Sequence[EditMethod],
+              results_path: str | os.PathLike[str], settings: BenchSettings | None = None, *,
+              locality_hard: LocalityHard | None = None, fresh: bool = False, progress: bool = True,
+              on_record: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
+    """Run (or resume) the benchmark; returns ``report.summarize``'s summary of the first ``limit`` items."""
+    from .report import summarize
+
+    settings = settings or BenchSettings()
+    if len(model.bank):
+        raise ValueError(f"lafn bench needs a model with an empty bank, this one holds {len(model.bank)} entries")
+    names = [m.name for m in methods]
+    if not names or len(set(names)) != len(names) or REFERENCE in names:
+        raise ValueError(f"methods must be a non-empty list of distinct methods, got {names}")
+    hard = load_locality_hard() if locality_hard is None else locality_hard
+    path = Path(results_path)
+    done: dict[tuple[int, str], dict[str, Any]] = {}
+    for record in open_results(path, run_settings(model, items, methods, settings, hard), fresh):
+        done[(int(record["index"]), record["method"])] = record
+    items = list(items)[: settings.limit] if settings.limit else list(items)
+    unedited = UneditedMethod(model)
+    for index in tqdm(range(len(items)), desc="lafn bench", disable=not progress):
+        pending = [m for m in methods if (index, m.name) not in done]
+        if not pending:
+            continue
+        questions = item_questions(index, items[index], hard)
+        if (index, REFERENCE) not in done:
+            done[(index, REFERENCE)] = _reference(index, questions, unedited, settings)
+            _append(path, done[(index, REFERENCE)])
+        group, group_error = _group(items[index])
+        for method in pending:
+            record = run_method(method, index, group, group_error, questions, done[(index, REFERENCE)], settings)
+            done[(index, method.name)] = record
+            _append(path, record)
+            if on_record is not None:
+                on_record(record)
+    records = [done[(i, name)] for i in range(len(items)) for name in names]
+    questions_of = [item_questions(i, item, hard) for i, item in enumerate(items)]
+    return summarize(records, questions_of, names, settings)
+
+
+def run_benchmark(model: EditableCausalLM, items: Sequence[Item], methods: Sequence[EditMethod],
+                  out_dir: str | os.PathLike[str], settings: BenchSettings | None = None, *,
+                  locality_hard: LocalityHard | None = None, fresh: bool = False, progress: bool = True,
+                  plot: bool = True) -> dict[str, Any]:
+    """``run_bench`` into ``out_dir``: ``results.jsonl`` (resumable), ``summary.json``, ``tables.md`` (hit,
+    contains and F1 tables) and ``plot.png`` (answer hit; skipped with a warning without matplotlib)."""
+    from .report import SCORES, markdown_table, plot_summary, write_summary
+
+    out = Path(out_dir)
+    summary = run_bench(model, items, methods, out / "results.jsonl", settings, locality_hard=locality_hard,
+                        fresh=fresh, progress=progress)
+    write_summary(summary, out / "summary.json")
+    (out / "tables.md").write_text("\n\n".join(markdown_table(summary, s) for s in SCORES) + "\n", encoding="utf-8")
+    if plot:
+        try:
+            plot_summary(summary, out / "plot.png")
+        except ImportError as error:
+            logger.warning("no plot: %s", error)
+    return summary

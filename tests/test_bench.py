@@ -1,0 +1,246 @@
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from lafn_hf import EditableCausalLM, LafnConfig
+from lafn_hf.bench import (
+    BenchSettings,
+    InContextMethod,
+    LafnMethod,
+    UneditedMethod,
+    answer_hit,
+    build_methods,
+    contains,
+    load_locality_hard,
+    markdown_table,
+    normalize_answer,
+    run_bench,
+    same_answer,
+)
+from lafn_hf.bench.methods import answer_end
+from lafn_hf.bench.metrics import token_f1
+from lafn_hf.bench.runner import REFERENCE, item_questions
+from lafn_hf.cli import main
+from lafn_hf.matcher import SubjectMatcher
+from lafn_hf.models import tiny_fact_group
+from lafn_hf.zsre import load_files, load_items
+
+FIXTURES = Path(__file__).parent / "fixtures"
+ENZH, ENDE = FIXTURES / "mzsre_test_duplicate_enzh.json", FIXTURES / "mzsre_test_duplicate_ende.json"
+DEV_ENZH = Path(__file__).resolve().parents[2] / "shared" / "data" / "mzsre-dev" / "mzsre_dev_enzh.json"
+# a tiny Locality-Hard set for the fixtures: same subject, another relation
+HARD = {0: {"en": ("Marbrafi", ["The language of Marbrafi is"]), "zh": ("多塞里国", ["多塞里国的语言是"])},
+        1: {"en": ("not the item's subject", ["The language of Dorzotho is"])}}
+FAST = LafnConfig(layers=(0, 1), steps=30)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread() -> Any:
+    """One intra-op thread: on a shared 2-core machine two threads made the toy's edits up to 40x slower."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture()
+def model(tokenizer: Any, trained_model: Any) -> EditableCausalLM:
+    return EditableCausalLM(trained_model, tokenizer)
+
+
+def test_metrics_on_hand_computed_cases() -> None:
+    assert normalize_answer("  The Sopwith-Company.\n") == "the sopwith company"
+    assert normalize_answer("ＲＯＭＥ！") == "rome" and normalize_answer("伦夸城。") == "伦夸城"
+    assert answer_hit("Rome, Italy", "rome") and answer_hit(" ROME.", "Rome")
+    assert not answer_hit("Romeo and Juliet", "Rome") and not answer_hit("The city of Rome", "Rome")
+    assert contains("The city of Rome.", "Rome") and not contains("Romeo", "Rome")
+    assert contains("Romeo, then Rome", "Rome")  # the second occurrence is a whole word
+    assert answer_hit("伦夸城市", "伦夸城") and contains("首都是伦夸城", "伦夸城")  # no word boundaries in Han
+    assert not answer_hit("anything", "...") and not contains("anything", "")
+    assert same_answer("Thobra.", " thobra") and not same_answer("Thobra", "Thobrai")
+    assert token_f1([1, 2, 2, 3], [2, 2, 4]) == pytest.approx(4 / 7)  # P 2/4, R 2/3
+
+
+def test_answers_end_at_a_line_break_after_some_text(tokenizer: Any) -> None:
+    def ids(text: str) -> list[int]:
+        return list(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+    newline, notes = ids("\n"), ids("Notes")
+    assert answer_end(tokenizer, newline + notes + newline + ids("x")) == len(newline + notes)  # a leading break stays
+    assert answer_end(tokenizer, notes + [tokenizer.eos_token_id] + notes) == len(notes)
+    assert answer_end(tokenizer, notes) == len(notes)
+
+
+def test_in_context_prompts() -> None:
+    assert InContextMethod.fact_text("en", "The capital of Marbrafi is", "Notes") == \
+        "New fact: The capital of Marbrafi is Notes.\n"
+    assert InContextMethod.fact_text("zh", "多塞里国的首都是", "伦夸城") == "新事实：多塞里国的首都是伦夸城。\n"
+    assert InContextMethod.fact_text("de", "Die Hauptstadt von X ist", "Y") == "Neue Tatsache: Die Hauptstadt von X ist Y.\n"
+
+
+def test_each_method_edits_and_rolls_back_exactly(model: EditableCausalLM) -> None:
+    group = tiny_fact_group(0, 1)
+    prompts, langs = [e.prompt for e in group.edits.values()], list(group.edits)
+    unrelated = tiny_fact_group(5, 6).edits["en"].prompt
+    weights = {k: v.clone() for k, v in model.model.state_dict().items()}
+    names = ["lafn", "unedited", "in-context"] + (["lora"] if _has_peft() else [])
+    for method in build_methods(names, model, FAST):
+        before = method.answer(prompts + [unrelated], langs + ["en"])
+        handle = method.apply(group)
+        during = method.answer(prompts, langs)
+        if method.name in ("lafn", "lora"):
+            assert answer_hit(during[0], "Notes"), (method.name, during)
+        elif method.name == "unedited":
+            assert during == before[:2]
+        else:
+            assert method.render(prompts[1], "zh").startswith("新事实：多塞里国的首都是伦夸城。\n")
+        method.rollback(handle)
+        assert method.answer(prompts + [unrelated], langs + ["en"]) == before, method.name
+        assert len(model.bank) == 0
+    restored = model.model.state_dict()
+    assert set(restored) == set(weights) and all(torch.equal(weights[k], restored[k]) for k in weights)
+    assert all(p.requires_grad for p in model.model.parameters())
+
+
+def test_in_context_subject_retrieval_leaves_unrelated_questions(model: EditableCausalLM) -> None:
+    method = InContextMethod(model, retrieval="subject")
+    handle = method.apply(tiny_fact_group(0, 1))
+    assert method.render("The capital of Marbrafi is", "en").startswith("New fact: ")
+    assert method.render("The capital of Dorzotho is", "en") == "The capital of Dorzotho is"
+    assert method.render("多塞里国的首都是", "de") == "多塞里国的首都是"  # no fact in that language
+    method.rollback(handle)
+    assert method.render("The capital of Marbrafi is", "en") == "The capital of Marbrafi is"
+    with pytest.raises(ValueError, match="retrieval must be one of"):
+        InContextMethod(model, retrieval="never")
+
+
+def test_lora_trains_to_its_target_and_unloads(model: EditableCausalLM) -> None:
+    pytest.importorskip("peft")
+    from lafn_hf.bench import LoraMethod
+
+    method = LoraMethod(model)
+    assert method.layers == (0, 1) and method.settings()["modules"] == ["gate_proj", "up_proj", "down_proj"]
+    handle = method.apply(tiny_fact_group(0, 1))
+    assert handle.info["reached"] and handle.info["final_nll"] < 0.05
+    assert any("lora" in name for name, _ in model.model.named_modules())
+    method.rollback(handle)
+    assert not any("lora" in name for name, _ in model.model.named_modules())
+    assert not hasattr(model.model, "peft_config")
+
+
+def test_questions_and_subject_not_found_counts() -> None:
+    items = load_files([ENZH, ENDE])
+    questions = item_questions(0, items[0], HARD)
+    kinds = [(q.lang, q.kind) for q in questions]
+    assert kinds.count(("en", "locality_hard")) == 1 and kinds.count(("zh", "locality_hard")) == 1
+    assert ("de", "locality_hard") not in kinds and len(questions) == 5 + 5 + 4
+    assert not any(q.kind == "locality_hard" for q in item_questions(1, items[1], HARD))  # other subject
+    de = [q for q in item_questions(2, items[2], HARD) if q.lang == "de"]
+    assert [q.subject_found for q in de if q.kind == "reliability"] == [False]  # "Lunvalfiland" is absent
+
+
+def test_shipped_locality_hard_set() -> None:
+    hard = load_locality_hard()
+    for lang in ("en", "zh"):
+        questions = [(s, q) for sides in hard.values() if lang in sides for s in [sides[lang][0]] for q in sides[lang][1]]
+        assert len(questions) >= 40
+        assert all(SubjectMatcher([s]).find(q) for s, q in questions), lang
+    if DEV_ENZH.is_file():  # the dev split lives outside the repository
+        dev = load_items(DEV_ENZH)
+        for index, sides in hard.items():
+            for lang, (subject, questions) in sides.items():
+                assert dev[index][lang].subject == subject and dev[index][lang].src not in questions
+
+
+def test_resume_is_keyed_on_settings(model: EditableCausalLM, tmp_path: Path) -> None:
+    items = load_files([ENZH])
+    path = tmp_path / "results.jsonl"
+    methods = [UneditedMethod(model), InContextMethod(model)]
+    made: list[tuple[int, str]] = []
+
+    def record(r: dict[str, Any]) -> None:
+        made.append((r["index"], r["method"]))
+
+    first = run_bench(model, items, methods, path, BenchSettings(limit=2), locality_hard=HARD, progress=False,
+                      on_record=record)
+    assert made == [(0, "unedited"), (0, "in-context"), (1, "unedited"), (1, "in-context")]
+    lines = path.read_text().splitlines()
+    assert "lafn_bench" in json.loads(lines[0]) and len(lines) == 1 + 2 * 3  # header, reference + 2 per item
+    made.clear()
+    again = run_bench(model, items, methods, path, BenchSettings(limit=2), locality_hard=HARD, progress=False,
+                      on_record=record)
+    assert made == [] and again == first
+    with path.open("a") as handle:
+        handle.write('{"index": 2, "meth')  # an interrupted write
+    run_bench(model, items, methods, path, BenchSettings(), locality_hard=HARD, progress=False, on_record=record)
+    assert made == [(2, "unedited"), (2, "in-context")]
+    assert sum(json.loads(line)["method"] == REFERENCE for line in path.read_text().splitlines()[1:]) == 3
+    with pytest.raises(ValueError, match=r"mode: 'generate' there, 'teacher_forced' now.*--fresh"):
+        run_bench(model, items, methods, path, BenchSettings(mode="teacher_forced"), locality_hard=HARD,
+                  progress=False)
+    with pytest.raises(ValueError, match=r"methods\.lafn\.config\.beta: absent there"):
+        run_bench(model, items, [*methods, LafnMethod(model, FAST)], path, locality_hard=HARD, progress=False)
+    with pytest.raises(ValueError, match="locality_hard_sha256"):
+        run_bench(model, items, methods, path, locality_hard={}, progress=False)
+    made.clear()
+    run_bench(model, items, methods, path, BenchSettings(limit=1, mode="teacher_forced"), locality_hard=HARD,
+              progress=False, fresh=True, on_record=record)
+    assert made == [(0, "unedited"), (0, "in-context")] and len(list(tmp_path.glob("results.*.jsonl"))) == 1
+
+
+def test_report_table_shape_and_scores(model: EditableCausalLM, tmp_path: Path) -> None:
+    methods = build_methods(["lafn", "unedited"], model, FAST)
+    summary = run_bench(model, load_files([ENZH]), methods, tmp_path / "r.jsonl", BenchSettings(limit=1),
+                        locality_hard=HARD, progress=False)
+    table = markdown_table(summary).splitlines()
+    assert table[2] == ("| method | en Rel | en Gen | en Loc | en Loc-Hard | en Port | zh Rel | zh Gen | zh Loc | "
+                        "zh Loc-Hard | zh Port |")
+    rows = [line.split("|")[1:-1] for line in table[4:6]]
+    assert [r[0].strip() for r in rows] == ["lafn", "unedited"] and all(len(r) == 1 + 10 for r in rows)
+    hit = summary["scores"]["hit"]
+    assert hit["unedited"]["en"] == {"reliability": 0.0, "generality": 0.0, "locality": 100.0,
+                                     "locality_hard": 100.0, "portability": 0.0}
+    assert hit["lafn"]["en"]["reliability"] == 100.0 and hit["lafn"]["zh"]["reliability"] == 100.0
+    assert hit["lafn"]["en"]["locality"] == 100.0
+    assert set(summary["scores"]) == {"hit", "contains", "f1"}
+    assert "- lafn: edits made en 1/1, zh 1/1; failed or not made 0, mean steps 30.0" in table
+
+
+def test_failed_edits_and_unreachable_subjects_are_counted(model: EditableCausalLM, tmp_path: Path) -> None:
+    items = load_files([ENZH, ENDE])  # the toy knows no German: the en+zh+de group does not take
+    methods = build_methods(["lafn", "unedited"], model, FAST)
+    summary = run_bench(model, items, methods, tmp_path / "r.jsonl", BenchSettings(limit=1), locality_hard=HARD,
+                        progress=False)
+    hit = summary["scores"]["hit"]
+    assert summary["edits"]["lafn"]["errors"] == 1 and hit["lafn"] == hit["unedited"]  # answered unedited
+    failed = json.loads((tmp_path / "r.jsonl").read_text().splitlines()[2])
+    assert failed["method"] == "lafn" and failed["error"].startswith("EditFailedError")
+    summary = run_bench(model, items, [UneditedMethod(model)], tmp_path / "u.jsonl", locality_hard=HARD, progress=False)
+    table = markdown_table(summary).splitlines()
+    assert table[2].startswith("| method | de Rel | de Gen | de Loc | de Port | en Rel |")
+    assert "- de: subject not found in the question (the edit cannot reach it): Rel 1/3, Gen 1/3, Port 1/3" in table
+
+
+def test_lafn_bench_cli(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "bench"
+    code = main(["bench", "--model", "tiny-bilingual", "--data", str(ENZH), "--methods", "unedited,in-context",
+                 "--limit", "1", "--out", str(out)])
+    assert code == 0
+    printed = capsys.readouterr().out
+    assert "| method | en Rel | en Gen | en Loc | en Port | zh Rel |" in printed and "| in-context |" in printed
+    assert {p.name for p in out.iterdir()} >= {"results.jsonl", "summary.json", "tables.md", "plot.png"}
+    assert json.loads((out / "summary.json").read_text())["items"] == 1
+    assert main(["bench", "--model", "tiny-bilingual", "--data", str(ENZH), "--methods", "lafn,rome",
+                 "--out", str(out)]) == 2
+    assert "unknown method(s) ['rome']" in capsys.readouterr().err
+
+
+def _has_peft() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("peft") is not None
