@@ -22,10 +22,10 @@ from lafn_hf.bench import (
     run_bench,
     same_answer,
 )
-from lafn_hf.bench.methods import answer_end
 from lafn_hf.bench.metrics import token_f1
 from lafn_hf.bench.runner import REFERENCE, item_questions
 from lafn_hf.cli import main
+from lafn_hf.evaluate import answer_end
 from lafn_hf.matcher import SubjectMatcher
 from lafn_hf.models import tiny_fact_group
 from lafn_hf.zsre import load_files, load_items

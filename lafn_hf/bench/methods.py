@@ -30,7 +30,7 @@ from typing import Any, ClassVar
 import torch
 
 from ..config import EditGroup, LafnConfig
-from ..evaluate import answer_ids
+from ..evaluate import answer_ids, predict_ids
 from ..matcher import SubjectMatcher
 from ..model import EditableCausalLM
 from ..text import is_spaceless_char
@@ -51,41 +51,6 @@ class Handle:
     method: str
     token: Any = None
     info: dict[str, Any] = field(default_factory=dict)
-
-
-def answer_end(tokenizer: Any, generated: Sequence[int]) -> int:
-    """Where a generated answer ends: at EOS, or at the first token holding a line break once some visible
-    text was generated (a token like Gemma's "\n\n" counts; line breaks before the answer are kept)."""
-    started = False
-    for position, token in enumerate(generated):
-        if token == tokenizer.eos_token_id:
-            return position
-        piece = tokenizer.decode([token])
-        if started and "\n" in piece:
-            return position
-        started = started or bool(piece.strip())
-    return len(generated)
-
-
-@torch.no_grad()
-def predict_ids(model: EditableCausalLM, text: str, mode: str = "generate", gold: Sequence[int] = (),
-                max_new_tokens: int = 16) -> list[int]:
-    """Answer tokens for ``text``: greedy ``generate()`` cut by ``answer_end`` (``mode="generate"``), or the
-    argmax at each position of ``gold`` given the gold prefix (``mode="teacher_forced"``)."""
-    tokenizer = model.tokenizer
-    prompt = list(tokenizer(text)["input_ids"])
-    if mode == "teacher_forced":
-        if not gold:
-            return []
-        ids = torch.tensor([prompt + list(gold)], device=model.device)
-        return model(input_ids=ids).logits[0, len(prompt) - 1: len(prompt) - 1 + len(gold)].argmax(-1).tolist()
-    if mode != "generate":
-        raise ValueError(f"mode must be 'generate' or 'teacher_forced', got {mode!r}")
-    ids = torch.tensor([prompt], device=model.device)
-    output = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=False,
-                            max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id)
-    generated = output[0, len(prompt):].tolist()
-    return generated[: answer_end(tokenizer, generated)]
 
 
 class EditMethod(ABC):
