@@ -15,6 +15,7 @@ from __future__ import annotations
 import re
 import threading
 import uuid
+from collections import deque
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -23,6 +24,7 @@ import torch
 
 from .config import nfc
 
+_CHANGE_LOG = 4096  # bank changes kept for incremental updates of compiled banks
 _ENTRY_ID = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 
 
@@ -44,6 +46,23 @@ class LayerUpdate:
             raise ValueError("neuron indices must be unique and >= 0")
         if not bool(torch.isfinite(self.delta).all()):
             raise ValueError("delta contains NaN or inf")
+
+    @classmethod
+    def _from_checked(cls, neurons: torch.Tensor, delta: torch.Tensor) -> LayerUpdate:
+        """Skip ``__post_init__``: only for tensors whose checks were already done in bulk (``bank_format``)."""
+        update = object.__new__(cls)
+        update.__dict__.update(neurons=neurons, delta=delta)
+        return update
+
+    def __getstate__(self) -> dict[str, Any]:
+        """Pickle only this update's values: a loaded bank's tensors are views of one tensor per bank, which
+        pickling a view would write out whole."""
+        return {"neurons": _compact(self.neurons), "delta": _compact(self.delta)}
+
+
+def _compact(tensor: torch.Tensor) -> torch.Tensor:
+    """``tensor``, or a copy of it when it is a view of a larger storage."""
+    return tensor.clone() if tensor.untyped_storage().nbytes() > tensor.numel() * tensor.element_size() else tensor
 
 
 def _distinct(neurons: torch.Tensor) -> bool:
@@ -87,6 +106,14 @@ class BankEntry:
             if not isinstance(update, LayerUpdate):
                 raise TypeError(f"entry {self.id!r}: updates[{layer}] must be a LayerUpdate")
 
+    @classmethod
+    def _from_checked(cls, subjects: dict[str, str], updates: dict[int, LayerUpdate], metadata: dict[str, Any],
+                      entry_id: str) -> BankEntry:
+        """Skip ``__post_init__``: only for fields already checked (and subjects NFC-normalised) in bulk."""
+        entry = object.__new__(cls)
+        entry.__dict__.update(subjects=subjects, updates=updates, metadata=metadata, id=entry_id)
+        return entry
+
     @property
     def layers(self) -> tuple[int, ...]:
         return tuple(sorted(self.updates))
@@ -127,10 +154,19 @@ class EditBank:
     def __init__(self, entries: list[BankEntry] | None = None, limits: BankLimits | None = None) -> None:
         self._entries: dict[str, BankEntry] = {}
         self._lock = threading.RLock()
+        self._changes: deque[tuple[int, str, BankEntry]] = deque(maxlen=_CHANGE_LOG)  # (version, op, entry)
         self.version = 0
         self.limits = limits
         for entry in entries or []:
             self.add(entry)
+
+    @classmethod
+    def _from_checked(cls, entries: list[BankEntry]) -> EditBank:
+        """A bank of ``entries`` (distinct ids, already checked) without per-entry ``add``; no ``limits``."""
+        bank = cls()
+        bank._entries = {entry.id: entry for entry in entries}
+        bank.version = len(entries)  # as if added one by one
+        return bank
 
     def add(self, entry: BankEntry) -> str:
         """Add an entry; returns its id. A second entry with the same id, or one outside ``limits``, is a
@@ -144,6 +180,7 @@ class EditBank:
                 raise ValueError(f"entry id {entry.id!r} is already in the bank")
             self._entries[entry.id] = entry
             self.version += 1
+            self._changes.append((self.version, "add", entry))
         return entry.id
 
     def get(self, entry_id: str) -> BankEntry:
@@ -158,12 +195,24 @@ class EditBank:
             entry = self.get(entry_id)
             del self._entries[entry_id]
             self.version += 1
+            self._changes.append((self.version, "remove", entry))
         return entry
 
     def clear(self) -> None:
         with self._lock:
             self._entries.clear()
             self.version += 1
+            self._changes.clear()  # too many to replay: readers of older versions rebuild
+
+    def changes_since(self, version: int) -> tuple[int, list[tuple[str, BankEntry]]] | None:
+        """(current version, the ("add" | "remove", entry) changes after ``version``), or ``None`` when they are
+        no longer all known (more than the last few thousand, or a ``clear``): rebuild from ``snapshot``."""
+        with self._lock:
+            if version == self.version:
+                return self.version, []
+            if not self._changes or self._changes[0][0] > version + 1 or version > self.version:
+                return None
+            return self.version, [(op, entry) for number, op, entry in self._changes if number > version]
 
     def snapshot(self) -> tuple[int, list[BankEntry]]:
         """(version, entries) read together."""

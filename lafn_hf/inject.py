@@ -19,7 +19,7 @@ import weakref
 from collections.abc import Container, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from contextvars import ContextVar, Token
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
@@ -28,7 +28,7 @@ from torch.utils.hooks import RemovableHandle
 
 from lafn_hf.modeling import decoder_layers, mlp_parts
 
-from .bank import EditBank
+from .bank import BankEntry, EditBank
 from .cache_rows import cache_length, keep_readers, readers_for
 from .matcher import RowReader, SubjectMatcher, decoder_for
 from .scope import ForwardScope
@@ -134,26 +134,65 @@ def entries_selected(entry_ids: Container[str] | None) -> Iterator[None]:
 
 @dataclass(frozen=True)
 class CompiledBank:
-    """An immutable view of one bank version: matcher, subject -> entry ids, device tensors."""
+    """An immutable view of one bank version: matcher, subject -> entry ids, device tensors.
+
+    ``build`` compiles a whole bank; ``updated`` derives the next version from the bank's change log
+    without recompiling what did not change (the matcher grows by a small automaton; subjects left without
+    entries stay in it and simply plan nothing).
+    """
 
     version: tuple[int, int, torch.device]
     matcher: SubjectMatcher
     entries_of: dict[str, tuple[str, ...]]
     updates: dict[str, dict[int, tuple[torch.Tensor, torch.Tensor]]]  # entry -> layer -> (neurons, delta)
-    layers: tuple[int, ...]
+    layer_entries: dict[int, int]  # layer -> how many entries update it
+
+    @property
+    def layers(self) -> tuple[int, ...]:
+        return tuple(sorted(self.layer_entries))
 
     @classmethod
     def build(cls, bank: EditBank, device: torch.device) -> CompiledBank:
         number, entries = bank.snapshot()
-        version = (id(bank), number, device)
-        index: dict[str, list[str]] = {}
-        for entry in entries:
+        empty = cls((id(bank), -1, device), SubjectMatcher(), {}, {}, {})
+        compiled = empty._apply([("add", entry) for entry in entries], number, grow_matcher=False)
+        return replace(compiled, matcher=SubjectMatcher(compiled.entries_of))
+
+    def updated(self, bank: EditBank) -> CompiledBank | None:
+        """The bank's current version from this one by replaying its changes (``None``: rebuild instead)."""
+        changes = bank.changes_since(self.version[1]) if self.version[0] == id(bank) else None
+        if changes is None:
+            return None
+        number, log = changes
+        stale = len(self.matcher) - len(self.entries_of)
+        if stale > max(1024, len(self.entries_of) // 4):  # many removed subjects still in the automata
+            return None
+        return self._apply(log, number, grow_matcher=True)
+
+    def _apply(self, changes: Sequence[tuple[str, BankEntry]], number: int, grow_matcher: bool) -> CompiledBank:
+        device = self.version[2]
+        entries_of, updates, layer_entries = dict(self.entries_of), dict(self.updates), dict(self.layer_entries)
+        added: list[str] = []
+        for op, entry in changes:
+            step = 1 if op == "add" else -1
+            for layer in entry.updates:
+                layer_entries[layer] = layer_entries.get(layer, 0) + step
+                if not layer_entries[layer]:
+                    del layer_entries[layer]
             for subject in dict.fromkeys(entry.subjects.values()):
-                index.setdefault(subject, []).append(entry.id)
-        updates = {entry.id: {layer: (u.neurons.to(device), u.delta.to(device)) for layer, u in entry.updates.items()}
-                   for entry in entries}
-        layers = tuple(sorted({layer for entry in entries for layer in entry.updates}))
-        return cls(version, SubjectMatcher(index), {s: tuple(ids) for s, ids in index.items()}, updates, layers)
+                ids = tuple(i for i in entries_of.get(subject, ()) if i != entry.id)
+                ids = (*ids, entry.id) if step > 0 else ids
+                if ids:
+                    entries_of[subject] = ids
+                else:
+                    entries_of.pop(subject, None)
+            if step > 0:
+                added += entry.subjects.values()
+                updates[entry.id] = {layer: (u.neurons.to(device), u.delta.to(device)) for layer, u in entry.updates.items()}
+            else:
+                updates.pop(entry.id, None)
+        matcher = self.matcher.with_subjects(added) if grow_matcher else self.matcher
+        return CompiledBank((self.version[0], number, device), matcher, entries_of, updates, layer_entries)
 
     def plan(self, rows: Sequence[RowReader], first: int,
              selected: Container[str] | None = None) -> dict[int, LayerPlan] | None:
@@ -241,15 +280,17 @@ class BankInjector:
             object.__delattr__(self._model, _OWNER_ATTRIBUTE)
 
     def compiled(self, device: torch.device) -> CompiledBank:
-        """The snapshot of the current bank version (built once per version and device)."""
+        """The snapshot of the current bank version (updated from the last one's, or built, per version)."""
         compiled = self._compiled
         if compiled is not None and compiled.version == (id(self.bank), self.bank.version, device):
             return compiled
         with self._lock:
-            compiled = CompiledBank.build(self.bank, device)
-            self._sync_value_hooks(compiled.layers)
-            self._compiled = compiled
-        return compiled
+            compiled = self._compiled
+            if compiled is None or compiled.version[2] != device or (fresh := compiled.updated(self.bank)) is None:
+                fresh = CompiledBank.build(self.bank, device)
+            self._sync_value_hooks(fresh.layers)
+            self._compiled = fresh
+        return fresh
 
     def _sync_value_hooks(self, layers: Sequence[int]) -> None:
         """Value hooks exactly on the bank's layers (only while the injector is attached)."""
@@ -286,7 +327,7 @@ class BankInjector:
         if (not _BANK_OFF.get() and not packed and isinstance(input_ids, torch.Tensor) and input_ids.dim() == 2
                 and input_ids.shape[1]):
             compiled = self.compiled(input_ids.device)
-            if len(compiled.matcher):
+            if compiled.entries_of:
                 state = self.readers_and_plan(compiled, input_ids, kwargs.get("attention_mask"),
                                               kwargs.get("past_key_values"))
         state.token = _CURRENT.set(state)

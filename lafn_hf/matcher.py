@@ -51,30 +51,76 @@ class SubjectHit:
 
 
 class SubjectMatcher:
-    """Aho-Corasick over cleaned subjects (invisible characters removed, NFC), all overlapping occurrences."""
+    """Aho-Corasick over cleaned subjects (invisible characters removed, NFC), all overlapping occurrences.
 
-    def __init__(self, subjects: Iterable[str]) -> None:
-        by_pattern: dict[str, list[str]] = {}
-        for subject in subjects:
-            cleaned = clean_subject(subject) if subject else ""
-            if cleaned:
-                by_pattern.setdefault(cleaned, [])
-                if subject not in by_pattern[cleaned]:
-                    by_pattern[cleaned].append(subject)
-        self.patterns: tuple[str, ...] = tuple(by_pattern)
-        self.subjects_of: tuple[tuple[str, ...], ...] = tuple(tuple(by_pattern[p]) for p in self.patterns)
-        self.subjects: tuple[str, ...] = tuple(s for names in self.subjects_of for s in names)
-        self.max_length = max((len(p) for p in self.patterns), default=0)
-        self._automaton = AhoCorasick(list(self.patterns), matchkind=MatchKind.Standard) if self.patterns else None
+    ``with_subjects`` grows a matcher without rebuilding it: the existing automata are shared and the new
+    subjects get a small automaton of their own (a tier); tiers are merged into one when they pile up.
+    Pattern ``i`` is ``patterns[i]``; ``subjects_of[i]`` are the subject names it stands for.
+    """
+
+    max_tiers = 4
+
+    def __init__(self, subjects: Iterable[str] = ()) -> None:
+        self.patterns: tuple[str, ...] = ()
+        self.subjects_of: tuple[tuple[str, ...], ...] = ()
+        self.max_length = 0
+        self._tiers: list[tuple[AhoCorasick, int, frozenset[str]]] = []  # (automaton, first pattern, names)
+        self._add_tier(subjects)
+
+    @property
+    def subjects(self) -> tuple[str, ...]:
+        return tuple(s for names in self.subjects_of for s in names)
+
+    def __contains__(self, subject: object) -> bool:
+        return any(subject in names for _, _, names in self._tiers)
 
     def __len__(self) -> int:
         return len(self.patterns)
 
+    def with_subjects(self, subjects: Iterable[str]) -> SubjectMatcher:
+        """A matcher that also finds ``subjects`` (this one is unchanged)."""
+        new = [s for s in dict.fromkeys(subjects) if s and s not in self]
+        if not new:
+            return self
+        base = self._tiers[1][1] if len(self._tiers) > 1 else len(self.patterns)
+        tail = len(self.patterns) - base
+        if tail + len(new) > max(1024, base // 4):  # the small automata hold too much: one new automaton
+            return SubjectMatcher([*self.subjects, *new])
+        grown = object.__new__(SubjectMatcher)
+        grown.__dict__.update(self.__dict__)
+        grown._tiers = list(self._tiers)
+        if len(self._tiers) >= self.max_tiers:  # keep the big automaton, merge the small ones with the new
+            new = [s for names in self.subjects_of[base:] for s in names] + new
+            grown.patterns, grown.subjects_of = self.patterns[:base], self.subjects_of[:base]
+            grown._tiers = grown._tiers[:1]
+        grown._add_tier(new)
+        return grown
+
+    def _add_tier(self, subjects: Iterable[str]) -> None:
+        by_pattern: dict[str, list[str]] = {}
+        for subject in subjects:
+            cleaned = clean_subject(subject) if subject else ""
+            if cleaned and subject not in self:
+                names = by_pattern.setdefault(cleaned, [])
+                if subject not in names:
+                    names.append(subject)
+        if not by_pattern:
+            return
+        patterns = tuple(by_pattern)
+        tier_names = frozenset(s for subjects_of in by_pattern.values() for s in subjects_of)
+        automaton = AhoCorasick(list(patterns), matchkind=MatchKind.Standard)
+        self._tiers.append((automaton, len(self.patterns), tier_names))
+        self.patterns += patterns
+        self.subjects_of += tuple(tuple(by_pattern[p]) for p in patterns)
+        self.max_length = max(self.max_length, *(len(p) for p in patterns))
+
     def raw_matches(self, normalized: str) -> list[tuple[int, int, int]]:
         """(pattern index, start, end) of every occurrence in already-normalised text, boundaries unchecked."""
-        if self._automaton is None:
-            return []
-        return list(self._automaton.find_matches_as_indexes(normalized, overlapping=True))
+        found: list[tuple[int, int, int]] = []
+        for automaton, first, _ in self._tiers:
+            found += [(first + index, start, end)
+                      for index, start, end in automaton.find_matches_as_indexes(normalized, overlapping=True)]
+        return found
 
     def find(self, text: str) -> list[SubjectMatch]:
         """Whole-text matches (both neighbours known) with offsets into ``text``; one per subject name."""
@@ -186,7 +232,7 @@ class RowReader:
             if next_known and _joins(normalized, end, pattern[-1]):
                 continue
             found += [SubjectHit(subject, position) for subject in matcher.subjects_of[index]]
-        return sorted(found, key=lambda h: h.position)
+        return sorted(found, key=lambda h: (h.position, h.subject))  # independent of the matcher's layout
 
 
 def _first_reaching(ends: Sequence[int], char_end: int, first: int) -> int:

@@ -9,7 +9,7 @@ from transformers import pipeline
 from lafn_hf import EditableCausalLM
 from lafn_hf.tokens import encode_texts
 
-from .conftest import make_entry
+from .conftest import make_entry, random_model
 
 SUBJECT = "Marbrafi"
 WITH = f"The capital of {SUBJECT} is"
@@ -171,3 +171,33 @@ def random_model_bf16(vocab_size: int) -> Any:
     from .conftest import random_model
 
     return random_model("llama", vocab_size).to(torch.bfloat16)
+
+
+def test_incremental_bank_updates_equal_a_rebuild(tokenizer: Any) -> None:
+    from lafn_hf.inject import CompiledBank
+    from lafn_hf.matcher import RowReader, decoder_for
+
+    editable = EditableCausalLM(random_model("llama", len(tokenizer)), tokenizer)
+    names = [f"Name{i}x" for i in range(30)] + [SUBJECT, "Marb\u200brafi"]
+    ids = [editable.add_entry(make_entry({"en": names[i % len(names)], "zh": f"名{i % 7}"}, layers=(i % 3,), seed=i))
+           for i in range(60)]
+    cpu = torch.device("cpu")
+    editable._injector.compiled(cpu)
+    texts = [f"{SUBJECT} and Name3x, 名5 or Marb\u200brafi; Name29x", "Name1 Name10x 名0名1 New3y"]
+    tiers = []
+    for step, entry_id in enumerate(ids[::3]):
+        editable.remove_edit(entry_id)
+        editable.add_entry(make_entry({"en": f"New{step}y", "zh": "名2"}, layers=(1, 2), seed=100 + step))
+        incremental, rebuilt = editable._injector.compiled(cpu), CompiledBank.build(editable.bank, cpu)
+        assert incremental.version == rebuilt.version and incremental.layers == rebuilt.layers
+        assert incremental.entries_of == rebuilt.entries_of and incremental.updates.keys() == rebuilt.updates.keys()
+        tiers.append(len(incremental.matcher._tiers))
+        for text in texts:
+            reader = RowReader(decoder_for(tokenizer), frozenset(tokenizer.all_special_ids))
+            reader.read(tokenizer(text)["input_ids"])
+            plans = [compiled.plan([reader], 0) for compiled in (incremental, rebuilt)]
+            assert plans[0] is not None and plans[1] is not None and plans[0].keys() == plans[1].keys()
+            for layer in plans[0]:
+                assert all(torch.equal(getattr(plans[0][layer], f), getattr(plans[1][layer], f))
+                           for f in ("rows", "positions", "neurons", "values"))
+    assert max(tiers) == 4 and min(tiers[3:]) >= 2  # the matcher grew and merged its small automata, no rebuild

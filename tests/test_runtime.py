@@ -154,4 +154,4 @@ def test_threads_adding_and_removing_entries_keep_the_bank_and_its_snapshots_who
         list(pool.map(add_then_remove_half, range(4)))
     assert len(editable.bank) == 100 and editable.bank.version == 300
     compiled = editable._injector.compiled(torch.device("cpu"))
-    assert compiled.version[1] == 300 and len(compiled.matcher) == 100
+    assert compiled.version[1] == 300 and len(compiled.entries_of) == 100
