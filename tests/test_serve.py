@@ -1,0 +1,228 @@
+"""``lafn serve``: transformers' OpenAI-compatible server with edit banks, driven by the official ``openai``
+client on 127.0.0.1 (tiny model, two real one-fact banks)."""
+
+from __future__ import annotations
+
+import json
+import random
+import shutil
+import threading
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+pytest.importorskip("fastapi")
+pytest.importorskip("uvicorn")
+openai = pytest.importorskip("openai")
+
+from transformers.cli.serving.utils import Modality  # noqa: E402
+
+from lafn_hf import EditableCausalLM, LafnConfig  # noqa: E402
+from lafn_hf.cli import build_parser  # noqa: E402
+from lafn_hf.inject import entries_selected  # noqa: E402
+from lafn_hf.models import tiny_fact_group, tiny_facts, tiny_model_path  # noqa: E402
+from lafn_hf.serve import EditAwareGenerationState, ServerThread, build_app, load_editable, parse_bank_spec  # noqa: E402
+
+FACTS = tiny_facts()["facts"]
+TEMPLATE = tiny_facts()["templates"]["en"][0]  # "The capital of {s} is"
+EDITS = {"a": (0, 1), "b": (2, 3)}  # bank -> (fact edited, fact whose capital it gets)
+PROMPT = {name: TEMPLATE.format(s=FACTS[src]["en"]["subject"]) for name, (src, _) in EDITS.items()}
+TARGET = {name: FACTS[dst]["en"]["object"] for name, (_, dst) in EDITS.items()}
+UNRELATED = TEMPLATE.format(s=FACTS[5]["en"]["subject"])
+BASE = "tiny"
+
+
+@pytest.fixture(scope="module")
+def bank_dirs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """Two banks with one real en edit each (fact 0 -> fact 1's capital, fact 2 -> fact 3's)."""
+    root = tmp_path_factory.mktemp("banks")
+    model = EditableCausalLM.from_pretrained(str(tiny_model_path()))
+    for name, (src, dst) in EDITS.items():
+        model.bank.clear()
+        model.edit(tiny_fact_group(src, dst, ("en",)), LafnConfig(num_prefixes=0), progress=False)
+        model.save_pretrained(root / name)
+    model.unwrap()
+    return {name: root / name for name in EDITS}
+
+
+@pytest.fixture(scope="module")
+def plain() -> dict[str, str]:
+    """Unedited greedy answers (6 tokens) of the plain model."""
+    model = load_editable("tiny-bilingual")
+    tokenizer = model.tokenizer
+    answers = {}
+    for prompt in [*PROMPT.values(), UNRELATED]:
+        encoded = tokenizer(prompt, return_tensors="pt")
+        output = model.generate(**encoded, max_new_tokens=6, do_sample=False)
+        answers[prompt] = tokenizer.decode(output[0, encoded["input_ids"].shape[1]:], skip_special_tokens=True)
+    model.unwrap()
+    return answers
+
+
+@pytest.fixture(scope="module")
+def server(bank_dirs: dict[str, Path]) -> Iterator[ServerThread]:
+    built = build_app(load_editable("tiny-bilingual"), BASE, [("a", bank_dirs["a"]), ("b", bank_dirs["b"])])
+    with ServerThread(built.app) as thread:
+        yield thread
+    built.shutdown()
+
+
+def client(thread: ServerThread) -> Any:
+    return openai.OpenAI(base_url=f"{thread.url}/v1", api_key="unused", max_retries=0, timeout=60)
+
+
+def complete(api: Any, model: str, prompt: str) -> str:
+    return str(api.completions.create(model=model, prompt=prompt, max_tokens=6, temperature=0).choices[0].text)
+
+
+def chat(api: Any, model: str, prompt: str) -> str:
+    response = api.chat.completions.create(model=model, messages=[{"role": "user", "content": prompt}],
+                                           max_tokens=6, temperature=0)
+    return str(response.choices[0].message.content)
+
+
+def admin(thread: ServerThread, method: str, path: str, body: dict[str, Any] | None = None,
+          token: str | None = None) -> tuple[int, Any]:
+    request = urllib.request.Request(thread.url + path, method=method, data=None if body is None else
+                                     json.dumps(body).encode(), headers={"Content-Type": "application/json"})
+    if token:
+        request.add_header("Authorization", f"Bearer {token}")
+    try:
+        with urllib.request.urlopen(request, timeout=60) as response:
+            return response.status, json.loads(response.read())
+    except urllib.error.HTTPError as error:
+        return error.code, json.loads(error.read())
+
+
+def test_models_lists_the_base_and_one_name_per_bank(server: ServerThread) -> None:
+    assert [model.id for model in client(server).models.list().data] == [BASE, f"{BASE}+a", f"{BASE}+b"]
+
+
+def test_completion_answers_edited_facts_and_leaves_others(server: ServerThread, plain: dict[str, str]) -> None:
+    api = client(server)
+    for name in EDITS:
+        answer = complete(api, BASE, PROMPT[name])
+        assert answer.strip().startswith(TARGET[name]), (name, answer)
+        assert plain[PROMPT[name]] != answer
+    assert complete(api, BASE, UNRELATED) == plain[UNRELATED]
+
+
+def test_chat_completion_uses_the_template_and_the_bank(server: ServerThread, plain: dict[str, str]) -> None:
+    api = client(server)
+    assert chat(api, BASE, PROMPT["a"]).strip().startswith(TARGET["a"])
+    assert chat(api, BASE, PROMPT["a"]) == complete(api, BASE, PROMPT["a"])  # plain template: BOS + text
+    assert chat(api, BASE, UNRELATED) == plain[UNRELATED]
+
+
+def test_streaming_gives_the_same_text(server: ServerThread) -> None:
+    api = client(server)
+    stream = api.chat.completions.create(model=BASE, messages=[{"role": "user", "content": PROMPT["a"]}],
+                                         max_tokens=6, temperature=0, stream=True)
+    chunks = [chunk.choices[0].delta.content or "" for chunk in stream if chunk.choices]
+    assert len(chunks) > 2 and "".join(chunks) == chat(api, BASE, PROMPT["a"])
+    stream = api.completions.create(model=f"{BASE}+b", prompt=PROMPT["b"], max_tokens=6, temperature=0, stream=True)
+    text = "".join(chunk.choices[0].text for chunk in stream if chunk.choices)
+    assert text == complete(api, f"{BASE}+b", PROMPT["b"]) and text.strip().startswith(TARGET["b"])
+
+
+def test_model_name_selects_one_bank(server: ServerThread, plain: dict[str, str]) -> None:
+    api = client(server)
+    assert complete(api, f"{BASE}+a", PROMPT["a"]).strip().startswith(TARGET["a"])
+    assert complete(api, f"{BASE}+a", PROMPT["b"]) == plain[PROMPT["b"]]
+    assert complete(api, f"{BASE}+b", PROMPT["a"]) == plain[PROMPT["a"]]
+    assert complete(api, f"{BASE}+b", PROMPT["b"]).strip().startswith(TARGET["b"])
+
+
+def test_unknown_model_is_a_404_naming_the_served_ones(server: ServerThread) -> None:
+    with pytest.raises(openai.NotFoundError, match=r"'tiny\+c' is not served here; served: \['tiny', 'tiny\+a'"):
+        complete(client(server), f"{BASE}+c", PROMPT["a"])
+
+
+def test_eight_concurrent_clients_get_the_single_request_answers(server: ServerThread) -> None:
+    api = client(server)
+    jobs = [(call, model, prompt) for call in (complete, chat) for model in (BASE, f"{BASE}+a", f"{BASE}+b")
+            for prompt in [*PROMPT.values(), UNRELATED]]
+    single = {job: job[0](api, job[1], job[2]) for job in jobs}
+    shuffled = jobs * 2
+    random.Random(0).shuffle(shuffled)
+    clients = [client(server) for _ in range(8)]
+    barrier = threading.Barrier(8)
+
+    def run(worker: int) -> list[tuple[Any, str]]:
+        barrier.wait()
+        return [(job, job[0](clients[worker], job[1], job[2])) for job in shuffled[worker::8]]
+
+    with ThreadPoolExecutor(8) as pool:
+        results = [pair for part in pool.map(run, range(8)) for pair in part]
+    assert len(results) == len(shuffled)
+    assert all(answer == single[job] for job, answer in results)
+
+
+def test_admin_reload_swaps_a_bank_in_place(bank_dirs: dict[str, Path], tmp_path: Path,
+                                            plain: dict[str, str]) -> None:
+    live = tmp_path / "live"
+    shutil.copytree(bank_dirs["a"], live)
+    built = build_app(load_editable("tiny-bilingual"), BASE, [("live", live)], admin_token="secret")
+    with ServerThread(built.app) as thread:
+        api = client(thread)
+        assert complete(api, f"{BASE}+live", PROMPT["a"]).strip().startswith(TARGET["a"])
+        assert admin(thread, "POST", "/lafn/banks/reload")[0] == 401
+        shutil.rmtree(live)
+        shutil.copytree(bank_dirs["b"], live)  # the bank changed on disk: reloaded on request
+        status, listing = admin(thread, "POST", "/lafn/banks/reload", {"name": "live"}, token="secret")
+        assert status == 200 and listing["banks"][0]["subjects"] == [FACTS[2]["en"]["subject"]]
+        assert complete(api, f"{BASE}+live", PROMPT["a"]) == plain[PROMPT["a"]]
+        assert complete(api, f"{BASE}+live", PROMPT["b"]).strip().startswith(TARGET["b"])
+        status, listing = admin(thread, "POST", "/lafn/banks", {"path": str(bank_dirs["a"]), "name": "extra"},
+                                token="secret")
+        assert status == 200 and listing["models"] == [BASE, f"{BASE}+live", f"{BASE}+extra"]
+        assert complete(api, BASE, PROMPT["a"]).strip().startswith(TARGET["a"])
+        status, error = admin(thread, "POST", "/lafn/banks", {"path": str(tmp_path / "missing")}, token="secret")
+        assert status == 400 and "is not a directory" in error["detail"]
+        assert admin(thread, "DELETE", "/lafn/banks/extra", token="secret")[1]["models"] == [BASE, f"{BASE}+live"]
+        assert complete(api, BASE, PROMPT["a"]) == plain[PROMPT["a"]]
+        assert [model.id for model in api.models.list().data] == [BASE, f"{BASE}+live"]
+    built.shutdown()
+
+
+def test_edited_requests_stay_off_continuous_batching(bank_dirs: dict[str, Path]) -> None:
+    built = build_app(load_editable("tiny-bilingual"), BASE, [("a", bank_dirs["a"])], continuous_batching=True)
+    state = built.generation_state
+    assert isinstance(state, EditAwareGenerationState)
+    assert not state.use_continuous_batching(built.manager.view(BASE), Modality.LLM)
+    assert not state.use_continuous_batching(built.manager.view(f"{BASE}+a"), Modality.LLM)
+    built.banks.remove("a")
+    assert state.use_continuous_batching(built.manager.view(BASE), Modality.LLM)
+
+
+def test_packed_forwards_and_selection_in_the_injector(bank_dirs: dict[str, Path]) -> None:
+    """Packed forwards (continuous batching) run unedited; ``entries_selected`` limits the calling context."""
+    built = build_app(load_editable("tiny-bilingual"), BASE, [("a", bank_dirs["a"]), ("b", bank_dirs["b"])])
+    editable = built.manager.editable
+    ids = editable.tokenizer(PROMPT["a"], return_tensors="pt")["input_ids"]
+    with torch.no_grad(), editable.edits_disabled():
+        unedited = editable(ids).logits
+    with torch.no_grad():
+        edited = editable(ids).logits
+        packed = editable(ids, cu_seq_lens_q=torch.tensor([0, ids.shape[1]]), max_length_q=ids.shape[1]).logits
+        with entries_selected(built.banks.selection(["b"])):
+            other_bank = editable(ids).logits
+        with entries_selected(built.banks.selection(["a"])):
+            own_bank = editable(ids).logits
+    assert not torch.equal(edited, unedited)
+    assert torch.equal(packed, unedited) and torch.equal(other_bank, unedited) and torch.equal(own_bank, edited)
+
+
+def test_command_line_and_bank_names() -> None:
+    args = build_parser().parse_args(["serve", "--model", "tiny-bilingual", "--bank", "x=/banks/one", "--bank",
+                                      "/banks/two/", "--port", "9000", "--dtype", "float32"])
+    assert (args.model, args.port, args.dtype, args.host) == ("tiny-bilingual", 9000, "float32", "127.0.0.1")
+    assert [parse_bank_spec(spec) for spec in args.bank] == [("x", Path("/banks/one")), ("two", Path("/banks/two/"))]
+    with pytest.raises(ValueError, match=r"bank name must match .* got 'a\+b'"):
+        parse_bank_spec("a+b=/banks/one")
