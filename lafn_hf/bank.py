@@ -12,6 +12,7 @@ Hilton"), the matcher takes the leftmost-longest one, so only "Paris Hilton" edi
 
 from __future__ import annotations
 
+import itertools
 import re
 import threading
 import uuid
@@ -24,8 +25,9 @@ import torch
 
 from .config import nfc
 
+_BANK_UIDS = itertools.count()
 _CHANGE_LOG = 4096  # bank changes kept for incremental updates of compiled banks
-_ENTRY_ID = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+_ENTRY_ID = re.compile(r"^[A-Za-z0-9_-]{1,64}\Z")
 
 
 @dataclass(frozen=True)
@@ -154,6 +156,7 @@ class EditBank:
     def __init__(self, entries: list[BankEntry] | None = None, limits: BankLimits | None = None) -> None:
         self._entries: dict[str, BankEntry] = {}
         self._lock = threading.RLock()
+        self.uid = next(_BANK_UIDS)  # never reused (unlike id()), so compiled views of a freed bank never match
         self._changes: deque[tuple[int, str, BankEntry]] = deque(maxlen=_CHANGE_LOG)  # (version, op, entry)
         self.version = 0
         self.limits = limits
@@ -225,6 +228,7 @@ class EditBank:
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.__dict__.update(state)
         self._lock = threading.RLock()
+        self.uid = next(_BANK_UIDS)
 
     def merge(self, other: EditBank) -> EditBank:
         """A new bank (same ``limits``) with this bank's entries then ``other``'s; a shared id must hold the

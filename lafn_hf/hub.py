@@ -1,9 +1,18 @@
 """Save, load and share edit banks: safetensors + JSON naming the base model, like a peft adapter.
 
-Files: ``lafn_bank-<first 16 hex digits of its sha256>.safetensors`` (``{id}/{layer}/neurons`` int64,
-``{id}/{layer}/delta`` float32), ``lafn_config.json`` (format and library version, the weights file's name
-and full sha256, the base model reference, entries' metadata) and a ``README.md`` model card. Banks of
-format 1 (``lafn_bank.safetensors``, no checksum) still load.
+Files: ``lafn_bank-<first 16 hex digits of its sha256>.safetensors`` (format 3: five tensors for the whole
+bank, see ``lafn_hf.bank_format``), ``lafn_config.json`` (format and library version, the weights file's name
+and full sha256, the base model reference, the entries in order: id, subjects, metadata) and a ``README.md``
+model card.
+
+Formats: 1 (``lafn_bank.safetensors``, two tensors per entry and layer, no checksum), 2 (the same tensors,
+content-addressed file and sha256) and 3 load; saving always writes 3. Migration rule: a bank of format 1 or
+2 stays as it is until the next save into its directory, which rewrites it as format 3 (same entries, ids,
+subjects, metadata and bit-identical tensors) and deletes the old weights file. lafn-hf versions that write
+format 2 refuse format 3 ("written by a newer lafn-hf").
+
+Loading checks the sha256, then memory-maps a format-3 weights file (POSIX): loaded deltas are views of the
+mapping, neuron indices an int64 copy (details in ``lafn_hf.bank_format``).
 
 Saving never removes the directory. Each file is written to a temporary file inside it, flushed, fsynced
 and renamed over its final name: first the weights (a new, content-addressed name, so the old bank's file
@@ -30,31 +39,29 @@ from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
 
-import torch
 from huggingface_hub import HfApi, snapshot_download
-from safetensors import SafetensorError
-from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 from torch import nn
 
 from lafn_hf.modeling import decoder_layers, get_spec, text_config
 
-from .bank import _ENTRY_ID, BankEntry, EditBank, LayerUpdate
+from . import bank_format
+from .bank import _ENTRY_ID, EditBank
 
 logger = logging.getLogger(__name__)
 
-BANK_WEIGHTS_NAME = "lafn_bank.safetensors"  # format 1; format 2 names the file after its sha256
+BANK_WEIGHTS_NAME = "lafn_bank.safetensors"  # format 1; formats 2 and 3 name the file after its sha256
 BANK_CONFIG_NAME = "lafn_config.json"
 MODEL_CARD_NAME = "README.md"
-FORMAT_VERSION = 2
-SUPPORTED_FORMAT_VERSIONS = (1, 2)
+FORMAT_VERSION = 3
+SUPPORTED_FORMAT_VERSIONS = (1, 2, 3)
+MODEL_CARD_ROWS = 1000  # entries listed in the model card; lafn_config.json lists them all
 BANK_DOWNLOAD_PATTERNS = (BANK_CONFIG_NAME, MODEL_CARD_NAME, BANK_WEIGHTS_NAME, "lafn_bank-*.safetensors")
 _WEIGHTS_FILE = re.compile(r"^lafn_bank-[0-9a-f]{16}\.safetensors$")
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
 _TEMP_PREFIX = ".lafn-tmp-"  # our temporary files inside a bank directory
 _REPO_PART = r"[A-Za-z0-9](?:[A-Za-z0-9_.-]{0,94}[A-Za-z0-9_])?"
 _REPO_ID = re.compile(rf"^(?:{_REPO_PART}/)?{_REPO_PART}$")
-_TENSOR_KEY = re.compile(r"^([^/]+)/(\d+)/(neurons|delta)$")
 
 
 def library_version() -> str:
@@ -159,10 +166,14 @@ def save_bank(directory: str | os.PathLike[str], bank: EditBank, base: BaseModel
     """
     target = Path(directory)
     _check_target(target)
-    weights = save_safetensors(_tensors(bank), metadata={"format": "pt"})
-    sha = hashlib.sha256(weights).hexdigest()
-    weights_file = weights_name(sha)
-    config = _config_json(bank, base, weights_file, sha)
+    with bank_format.paused_gc():
+        tensors, entries = bank_format.encode(bank)
+        weights = save_safetensors(tensors, metadata={"format": "pt"})
+        sha = hashlib.sha256(weights).hexdigest()
+        weights_file = weights_name(sha)
+        config = bank_format.config_json({
+            "format_version": FORMAT_VERSION, "library": "lafn-hf", "library_version": library_version(),
+            "base_model": asdict(base), "weights_file": weights_file, "weights_sha256": sha}, entries)
     card = model_card(bank, base).encode("utf-8")
     target.mkdir(parents=True, exist_ok=True)
     with _locked_directory(target) as sync:
@@ -189,22 +200,6 @@ def _check_target(target: Path) -> None:
     if target.exists() and not target.is_dir():
         kind = "a regular file" if target.is_file() else "not a directory"
         raise ValueError(f"{target} is {kind}; an edit bank is a directory, refusing to replace it")
-
-
-def _tensors(bank: EditBank) -> dict[str, torch.Tensor]:
-    tensors: dict[str, torch.Tensor] = {}
-    for entry in bank:
-        for layer, update in entry.updates.items():
-            tensors[f"{entry.id}/{layer}/neurons"] = update.neurons.detach().cpu().contiguous()
-            tensors[f"{entry.id}/{layer}/delta"] = update.delta.detach().cpu().contiguous()
-    return tensors
-
-
-def _config_json(bank: EditBank, base: BaseModelRef, weights_file: str, sha: str) -> bytes:
-    entries = [{"id": e.id, "subjects": e.subjects, "layers": list(e.layers), "metadata": e.metadata} for e in bank]
-    config = {"format_version": FORMAT_VERSION, "library": "lafn-hf", "library_version": library_version(),
-              "base_model": asdict(base), "weights_file": weights_file, "weights_sha256": sha, "entries": entries}
-    return (json.dumps(config, indent=2, sort_keys=True, ensure_ascii=False) + "\n").encode("utf-8")
 
 
 @contextmanager
@@ -283,19 +278,23 @@ def model_card(bank: EditBank, base: BaseModelRef) -> str:
         "```python", "from lafn_hf import EditableCausalLM", 'model = EditableCausalLM.from_pretrained("<this repo>")',
         "```", "", "| id | subjects | new answers | layers |", "| --- | --- | --- | --- |",
     ]
-    for entry in bank:
+    entries = list(bank)
+    for entry in entries[:MODEL_CARD_ROWS]:
         subjects = ", ".join(f"{lang}: {s}" for lang, s in entry.subjects.items())
         targets = entry.metadata.get("targets", {})
         answers = ", ".join(f"{lang}: {t}" for lang, t in targets.items()) if isinstance(targets, dict) else ""
         cells = [entry.id, subjects, answers, ", ".join(map(str, entry.layers))]
         lines.append("| " + " | ".join(c.replace("|", "\\|").replace("\n", " ") for c in cells) + " |")
+    if len(entries) > MODEL_CARD_ROWS:
+        lines += ["", f"... and {len(entries) - MODEL_CARD_ROWS} more (all in `{BANK_CONFIG_NAME}`)."]
     return "\n".join(lines) + "\n"
 
 
 # -- loading -----------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class BankConfig:
-    """A checked ``lafn_config.json``; ``entries`` hold ``id``, ``subjects``, sorted ``layers``, ``metadata``."""
+    """A checked ``lafn_config.json``; ``entries`` hold ``id``, ``subjects``, ``metadata`` and (formats 1 and 2,
+    where the config lists them) sorted ``layers``."""
 
     format_version: int
     base: BaseModelRef
@@ -306,7 +305,11 @@ class BankConfig:
 
 def load_bank(directory: str | os.PathLike[str]) -> tuple[EditBank, BaseModelRef]:
     """Read a bank directory; any inconsistency raises ``ValueError`` naming the file and the field."""
-    directory = Path(directory)
+    with bank_format.paused_gc():
+        return _load_bank(Path(directory))
+
+
+def _load_bank(directory: Path) -> tuple[EditBank, BaseModelRef]:
     config_path = directory / BANK_CONFIG_NAME
     for attempt in range(2):  # a save that commits meanwhile deletes the old weights: read its config then
         if not config_path.is_file():
@@ -314,24 +317,21 @@ def load_bank(directory: str | os.PathLike[str]) -> tuple[EditBank, BaseModelRef
         parsed = parse_bank_config(config_path.read_bytes(), str(config_path))
         weights_path = directory / parsed.weights_file
         try:
-            data = weights_path.read_bytes()
+            tensors = bank_format.read_weights(weights_path, parsed.weights_sha256, BANK_CONFIG_NAME,
+                                               mapped=parsed.format_version >= 3)
             break
         except FileNotFoundError:
             if attempt:
                 raise ValueError(f"{directory} is not an edit bank: {parsed.weights_file} is missing") from None
-    if parsed.weights_sha256 is not None:
-        actual = hashlib.sha256(data).hexdigest()
-        if actual != parsed.weights_sha256:
-            raise ValueError(f"{weights_path} is corrupted or truncated: its sha256 is {actual}, "
-                             f"{BANK_CONFIG_NAME} records {parsed.weights_sha256}")
+    base = parsed.base
     try:
-        tensors = load_safetensors(data)
-    except (SafetensorError, OSError, ValueError, RuntimeError) as error:
-        raise ValueError(f"{weights_path} is corrupted or truncated: {error}") from error
-    try:
-        return _bank_from(parsed, tensors), parsed.base
+        if parsed.format_version >= 3:
+            bank = bank_format.decode(parsed.entries, tensors, base.num_hidden_layers, base.intermediate_size)
+        else:
+            bank = bank_format.decode_per_entry(parsed.entries, tensors, base.intermediate_size)
     except ValueError as error:
         raise ValueError(f"{weights_path} does not match {BANK_CONFIG_NAME}: {error}") from None
+    return bank, base
 
 
 def parse_bank_config(data: bytes | str, source: str = BANK_CONFIG_NAME) -> BankConfig:
@@ -405,7 +405,11 @@ def _check_config(raw: Any) -> BankConfig:
     entries: list[dict[str, Any]] = []
     seen: dict[str, int] = {}
     for index, raw_entry in enumerate(raw_entries):
-        entry = _entry_fields(raw_entry, f"entries[{index}]", base)
+        if fmt >= 3 and bank_format.is_plain_entry(raw_entry):  # the common case, checked fast (1M entries: about 1 s)
+            entry = raw_entry
+            entry.setdefault("metadata", {})
+        else:
+            entry = _entry_fields(raw_entry, f"entries[{index}]", base, fmt)
         if entry["id"] in seen:
             raise ValueError(f"entries[{index}].id {entry['id']!r} is already used by entries[{seen[entry['id']]}]")
         seen[entry["id"]] = index
@@ -430,59 +434,22 @@ def _base_model(raw: dict[str, Any]) -> BaseModelRef:
     )
 
 
-def _entry_fields(raw: Any, where: str, base: BaseModelRef) -> dict[str, Any]:
+def _entry_fields(raw: Any, where: str, base: BaseModelRef, fmt: int) -> dict[str, Any]:
     obj = _object(raw, where)
     entry_id = _take(obj, "id", where, "a string of 1-64 letters, digits, _ or -",
                      lambda v: isinstance(v, str) and bool(_ENTRY_ID.match(v)))
     subjects = _take(obj, "subjects", where, "an object mapping languages to non-empty strings",
                      lambda v: isinstance(v, dict) and bool(v) and all(isinstance(s, str) and s.strip() for s in v.values()))
+    metadata = _take(obj, "metadata", where, "an object", lambda v: isinstance(v, dict), default={})
+    if fmt >= 3:  # the layers are in the weights file
+        return {"id": entry_id, "subjects": subjects, "metadata": metadata}
     layers = _take(obj, "layers", where, "a non-empty array of distinct integers",
                    lambda v: isinstance(v, list) and bool(v) and all(map(_is_int, v)) and len(set(v)) == len(v))
     outside = [layer for layer in layers if not 0 <= layer < base.num_hidden_layers]
     if outside:
         raise ValueError(f"{where}.layers: layer {outside[0]} is out of range for base_model.num_hidden_layers "
                          f"{base.num_hidden_layers}")
-    metadata = _take(obj, "metadata", where, "an object", lambda v: isinstance(v, dict), default={})
     return {"id": entry_id, "subjects": subjects, "layers": sorted(layers), "metadata": metadata}
-
-
-def _bank_from(config: BankConfig, tensors: dict[str, torch.Tensor]) -> EditBank:
-    """The bank, checking that the stored tensors are exactly the listed entries' layers."""
-    stored: dict[str, set[int]] = {}
-    for key in tensors:
-        match = _TENSOR_KEY.match(key)
-        if match is None:
-            raise ValueError(f"unexpected tensor {key!r}")
-        stored.setdefault(match[1], set()).add(int(match[2]))
-    orphans = sorted(set(stored) - {e["id"] for e in config.entries})
-    if orphans:
-        raise ValueError(f"it stores tensors of entries that entries[] does not list: {orphans[:5]}")
-    bank = EditBank()
-    for index, raw in enumerate(config.entries):
-        where = f"entries[{index}]"
-        extra = sorted(stored.get(raw["id"], set()) - set(raw["layers"]))
-        if extra:
-            raise ValueError(f"{where}.layers is {raw['layers']} but the weights also store layer(s) {extra}")
-        updates = {}
-        for layer in raw["layers"]:
-            keys = [f"{raw['id']}/{layer}/neurons", f"{raw['id']}/{layer}/delta"]
-            missing = [key for key in keys if key not in tensors]
-            if missing:
-                raise ValueError(f"{where}.layers lists {layer} but the weights have no tensor {missing[0]!r}")
-            try:
-                update = LayerUpdate(tensors[keys[0]], tensors[keys[1]])
-            except (TypeError, ValueError) as error:
-                raise ValueError(f"{where} layer {layer}: {error}") from None
-            top = int(update.neurons.max()) if update.neurons.numel() else -1
-            if top >= config.base.intermediate_size:
-                raise ValueError(f"{where} layer {layer}: neuron index {top} is out of range for "
-                                 f"base_model.intermediate_size {config.base.intermediate_size}")
-            updates[layer] = update
-        try:
-            bank.add(BankEntry(subjects=raw["subjects"], updates=updates, metadata=raw["metadata"], id=raw["id"]))
-        except (TypeError, ValueError) as error:
-            raise ValueError(f"{where}: {error}") from None
-    return bank
 
 
 # -- the Hub -----------------------------------------------------------------------------------------

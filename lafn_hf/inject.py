@@ -154,13 +154,13 @@ class CompiledBank:
     @classmethod
     def build(cls, bank: EditBank, device: torch.device) -> CompiledBank:
         number, entries = bank.snapshot()
-        empty = cls((id(bank), -1, device), SubjectMatcher(), {}, {}, {})
+        empty = cls((bank.uid, -1, device), SubjectMatcher(), {}, {}, {})
         compiled = empty._apply([("add", entry) for entry in entries], number, grow_matcher=False)
         return replace(compiled, matcher=SubjectMatcher(compiled.entries_of))
 
     def updated(self, bank: EditBank) -> CompiledBank | None:
         """The bank's current version from this one by replaying its changes (``None``: rebuild instead)."""
-        changes = bank.changes_since(self.version[1]) if self.version[0] == id(bank) else None
+        changes = bank.changes_since(self.version[1]) if self.version[0] == bank.uid else None
         if changes is None:
             return None
         number, log = changes
@@ -282,7 +282,7 @@ class BankInjector:
     def compiled(self, device: torch.device) -> CompiledBank:
         """The snapshot of the current bank version (updated from the last one's, or built, per version)."""
         compiled = self._compiled
-        if compiled is not None and compiled.version == (id(self.bank), self.bank.version, device):
+        if compiled is not None and compiled.version == (self.bank.uid, self.bank.version, device):
             return compiled
         with self._lock:
             compiled = self._compiled
