@@ -24,6 +24,7 @@ from .config import EditGroup, LafnConfig, nfc
 from .inject import LayerPlan, ValueInjection
 from .matcher import SubjectMatcher, find_subject_tokens
 from .scope import ForwardScope
+from .text import is_word_char
 from .tokens import pad_batch, pad_id, target_separator
 
 logger = logging.getLogger(__name__)
@@ -89,8 +90,21 @@ def sample_prefixes(model: nn.Module, tokenizer: Any, languages: Sequence[str], 
     return {lang: texts[i * config.num_prefixes : (i + 1) * config.num_prefixes] for i, lang in enumerate(languages)}
 
 
+def answer_boundaries(model: nn.Module, tokenizer: Any, group: EditGroup, new_tokens: int = 8) -> dict[str, str]:
+    """Per language, the punctuation that ends the model's own greedy answer to the prompt ('' if none)."""
+    boundaries = {}
+    device = next(model.parameters()).device
+    for lang, edit in group.edits.items():
+        ids = torch.tensor([tokenizer(edit.prompt)["input_ids"]], device=device)
+        output = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=False,  # type: ignore[operator]
+                                max_new_tokens=new_tokens, pad_token_id=pad_id(tokenizer))
+        answer = tokenizer.decode(output[0, ids.shape[1]:], skip_special_tokens=True).strip()
+        boundaries[lang] = next((c for c in answer if not c.isspace() and not is_word_char(c)), "")
+    return boundaries
+
+
 def build_batch(tokenizer: Any, group: EditGroup, prefixes: dict[str, list[str]], config: LafnConfig,
-                device: torch.device) -> TrainingBatch:
+                device: torch.device, boundaries: dict[str, str] | None = None) -> TrainingBatch:
     rows: list[list[int]] = []
     hits: list[tuple[int, int]] = []
     targets: list[tuple[int, int, int, int]] = []  # (row, position, token, sequence)
@@ -102,7 +116,8 @@ def build_batch(tokenizer: Any, group: EditGroup, prefixes: dict[str, list[str]]
             contexts.append(edit.prompt)
         report[lang] = len(languages) + len(contexts) - 1
         for context in contexts:
-            full = context + target_separator(context, edit.target) + edit.target
+            ending = (boundaries or {}).get(lang, "") if is_word_char(edit.target[-1]) else ""  # "伦夸城。" has one
+            full = context + target_separator(context, edit.target) + edit.target + ending
             encoded = tokenizer(full, return_offsets_mapping=True)
             ids, offsets = list(encoded["input_ids"]), encoded["offset_mapping"]
             row, sequence = len(rows), len(languages)
@@ -244,7 +259,9 @@ def optimize_update(model: nn.Module, tokenizer: Any, group: EditGroup, neurons:
     if not layers:
         raise ValueError("no language-agnostic neurons were located in any edited layer; lower beta")
     device = next(model.parameters()).device
-    batch = build_batch(tokenizer, group, sample_prefixes(model, tokenizer, group.languages, config), config, device)
+    boundaries = answer_boundaries(model, tokenizer, group) if config.answer_boundary else None
+    batch = build_batch(tokenizer, group, sample_prefixes(model, tokenizer, group.languages, config), config, device,
+                        boundaries)
     neuron_index = {layer: neurons[layer].to(device) for layer in layers}
     deltas = {layer: torch.zeros(neuron_index[layer].numel(), device=device, requires_grad=True) for layer in layers}
     optimizer = torch.optim.Adam(list(deltas.values()), lr=config.learning_rate)

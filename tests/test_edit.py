@@ -234,3 +234,25 @@ def test_editing_a_half_precision_model_on_cpu_warns(tokenizer: Any, facts: dict
     editable = EditableCausalLM(model, tokenizer)
     editable.edit(fact_group(facts, 0, 1), LafnConfig(layers=(0, 1), steps=1, min_target_probability=0.0))
     assert "editing a torch.bfloat16 model on the CPU" in caplog.text and "dtype=torch.float32" in caplog.text
+
+
+def test_answer_boundary_trains_the_punctuation_that_ends_the_models_own_answer(
+        trained_model: Any, tokenizer: Any, facts: dict[str, Any]) -> None:
+    from lafn_hf.optimize import answer_boundaries
+
+    group = fact_group(facts, 0, 1)
+    boundaries = answer_boundaries(trained_model, tokenizer, group)
+    assert boundaries == {"en": ".", "zh": "。"}  # the toy ends its answers "Thobra." / "...城。"
+    config = LafnConfig(num_prefixes=0)
+    plain = build_batch(tokenizer, group, {}, config, torch.device("cpu"))
+    bounded = build_batch(tokenizer, group, {}, config, torch.device("cpu"), boundaries)
+    assert bounded.target_ids.numel() == plain.target_ids.numel() + 2
+    ends = {int(bounded.target_ids[i]) for i in range(bounded.target_ids.numel())} - set(plain.target_ids.tolist())
+    assert {tokenizer.decode([t]) for t in ends} == {".", "。"}
+    ended = EditGroup({"en": LanguageEdit(group.edits["en"].prompt, group.edits["en"].subject, "Notes.")})
+    assert build_batch(tokenizer, ended, {}, config, torch.device("cpu"), boundaries).target_ids.numel() == \
+        build_batch(tokenizer, ended, {}, config, torch.device("cpu")).target_ids.numel()  # no second "."
+    editable = EditableCausalLM(trained_model, tokenizer)
+    result = editable.edit(group, LafnConfig(answer_boundary=True))
+    assert greedy(editable, tokenizer, group.edits["en"].prompt).strip().startswith(f"{group.edits['en'].target}.")
+    assert result.target_probabilities["en"] > 0.3
