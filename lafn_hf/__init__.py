@@ -2,11 +2,12 @@
 
 from .bank import BankEntry, EditBank, LayerUpdate
 from .config import EditGroup, LafnConfig, LanguageEdit
-from .model import EditableCausalLM, EditManyResult, EditResult
+from .model import EditableCausalLM, EditFailedError, EditManyResult, EditResult
 
 __all__ = [
     "BankEntry",
     "EditBank",
+    "EditFailedError",
     "EditGroup",
     "EditManyResult",
     "EditResult",

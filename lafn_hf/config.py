@@ -260,7 +260,7 @@ class LafnConfig:
             "paraphrases" locates; seeded) -- the ablation of Table 4.
         kl_templates: per-language template for Eq. 8's q_l, with a ``{subject}`` field. Languages
             missing here use ``DEFAULT_KL_TEMPLATES`` and then English (with a warning, once per language).
-        min_target_probability: ``edit()`` raises ``lafn_hf.model.EditFailedError`` and stores nothing
+        min_target_probability: ``edit()`` raises ``lafn_hf.EditFailedError`` and stores nothing
             when any language's final p(target | prompt) is below this (0 disables the check). Measured
             (p of the whole target after the bare prompt): language-edits whose prompt then answers the
             target ended at p >= 0.60 (toy, 50 en+zh groups, 30 steps; 91 of 100), >= 0.39 (60 steps;
