@@ -101,7 +101,72 @@ def _read_groups(path: str) -> list[EditGroup]:
         raise type(error)(f"{path}: {error}") from None
 
 
+def _read_groups_jsonl(path: str) -> list[EditGroup]:
+    """JSON lines: one group per (non-blank) line; errors name the line."""
+    groups = []
+    for number, line in enumerate(Path(path).read_text("utf-8").splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            groups.append(EditGroup.from_json(line))
+        except json.JSONDecodeError as error:
+            raise ValueError(f"{path} line {number} is not valid JSON: {error}") from None
+        except (TypeError, ValueError) as error:
+            raise type(error)(f"{path} line {number}: {error}") from None
+    if not groups:
+        raise ValueError(f"{path} holds no edit group")
+    return groups
+
+
+def _cmd_edit_sharded(args: argparse.Namespace) -> int:
+    """``lafn edit --groups FILE.jsonl``: resumable; sharded over ranks under torchrun (WORLD_SIZE > 1)."""
+    import datetime
+    import os
+
+    import torch
+    import torch.distributed as dist
+
+    from .distributed import edit_groups_sharded
+
+    groups = _read_groups_jsonl(args.groups)  # checked before the model loads
+    config = _config(args)
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    device = args.device
+    if world > 1:
+        use_cuda = torch.cuda.is_available() and device in ("auto", "cuda")
+        if use_cuda:
+            device = f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
+            torch.cuda.set_device(device)
+        # ranks wait at the final barrier for the slowest one: allow a long run
+        dist.init_process_group("nccl" if use_cuda else "gloo", timeout=datetime.timedelta(hours=24))
+    try:
+        model = _load_model(args.model, args.dtype, device)
+        outcome = edit_groups_sharded(model, groups, args.out, config)
+    finally:
+        if dist.is_available() and dist.is_initialized():
+            dist.destroy_process_group()
+    prefix = f"[rank {outcome.rank}] " if outcome.world_size > 1 else ""
+    for result in outcome.results:
+        shown = {lang: round(p, 3) for lang, p in result.target_probabilities.items()}
+        print(f"{prefix}{result.entry_id}: {result.subjects} p(target) {shown} in {result.wall_time_s:.1f}s")
+    if not outcome.merged:
+        return 1 if outcome.failures else 0
+    for index, error in outcome.failures:
+        print(f"group {index} failed: {error}", file=sys.stderr)
+    resumed = f" ({len(outcome.resumed)} on rank 0 resumed from checkpoints)" if outcome.resumed else ""
+    if not len(outcome.bank):
+        print(f"no edit took; nothing was saved to {args.out}", file=sys.stderr)
+        return 1
+    print(f"saved {len(outcome.bank)} edit(s) from {outcome.world_size} rank(s) to {args.out}{resumed}")
+    if outcome.failures:
+        print(f"{len(outcome.failures)} of {len(groups)} group(s) failed (listed above); rerun the same command "
+              "to retry them (finished groups are kept)", file=sys.stderr)
+    return 1 if outcome.failures else 0
+
+
 def cmd_edit(args: argparse.Namespace) -> int:
+    if args.groups:
+        return _cmd_edit_sharded(args)
     groups = _read_groups(args.group)  # checked before the model loads
     config = _config(args)
     model = _load_model(args.model, args.dtype, args.device)
@@ -286,8 +351,11 @@ def build_parser() -> argparse.ArgumentParser:
     demo.set_defaults(run=cmd_demo)
     edit = sub.add_parser("edit", help="apply edit group(s) from a JSON file and save the bank")
     _add_model_options(edit)
-    edit.add_argument("--group", required=True, help="JSON: one group {lang: {prompt, subject, target, paraphrases}}"
-                      " or a list of groups")
+    source = edit.add_mutually_exclusive_group(required=True)
+    source.add_argument("--group", help="JSON: one group {lang: {prompt, subject, target, paraphrases}}"
+                        " or a list of groups")
+    source.add_argument("--groups", help="JSON lines, one group per line: resumable (each group is checkpointed "
+                        "under OUT/.shards) and sharded across ranks under torchrun --nproc_per_node N")
     edit.add_argument("--out", required=True, help="directory to save the bank to (written only if an edit took)")
     _add_config_options(edit)
     edit.set_defaults(run=cmd_edit)

@@ -22,7 +22,7 @@ from tqdm.auto import tqdm
 
 from lafn_hf.modeling import decoder_layers, default_edit_layers, get_spec, mlp_parts, text_config
 
-from .bank import BankEntry, BankLimits, EditBank, LayerUpdate
+from .bank import _ENTRY_ID, BankEntry, BankLimits, EditBank, LayerUpdate
 from .config import EditGroup, LafnConfig
 from .hub import BaseModelRef, is_bank_dir, load_bank, parse_base_model, push_bank, resolve_bank_dir, save_bank
 from .inject import BankInjector, bank_disabled
@@ -264,17 +264,22 @@ class EditableCausalLM(nn.Module):
         return tuple(layers)
 
     def edit(self, group: EditGroup, config: LafnConfig | None = None, progress: bool | None = None,
-             metadata: dict[str, Any] | None = None) -> EditResult:
+             metadata: dict[str, Any] | None = None, entry_id: str | None = None) -> EditResult:
         """Locate D_G (Eq. 3-5), optimise dV (Eq. 6-9) against the base model, add one bank entry.
 
         ``progress`` shows a bar over the optimisation steps (default: when stderr is a terminal);
-        ``metadata`` (JSON-serialisable) is stored with the entry beside the prompts, targets and config.
+        ``metadata`` (JSON-serialisable) is stored with the entry beside the prompts, targets and config;
+        ``entry_id`` names the new entry (default: a random ``edit-...`` id).
         A prompt that cannot fit the model's positions raises ``ValueError`` before any work; an edit whose
         final p(target) stays below ``config.min_target_probability`` in any language raises
         ``EditFailedError`` (a ``ValueError``) and stores nothing.
         """
         if not isinstance(group, EditGroup):
             raise TypeError(f"edit expects an EditGroup, got {type(group).__name__}")
+        if entry_id is not None and (not isinstance(entry_id, str) or not _ENTRY_ID.match(entry_id)):
+            raise ValueError(f"entry_id must match {_ENTRY_ID.pattern}, got {entry_id!r}")
+        if entry_id is not None and entry_id in self.bank:
+            raise ValueError(f"entry id {entry_id!r} is already in the bank")
         config = config or self.lafn_config
         layers = self.edit_layers(config)
         _check_context(self.model, self.tokenizer, group, config)
@@ -304,6 +309,7 @@ class EditableCausalLM(nn.Module):
                 "target_probabilities": optimized.target_probabilities,
                 **(metadata or {}),
             },
+            **({"id": entry_id} if entry_id is not None else {}),
         )
         self.add_entry(entry)
         result = EditResult(entry.id, layers, located.counts(), located.shared_counts(), optimized.loss_curve,
