@@ -268,9 +268,9 @@ class LafnConfig:
             4 en groups). Edits that did not take: toy edits at layers 1-2, which cannot carry its facts,
             2e-12..0.15 (97 of 99 below 0.01); a zero-width target on the toy, 3e-19 (Gemma's and
             SmolLM2's vocabularies have that character: it took there, p 0.97-0.98).
-        answer_boundary: also train, after the target, the punctuation that ends the unedited model's own
-            answer to the prompt (the first character that is neither a letter/digit nor a space in its
-            greedy continuation: "," "。" "."), so that the edited answer ends where answers end instead of
+        answer_boundary: also train, after the target, the punctuation that ends the first word of the
+            unedited model's own greedy answer to the prompt ("," "。" "." ...; nothing when the first word is
+            not followed by one, or the target already ends in punctuation), so that the edited answer ends where answers end instead of
             running on into a longer word ("罗马" -> "罗马尼亚"). p(target) then includes that character.
             Off by default until measured on the MzsRE dev yardstick.
         upper_layer_shortcut: compute hidden states below the first edited layer once and run

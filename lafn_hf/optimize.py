@@ -90,16 +90,28 @@ def sample_prefixes(model: nn.Module, tokenizer: Any, languages: Sequence[str], 
     return {lang: texts[i * config.num_prefixes : (i + 1) * config.num_prefixes] for i, lang in enumerate(languages)}
 
 
+_ANSWER_ENDS = frozenset(",.;:!?\u3002\uff0c\u3001\uff1b\uff1a\uff01\uff1f")  # , . ; : ! ? and their CJK forms
+
+
+def answer_ending(answer: str) -> str:
+    """The punctuation right after the first word of ``answer`` ("Paris, France" -> ","; "巴黎。" -> "。"), if it is
+    one that ends an answer; "" otherwise ("Jean-Pierre Dupont." -> "", "Paris is ..." -> "")."""
+    text = answer.strip()
+    end = 0
+    while end < len(text) and (is_word_char(text[end]) or text[end] in "-'\u2019"):
+        end += 1
+    return text[end] if 0 < end < len(text) and text[end] in _ANSWER_ENDS else ""
+
+
 def answer_boundaries(model: nn.Module, tokenizer: Any, group: EditGroup, new_tokens: int = 8) -> dict[str, str]:
-    """Per language, the punctuation that ends the model's own greedy answer to the prompt ('' if none)."""
+    """Per language, the punctuation that ends the first word of the model's own greedy answer ('' if none)."""
     boundaries = {}
     device = next(model.parameters()).device
     for lang, edit in group.edits.items():
         ids = torch.tensor([tokenizer(edit.prompt)["input_ids"]], device=device)
         output = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=False,  # type: ignore[operator]
                                 max_new_tokens=new_tokens, pad_token_id=pad_id(tokenizer))
-        answer = tokenizer.decode(output[0, ids.shape[1]:], skip_special_tokens=True).strip()
-        boundaries[lang] = next((c for c in answer if not c.isspace() and not is_word_char(c)), "")
+        boundaries[lang] = answer_ending(tokenizer.decode(output[0, ids.shape[1]:], skip_special_tokens=True))
     return boundaries
 
 

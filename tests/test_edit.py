@@ -256,3 +256,12 @@ def test_answer_boundary_trains_the_punctuation_that_ends_the_models_own_answer(
     result = editable.edit(group, LafnConfig(answer_boundary=True))
     assert greedy(editable, tokenizer, group.edits["en"].prompt).strip().startswith(f"{group.edits['en'].target}.")
     assert result.target_probabilities["en"] > 0.3
+
+
+def test_answer_ending_is_the_punctuation_right_after_the_first_word() -> None:
+    from lafn_hf.optimize import answer_ending
+
+    cases = {" Paris, France.": ",", "巴黎。是": "。", "法国巴黎的塔楼上，是": "，", " Rom.\n": ".",
+             "Jean-Pierre Dupont.": "", "l'Italie.": ".", "(Rome)": "", "Paris is the capital.": "", "": "",
+             "Rome": "", "Rome's capital": ""}
+    assert {answer: answer_ending(answer) for answer in cases} == cases
