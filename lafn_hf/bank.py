@@ -6,8 +6,8 @@ dV (float32). Model weights are never touched; the bank is applied at inference 
 
 Overlapping subjects: every entry is kept, even when two entries share a subject. At
 inference, when a subject matches, the dV of *every* entry listing that subject is added
-(updates sum). When two different subjects overlap in the text ("Paris" inside "Paris
-Hilton"), the matcher takes the leftmost-longest one, so only "Paris Hilton" edits apply.
+(updates sum). Different subjects that overlap in the text both apply, each at the token that
+completes it ("Paris" at "Paris", "Paris Hilton" at "Hilton"; see ``lafn_hf.matcher``).
 """
 
 from __future__ import annotations

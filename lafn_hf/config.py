@@ -270,8 +270,9 @@ class LafnConfig:
             SmolLM2's vocabularies have that character: it took there, p 0.97-0.98).
         answer_boundary: also train, after the target, the punctuation that ends the first word of the
             unedited model's own greedy answer to the prompt ("," "。" "." ...; nothing when the first word is
-            not followed by one, or the target already ends in punctuation), so that the edited answer ends where answers end instead of
-            running on into a longer word ("罗马" -> "罗马尼亚"). p(target) then includes that character.
+            not followed by one, or the target already ends in punctuation), so that the edited answer
+            ends where answers end instead of running on into a longer word ("罗马" -> "罗马尼亚").
+            p(target) then includes that character.
             Off by default until measured on the MzsRE dev yardstick.
         upper_layer_shortcut: compute hidden states below the first edited layer once and run
             only the upper layers per step (exact: those states do not depend on dV).

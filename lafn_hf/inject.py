@@ -293,12 +293,14 @@ class BankInjector:
         return fresh
 
     def _sync_value_hooks(self, layers: Sequence[int]) -> None:
-        """Value hooks exactly on the bank's layers (only while the injector is attached)."""
+        """Value hooks on every layer the bank uses (only while the injector is attached).
+
+        Hooks are added, never removed before ``detach``: a forward planned with an older bank may still
+        be on its way to a layer the new bank no longer uses (a hook without a plan does nothing).
+        """
         if not self._handles:
             return
         modules = decoder_layers(self._model)
-        for layer in set(self._value_handles) - set(layers):
-            self._value_handles.pop(layer).remove()
         for layer in layers:
             if layer not in self._value_handles:
                 down_proj = mlp_parts(modules[layer]).down_proj

@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import os
 import sys
+import threading
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -137,6 +138,7 @@ class EditableCausalLM(nn.Module):
     def __init__(self, model: nn.Module, tokenizer: Any, bank: EditBank | None = None,
                  config: LafnConfig | None = None, base_revision: str | None = None) -> None:
         super().__init__()
+        self._edit_lock = threading.Lock()
         if not isinstance(model, nn.Module) or not hasattr(model, "config"):
             raise TypeError(f"model must be a transformers causal LM, got {type(model).__name__}")
         if tokenizer is None or not getattr(tokenizer, "is_fast", False):
@@ -285,7 +287,7 @@ class EditableCausalLM(nn.Module):
         _check_context(self.model, self.tokenizer, group, config)
         _warn_if_slow_dtype(self.model)
         started = time.perf_counter()
-        with self.edits_disabled():
+        with self._edit_lock, self.edits_disabled():  # edits of one model run one at a time; inference never waits
             located = locate_neurons(self.model, self.tokenizer, group, layers, config)
             optimized = optimize_update(self.model, self.tokenizer, group, located.shared, config,
                                         _show_progress(progress))

@@ -186,7 +186,7 @@ def upper_layers_only(model: nn.Module, first: int, hidden_in: torch.Tensor) -> 
     the whole model as usual.
     """
     layers = decoder_layers(model)
-    originals = [layers[i] for i in range(first)]
+    originals = [layer.original if isinstance(layer, _Skip) else layer for layer in layers[:first]]
     with ForwardScope() as scope:
         try:
             for i in range(first):

@@ -52,6 +52,32 @@ def test_a_model_takes_one_editable_wrapper_at_a_time(random_base: Any, tokenize
     second.unwrap()
 
 
+def test_a_forward_keeps_its_plan_while_another_thread_changes_the_bank(random_base: Any, tokenizer: Any) -> None:
+    import threading
+
+    editable = EditableCausalLM(random_base, tokenizer)
+    entry_id = editable.add_entry(make_entry({"en": SUBJECT}, layers=(2,), scale=10.0))
+    ids, mask = encode_texts(tokenizer, [WITH])
+    edited = logits(editable, ids, mask)
+
+    def meanwhile(module: Any, args: Any) -> None:  # runs inside the forward, before layer 2
+        def change_the_bank() -> None:
+            editable.remove_edit(entry_id)
+            editable(**tokenizer([WITHOUT], return_tensors="pt"))  # compiles the new, empty bank
+
+        worker = threading.Thread(target=change_the_bank)
+        worker.start()
+        worker.join()
+
+    handle = random_base.model.layers[0].register_forward_pre_hook(meanwhile)
+    try:
+        during = logits(editable, ids, mask)
+    finally:
+        handle.remove()
+    assert torch.equal(during, edited)  # planned with the entry: its dV still reaches layer 2
+    assert not torch.equal(logits(editable, ids, mask), edited)  # the next forward sees the new bank
+
+
 def test_value_hooks_live_only_on_the_bank_layers(random_base: Any, tokenizer: Any) -> None:
     editable = EditableCausalLM(random_base, tokenizer)
     editable.add_entry(make_entry({"en": SUBJECT}, layers=(0, 2)))
@@ -59,15 +85,16 @@ def test_value_hooks_live_only_on_the_bank_layers(random_base: Any, tokenizer: A
     def value_hooks() -> list[int]:
         return [len(layer.mlp.down_proj._forward_pre_hooks) for layer in random_base.model.layers]
 
+    assert value_hooks() == [0, 0, 0]
     encoded = tokenizer([WITH], return_tensors="pt")
     editable.generate(**encoded, max_new_tokens=3, do_sample=False, pad_token_id=tokenizer.pad_token_id)
     assert value_hooks() == [1, 0, 1]
     editable.remove_edit(next(iter(editable.bank)).id)
     editable(**tokenizer([WITHOUT], return_tensors="pt"))
-    assert value_hooks() == [0, 0, 0]
+    assert value_hooks() == [1, 0, 1]  # kept: a forward planned before the removal may still need them
     editable.add_entry(make_entry({"en": SUBJECT}, layers=(1,)))
     editable(**tokenizer([WITHOUT], return_tensors="pt"))
-    assert value_hooks() == [0, 1, 0]
+    assert value_hooks() == [1, 1, 1]
     editable.unwrap()
     assert all(not m._forward_pre_hooks and not m._forward_hooks for m in random_base.modules())
 

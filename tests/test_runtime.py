@@ -155,3 +155,22 @@ def test_threads_adding_and_removing_entries_keep_the_bank_and_its_snapshots_who
     assert len(editable.bank) == 100 and editable.bank.version == 300
     compiled = editable._injector.compiled(torch.device("cpu"))
     assert compiled.version[1] == 300 and len(compiled.entries_of) == 100
+
+
+def test_concurrent_edits_leave_the_model_as_it_was(trained_model: Any, tokenizer: Any) -> None:
+    from lafn_hf import LafnConfig
+    from lafn_hf.modeling import decoder_layers
+    from lafn_hf.models import tiny_fact_group
+
+    editable = EditableCausalLM(trained_model, tokenizer)
+    keys = set(trained_model.state_dict())
+    config = LafnConfig(layers=(2, 3), min_target_probability=0.0)  # the upper-layer shortcut wraps layers 0-1
+    threads = [threading.Thread(target=editable.edit, args=(tiny_fact_group(i, i + 1, ("en",)), config))
+               for i in range(3)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert len(editable.bank) == 3
+    assert [type(layer).__name__ for layer in decoder_layers(trained_model)] == ["LlamaDecoderLayer"] * 4
+    assert set(trained_model.state_dict()) == keys
