@@ -175,7 +175,8 @@ def run_settings(model: EditableCausalLM, items: Sequence[Item], settings: EvalS
     return {"mode": settings.mode, "protocol": settings.protocol, "margin": settings.margin,
             "languages": sorted({lang for item in items for lang in item}),
             "items_sha256": hashlib.sha256(data.encode("utf-8")).hexdigest(),
-            "base_model": model.base_ref.name_or_path, "config": (config or model.lafn_config).to_dict()}
+            "base_model": model.base_ref.name_or_path, "revision": model.base_ref.revision,
+            "dtype": str(next(model.parameters()).dtype), "config": (config or model.lafn_config).to_dict()}
 
 
 def _check_resume(path: Path, settings_path: Path, current: dict[str, Any], has_results: bool) -> None:
@@ -186,12 +187,18 @@ def _check_resume(path: Path, settings_path: Path, current: dict[str, Any], has_
     if not settings_path.is_file():
         raise ValueError(f"{path} holds results without their settings (written by an older lafn-hf); "
                          "delete it or choose another --results file to start fresh")
-    stored = json.loads(settings_path.read_text(encoding="utf-8"))
+    try:
+        stored = json.loads(settings_path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as error:
+        raise ValueError(f"{settings_path} cannot be read ({error}); delete it and {path} to start fresh") from None
+    if not isinstance(stored, dict) or not isinstance(stored.get("config", {}), dict):
+        raise ValueError(f"{settings_path} is not a settings object with a 'config' object; delete it and {path} "
+                         "to start fresh")
     differences = []
     for key in sorted(set(stored) | set(current)):
         if stored.get(key) == current.get(key):
             continue
-        if key == "config":
+        if key == "config" and key in stored and key in current:
             keys = sorted(k for k in set(stored[key]) | set(current[key]) if stored[key].get(k) != current[key].get(k))
             differences.append(f"config ({', '.join(keys)}) differs")
         elif key == "items_sha256":

@@ -136,6 +136,15 @@ def test_results_without_settings_are_refused(tokenizer: Any, trained_model: Any
         evaluate(model, load_files([ENZH]), EvalSettings(), tmp_path / "old.jsonl", progress=False)
 
 
+def test_a_corrupted_settings_file_is_a_clear_error(tokenizer: Any, trained_model: Any, tmp_path: Path) -> None:
+    (tmp_path / "old.jsonl").write_text('{"index": 0, "scores": {}, "error": null}\n', encoding="utf-8")
+    model = EditableCausalLM(trained_model, tokenizer)
+    for broken, message in (("{not json", "cannot be read"), ('{"config": 3}', "is not a settings object")):
+        (tmp_path / "old.jsonl.settings.json").write_text(broken, encoding="utf-8")
+        with pytest.raises(ValueError, match=f"old.jsonl.settings.json {message}"):
+            evaluate(model, load_files([ENZH]), EvalSettings(), tmp_path / "old.jsonl", progress=False)
+
+
 def test_an_item_whose_subject_is_refused_is_scored_unedited(tokenizer: Any, trained_model: Any) -> None:
     record = ZsreRecord("the", "What is the capital of Marbrafi?", "Marbrafi's capital?", "Notes",
                         "What is the capital of Dorzotho?", "Thoselno")

@@ -119,7 +119,8 @@ def _sha256(data: Any) -> str:
 def run_settings(model: EditableCausalLM, items: Sequence[Item], methods: Sequence[EditMethod], settings: BenchSettings,
                  hard: LocalityHard) -> dict[str, Any]:
     """What the results depend on (``limit`` aside); the results file is keyed on it."""
-    return {"format": FORMAT, "model": model.base_ref.name_or_path, "dtype": str(next(model.parameters()).dtype),
+    return {"format": FORMAT, "model": model.base_ref.name_or_path, "revision": model.base_ref.revision,
+            "dtype": str(next(model.parameters()).dtype),
             "methods": {m.name: m.settings() for m in methods},
             "languages": sorted({lang for item in items for lang in item}),
             "mode": settings.mode, "margin": settings.margin, "free_tokens": settings.free_tokens,
