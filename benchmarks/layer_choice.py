@@ -28,7 +28,7 @@ def main() -> None:
     print("| layers | edited prompts answering the target | unrelated changed | steps | s/edit |")
     print("| --- | --- | --- | --- | --- |")
     for layers in ((3, 4, 5), (6, 7, 8), (9, 10, 11)):
-        result = model.edit(group, LafnConfig(layers=layers))
+        result = model.edit(group, LafnConfig(layers=layers, min_target_probability=0.0))  # keep weak edits: measured
         hits = sum(_generate(model, p).startswith(group.edits[lang].target) for lang, p in checks)
         changed = sum(_generate(model, p) != b for p, b in zip(data["unrelated"], unrelated_before))
         print(f"| {layers} | {hits}/{len(checks)} | {changed} | {result.steps} | {result.wall_time_s:.1f} |")

@@ -21,11 +21,12 @@ from lafn_hf.cli import _generate, _load_model
 from lafn_hf.models import tiny_fact_group, tiny_facts
 
 LANGUAGES = ("en", "zh")
+KEEP_ALL = dict(steps=60, min_target_probability=0.0)  # measure what every edit does, also those edit() would refuse
 SETTINGS = {
-    "layers 0-1, paraphrases (default)": LafnConfig(layers=(0, 1), steps=60),
-    "layers 0-1, single (no paraphrases)": LafnConfig(layers=(0, 1), steps=60, locate_strategy="single"),
-    "layers 0-1, random neurons": LafnConfig(layers=(0, 1), steps=60, locate_strategy="random"),
-    "layers 1-2, paraphrases": LafnConfig(layers=(1, 2), steps=60),
+    "layers 0-1, paraphrases (default)": LafnConfig(layers=(0, 1), **KEEP_ALL),
+    "layers 0-1, single (no paraphrases)": LafnConfig(layers=(0, 1), locate_strategy="single", **KEEP_ALL),
+    "layers 0-1, random neurons": LafnConfig(layers=(0, 1), locate_strategy="random", **KEEP_ALL),
+    "layers 1-2, paraphrases": LafnConfig(layers=(1, 2), **KEEP_ALL),
 }
 
 
