@@ -99,10 +99,13 @@ class EditableModelManager(ModelManager):
             progress_callback({"status": "ready", "model": model_id_and_revision, "cached": True})
         return view, self.processor
 
-    def get_gen_models(self, cache_dir: str | None = None) -> list[dict[str, Any]]:  # type: ignore[override]
-        """``/v1/models``: the base name (every bank) and one ``<base>+<bank>`` per loaded bank."""
-        return [{"id": name, "object": "model", "created": self.created, "owned_by": "lafn"}
-                for name in self.served_names()]
+    def list_models(self, cache_dir: str | None = None) -> list[dict[str, Any]]:
+        """``/v1/models``: the base name (every bank) and one ``<base>+<bank>`` per loaded bank (never the
+        Hugging Face cache: nothing else is served here)."""
+        return [{"id": name, "object": "model", "created": self.created, "owned_by": "lafn",
+                 "status": {"value": "loaded"}} for name in self.served_names()]
+
+    get_gen_models = list_models  # the name transformers < 5.24 calls
 
 
 class EditAwareGenerationState(GenerationState):
