@@ -20,6 +20,7 @@ import torch
 from lafn_hf import LafnConfig
 from lafn_hf.bench import BenchSettings, build_methods, markdown_table, run_benchmark
 from lafn_hf.cli import _load_model
+from lafn_hf.routing.config import ROUTING_PRESETS
 from lafn_hf.zsre import load_files
 
 DATA_DIR = Path(__file__).resolve().parents[2] / "shared" / "data" / "mzsre-dev"
@@ -37,6 +38,7 @@ def main() -> None:
     parser.add_argument("--locate-strategy", choices=["paraphrases", "single", "all", "random"], default="paraphrases")
     parser.add_argument("--layers", help="comma-separated edit layers (default: the modeling/ table's)")
     parser.add_argument("--threads", type=int, help="torch CPU threads (1 avoids oversubscription on a busy machine)")
+    parser.add_argument("--routing", choices=sorted(ROUTING_PRESETS), default="full", help="routing stages for lafn")
     parser.add_argument("--out", type=Path, default=Path("bench-mzsre"))
     parser.add_argument("--fresh", action="store_true", help="start new results files (old ones kept renamed)")
     args = parser.parse_args()
@@ -45,6 +47,7 @@ def main() -> None:
     layers = tuple(int(x) for x in args.layers.split(",")) if args.layers else None
     config = LafnConfig(layers=layers, locate_strategy=args.locate_strategy)
     model = _load_model(args.model)
+    model.routing = ROUTING_PRESETS[args.routing]
     methods = build_methods(args.methods.split(","), model, config)
     settings = BenchSettings(mode=args.mode, limit=args.limit)
     started = time.perf_counter()

@@ -24,6 +24,7 @@ from typing import Any
 import torch
 
 from .config import nfc
+from .text import check_aliases
 
 _BANK_UIDS = itertools.count()
 _CHANGE_LOG = 4096  # bank changes kept for incremental updates of compiled banks
@@ -79,17 +80,87 @@ def _describe(value: object) -> str:
 
 
 @dataclass(frozen=True)
+class KeySpace:
+    """Where routing keys of one layer live: hidden states h (the input of decoder layer ``layer``) are compared
+    as unit vectors of (h - mean) / scale (``lafn_hf.routing``). Measured on the model's own hidden states."""
+
+    layer: int
+    mean: torch.Tensor  # (hidden_size,) float32
+    scale: torch.Tensor  # (hidden_size,) float32, > 0
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.layer, int) or self.layer < 0:
+            raise ValueError(f"key space layer must be an int >= 0, got {self.layer!r}")
+        for name in ("mean", "scale"):
+            value = getattr(self, name)
+            if not isinstance(value, torch.Tensor) or value.dtype != torch.float32 or value.dim() != 1:
+                raise TypeError(f"key space {name} must be a 1-D float32 tensor, got {_describe(value)}")
+        if self.mean.shape != self.scale.shape or not bool(torch.isfinite(self.mean).all()):
+            raise ValueError("key space mean and scale must have one shape and finite values")
+        if not bool((self.scale > 0).all()) or not bool(torch.isfinite(self.scale).all()):
+            raise ValueError("key space scale must be finite and > 0")
+
+    def project(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Unit vectors of (hidden - mean) / scale along the last dimension (float32)."""
+        z = (hidden.float() - self.mean.to(hidden.device)) / self.scale.to(hidden.device)
+        return z / z.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+
+    def __repr__(self) -> str:
+        return f"KeySpace(layer={self.layer}, size={self.mean.numel()})"
+
+    def same_as(self, other: KeySpace) -> bool:
+        return (self.layer == other.layer and self.mean.shape == other.mean.shape
+                and bool(torch.allclose(self.mean, other.mean, rtol=1e-3, atol=1e-4))
+                and bool(torch.allclose(self.scale, other.scale, rtol=1e-3, atol=1e-4)))
+
+
+@dataclass(frozen=True)
+class RoutingKey:
+    """An entry's representation key: a unit vector of ``space`` (read at ``space.layer``), fired at tokens
+    whose projected hidden state has a cosine above ``threshold`` with it (``lafn_hf.routing``). Entries made
+    together share one ``KeySpace`` object."""
+
+    space: KeySpace
+    vector: torch.Tensor  # (hidden_size,) float32, unit norm
+    threshold: float
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.space, KeySpace):
+            raise TypeError(f"routing key space must be a KeySpace, got {type(self.space).__name__}")
+        if not isinstance(self.vector, torch.Tensor) or self.vector.dtype != torch.float32 or self.vector.dim() != 1:
+            raise TypeError(f"routing key vector must be a 1-D float32 tensor, got {_describe(self.vector)}")
+        if self.vector.numel() != self.space.mean.numel():
+            raise ValueError(f"routing key vector has size {self.vector.numel()}, its key space {self.space.mean.numel()}")
+        if not bool(torch.isfinite(self.vector).all()) or abs(float(self.vector.norm()) - 1.0) > 1e-3:
+            raise ValueError(f"routing key vector must be finite with norm 1, got norm {float(self.vector.norm()):.4g}")
+        if isinstance(self.threshold, bool) or not isinstance(self.threshold, (int, float)) or not (
+                -1.0 <= float(self.threshold) <= 1.0):
+            raise ValueError(f"routing key threshold must be a cosine in [-1, 1], got {self.threshold!r}")
+        object.__setattr__(self, "threshold", float(self.threshold))
+
+    @property
+    def layer(self) -> int:
+        return self.space.layer
+
+    def __repr__(self) -> str:
+        return f"RoutingKey(layer={self.layer}, size={self.vector.numel()}, threshold={self.threshold:.4f})"
+
+
+@dataclass(frozen=True)
 class BankEntry:
     """One edit: aligned subjects per language, the per-layer updates and free-form metadata.
 
     ``metadata`` holds what produced the edit (prompts, targets, config, result summary);
-    it is saved as JSON and must be JSON-serialisable.
+    it is saved as JSON and must be JSON-serialisable. ``aliases`` are further surface forms that route to
+    the entry (any language); ``key`` its representation key (``None``: lexical routing only).
     """
 
     subjects: dict[str, str]
     updates: dict[int, LayerUpdate]
     metadata: dict[str, Any] = field(default_factory=dict)
     id: str = field(default_factory=lambda: f"edit-{uuid.uuid4().hex[:12]}")
+    aliases: tuple[str, ...] = ()
+    key: RoutingKey | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.id, str) or not _ENTRY_ID.match(self.id):
@@ -100,6 +171,12 @@ class BankEntry:
             if not isinstance(subject, str) or not subject.strip():
                 raise ValueError(f"entry {self.id!r}: subject for {lang!r} must be a non-empty str, got {subject!r}")
         object.__setattr__(self, "subjects", {lang: nfc(s) for lang, s in self.subjects.items()})
+        object.__setattr__(self, "aliases", check_aliases(self.aliases, f"entry {self.id!r}"))
+        if self.key is not None and not isinstance(self.key, RoutingKey):
+            raise TypeError(f"entry {self.id!r}: key must be a RoutingKey or None, got {type(self.key).__name__}")
+        if self.key is not None and self.updates and self.key.layer > min(self.updates):
+            raise ValueError(f"entry {self.id!r}: its routing key (layer {self.key.layer}) must be read at or below its "
+                             f"first edited layer {min(self.updates)}")
         if not isinstance(self.updates, dict) or not self.updates:
             raise ValueError(f"entry {self.id!r} needs at least one layer update")
         for layer, update in self.updates.items():
@@ -110,19 +187,28 @@ class BankEntry:
 
     @classmethod
     def _from_checked(cls, subjects: dict[str, str], updates: dict[int, LayerUpdate], metadata: dict[str, Any],
-                      entry_id: str) -> BankEntry:
+                      entry_id: str, aliases: tuple[str, ...] = (), key: RoutingKey | None = None) -> BankEntry:
         """Skip ``__post_init__``: only for fields already checked (and subjects NFC-normalised) in bulk."""
         entry = object.__new__(cls)
-        entry.__dict__.update(subjects=subjects, updates=updates, metadata=metadata, id=entry_id)
+        entry.__dict__.update(subjects=subjects, updates=updates, metadata=metadata, id=entry_id, aliases=aliases,
+                              key=key)
         return entry
 
     @property
     def layers(self) -> tuple[int, ...]:
         return tuple(sorted(self.updates))
 
+    @property
+    def surface_forms(self) -> tuple[str, ...]:
+        """Every string that routes to this entry lexically: its subjects, then its aliases."""
+        return tuple(dict.fromkeys([*self.subjects.values(), *self.aliases]))
+
     def __repr__(self) -> str:
         neurons = {layer: int(self.updates[layer].neurons.numel()) for layer in self.layers}
-        return f"BankEntry(id={self.id!r}, subjects={self.subjects!r}, layers={list(self.layers)}, neurons={neurons!r})"
+        extra = f", aliases={list(self.aliases)!r}" if self.aliases else ""
+        extra += f", key@{self.key.layer}>{self.key.threshold:.3f}" if self.key is not None else ""
+        return (f"BankEntry(id={self.id!r}, subjects={self.subjects!r}, layers={list(self.layers)}, "
+                f"neurons={neurons!r}{extra})")
 
 
 @dataclass(frozen=True)
@@ -185,6 +271,20 @@ class EditBank:
             self.version += 1
             self._changes.append((self.version, "add", entry))
         return entry.id
+
+    def replace(self, entry: BankEntry) -> BankEntry:
+        """Swap the entry with ``entry.id`` for ``entry`` (same place in the order); returns the old one."""
+        if not isinstance(entry, BankEntry):
+            raise TypeError(f"expected a BankEntry, got {type(entry).__name__}")
+        if self.limits is not None:
+            self.limits.check(entry)
+        with self._lock:
+            old = self.get(entry.id)
+            self._entries[entry.id] = entry
+            self.version += 1
+            self._changes.append((self.version, "remove", old))
+            self._changes.append((self.version, "add", entry))
+        return old
 
     def get(self, entry_id: str) -> BankEntry:
         try:
@@ -270,7 +370,13 @@ class EditBank:
 
 
 def _same_entry(a: BankEntry, b: BankEntry) -> bool:
-    if a.subjects != b.subjects or a.updates.keys() != b.updates.keys():
+    if a.subjects != b.subjects or a.updates.keys() != b.updates.keys() or a.aliases != b.aliases:
+        return False
+    if (a.key is None) != (b.key is None):
+        return False
+    if a.key is not None and b.key is not None and not (
+            a.key.space.same_as(b.key.space) and a.key.threshold == b.key.threshold
+            and torch.equal(a.key.vector, b.key.vector)):
         return False
     return all(
         torch.equal(a.updates[k].neurons, b.updates[k].neurons) and torch.equal(a.updates[k].delta, b.updates[k].delta)

@@ -46,11 +46,17 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load as load_safetensors
 
-from .bank import _ENTRY_ID, BankEntry, EditBank, LayerUpdate
+from .bank import _ENTRY_ID, BankEntry, EditBank, KeySpace, LayerUpdate, RoutingKey
 from .config import nfc
+from .text import check_aliases
 
 NEURONS, DELTAS, LAYER_OFFSETS, SEGMENT_LAYERS, ENTRY_OFFSETS = (
     "neurons", "deltas", "layer_offsets", "segment_layers", "entry_offsets")
+# Optional (routing, ``lafn_hf.routing``): K routing keys (entry index, space index, vector, threshold) and the
+# C key spaces they use (layer, mean, scale).
+KEY_ENTRIES, KEY_SPACES, KEY_VECTORS, KEY_THRESHOLDS, SPACE_LAYERS, SPACE_MEANS, SPACE_SCALES = (
+    "key_entries", "key_spaces", "key_vectors", "key_thresholds", "space_layers", "space_means", "space_scales")
+_ROUTING = (KEY_ENTRIES, KEY_SPACES, KEY_VECTORS, KEY_THRESHOLDS, SPACE_LAYERS, SPACE_MEANS, SPACE_SCALES)
 _DTYPES = {NEURONS: (torch.int32, torch.int64), DELTAS: (torch.float32,), LAYER_OFFSETS: (torch.int64,),
            SEGMENT_LAYERS: (torch.int32,), ENTRY_OFFSETS: (torch.int64,)}
 _INT32_MAX = 2**31 - 1
@@ -129,8 +135,16 @@ def is_plain_entry(raw: Any) -> bool:
     if type(entry_id) is not str or _ENTRY_ID.match(entry_id) is None or type(subjects) is not dict or not subjects:
         return False
     try:
-        return all(map(str.strip, subjects.values())) and ("metadata" not in raw or type(raw["metadata"]) is dict)
+        return (all(map(str.strip, subjects.values())) and ("metadata" not in raw or type(raw["metadata"]) is dict)
+                and ("aliases" not in raw or _plain_aliases(raw["aliases"])))
     except TypeError:  # a subject that is not a string
+        return False
+
+
+def _plain_aliases(aliases: Any) -> bool:
+    try:
+        return type(aliases) is list and check_aliases(aliases, "") == tuple(aliases)
+    except (TypeError, ValueError):
         return False
 
 
@@ -153,6 +167,8 @@ def encode(bank: EditBank) -> tuple[dict[str, torch.Tensor], list[dict[str, Any]
         row: dict[str, Any] = {"id": entry.id, "subjects": entry.subjects}
         if entry.metadata:
             row["metadata"] = entry.metadata
+        if entry.aliases:
+            row["aliases"] = list(entry.aliases)
         rows.append(row)
     flat = _cat(neurons, torch.int64)
     top = int(flat.max()) if flat.numel() else 0
@@ -163,7 +179,51 @@ def encode(bank: EditBank) -> tuple[dict[str, torch.Tensor], list[dict[str, Any]
         SEGMENT_LAYERS: torch.tensor(layers, dtype=torch.int32),
         ENTRY_OFFSETS: torch.tensor(firsts, dtype=torch.int64),
     }
+    tensors.update(_encode_routing(bank))
     return {name: tensor.contiguous() for name, tensor in tensors.items()}, rows
+
+
+def _encode_routing(bank: EditBank) -> dict[str, torch.Tensor]:
+    """The routing tensors (none when no entry has a key); spaces shared by several keys are stored once."""
+    keyed = [(index, entry.key) for index, entry in enumerate(bank) if entry.key is not None]
+    if not keyed:
+        return {}
+    spaces: dict[int, tuple[int, KeySpace]] = {}  # id(space) -> (its index, space)
+    for _, key in keyed:
+        spaces.setdefault(id(key.space), (len(spaces), key.space))
+    ordered = [space for _, space in spaces.values()]
+    return {
+        KEY_ENTRIES: torch.tensor([index for index, _ in keyed], dtype=torch.int64),
+        KEY_SPACES: torch.tensor([spaces[id(key.space)][0] for _, key in keyed], dtype=torch.int64),
+        KEY_VECTORS: torch.stack([key.vector.detach().cpu() for _, key in keyed]),
+        KEY_THRESHOLDS: torch.tensor([key.threshold for _, key in keyed], dtype=torch.float64),  # exact floats
+        SPACE_LAYERS: torch.tensor([space.layer for space in ordered], dtype=torch.int32),
+        SPACE_MEANS: torch.stack([space.mean.detach().cpu() for space in ordered]),
+        SPACE_SCALES: torch.stack([space.scale.detach().cpu() for space in ordered]),
+    }
+
+
+def _decode_routing(tensors: dict[str, torch.Tensor], count: int) -> dict[int, RoutingKey]:
+    """Entry index -> routing key, from the routing tensors (absent: none); ``ValueError`` naming the tensor."""
+    present = [name for name in _ROUTING if name in tensors]
+    if not present:
+        return {}
+    if len(present) != len(_ROUTING):
+        raise ValueError(f"routing tensor {sorted(set(_ROUTING) - set(present))[0]!r} is missing")
+    try:
+        spaces = [KeySpace(int(layer), mean.float().clone(), scale.float().clone()) for layer, mean, scale in
+                  zip(tensors[SPACE_LAYERS].tolist(), tensors[SPACE_MEANS], tensors[SPACE_SCALES], strict=True)]
+        keys: dict[int, RoutingKey] = {}
+        for index, space, vector, threshold in zip(tensors[KEY_ENTRIES].tolist(), tensors[KEY_SPACES].tolist(),
+                                                   tensors[KEY_VECTORS], tensors[KEY_THRESHOLDS].tolist(), strict=True):
+            if not 0 <= index < count or index in keys:
+                raise ValueError(f"{KEY_ENTRIES} holds {index}: not one entry index of {count} (or given twice)")
+            if not 0 <= space < len(spaces):
+                raise ValueError(f"{KEY_SPACES} holds {space}: there are {len(spaces)} key spaces")
+            keys[index] = RoutingKey(spaces[space], vector.float().clone(), float(threshold))
+    except (TypeError, RuntimeError) as error:
+        raise ValueError(f"routing tensors are malformed: {error}") from None
+    return keys
 
 
 def _cat(parts: list[torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
@@ -179,9 +239,11 @@ def decode(entries: Sequence[dict[str, Any]], tensors: dict[str, torch.Tensor], 
            intermediate_size: int) -> EditBank:
     """The bank of ``entries`` (checked config entries: id, subjects, metadata) and format-3 ``tensors``; any
     inconsistency is a ``ValueError`` naming the tensor (and the entry and layer where there is one)."""
-    unexpected = sorted(set(tensors) - set(_DTYPES))
+    unexpected = sorted(set(tensors) - set(_DTYPES) - set(_ROUTING))
     if unexpected:
-        raise ValueError(f"unexpected tensor {unexpected[0]!r} (format 3 stores {', '.join(_DTYPES)})")
+        raise ValueError(f"unexpected tensor {unexpected[0]!r} (format 3 stores {', '.join(_DTYPES)}, and for "
+                         f"routing {', '.join(_ROUTING)})")
+    keys = _decode_routing(tensors, len(entries))
     neurons, deltas, layer_offsets, segment_layers, entry_offsets = (_vector(tensors, name) for name in _DTYPES)
     count, segments = neurons.numel(), segment_layers.numel()
     if deltas.numel() != count:
@@ -205,14 +267,19 @@ def decode(entries: Sequence[dict[str, Any]], tensors: dict[str, torch.Tensor], 
     normalized = _all_nfc(entries)
     update, entry = LayerUpdate._from_checked, BankEntry._from_checked
     built = []
-    for raw, start, stop in zip(entries, bounds, bounds[1:]):
+    for index, (raw, start, stop) in enumerate(zip(entries, bounds, bounds[1:])):
         if stop == start + 1:  # the usual single layer, without a comprehension
             updates = {layers[start]: update(neuron_views[start], delta_views[start])}
         else:
             updates = {layers[s]: update(neuron_views[s], delta_views[s]) for s in range(start, stop)}
         subjects = raw["subjects"] if normalized else {lang: nfc(subject) for lang, subject in raw["subjects"].items()}
-        built.append(entry(subjects, updates, raw["metadata"], raw["id"]))
-    return EditBank._from_checked(built)
+        aliases = tuple(raw["aliases"]) if "aliases" in raw else ()
+        key = keys.get(index)
+        if key is not None and key.layer > layers[start]:
+            raise ValueError(f"entries[{index}]: routing key layer {key.layer} is above its first edited layer")
+        built.append(entry(subjects, updates, raw["metadata"], raw["id"], aliases, key))
+    bank = EditBank._from_checked(built)
+    return bank
 
 
 def _all_nfc(entries: Sequence[dict[str, Any]]) -> bool:

@@ -249,6 +249,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
     from .bench import BenchSettings, build_methods, load_locality_hard, markdown_table, run_benchmark
     from .bench.methods import METHODS
+    from .routing.config import ROUTING_PRESETS
     from .zsre import load_files
 
     names = [name.strip() for name in args.methods.split(",") if name.strip()]
@@ -264,6 +265,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     if args.locate_strategy:
         config = LafnConfig.from_dict({**config.to_dict(), "locate_strategy": args.locate_strategy})
     model = _load_model(args.model, args.dtype, args.device)
+    model.routing = ROUTING_PRESETS[args.routing]
     started = time.perf_counter()
     summary = run_benchmark(model, items, build_methods(names, model, config), args.out, settings,
                             locality_hard=hard, fresh=args.fresh)
@@ -400,6 +402,8 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--locality-hard", help="Locality-Hard JSON (default: the set shipped for the MzsRE dev split)")
     bench.add_argument("--locate-strategy", choices=["paraphrases", "single", "all", "random"],
                        help="LAFN's locating (paper Table 4; default: the config's, paraphrases)")
+    bench.add_argument("--routing", choices=["exact", "lexical", "full"], default="full",
+                       help="routing stages for lafn: the exact matcher, + normalised matching and aliases, + keys")
     bench.add_argument("--out", required=True, help="directory: results.jsonl, summary.json, tables.md, plot.png")
     bench.add_argument("--fresh", action="store_true", help="start a new results file (the old one is kept renamed)")
     _add_config_options(bench)

@@ -15,7 +15,7 @@ from typing import Any, Literal
 
 from .matcher import SubjectMatcher
 from .stopwords import is_stop_word
-from .text import clean_subject, is_spaceless_char, is_word_char
+from .text import check_aliases, clean_subject, is_spaceless_char, is_word_char
 
 logger = logging.getLogger(__name__)
 
@@ -68,6 +68,10 @@ class LanguageEdit:
             kept for locating (neuron counts use every token), with a warning.
         allow_common_subject: accept a subject that ``EditGroup`` would refuse as too short or too
             common (see ``subject_problem``). The edit then applies wherever the subject occurs.
+        aliases: other names of the subject ("Eiffelturm", "La tour Eiffel", "the Iron Lady"): each routes
+            to the edit wherever it occurs (any language), checked like the subject; they need not occur
+            in the prompt. Typical sources: your own list, or a knowledge base's labels and aliases
+            (Wikidata ``rdfs:label`` / ``skos:altLabel`` in every language).
     """
 
     prompt: str
@@ -75,6 +79,7 @@ class LanguageEdit:
     target: str
     paraphrases: tuple[str, ...] = ()
     allow_common_subject: bool = False
+    aliases: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "prompt", _require_text("prompt", self.prompt))
@@ -84,6 +89,7 @@ class LanguageEdit:
             raise TypeError(f"paraphrases must be a list of str, got {type(self.paraphrases).__name__}")
         paraphrases = tuple(_require_text(f"paraphrases[{i}]", p) for i, p in enumerate(self.paraphrases))
         object.__setattr__(self, "paraphrases", tuple(dict.fromkeys(paraphrases)))
+        object.__setattr__(self, "aliases", check_aliases(self.aliases, "LanguageEdit"))
         if not isinstance(self.allow_common_subject, bool):
             raise TypeError(f"allow_common_subject must be a bool, got {type(self.allow_common_subject).__name__}")
         matcher = SubjectMatcher([self.subject])
@@ -107,13 +113,15 @@ class LanguageEdit:
         unknown = sorted(set(data) - known)
         if unknown:
             raise ValueError(f"unknown field(s) {unknown} in language edit; expected {sorted(known)}")
-        paraphrases = data.get("paraphrases", ())
-        return cls(**{**data, "paraphrases": tuple(paraphrases) if isinstance(paraphrases, list) else paraphrases})
+        as_tuple = {key: tuple(data[key]) for key in ("paraphrases", "aliases") if isinstance(data.get(key), list)}
+        return cls(**{**data, **as_tuple})
 
     def to_dict(self) -> dict[str, Any]:
-        data = {**dataclasses.asdict(self), "paraphrases": list(self.paraphrases)}
+        data = {**dataclasses.asdict(self), "paraphrases": list(self.paraphrases), "aliases": list(self.aliases)}
         if not self.allow_common_subject:
             del data["allow_common_subject"]  # only written when opted in
+        if not self.aliases:
+            del data["aliases"]
         return data
 
 
@@ -131,13 +139,15 @@ class EditGroup:
                 raise ValueError(f"language code must be a non-empty str without spaces, got {lang!r}")
             if not isinstance(edit, LanguageEdit):
                 raise TypeError(f"edits[{lang!r}] must be a LanguageEdit, got {type(edit).__name__}")
-            problem = None if edit.allow_common_subject else subject_problem(edit.subject, lang)
-            if problem:
-                raise ValueError(
-                    f"edits[{lang!r}]: subject {edit.subject!r} is refused: {problem}, and a bank subject edits every "
-                    "prompt it occurs in. Set allow_common_subject=True on the LanguageEdit (JSON: "
-                    '"allow_common_subject": true) to edit it anyway'
-                )
+            for name in (edit.subject, *edit.aliases):
+                problem = None if edit.allow_common_subject else subject_problem(name, lang)
+                if problem:
+                    kind = "subject" if name == edit.subject else "alias"
+                    raise ValueError(
+                        f"edits[{lang!r}]: {kind} {name!r} is refused: {problem}, and a bank subject edits every "
+                        "prompt it occurs in. Set allow_common_subject=True on the LanguageEdit (JSON: "
+                        '"allow_common_subject": true) to edit it anyway'
+                    )
 
     @property
     def languages(self) -> tuple[str, ...]:
@@ -146,6 +156,11 @@ class EditGroup:
     @property
     def subjects(self) -> dict[str, str]:
         return {lang: edit.subject for lang, edit in self.edits.items()}
+
+    @property
+    def aliases(self) -> tuple[str, ...]:
+        """Every language's aliases, in order, without repeats."""
+        return tuple(dict.fromkeys(alias for edit in self.edits.values() for alias in edit.aliases))
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> EditGroup:

@@ -442,7 +442,11 @@ def _entry_fields(raw: Any, where: str, base: BaseModelRef, fmt: int) -> dict[st
                      lambda v: isinstance(v, dict) and bool(v) and all(isinstance(s, str) and s.strip() for s in v.values()))
     metadata = _take(obj, "metadata", where, "an object", lambda v: isinstance(v, dict), default={})
     if fmt >= 3:  # the layers are in the weights file
-        return {"id": entry_id, "subjects": subjects, "metadata": metadata}
+        row = {"id": entry_id, "subjects": subjects, "metadata": metadata}
+        if "aliases" in obj:
+            row["aliases"] = list(_take(obj, "aliases", where, "an array of distinct non-empty NFC strings",
+                                        bank_format._plain_aliases))
+        return row
     layers = _take(obj, "layers", where, "a non-empty array of distinct integers",
                    lambda v: isinstance(v, list) and bool(v) and all(map(_is_int, v)) and len(set(v)) == len(v))
     outside = [layer for layer in layers if not 0 <= layer < base.num_hidden_layers]

@@ -28,9 +28,12 @@ from torch.utils.hooks import RemovableHandle
 
 from lafn_hf.modeling import decoder_layers, mlp_parts
 
-from .bank import BankEntry, EditBank
+from .bank import BankEntry, EditBank, KeySpace, RoutingKey
 from .cache_rows import cache_length, keep_readers, readers_for
 from .matcher import RowReader, SubjectMatcher, decoder_for
+from .routing.config import RoutingConfig
+from .routing.fire import KeyIndex
+from .routing.trace import Route, record, tracing_active
 from .scope import ForwardScope
 
 logger = logging.getLogger(__name__)
@@ -132,31 +135,57 @@ def entries_selected(entry_ids: Container[str] | None) -> Iterator[None]:
         _SELECTED.reset(token)
 
 
+Pending = tuple[int, int, tuple[str, ...]]  # (row, relative position, entries sharing the matched subject)
+
+
 @dataclass(frozen=True)
 class CompiledBank:
-    """An immutable view of one bank version: matcher, subject -> entry ids, device tensors.
+    """An immutable view of one bank version under one ``RoutingConfig``: matcher, surface form -> entry ids,
+    device tensors, routing keys (their per-layer ``KeyIndex`` built on first use).
 
     ``build`` compiles a whole bank; ``updated`` derives the next version from the bank's change log
     without recompiling what did not change (the matcher grows by a small automaton; subjects left without
     entries stay in it and simply plan nothing).
     """
 
-    version: tuple[int, int, torch.device]
+    version: tuple[int, int, torch.device, RoutingConfig]
     matcher: SubjectMatcher
     entries_of: dict[str, tuple[str, ...]]
     updates: dict[str, dict[int, tuple[torch.Tensor, torch.Tensor]]]  # entry -> layer -> (neurons, delta)
     layer_entries: dict[int, int]  # layer -> how many entries update it
+    keys: dict[str, RoutingKey] = field(default_factory=dict)  # entry -> key (representation stage on)
+    _indices: dict[int, list[KeyIndex]] = field(default_factory=dict, compare=False, repr=False)
 
     @property
     def layers(self) -> tuple[int, ...]:
         return tuple(sorted(self.layer_entries))
 
+    @property
+    def routing(self) -> RoutingConfig:
+        return self.version[3]
+
+    @property
+    def key_layers(self) -> tuple[int, ...]:
+        return tuple(sorted({key.layer for key in self.keys.values()}))
+
+    def key_indices(self, layer: int) -> list[KeyIndex]:
+        """The keys of ``layer`` on the device, one index per key space (built once per compiled version)."""
+        if layer not in self._indices:
+            by_space: dict[int, tuple[KeySpace, list[tuple[str, RoutingKey]]]] = {}
+            for entry_id, key in self.keys.items():
+                if key.layer == layer:
+                    by_space.setdefault(id(key.space), (key.space, []))[1].append((entry_id, key))
+            self._indices[layer] = [KeyIndex.build(space, keys, self.version[2], self.routing.threshold)
+                                    for space, keys in by_space.values()]
+        return self._indices[layer]
+
     @classmethod
-    def build(cls, bank: EditBank, device: torch.device) -> CompiledBank:
+    def build(cls, bank: EditBank, device: torch.device, routing: RoutingConfig | None = None) -> CompiledBank:
+        routing = routing or RoutingConfig()
         number, entries = bank.snapshot()
-        empty = cls((bank.uid, -1, device), SubjectMatcher(), {}, {}, {})
+        empty = cls((bank.uid, -1, device, routing), SubjectMatcher(fold=routing.normalize), {}, {}, {}, {})
         compiled = empty._apply([("add", entry) for entry in entries], number, grow_matcher=False)
-        return replace(compiled, matcher=SubjectMatcher(compiled.entries_of))
+        return replace(compiled, matcher=SubjectMatcher(compiled.entries_of, fold=routing.normalize), _indices={})
 
     def updated(self, bank: EditBank) -> CompiledBank | None:
         """The bank's current version from this one by replaying its changes (``None``: rebuild instead)."""
@@ -170,8 +199,9 @@ class CompiledBank:
         return self._apply(log, number, grow_matcher=True)
 
     def _apply(self, changes: Sequence[tuple[str, BankEntry]], number: int, grow_matcher: bool) -> CompiledBank:
-        device = self.version[2]
+        device, routing = self.version[2], self.routing
         entries_of, updates, layer_entries = dict(self.entries_of), dict(self.updates), dict(self.layer_entries)
+        keys = dict(self.keys)
         added: list[str] = []
         for op, entry in changes:
             step = 1 if op == "add" else -1
@@ -179,37 +209,120 @@ class CompiledBank:
                 layer_entries[layer] = layer_entries.get(layer, 0) + step
                 if not layer_entries[layer]:
                     del layer_entries[layer]
-            for subject in dict.fromkeys(entry.subjects.values()):
+            forms = entry.surface_forms if routing.aliases else tuple(dict.fromkeys(entry.subjects.values()))
+            for subject in forms:
                 ids = tuple(i for i in entries_of.get(subject, ()) if i != entry.id)
                 ids = (*ids, entry.id) if step > 0 else ids
                 if ids:
                     entries_of[subject] = ids
                 else:
                     entries_of.pop(subject, None)
+            keys.pop(entry.id, None)
             if step > 0:
-                added += entry.subjects.values()
+                added += forms
                 updates[entry.id] = {layer: (u.neurons.to(device), u.delta.to(device)) for layer, u in entry.updates.items()}
+                if routing.representation and entry.key is not None:
+                    keys[entry.id] = entry.key
             else:
                 updates.pop(entry.id, None)
         matcher = self.matcher.with_subjects(added) if grow_matcher else self.matcher
-        return CompiledBank((self.version[0], number, device), matcher, entries_of, updates, layer_entries)
+        return CompiledBank((self.version[0], number, device, routing), matcher, entries_of, updates, layer_entries,
+                            keys)
+
+    def add_entry_plan(self, per_layer: dict[int, list[LayerPlan]], entry_id: str, row: int, position: int) -> None:
+        for layer, (neurons, delta) in self.updates[entry_id].items():
+            per_layer.setdefault(layer, []).append(LayerPlan.build([(row, position)], neurons, delta))
+
+    def lexical_plan(self, rows: Sequence[RowReader], first: int, selected: Container[str] | None = None,
+                     ) -> tuple[dict[int, list[LayerPlan]], list[dict[str, int]], list[Pending]]:
+        """(per-layer plans, per row the first relative position of each entry fired, choices left to the keys)
+        for positions >= ``first`` of ``rows``; ``selected``: only entries whose id is in it (``None``: all).
+
+        A subject listed by several selected entries that all have keys at one layer is left to that layer's
+        key index (``Pending``: the entry whose key is closest fires); otherwise every such entry fires.
+        """
+        per_layer: dict[int, list[LayerPlan]] = {}
+        lexical: list[dict[str, int]] = [{} for _ in rows]
+        pending: list[Pending] = []
+        trace = tracing_active()
+        for row, reader in enumerate(rows):
+            for hit in reader.hits(self.matcher, first):
+                ids = tuple(i for i in self.entries_of.get(hit.subject, ()) if selected is None or i in selected)
+                position = hit.position - first
+                key_layers = {self.keys[i].layer if i in self.keys else -1 for i in ids}
+                if len(ids) > 1 and len(key_layers) == 1 and -1 not in key_layers:
+                    pending.append((row, position, ids))
+                    for entry_id in ids:
+                        lexical[row].setdefault(entry_id, position)
+                    continue
+                for entry_id in ids:
+                    lexical[row].setdefault(entry_id, position)
+                    self.add_entry_plan(per_layer, entry_id, row, position)
+                    if trace:
+                        record(Route(row, hit.position, entry_id, "lexical"))
+        return per_layer, lexical, pending
 
     def plan(self, rows: Sequence[RowReader], first: int,
              selected: Container[str] | None = None) -> dict[int, LayerPlan] | None:
-        """Per-layer plan for positions >= ``first`` of ``rows`` (plan positions are relative to ``first``);
-        ``selected``: only entries whose id is in it (``None``: all)."""
+        """The lexical per-layer plan for positions >= ``first`` of ``rows`` (positions relative to ``first``)."""
+        return _concat(self.lexical_plan(rows, first, selected)[0])
+
+
+def _choose(indices: Sequence[KeyIndex], hidden: torch.Tensor, row: int, position: int, ids: Sequence[str]) -> str:
+    """Among ``ids`` (entries sharing a matched subject), the one whose key is closest to that token's state."""
+    best: tuple[float, str] | None = None
+    for index in indices:
+        mine = [entry_id for entry_id in ids if entry_id in index.slot]
+        if mine:
+            chosen, cosine = index.choose(hidden, row, position, mine)
+            if best is None or cosine > best[0]:
+                best = (cosine, chosen)
+    return best[1] if best is not None else ids[-1]
+
+
+def _concat(per_layer: dict[int, list[LayerPlan]]) -> dict[int, LayerPlan] | None:
+    return {layer: LayerPlan.concat(plans) for layer, plans in per_layer.items()} or None
+
+
+@dataclass
+class _KeyWork:
+    """What the key hooks of one forward need: the compiled bank, the rows' readers, which new tokens count,
+    what the lexical stage fired, and the choices it left to the keys."""
+
+    compiled: CompiledBank
+    readers: list[RowReader]
+    first: int
+    valid: torch.Tensor  # (B, new) bool: real, non-special tokens
+    lexical: list[dict[str, int]]
+    pending: list[Pending]
+    selected: Container[str] | None
+
+    def route(self, layer: int, hidden: torch.Tensor) -> dict[int, list[LayerPlan]]:
+        """Plans for the pending choices and the representation hits of the keys at ``layer``."""
+        indices = self.compiled.key_indices(layer)
         per_layer: dict[int, list[LayerPlan]] = {}
-        for row, reader in enumerate(rows):
-            for hit in reader.hits(self.matcher, first):
-                for entry_id in self.entries_of.get(hit.subject, ()):
-                    if selected is not None and entry_id not in selected:
-                        continue
-                    for layer, (neurons, delta) in self.updates[entry_id].items():
-                        plan = LayerPlan.build([(row, hit.position - first)], neurons, delta)
-                        per_layer.setdefault(layer, []).append(plan)
-        if not per_layer:
-            return None
-        return {layer: LayerPlan.concat(plans) for layer, plans in per_layer.items()}
+        if not indices:
+            return per_layer
+        trace = tracing_active()
+        for row, position, ids in self.pending:
+            if self.compiled.keys[ids[0]].layer == layer:
+                chosen = _choose(indices, hidden, row, position, ids)
+                self.compiled.add_entry_plan(per_layer, chosen, row, position)
+                if trace:
+                    record(Route(row, self.first + position, chosen, "relation"))
+        fired: list[set[str]] = [set(reader.fired) for reader in self.readers]
+        found = sorted(hit for index in indices for hit in index.candidates(hidden, self.valid, self.selected))
+        for row, position, entry_id in found:
+            first_lexical = self.lexical[row].get(entry_id)
+            if entry_id in fired[row] or (first_lexical is not None and first_lexical <= position):
+                continue
+            fired[row].add(entry_id)
+            self.compiled.add_entry_plan(per_layer, entry_id, row, position)
+            if trace:
+                record(Route(row, self.first + position, entry_id, "representation"))
+        for reader, done, lexical in zip(self.readers, fired, self.lexical):
+            reader.fired = done | set(lexical)
+        return per_layer
 
 
 @dataclass
@@ -218,7 +331,15 @@ class _Forward:
 
     plan: dict[int, LayerPlan] | None = None
     readers: list[RowReader] | None = None
+    keys: _KeyWork | None = None
     token: Token[_Forward | None] | None = field(default=None, repr=False)
+
+    def add(self, per_layer: dict[int, list[LayerPlan]]) -> None:
+        """Add plans (a key hook adds them before the layers they update run)."""
+        plan = dict(self.plan or {})
+        for layer, plans in per_layer.items():
+            plan[layer] = LayerPlan.concat([plan[layer], *plans] if layer in plan else plans)
+        self.plan = plan or None
 
 
 _CURRENT: ContextVar[_Forward | None] = ContextVar("lafn_current_forward", default=None)
@@ -234,13 +355,16 @@ class BankInjector:
     sequences in one row, ``cu_seq_lens_q``: continuous batching), run unedited.
     """
 
-    def __init__(self, model: nn.Module, tokenizer: Any, bank: EditBank) -> None:
+    def __init__(self, model: nn.Module, tokenizer: Any, bank: EditBank, routing: RoutingConfig | None = None) -> None:
         self._model = model
         self._special_ids = frozenset(int(i) for i in tokenizer.all_special_ids)
+        self._special_tensor: dict[torch.device, torch.Tensor] = {}
         self._decode = decoder_for(tokenizer)
         self.bank = bank
+        self.routing = routing or RoutingConfig()
         self._handles: list[RemovableHandle] = []
         self._value_handles: dict[int, RemovableHandle] = {}
+        self._key_handles: dict[int, RemovableHandle] = {}
         self._compiled: CompiledBank | None = None
         self._lock = threading.Lock()  # guards compiling and (re)attaching value hooks
         self._warned_packed = False
@@ -250,7 +374,7 @@ class BankInjector:
         return bool(self._handles)
 
     def handles(self) -> tuple[RemovableHandle, ...]:
-        return (*self._handles, *self._value_handles.values())
+        return (*self._handles, *self._value_handles.values(), *self._key_handles.values())
 
     def attach(self) -> None:
         """Install the hooks; a model carries at most one attached injector (two would add two banks)."""
@@ -271,8 +395,8 @@ class BankInjector:
 
     def detach(self) -> None:
         with self._lock:
-            handles = [*self._handles, *self._value_handles.values()]
-            self._handles, self._value_handles, self._compiled = [], {}, None
+            handles = [*self._handles, *self._value_handles.values(), *self._key_handles.values()]
+            self._handles, self._value_handles, self._key_handles, self._compiled = [], {}, {}, None
         for handle in handles:
             handle.remove()
         owner_ref = getattr(self._model, _OWNER_ATTRIBUTE, None)
@@ -281,14 +405,16 @@ class BankInjector:
 
     def compiled(self, device: torch.device) -> CompiledBank:
         """The snapshot of the current bank version (updated from the last one's, or built, per version)."""
-        compiled = self._compiled
-        if compiled is not None and compiled.version == (self.bank.uid, self.bank.version, device):
+        compiled, routing = self._compiled, self.routing
+        if compiled is not None and compiled.version == (self.bank.uid, self.bank.version, device, routing):
             return compiled
         with self._lock:
             compiled = self._compiled
-            if compiled is None or compiled.version[2] != device or (fresh := compiled.updated(self.bank)) is None:
-                fresh = CompiledBank.build(self.bank, device)
+            if (compiled is None or compiled.version[2:] != (device, routing)
+                    or (fresh := compiled.updated(self.bank)) is None):
+                fresh = CompiledBank.build(self.bank, device, routing)
             self._sync_value_hooks(fresh.layers)
+            self._sync_key_hooks(fresh.key_layers)
             self._compiled = fresh
         return fresh
 
@@ -306,9 +432,20 @@ class BankInjector:
                 down_proj = mlp_parts(modules[layer]).down_proj
                 self._value_handles[layer] = down_proj.register_forward_pre_hook(_value_hook_for(layer))
 
+    def _sync_key_hooks(self, layers: Sequence[int]) -> None:
+        """Key hooks (pre-hooks of the decoder layers that routing keys read), kept like value hooks."""
+        if not self._handles:
+            return
+        modules = decoder_layers(self._model)
+        for layer in layers:
+            if layer not in self._key_handles:
+                self._key_handles[layer] = modules[layer].register_forward_pre_hook(_key_hook_for(layer),
+                                                                                    with_kwargs=True)
+
     def readers_and_plan(self, compiled: CompiledBank, input_ids: torch.Tensor, attention_mask: Any,
                          cache: Any) -> _Forward:
-        """Continue each row's reader over the new tokens and plan dV at completed subjects."""
+        """Continue each row's reader over the new tokens and plan dV at completed subjects (the key hooks
+        add the representation stage's and the relation choices' plans later in the same forward)."""
         past = cache_length(cache)
         batch, new = input_ids.shape
         readers = readers_for(cache, batch, past, self._decode, self._special_ids)  # continued in place
@@ -316,7 +453,22 @@ class BankInjector:
         ids = input_ids.tolist()
         for row, reader in enumerate(readers):
             reader.read([t if mask is None or mask[row][i] else None for i, t in enumerate(ids[row])])
-        return _Forward(plan=compiled.plan(readers, past, _SELECTED.get()), readers=readers)
+        selected = _SELECTED.get()
+        per_layer, lexical, pending = compiled.lexical_plan(readers, past, selected)
+        state = _Forward(plan=_concat(per_layer), readers=readers)
+        if compiled.keys:
+            valid = ~torch.isin(input_ids, self._special_ids_on(input_ids.device))
+            if mask is not None:
+                valid &= torch.tensor(mask, dtype=torch.bool, device=input_ids.device)
+            state.keys = _KeyWork(compiled, readers, past, valid, lexical, pending, selected)
+        return state
+
+    def _special_ids_on(self, device: torch.device) -> torch.Tensor:
+        tensor = self._special_tensor.get(device)
+        if tensor is None:
+            tensor = self._special_tensor[device] = torch.tensor(sorted(self._special_ids), dtype=torch.long,
+                                                                 device=device)
+        return tensor
 
     def _before_forward(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
         state = _Forward()
@@ -348,6 +500,21 @@ def _value_hook_for(layer: int) -> Any:
         state = _CURRENT.get()
         plan = state.plan.get(layer) if state is not None and state.plan else None
         return None if plan is None else (add_values(args[0], plan), *args[1:])
+
+    return hook
+
+
+def _key_hook_for(layer: int) -> Any:
+    def hook(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        state = _CURRENT.get()
+        work = state.keys if state is not None else None
+        if work is None:
+            return
+        hidden = kwargs.get("hidden_states", args[0] if args else None)
+        if isinstance(hidden, torch.Tensor) and hidden.dim() == 3 and tuple(hidden.shape[:2]) == tuple(work.valid.shape):
+            added = work.route(layer, hidden)
+            if added and state is not None:
+                state.add(added)
 
     return hook
 

@@ -7,7 +7,8 @@ to and including that token.
 - Text: each row's tokens are detokenised incrementally (the window-diff method of text streamers), so the
   text known after token t never changes when later tokens arrive; special tokens read as a line break
   and padding reads as nothing. Matching runs on that text with invisible characters (zero-width spaces
-  and joiners, soft hyphens) removed and NFC applied (``lafn_hf.text.normalize_for_matching``).
+  and joiners, soft hyphens) removed and NFC applied, and by default folded (case, accents, punctuation and
+  whitespace variants; ``lafn_hf.text.normalize_for_matching``), the subjects likewise.
 - Every occurrence of every subject counts (overlapping matches: "Paris" fires at "Paris" even when
   "Paris Hilton" follows, because at that token "Hilton" has not been read yet).
 - Word boundaries: a subject whose first (last) character belongs to a script written with spaces does
@@ -53,6 +54,10 @@ class SubjectHit:
 class SubjectMatcher:
     """Aho-Corasick over cleaned subjects (invisible characters removed, NFC), all overlapping occurrences.
 
+    ``fold`` (default) compares folded text and subjects (``lafn_hf.text.fold_cluster``: case, accents in
+    Latin/Greek/Cyrillic, compatibility forms, apostrophe/quote/dash variants, runs of whitespace), so "the
+    eiffel tower", "EIFFEL TOWER" and "Eiffel  Tower" find "Eiffel Tower"; ``fold=False`` is exact after NFC.
+
     ``with_subjects`` grows a matcher without rebuilding it: the existing automata are shared and the new
     subjects get a small automaton of their own (a tier); tiers are merged into one when they pile up.
     Pattern ``i`` is ``patterns[i]``; ``subjects_of[i]`` are the subject names it stands for.
@@ -60,7 +65,8 @@ class SubjectMatcher:
 
     max_tiers = 4
 
-    def __init__(self, subjects: Iterable[str] = ()) -> None:
+    def __init__(self, subjects: Iterable[str] = (), fold: bool = True) -> None:
+        self.fold = fold
         self.patterns: tuple[str, ...] = ()
         self.subjects_of: tuple[tuple[str, ...], ...] = ()
         self.max_length = 0
@@ -85,7 +91,7 @@ class SubjectMatcher:
         base = self._tiers[1][1] if len(self._tiers) > 1 else len(self.patterns)
         tail = len(self.patterns) - base
         if tail + len(new) > max(1024, base // 4):  # the small automata hold too much: one new automaton
-            return SubjectMatcher([*self.subjects, *new])
+            return SubjectMatcher([*self.subjects, *new], fold=self.fold)
         grown = object.__new__(SubjectMatcher)
         grown.__dict__.update(self.__dict__)
         grown._tiers = list(self._tiers)
@@ -99,7 +105,7 @@ class SubjectMatcher:
     def _add_tier(self, subjects: Iterable[str]) -> None:
         by_pattern: dict[str, list[str]] = {}
         for subject in subjects:
-            cleaned = clean_subject(subject) if subject else ""
+            cleaned = clean_subject(subject, self.fold) if subject else ""
             if cleaned and subject not in self:
                 names = by_pattern.setdefault(cleaned, [])
                 if subject not in names:
@@ -124,7 +130,7 @@ class SubjectMatcher:
 
     def find(self, text: str) -> list[SubjectMatch]:
         """Whole-text matches (both neighbours known) with offsets into ``text``; one per subject name."""
-        normalized, ends = normalize_for_matching(text)
+        normalized, ends = normalize_for_matching(text, self.fold)
         found = []
         for index, start, end in self.raw_matches(normalized):
             pattern = self.patterns[index]
@@ -154,6 +160,7 @@ class RowReader:
     tokens: list[int | None] = field(default_factory=list)
     pieces: list[str] = field(default_factory=list)
     ends: list[int] = field(default_factory=list)
+    fired: set[str] = field(default_factory=set)  # entries fired so far in this row (``lafn_hf.routing``)
     _content: list[int] = field(default_factory=list)  # non-special ids fed to the detokeniser
     _prefix_offset: int = 0
     _read_offset: int = 0
@@ -172,7 +179,7 @@ class RowReader:
 
     def clone(self) -> RowReader:
         return RowReader(self.decode, self.special_ids, list(self.tokens), list(self.pieces), list(self.ends),
-                         list(self._content), self._prefix_offset, self._read_offset)
+                         set(self.fired), list(self._content), self._prefix_offset, self._read_offset)
 
     def prefix(self, length: int) -> RowReader:
         """A reader that has read only the first ``length`` positions (re-read, so the text is that prefix)."""
@@ -181,6 +188,7 @@ class RowReader:
             unknown += 1
         reader = RowReader.unread(self.decode, self.special_ids, unknown)
         reader.read(self.tokens[unknown:length])
+        reader.fired = set(self.fired)  # kept: an entry fired in the cut part does not fire again by key
         return reader
 
     def read(self, tokens: Sequence[int | None]) -> None:
@@ -216,7 +224,7 @@ class RowReader:
         # the window starts at a position boundary, >= 4x the longest subject (+16) before the new text
         start_position = bisect.bisect_right(self.ends, read_before - 4 * matcher.max_length - 16)
         window_start = self.ends[start_position - 1] if start_position else 0
-        normalized, norm_ends = normalize_for_matching("".join(self.pieces[start_position:]))
+        normalized, norm_ends = normalize_for_matching("".join(self.pieces[start_position:]), matcher.fold)
         found = []
         for index, start, end in matcher.raw_matches(normalized):
             pattern = matcher.patterns[index]

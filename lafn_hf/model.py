@@ -7,6 +7,7 @@ weights are never modified.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import sys
@@ -23,12 +24,16 @@ from tqdm.auto import tqdm
 
 from lafn_hf.modeling import decoder_layers, default_edit_layers, get_spec, mlp_parts, text_config
 
-from .bank import _ENTRY_ID, BankEntry, BankLimits, EditBank, LayerUpdate
-from .config import EditGroup, LafnConfig
+from .bank import _ENTRY_ID, BankEntry, BankLimits, EditBank, KeySpace, LayerUpdate, RoutingKey
+from .config import EditGroup, LafnConfig, subject_problem
 from .hub import BaseModelRef, is_bank_dir, load_bank, parse_base_model, push_bank, resolve_bank_dir, save_bank
 from .inject import BankInjector, bank_disabled
 from .locate import locate_neurons
 from .optimize import optimize_update
+from .routing.config import RoutingConfig
+from .routing.keys import entry_key, key_space, negative_states, separate
+from .stopwords import STOP_WORDS
+from .text import check_aliases
 from .tokens import target_separator
 
 logger = logging.getLogger(__name__)
@@ -136,9 +141,13 @@ class EditableCausalLM(nn.Module):
     """
 
     def __init__(self, model: nn.Module, tokenizer: Any, bank: EditBank | None = None,
-                 config: LafnConfig | None = None, base_revision: str | None = None) -> None:
+                 config: LafnConfig | None = None, base_revision: str | None = None,
+                 routing: RoutingConfig | None = None) -> None:
         super().__init__()
         self._edit_lock = threading.Lock()
+        if routing is not None and not isinstance(routing, RoutingConfig):
+            raise TypeError(f"routing must be a RoutingConfig, got {type(routing).__name__}")
+        self._key_spaces: dict[int, tuple[KeySpace, torch.Tensor]] = {}  # layer -> (space, projected negatives)
         if not isinstance(model, nn.Module) or not hasattr(model, "config"):
             raise TypeError(f"model must be a transformers causal LM, got {type(model).__name__}")
         if tokenizer is None or not getattr(tokenizer, "is_fast", False):
@@ -154,7 +163,7 @@ class EditableCausalLM(nn.Module):
         bank = bank if bank is not None else EditBank()
         for entry in bank:
             self._check_entry(entry)
-        self._injector = BankInjector(model, tokenizer, bank)
+        self._injector = BankInjector(model, tokenizer, bank, routing)
         self._injector.attach()
         bank.limits = self._limits  # later ``bank.add`` calls are checked too
 
@@ -162,7 +171,8 @@ class EditableCausalLM(nn.Module):
     @classmethod
     def from_pretrained(cls, name_or_path: str | os.PathLike[str], tokenizer: Any = None, *,
                         revision: str | None = None, token: str | None = None, config: LafnConfig | None = None,
-                        base_model: str | None = None, **hf_kwargs: Any) -> EditableCausalLM:
+                        base_model: str | None = None, routing: RoutingConfig | None = None,
+                        **hf_kwargs: Any) -> EditableCausalLM:
         """Load a base model (path or Hub id), or an edit bank together with the base model it names.
 
         ``base_model`` (``"org/name"``, ``"org/name@revision"`` or a local directory) loads a bank onto that
@@ -198,7 +208,7 @@ class EditableCausalLM(nn.Module):
         model = AutoModelForCausalLM.from_pretrained(base_path, revision=base_revision, token=token, **hf_kwargs)
         if tokenizer is None:
             tokenizer = AutoTokenizer.from_pretrained(base_path, revision=base_revision, token=token)
-        editable = cls(model, tokenizer, config=config, base_revision=base_revision)
+        editable = cls(model, tokenizer, config=config, base_revision=base_revision, routing=routing)
         if bank is not None and ref is not None:
             ref.check_compatible(editable.base_ref)
             editable.set_bank(bank)
@@ -208,6 +218,53 @@ class EditableCausalLM(nn.Module):
     @property
     def bank(self) -> EditBank:
         return self._injector.bank
+
+    @property
+    def routing(self) -> RoutingConfig:
+        """Which routing stages run (``lafn_hf.routing``); assign a new ``RoutingConfig`` to change them."""
+        return self._injector.routing
+
+    @routing.setter
+    def routing(self, routing: RoutingConfig) -> None:
+        if not isinstance(routing, RoutingConfig):
+            raise TypeError(f"routing must be a RoutingConfig, got {type(routing).__name__}")
+        self._injector.routing = routing  # the next forward compiles the bank under it
+
+    def add_aliases(self, entry_id: str, aliases: Sequence[str], allow_common: bool = False) -> BankEntry:
+        """Give entry ``entry_id`` more surface forms that route to it, in any language; returns the updated
+        entry. Forms too short, or one of any listed language's most frequent function words, raise
+        ``ValueError`` (nothing changes) unless ``allow_common``."""
+        entry = self.bank.get(entry_id)
+        added = check_aliases(list(aliases), f"entry {entry_id!r}")
+        for alias in added if not allow_common else ():
+            problem = next(filter(None, (subject_problem(alias, lang) for lang in ("", *STOP_WORDS))), None)
+            if problem:
+                raise ValueError(f"alias {alias!r} is refused: {problem}; pass allow_common=True to add it anyway")
+        updated = dataclasses.replace(entry, aliases=tuple(dict.fromkeys([*entry.aliases, *added])))
+        self.bank.replace(updated)
+        return updated
+
+    def set_key_threshold(self, entry_id: str, threshold: float) -> BankEntry:
+        """Override the representation threshold (a cosine) of one entry's routing key; returns the entry."""
+        entry = self.bank.get(entry_id)
+        if entry.key is None:
+            raise ValueError(f"entry {entry_id!r} has no routing key (made with RoutingConfig(representation=False)?)")
+        updated = dataclasses.replace(entry, key=dataclasses.replace(entry.key, threshold=threshold))
+        self.bank.replace(updated)
+        return updated
+
+    def _routing_key(self, group: EditGroup, layers: Sequence[int], config: LafnConfig) -> RoutingKey | None:
+        """The group's representation key at the input of its first edited layer (``None`` when off)."""
+        if not self.routing.representation:
+            return None
+        layer = min(layers)
+        calibrated = self._key_spaces.get(layer)
+        if calibrated is None:  # once per layer: a forward over the built-in negatives
+            raw = negative_states(self.model, self.tokenizer, layer)
+            space = key_space(layer, raw)
+            calibrated = self._key_spaces[layer] = (space, space.project(raw))
+        return entry_key(self.model, self.tokenizer, group, calibrated[0], calibrated[1], self.routing,
+                         config.num_paraphrases)
 
     def set_bank(self, bank: EditBank) -> None:
         """Use ``bank``: its entries, and those added to it later, must fit this model's layers and
@@ -291,6 +348,7 @@ class EditableCausalLM(nn.Module):
             located = locate_neurons(self.model, self.tokenizer, group, layers, config)
             optimized = optimize_update(self.model, self.tokenizer, group, located.shared, config,
                                         _show_progress(progress))
+            key = self._routing_key(group, layers, config) if optimized.target_probabilities else None
         probabilities = optimized.target_probabilities
         low = {lang: p for lang, p in probabilities.items() if not p >= config.min_target_probability}  # NaN too
         if low:
@@ -312,7 +370,13 @@ class EditableCausalLM(nn.Module):
                 **(metadata or {}),
             },
             **({"id": entry_id} if entry_id is not None else {}),
+            aliases=group.aliases,
+            key=key,
         )
+        self._check_entry(entry)
+        entry, raised = separate(self.bank, entry, self.routing.threshold_margin)
+        for other in raised:  # keys of other subjects that the new key comes close to
+            self.bank.replace(other)
         self.add_entry(entry)
         result = EditResult(entry.id, layers, located.counts(), located.shared_counts(), optimized.loss_curve,
                             optimized.target_loss_curve, optimized.target_probabilities, optimized.steps,

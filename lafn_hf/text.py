@@ -6,6 +6,7 @@ Unicode standard; already a dependency of transformers), not from hand-written c
 
 from __future__ import annotations
 
+import functools
 import unicodedata
 from collections.abc import Sequence
 
@@ -45,14 +46,18 @@ def needs_word_boundary(char: str) -> bool:
     return is_word_char(char) and not is_spaceless_char(char)
 
 
-def normalize_for_matching(text: str) -> tuple[str, Sequence[int]]:
+def normalize_for_matching(text: str, fold: bool = False) -> tuple[str, Sequence[int]]:
     """(normalised text, raw end index of each normalised character).
 
     Drops invisible characters (zero-width space/joiners, soft hyphen, ...) and NFC-composes each run that
-    starts at a character of canonical combining class 0. ``ends[i]`` is the index just past the raw
-    characters that produced normalised character ``i``, so a match ending at normalised index ``j``
-    ends at raw index ``ends[j - 1]``.
+    starts at a character of canonical combining class 0. With ``fold`` each such run is also folded
+    (``fold_cluster``: NFKC, case-folded, accents dropped in Latin/Greek/Cyrillic, apostrophe/quote/dash
+    variants unified, any whitespace a space) and runs of spaces collapse into one. ``ends[i]`` is the index
+    just past the raw characters that produced normalised character ``i``, so a match ending at normalised
+    index ``j`` ends at raw index ``ends[j - 1]``.
     """
+    if fold:
+        return _folded(text)
     if unicodedata.is_normalized("NFC", text) and not _HAS_IGNORABLE.search(text):
         return text, range(1, len(text) + 1)  # the common case: nothing to change
     out: list[str] = []
@@ -78,6 +83,52 @@ def normalize_for_matching(text: str) -> tuple[str, Sequence[int]]:
     return "".join(out), ends
 
 
+# Apostrophe, quote and dash variants read as their ASCII form; every whitespace character as a space.
+_PUNCTUATION = str.maketrans({**dict.fromkeys("\u2018\u2019\u201a\u201b\u02bc\u2032\u00b4\u0060", "'"),
+                              **dict.fromkeys("\u201c\u201d\u201e\u201f\u2033\u00ab\u00bb", '"'),
+                              **dict.fromkeys("\u2010\u2011\u2012\u2013\u2014\u2015\u2212\ufe63\uff0d", "-")})
+_ASCII_SPACES = str.maketrans("\t\n\r\x0b\x0c", "     ")
+_STRIP_ACCENTS = regex.compile(r"[\p{Script=Latin}\p{Script=Greek}\p{Script=Cyrillic}]")
+
+
+@functools.lru_cache(maxsize=65536)
+def fold_cluster(cluster: str) -> str:
+    """One character with its combining marks, folded for matching: NFKC compatibility forms (full-width,
+    ligatures), case-folded, combining marks dropped when the base letter is Latin, Greek or Cyrillic (scripts
+    where an accent is optional in names; Thai, Devanagari, ... keep their marks, which are vowels there),
+    apostrophe/quote/dash variants as ASCII and any whitespace as a space."""
+    if cluster.isspace():
+        return " "
+    decomposed = unicodedata.normalize("NFKD", cluster).casefold()
+    if _STRIP_ACCENTS.match(decomposed):
+        decomposed = "".join(char for char in unicodedata.normalize("NFKD", decomposed) if not unicodedata.combining(char))
+    return unicodedata.normalize("NFC", decomposed.translate(_PUNCTUATION)).translate(_ASCII_SPACES)
+
+
+def _folded(text: str) -> tuple[str, Sequence[int]]:
+    if text.isascii():
+        lowered = text.lower().translate(_ASCII_SPACES)
+        if "  " not in lowered:
+            return lowered, range(1, len(text) + 1)  # the common case: one character each
+    out: list[str] = []
+    ends: list[int] = []
+    start = 0
+    for index in range(1, len(text) + 1):
+        if index < len(text) and (text[index] in _IGNORABLE or unicodedata.combining(text[index])):
+            continue  # the run goes on
+        kept = [i for i in range(start, index) if text[i] not in _IGNORABLE]
+        start = index
+        if not kept:
+            continue
+        folded, end = fold_cluster("".join(text[i] for i in kept)), kept[-1] + 1
+        if folded == " " and out and out[-1] == " ":
+            ends[-1] = end  # a run of spaces reads as one
+            continue
+        out.append(folded)
+        ends.extend([end] * len(folded))
+    return "".join(out), ends
+
+
 def skip_ignorable(text: str, index: int) -> int:
     """The first index >= ``index`` of ``text`` that is not an invisible character."""
     while index < len(text) and text[index] in _IGNORABLE:
@@ -85,6 +136,16 @@ def skip_ignorable(text: str, index: int) -> int:
     return index
 
 
-def clean_subject(subject: str) -> str:
-    """A subject as the matcher compares it: invisible characters removed, NFC."""
-    return normalize_for_matching(subject)[0]
+def clean_subject(subject: str, fold: bool = False) -> str:
+    """A subject as the matcher compares it: invisible characters removed, NFC (and folded with ``fold``)."""
+    return normalize_for_matching(subject, fold)[0].strip(" ") if fold else normalize_for_matching(subject)[0]
+
+
+def check_aliases(aliases: object, where: str) -> tuple[str, ...]:
+    """Aliases as a tuple of distinct NFC strings (``TypeError``/``ValueError`` naming ``where``)."""
+    if isinstance(aliases, str) or not isinstance(aliases, (list, tuple)):
+        raise TypeError(f"{where}: aliases must be a list of str, got {type(aliases).__name__}")
+    for index, alias in enumerate(aliases):
+        if not isinstance(alias, str) or not alias.strip():
+            raise ValueError(f"{where}: aliases[{index}] must be a non-empty str, got {alias!r}")
+    return tuple(dict.fromkeys(nfc(alias) for alias in aliases))

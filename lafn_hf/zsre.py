@@ -16,7 +16,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .config import EditGroup, LanguageEdit, nfc
+from .config import EditGroup, LanguageEdit
+from .matcher import SubjectMatcher
 
 LANGUAGE_ALIASES = {"cz": "cs", "du": "nl"}
 _FIELDS = ("subject", "src", "rephrase", "alt", "loc", "loc_ans")
@@ -37,8 +38,9 @@ class ZsreRecord:
 
     @property
     def matchable(self) -> bool:
-        """Whether the subject occurs in the question (NFC, exact): only then can LAFN edit it."""
-        return bool(self.subject) and nfc(self.subject) in nfc(self.src)
+        """Whether the subject occurs in the question as the matcher reads it (``LanguageEdit``'s rule: folded,
+        whole words): only then can LAFN edit it in this language."""
+        return bool(self.subject.strip()) and bool(SubjectMatcher([self.subject]).find(self.src))
 
 
 Item = dict[str, ZsreRecord]

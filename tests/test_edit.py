@@ -216,7 +216,9 @@ def test_results_bank_entries_and_banks_have_short_reprs(trained_model: Any, tok
     entry = editable.bank.get(result.entry_id)
     subjects = {"en": facts["facts"][2]["en"]["subject"], "zh": facts["facts"][2]["zh"]["subject"]}
     counts = {layer: int(update.neurons.numel()) for layer, update in entry.updates.items()}
-    assert repr(entry) == f"BankEntry(id={entry.id!r}, subjects={subjects!r}, layers=[0, 1], neurons={counts!r})"
+    assert entry.key is not None
+    assert repr(entry) == (f"BankEntry(id={entry.id!r}, subjects={subjects!r}, layers=[0, 1], neurons={counts!r}, "
+                           f"key@0>{entry.key.threshold:.3f})")
     assert repr(result).startswith(f"EditResult(entry_id={entry.id!r}, subjects={subjects!r}, layers=(0, 1), "
                                    f"shared_neurons={result.shared_counts!r}, steps=2, p(target)=")
     assert repr(editable.bank) == f"EditBank(1 entry, layers=[0, 1]: {entry.id} {subjects!r})"

@@ -127,7 +127,8 @@ class LafnMethod(EditMethod):
         self.config = config or model.lafn_config
 
     def settings(self) -> dict[str, Any]:
-        return {"config": self.config.to_dict(), "layers": list(self.model.edit_layers(self.config))}
+        return {"config": self.config.to_dict(), "layers": list(self.model.edit_layers(self.config)),
+                "routing": dataclasses.asdict(self.model.routing)}
 
     def apply(self, group: EditGroup) -> Handle:
         result = self.model.edit(group, self.config, progress=False)

@@ -1,0 +1,20 @@
+"""Routing: which bank entries fire at which tokens of what the model reads.
+
+Stages, in order (each can be turned off in ``RoutingConfig``):
+
+1. lexical, exact or normalised (``lafn_hf.matcher`` with ``lafn_hf.text`` folding): a subject or alias
+   completed by a token fires its entries there;
+2. aliases: more surface forms per entry (``LanguageEdit(aliases=...)``, ``EditableCausalLM.add_aliases``);
+3. representation (``keys``: stored per entry at edit time; ``fire``: compared in the forward): the hidden
+   state entering the entry's first edited layer is compared with the entry's key, and the entry fires at
+   the first token of a sequence whose cosine passes the entry's calibrated threshold, when the lexical
+   stage has not found it there. The same keys pick one entry when several share a matched subject.
+
+``trace.routes`` reports what fired where, for debugging and for the routing benchmark.
+"""
+
+from .config import RoutingConfig
+from .keys import calibrate_key_space, entry_key, layer_inputs
+from .trace import Route, routes
+
+__all__ = ["Route", "RoutingConfig", "calibrate_key_space", "entry_key", "layer_inputs", "routes"]

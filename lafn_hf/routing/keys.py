@@ -1,0 +1,153 @@
+"""Representation keys, made at edit time (issue: routing beyond exact match).
+
+An entry's key is the hidden state entering its first edited layer at the subject's last token, averaged
+over the edit prompt and paraphrases of every language of the group (each language weighs the same),
+since those states are what the paper finds shared across languages. States are compared in a key space
+measured on the model itself: h -> unit vector of (h - mean) / scale, with mean and scale taken per
+dimension over the tokens of a small built-in multilingual set of unrelated sentences
+(``data/negatives.json``). Without the scaling a few large dimensions decide every cosine (measured on
+Gemma-3-270M: unrelated MzsRE questions then came within 0.1 of most keys).
+
+The threshold of a key is calibrated on the same negatives: the highest cosine any of their tokens reaches
+with the key, plus ``RoutingConfig.threshold_margin``, and at least ``RoutingConfig.threshold_floor``; then
+against the bank's other keys (``separate``): never below the highest cosine with another entry's key plus
+the margin (and the other entry's threshold rises likewise), since other subjects are what a key is most
+easily confused with (measured on MzsRE dev: without it another item's entry fired on 5-45% of questions).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from collections.abc import Sequence
+from contextlib import suppress
+from functools import cache
+from importlib import resources
+from typing import Any
+
+import torch
+from torch import nn
+
+from lafn_hf.modeling import decoder_layers
+
+from ..bank import BankEntry, EditBank, KeySpace, RoutingKey
+from ..config import EditGroup
+from ..matcher import SubjectMatcher, find_subject_tokens
+from ..scope import ForwardScope
+from ..tokens import pad_batch, pad_id
+from .config import RoutingConfig
+
+
+class _Enough(Exception):
+    """Raised by the capturing hook: the layers above are not needed."""
+
+
+@cache
+def negative_sentences() -> tuple[str, ...]:
+    """The built-in unrelated sentences (16 languages), in file order."""
+    raw = json.loads(resources.files("lafn_hf.routing").joinpath("data/negatives.json").read_text("utf-8"))
+    return tuple(text for lang, texts in raw.items() if not lang.startswith("_") for text in texts)
+
+
+@torch.no_grad()
+def layer_inputs(model: nn.Module, tokenizer: Any, texts: Sequence[str], layer: int,
+                 batch_size: int = 16) -> list[tuple[list[int], torch.Tensor]]:
+    """Per text: (its token ids, the (T, hidden) float32 CPU hidden states entering decoder layer ``layer``).
+
+    Runs the model up to that layer only, with hooks acting on this thread's forwards alone; call it with
+    the bank off (``EditableCausalLM.edits_disabled``) to read the base model's states.
+    """
+    modules = decoder_layers(model)
+    if not 0 <= layer < len(modules):
+        raise ValueError(f"layer {layer} is out of range for a model with {len(modules)} layers")
+    captured: dict[str, Any] = {}
+
+    def grab(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        captured["hidden"] = kwargs.get("hidden_states", args[0] if args else None)
+        raise _Enough
+
+    device = next(model.parameters()).device
+    out: list[tuple[list[int], torch.Tensor]] = []
+    with ForwardScope() as scope:
+        scope.pre_hook(modules[layer], grab, with_kwargs=True)
+        for start in range(0, len(texts), batch_size):
+            rows = [list(tokenizer(text)["input_ids"]) for text in texts[start : start + batch_size]]
+            input_ids, attention_mask = pad_batch(rows, pad_id(tokenizer), device)
+            with suppress(_Enough):
+                model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+            hidden = captured.pop("hidden").float().cpu()
+            out += [(row, hidden[i, : len(row)]) for i, row in enumerate(rows)]
+    return out
+
+
+def content_states(tokenizer: Any, states: Sequence[tuple[list[int], torch.Tensor]]) -> torch.Tensor:
+    """All states of non-special tokens, stacked (special tokens such as BOS carry no content)."""
+    special = {int(i) for i in tokenizer.all_special_ids}
+    kept = [hidden[[i for i, token in enumerate(ids) if token not in special]] for ids, hidden in states]
+    return torch.cat(kept) if kept else torch.zeros(0)
+
+
+def negative_states(model: nn.Module, tokenizer: Any, layer: int) -> torch.Tensor:
+    """The built-in negatives' token states entering decoder layer ``layer``: (N, hidden) float32."""
+    return content_states(tokenizer, layer_inputs(model, tokenizer, negative_sentences(), layer))
+
+
+def calibrate_key_space(model: nn.Module, tokenizer: Any, layer: int) -> tuple[KeySpace, torch.Tensor]:
+    """(the key space of ``layer``, the built-in negatives' token states projected into it: (N, hidden))."""
+    hidden = negative_states(model, tokenizer, layer)
+    return key_space(layer, hidden), key_space(layer, hidden).project(hidden)
+
+
+def key_space(layer: int, hidden: torch.Tensor) -> KeySpace:
+    """The key space measured on ``hidden`` (N, hidden): per-dimension mean and spread."""
+    mean = hidden.mean(dim=0)
+    std = hidden.std(dim=0)
+    scale = torch.maximum(std, std.mean() * 1e-3).clamp_min(1e-12)  # a dead dimension must not divide by ~0
+    return KeySpace(layer, mean.contiguous(), scale.contiguous())
+
+
+def entry_key(model: nn.Module, tokenizer: Any, group: EditGroup, space: KeySpace, negatives: torch.Tensor,
+              routing: RoutingConfig, max_paraphrases: int = 30) -> RoutingKey | None:
+    """The group's key in ``space`` (``None`` when no text of the group shows its subject), its threshold
+    calibrated on ``negatives`` (projected negative states, see ``calibrate_key_space``)."""
+    per_language = []
+    for edit in group.edits.values():
+        matcher = SubjectMatcher([edit.subject, *edit.aliases])
+        texts = [edit.prompt, *[p for p in edit.paraphrases[:max_paraphrases] if matcher.find(p)]]
+        vectors = []
+        for ids, hidden in layer_inputs(model, tokenizer, texts, space.layer):
+            positions = [hit.position for hit in find_subject_tokens(tokenizer, ids, matcher)]
+            if positions:
+                vectors.append(space.project(hidden[positions]).mean(dim=0))
+        if vectors:
+            per_language.append(torch.stack(vectors).mean(dim=0))
+    if not per_language:
+        return None
+    key = torch.stack(per_language).mean(dim=0)
+    key = (key / key.norm().clamp_min(1e-12)).contiguous()
+    highest = float((negatives @ key).max()) if negatives.numel() else -1.0
+    threshold = min(1.0, max(routing.threshold_floor, highest + routing.threshold_margin))
+    return RoutingKey(space, key, threshold)
+
+
+def separate(bank: EditBank, entry: BankEntry, margin: float) -> tuple[BankEntry, list[BankEntry]]:
+    """Calibrate ``entry``'s key against the bank's other keys (of the same key space): no key may fire on
+    another entry's key. Returns (``entry`` with its threshold raised to the highest cosine with another key
+    plus ``margin`` where needed, the bank's entries whose thresholds must rise likewise, updated).
+
+    One matrix-vector product over the bank's keys; two entries on the same subject get thresholds near 1, so
+    they route lexically (and by relation choice) only.
+    """
+    if entry.key is None:
+        return entry, []
+    others = [e for e in bank if e.key is not None and e.id != entry.id and e.key.space.same_as(entry.key.space)]
+    if not others:
+        return entry, []
+    cosines = torch.stack([e.key.vector for e in others if e.key is not None]) @ entry.key.vector  # (N,)
+    needed = cosines + margin
+    raised = [dataclasses.replace(e, key=dataclasses.replace(e.key, threshold=min(1.0, float(need))))
+              for e, need in zip(others, needed.tolist()) if e.key is not None and need > e.key.threshold]
+    top = min(1.0, float(needed.max()))
+    if top > entry.key.threshold:
+        entry = dataclasses.replace(entry, key=dataclasses.replace(entry.key, threshold=top))
+    return entry, raised

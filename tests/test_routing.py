@@ -1,0 +1,295 @@
+"""Routing beyond exact match: normalised lexical matching, aliases, representation keys, relation choice."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from transformers import DynamicCache
+
+from lafn_hf import BankEntry, EditableCausalLM, EditBank, LafnConfig, LanguageEdit
+from lafn_hf.bank import KeySpace, RoutingKey
+from lafn_hf.hub import load_bank, save_bank
+from lafn_hf.matcher import SubjectMatcher
+from lafn_hf.routing import RoutingConfig, layer_inputs, routes
+from lafn_hf.routing.keys import key_space, negative_states
+
+from .conftest import fact_group, greedy, make_entry, random_model
+
+SUBJECT = "Marbrafi"
+PROMPT = f"The capital of {SUBJECT} is"
+
+
+# -- the lexical stage -----------------------------------------------------------------------------------
+@pytest.mark.parametrize("text", ["the eiffel tower is tall", "THE EIFFEL TOWER", "Eiffel\u00a0 Tower", "Eiffel\nTower",
+                                  "ｅｉｆｆｅｌ ｔｏｗｅｒ"])
+def test_case_width_and_whitespace_variants_route(text: str) -> None:
+    assert [m.subject for m in SubjectMatcher(["Eiffel Tower"]).find(text)] == ["Eiffel Tower"]
+    assert SubjectMatcher(["Eiffel Tower"], fold=False).find(text) == []
+
+
+def test_accents_nfd_and_typographic_apostrophes_route() -> None:
+    matcher = SubjectMatcher(["Côte d'Ivoire", "São Paulo", "Ёлкино"])
+    text = "Where is Cote d\u2019Ivoire? Near Sa\u0303o Paulo? Not in Елкино."
+    assert [m.subject for m in matcher.find(text)] == ["Côte d'Ivoire", "São Paulo", "Ёлкино"]
+    spans = [text[m.start:m.end] for m in matcher.find(text)]
+    assert spans == ["Cote d\u2019Ivoire", "Sa\u0303o Paulo", "Елкино"]  # offsets map back to the raw text
+    assert SubjectMatcher(["Côte d'Ivoire"], fold=False).find(text) == []
+
+
+def test_thai_and_devanagari_marks_are_kept() -> None:
+    assert SubjectMatcher(["กิน"]).find("กัน") == []  # Thai vowel marks are letters, not accents
+    assert SubjectMatcher(["किताब"]).find("कताब") == []
+
+
+@pytest.mark.parametrize("text", ["Romeo and Juliet", "ROMEO", "romer", "rome2"])
+def test_rome_never_routes_inside_a_longer_word(text: str) -> None:
+    assert SubjectMatcher(["Rome"]).find(text) == []
+
+
+def test_folded_subjects_route_through_the_model(trained_model: Any, tokenizer: Any) -> None:
+    editable = EditableCausalLM(trained_model, tokenizer)
+    entry = make_entry({"en": SUBJECT}, layers=(0, 1), size=256, scale=8.0)
+    editable.add_entry(entry)
+    texts = ["the capital of MARBRAFI is", "the capital of marbrafi is", "the capital of Romeo is"]
+    assert [[r.entry_id for r in found] for found in routes(editable, texts)] == [[entry.id], [entry.id], []]
+    editable.routing = RoutingConfig(normalize=False)
+    assert [[r.entry_id for r in found] for found in routes(editable, texts)] == [[], [], []]
+
+
+# -- aliases ---------------------------------------------------------------------------------------------
+def test_aliases_route_and_can_be_added_later(trained_model: Any, tokenizer: Any, facts: dict[str, Any]) -> None:
+    edit = LanguageEdit(PROMPT, SUBJECT, "Notes", aliases=["Marbravia", "République de Marbrafi"])
+    assert edit.aliases == ("Marbravia", "République de Marbrafi")
+    assert LanguageEdit.from_dict(edit.to_dict()) == edit
+    editable = EditableCausalLM(trained_model, tokenizer)
+    entry = make_entry({"en": SUBJECT}, layers=(0, 1))
+    editable.add_entry(entry)
+    assert routes(editable, ["Welcome to Marbravia."]) == [[]]
+    editable.add_aliases(entry.id, ["Marbravia"])
+    assert [r.entry_id for r in routes(editable, ["Welcome to marbravia."])[0]] == [entry.id]
+    editable.routing = RoutingConfig(aliases=False)
+    assert routes(editable, ["Welcome to Marbravia."]) == [[]]
+    with pytest.raises(ValueError, match="alias 'the' is refused"):
+        editable.add_aliases(entry.id, ["the"])
+    with pytest.raises(TypeError, match="aliases must be a list"):
+        LanguageEdit(PROMPT, SUBJECT, "Notes", aliases="Marbravia")  # type: ignore[arg-type]
+    assert editable.bank.get(entry.id).aliases == ("Marbravia",)  # the refused alias changed nothing
+
+
+def test_edit_stores_the_groups_aliases(trained_model: Any, tokenizer: Any, facts: dict[str, Any]) -> None:
+    editable = EditableCausalLM(trained_model, tokenizer)
+    group = fact_group(facts, 0, 1)
+    group = type(group)({**group.edits, "en": LanguageEdit(group.edits["en"].prompt, group.edits["en"].subject,
+                                                           group.edits["en"].target, aliases=["Marbravia"])})
+    result = editable.edit(group)
+    assert editable.bank.get(result.entry_id).aliases == ("Marbravia",)
+
+
+# -- representation keys ---------------------------------------------------------------------------------
+def keyed_model(tokenizer: Any, key_text: str, subject: str = "Zorblat", layer: int = 1,
+                threshold: float = 0.99) -> tuple[EditableCausalLM, BankEntry, int]:
+    """A random 3-layer model whose bank entry (subject never in the texts) has as key the state of the token
+    of SUBJECT in ``key_text``: the representation stage fires there and nowhere else."""
+    editable = EditableCausalLM(random_model("llama", len(tokenizer)), tokenizer)
+    raw = negative_states(editable.model, tokenizer, layer)
+    space = key_space(layer, raw)
+    ids, hidden = layer_inputs(editable.model, tokenizer, [key_text], layer)[0]
+    position = max(i for i in range(len(ids)) if SUBJECT in tokenizer.decode(ids[: i + 1])
+                   and SUBJECT not in tokenizer.decode(ids[:i]))
+    vector = space.project(hidden[position]).contiguous()
+    entry = make_entry({"en": subject}, layers=(layer, 2), size=64, scale=3.0)
+    entry = BankEntry(entry.subjects, entry.updates, key=RoutingKey(space, vector, threshold))
+    editable.add_entry(entry)
+    return editable, entry, position
+
+
+def test_the_representation_stage_fires_once_where_the_key_matches(tokenizer: Any) -> None:
+    editable, entry, position = keyed_model(tokenizer, PROMPT)
+    twice = f"{PROMPT} {PROMPT}"
+    assert routes(editable, [PROMPT, "The capital of Thofilun is", twice]) == [
+        [routes_entry(position, entry.id)], [], [routes_entry(position, entry.id)]]
+    ids = tokenizer(PROMPT, return_tensors="pt")
+    with torch.no_grad():
+        edited = editable(**ids).logits[0]
+        with editable.edits_disabled():
+            plain = editable(**ids).logits[0]
+    assert torch.equal(edited[:position], plain[:position])  # causal: nothing changes before the token
+    assert not torch.allclose(edited[position:], plain[position:])
+    editable.routing = RoutingConfig(representation=False)
+    with torch.no_grad():
+        assert torch.equal(editable(**ids).logits[0], plain)
+
+
+def routes_entry(position: int, entry_id: str) -> Any:
+    from lafn_hf.routing import Route
+
+    return Route(0, position, entry_id, "representation")
+
+
+def test_representation_routing_is_the_same_with_a_kv_cache_and_padding(tokenizer: Any) -> None:
+    editable, _, position = keyed_model(tokenizer, PROMPT)
+    ids = tokenizer(PROMPT)["input_ids"]
+    with torch.no_grad():
+        full = editable(input_ids=torch.tensor([ids])).logits[0]
+        cache = DynamicCache()
+        stepped = []
+        for token in ids:
+            out = editable(input_ids=torch.tensor([[token]]), past_key_values=cache, use_cache=True)
+            cache = out.past_key_values
+            stepped.append(out.logits[0, -1])
+        assert torch.allclose(torch.stack(stepped), full, atol=1e-5)
+        other = tokenizer("In Thofilun, the capital is a city")["input_ids"]
+        width = max(len(ids), len(other))
+        batch = torch.tensor([[0] * (width - len(ids)) + ids, [0] * (width - len(other)) + other])
+        mask = (torch.arange(width)[None, :] >= torch.tensor([[width - len(ids)], [width - len(other)]])).long()
+        padded = editable(input_ids=batch, attention_mask=mask).logits[0, width - len(ids):]
+    assert torch.allclose(padded, full, atol=1e-4)
+    assert position < len(ids)
+
+
+def test_relation_choice_picks_the_entry_whose_key_matches_the_question(tokenizer: Any) -> None:
+    editable = EditableCausalLM(random_model("llama", len(tokenizer)), tokenizer)
+    raw = negative_states(editable.model, tokenizer, 1)
+    space = key_space(1, raw)
+    contexts = [PROMPT, f"In {SUBJECT}, the capital is"]
+    entries = []
+    for seed, context in enumerate(contexts):
+        ids, hidden = layer_inputs(editable.model, tokenizer, [context], 1)[0]
+        hit = SubjectMatcher([SUBJECT]).find(context)[0]
+        position = max(i for i in range(len(ids)) if len(tokenizer.decode(ids[1: i + 1])) <= hit.end)
+        entry = make_entry({"en": SUBJECT}, layers=(1,), seed=seed)
+        entries.append(BankEntry(entry.subjects, entry.updates, id=f"relation-{seed}",
+                                 key=RoutingKey(space, space.project(hidden[position]).contiguous(), 1.0)))
+        editable.add_entry(entries[-1])
+    found = routes(editable, contexts)
+    assert [[(r.entry_id, r.stage) for r in hits] for hits in found] == [
+        [("relation-0", "relation")], [("relation-1", "relation")]]
+    editable.routing = RoutingConfig(representation=False)  # without keys both entries add up, as before
+    assert [sorted(r.entry_id for r in hits) for hits in routes(editable, contexts)] == [
+        ["relation-0", "relation-1"], ["relation-0", "relation-1"]]
+
+
+def test_edit_stores_a_calibrated_key_and_unrelated_prompts_stay_bit_exact(
+        trained_model: Any, tokenizer: Any, facts: dict[str, Any]) -> None:
+    editable = EditableCausalLM(trained_model, tokenizer)
+    unrelated = [f"The capital of {facts['facts'][i]['en']['subject']} is" for i in range(5, 9)]
+    before = [greedy(editable, tokenizer, prompt) for prompt in unrelated]
+    result = editable.edit(fact_group(facts, 0, 1))
+    key = editable.bank.get(result.entry_id).key
+    assert key is not None and key.layer == 0 and 0.7 <= key.threshold <= 1.0
+    assert abs(float(key.vector.norm()) - 1) < 1e-5
+    assert [greedy(editable, tokenizer, prompt) for prompt in unrelated] == before
+    assert all(found == [] for found in routes(editable, unrelated))
+    without = EditableCausalLM(trained_model.__class__.from_pretrained(Path(tokenizer.name_or_path)).eval(), tokenizer,
+                               routing=RoutingConfig(representation=False))
+    assert without.bank.get(without.edit(fact_group(facts, 0, 1)).entry_id).key is None
+
+
+def test_banks_keep_aliases_and_keys_bit_exact(tmp_path: Path, tokenizer: Any) -> None:
+    editable, entry, _ = keyed_model(tokenizer, PROMPT)
+    editable.add_aliases(entry.id, ["Zorblatia"])
+    other = make_entry({"en": "Thofilun"}, layers=(1,), seed=3)
+    editable.add_entry(other)
+    editable.save_pretrained(tmp_path / "bank")
+    loaded, _ = load_bank(tmp_path / "bank")
+    original = editable.bank.get(entry.id)
+    again = loaded.get(entry.id)
+    assert again.aliases == ("Zorblatia",) and loaded.get(other.id).key is None
+    assert again.key is not None and original.key is not None
+    assert torch.equal(again.key.vector, original.key.vector) and again.key.threshold == original.key.threshold
+    assert torch.equal(again.key.space.mean, original.key.space.mean)
+    assert torch.equal(again.key.space.scale, original.key.space.scale)
+
+
+def test_malformed_routing_data_is_refused(tmp_path: Path, tokenizer: Any) -> None:
+    space = KeySpace(1, torch.zeros(4), torch.ones(4))
+    with pytest.raises(ValueError, match="norm 1"):
+        RoutingKey(space, torch.ones(4), 0.8)
+    with pytest.raises(ValueError, match="size 3"):
+        RoutingKey(space, torch.ones(3) / 3**0.5, 0.8)
+    with pytest.raises(ValueError, match="cosine in"):
+        RoutingKey(space, torch.ones(4) / 2, 1.5)
+    with pytest.raises(ValueError, match="scale must be finite and > 0"):
+        KeySpace(1, torch.zeros(4), torch.zeros(4))
+    entry = make_entry({"en": SUBJECT}, layers=(0,))
+    with pytest.raises(ValueError, match="at or below its first edited layer"):
+        BankEntry(entry.subjects, entry.updates, key=RoutingKey(space, torch.ones(4) / 2, 0.8))
+    for bad in (dict(threshold_floor=2.0), dict(threshold_margin=-0.1), dict(threshold=1.5)):
+        with pytest.raises(ValueError, match="RoutingConfig"):
+            RoutingConfig(**bad)  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="RoutingConfig.normalize"):
+        RoutingConfig(normalize="yes")  # type: ignore[arg-type]
+
+
+def test_a_bank_with_keys_missing_a_routing_tensor_is_refused(tmp_path: Path, tokenizer: Any) -> None:
+    from safetensors.torch import load_file, save_file
+
+    editable, _, _ = keyed_model(tokenizer, PROMPT)
+    directory = save_bank(tmp_path / "bank", editable.bank, editable.base_ref)
+    weights = next(directory.glob("lafn_bank-*.safetensors"))
+    tensors = load_file(weights)
+    del tensors["key_thresholds"]
+    save_file(tensors, weights)
+    import hashlib
+    import json
+
+    config = json.loads((directory / "lafn_config.json").read_text())
+    config["weights_sha256"] = hashlib.sha256(weights.read_bytes()).hexdigest()
+    new_name = f"lafn_bank-{config['weights_sha256'][:16]}.safetensors"
+    weights.rename(directory / new_name)
+    config["weights_file"] = new_name
+    (directory / "lafn_config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match="key_thresholds"):
+        load_bank(directory)
+
+
+def test_incremental_updates_with_keys_equal_a_rebuild(tokenizer: Any) -> None:
+    from lafn_hf.inject import CompiledBank
+
+    editable, entry, _ = keyed_model(tokenizer, PROMPT)
+    cpu = torch.device("cpu")
+    editable._injector.compiled(cpu)
+    extra = make_entry({"en": "Thofilun"}, layers=(1,), seed=4)
+    editable.add_entry(extra)
+    editable.add_aliases(entry.id, ["Zorblatia"])
+    incremental = editable._injector.compiled(cpu)
+    rebuilt = CompiledBank.build(editable.bank, cpu, editable.routing)
+    assert incremental.entries_of == rebuilt.entries_of and incremental.keys.keys() == rebuilt.keys.keys()
+    assert isinstance(EditBank, type)
+
+
+def test_a_chinese_question_reaches_an_english_only_edit_through_its_key(
+        trained_model: Any, tokenizer: Any, facts: dict[str, Any]) -> None:
+    """The toy's layer 0 (an MLP without attention) maps each country's English and Chinese names to close
+    states, so keys read at layer 1 are shared across the two languages (16 of its first 20 facts)."""
+    editable = EditableCausalLM(trained_model, tokenizer)
+    config = LafnConfig(layers=(1, 2), steps=2, min_target_probability=0.0)
+    reached = []
+    for source in range(4):
+        result = editable.edit(fact_group(facts, source, source + 10, languages=("en",)), config)
+        question = facts["templates"]["zh"][0].format(s=facts["facts"][source]["zh"]["subject"])
+        found = routes(editable, [question])[0]
+        assert all(r.stage == "representation" for r in found)  # the zh subject is in no entry
+        reached.append([r.entry_id for r in found] == [result.entry_id])
+    assert sum(reached) >= 3, reached
+    unrelated = [facts["templates"]["zh"][0].format(s=facts["facts"][i]["zh"]["subject"]) for i in range(20, 30)]
+    assert all(found == [] for found in routes(editable, unrelated))
+
+
+def test_keys_are_calibrated_against_the_other_entries_keys(tokenizer: Any) -> None:
+    from lafn_hf.routing.keys import separate
+
+    editable, first, _ = keyed_model(tokenizer, PROMPT, threshold=0.5)
+    assert first.key is not None
+    close = first.key.vector + 0.3 * torch.linspace(-1, 1, first.key.vector.numel())
+    second = BankEntry({"en": "Thofilun"}, first.updates,
+                       key=RoutingKey(first.key.space, close / close.norm(), 0.5))
+    cosine = float(second.key.vector @ first.key.vector) if second.key is not None else 0.0
+    updated, raised = separate(editable.bank, second, margin=0.05)
+    assert updated.key is not None and updated.key.threshold == pytest.approx(min(1.0, cosine + 0.05))
+    assert [(e.id, e.key.threshold if e.key else None) for e in raised] == [(first.id, updated.key.threshold)]
+    far = BankEntry({"en": "Dorzotho"}, first.updates, key=RoutingKey(first.key.space, -first.key.vector, 0.5))
+    assert separate(editable.bank, far, margin=0.05) == (far, [])
