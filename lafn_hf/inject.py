@@ -34,7 +34,7 @@ from .matcher import RowReader, SubjectMatcher, decoder_for
 from .routing.config import RoutingConfig
 from .routing.fire import KeyIndex
 from .routing.trace import Route, record, tracing_active
-from .scope import ForwardScope
+from .scope import ForwardScope, unwrapped
 
 logger = logging.getLogger(__name__)
 _OWNER_ATTRIBUTE = "_lafn_injector"  # on the base model: a weak reference to the attached BankInjector
@@ -439,8 +439,8 @@ class BankInjector:
         modules = decoder_layers(self._model)
         for layer in layers:
             if layer not in self._key_handles:
-                self._key_handles[layer] = modules[layer].register_forward_pre_hook(_key_hook_for(layer),
-                                                                                    with_kwargs=True)
+                module = unwrapped(modules[layer])  # not an editing thread's temporary stand-in
+                self._key_handles[layer] = module.register_forward_pre_hook(_key_hook_for(layer), with_kwargs=True)
 
     def readers_and_plan(self, compiled: CompiledBank, input_ids: torch.Tensor, attention_mask: Any,
                          cache: Any) -> _Forward:

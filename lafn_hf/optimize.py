@@ -23,7 +23,7 @@ from lafn_hf.modeling import decoder_layers, mlp_parts, text_config
 from .config import EditGroup, LafnConfig, nfc
 from .inject import LayerPlan, ValueInjection
 from .matcher import SubjectMatcher, find_subject_tokens
-from .scope import ForwardScope
+from .scope import ForwardScope, SkippedLayer
 from .text import is_word_char
 from .tokens import pad_batch, pad_id, target_separator
 
@@ -155,42 +155,20 @@ def build_batch(tokenizer: Any, group: EditGroup, prefixes: dict[str, list[str]]
                          as_long(column[3]), languages, report, as_long(kl_rows), as_long(kl_positions))
 
 
-class _Skip(nn.Module):
-    """Stands in for a lower decoder layer inside ``scope``: passes hidden states through, or returns a cached
-    tensor; forwards from other threads/contexts run the original layer unchanged."""
-
-    def __init__(self, original: nn.Module, scope: ForwardScope, cached: torch.Tensor | None = None) -> None:
-        super().__init__()
-        self.original = original
-        self._scope = scope
-        self.cached = cached
-
-    def forward(self, hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
-        if not self._scope.active:
-            return self.original(hidden_states, *args, **kwargs)
-        return self.cached if self.cached is not None else hidden_states
-
-    def __getattr__(self, name: str) -> Any:  # layer attributes (attention_type, ...) read by the decoder
-        try:
-            return super().__getattr__(name)
-        except AttributeError:
-            return getattr(self._modules["original"], name)
-
-
 @contextmanager
 def upper_layers_only(model: nn.Module, first: int, hidden_in: torch.Tensor) -> Iterator[None]:
-    """Run only layers >= ``first`` in this thread: lower layers are wrapped in ``_Skip`` (restored in finally).
+    """Run only layers >= ``first`` in this thread: lower layers are wrapped in ``SkippedLayer`` (restored in finally).
 
     ``hidden_in`` is the input of layer ``first`` from a full forward of the same batch; it does not
     depend on dV, which is only added at layers >= ``first``. Concurrent forwards of other threads run
     the whole model as usual.
     """
     layers = decoder_layers(model)
-    originals = [layer.original if isinstance(layer, _Skip) else layer for layer in layers[:first]]
+    originals = [layer.original if isinstance(layer, SkippedLayer) else layer for layer in layers[:first]]
     with ForwardScope() as scope:
         try:
             for i in range(first):
-                layers[i] = _Skip(originals[i], scope, hidden_in if i == first - 1 else None)
+                layers[i] = SkippedLayer(originals[i], scope, hidden_in if i == first - 1 else None)
             yield
         finally:
             for i, module in enumerate(originals):

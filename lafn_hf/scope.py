@@ -12,6 +12,7 @@ from collections.abc import Callable
 from contextvars import ContextVar, Token
 from typing import Any
 
+import torch
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
@@ -61,3 +62,32 @@ class ForwardScope:
                 handle.remove()
         finally:
             _OPEN_SCOPES.reset(self._tokens.pop())
+
+
+class SkippedLayer(nn.Module):
+    """Stands in for a lower decoder layer inside ``scope``: passes hidden states through, or returns a cached
+    tensor; forwards from other threads/contexts run the original layer unchanged."""
+
+    def __init__(self, original: nn.Module, scope: ForwardScope, cached: torch.Tensor | None = None) -> None:
+        super().__init__()
+        self.original = original
+        self._scope = scope
+        self.cached = cached
+
+    def forward(self, hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
+        if not self._scope.active:
+            return self.original(hidden_states, *args, **kwargs)
+        return self.cached if self.cached is not None else hidden_states
+
+    def __getattr__(self, name: str) -> Any:  # layer attributes (attention_type, ...) read by the decoder
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            return getattr(self._modules["original"], name)
+
+
+def unwrapped(module: nn.Module) -> nn.Module:
+    """``module``, or the layer a ``SkippedLayer`` stands in for (hooks meant to last go on that one)."""
+    while isinstance(module, SkippedLayer):
+        module = module.original
+    return module
