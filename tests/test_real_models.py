@@ -68,3 +68,32 @@ def test_smollm2_english_edit() -> None:
     assert answer(model, group.edits["en"].prompt).startswith("Rome")
     assert answer(model, "Tourists visit the Eiffel Tower in").startswith("Rome")
     assert [tokens(model, p) for p in unrelated] == before
+
+
+def test_gemma_routing_stages_reach_variants_and_spare_unrelated_prompts() -> None:
+    """Routing on a real tokenizer and real hidden states, without an edit (keys only; zero dV)."""
+    from lafn_hf import BankEntry, LayerUpdate
+    from lafn_hf.routing import entry_key, routes
+    from lafn_hf.routing.keys import key_space, negative_states
+
+    model = load("gemma-3-270m")
+    data = json.loads((resources.files("lafn_hf") / "assets" / "demo_eiffel.json").read_text("utf-8"))
+    group = EditGroup.from_dict(data["group"])
+    raw = negative_states(model.model, model.tokenizer, 6)
+    space = key_space(6, raw)
+    key = entry_key(model.model, model.tokenizer, group, space, space.project(raw), model.routing)
+    assert key is not None and key.threshold >= 0.8
+    zero = {6: LayerUpdate(torch.zeros(1, dtype=torch.int64), torch.zeros(1))}
+    model.add_entry(BankEntry(group.subjects, zero, id="eiffel", key=key, aliases=("Eiffelturms",)))
+    reached = ["Tourists visit the EIFFEL TOWER in", "eiffel tower is located in the city of",
+               "Wo steht der Eiffelturm?", "Die Geschichte des Eiffelturms ist lang", "埃菲尔铁塔坐落于"]
+    spared = ["The Romeo and Juliet balcony is in the city of", "The Statue of Liberty is located in the city of",
+              "Der Kölner Dom steht in der Stadt", "Die Freiheitsstatue steht in", "Rome is the capital of",
+              "罗马是意大利的首都"]
+    found = routes(model, [*reached, *spared])
+    assert all([r.entry_id for r in hits] == ["eiffel"] for hits in found[: len(reached)]), found
+    assert found[len(reached):] == [[] for _ in spared]
+    ids = model.tokenizer(reached[0])["input_ids"]
+    completing = found[0][0].position
+    read = model.tokenizer.decode(ids[: completing + 1], skip_special_tokens=True)
+    assert read.endswith("EIFFEL TOWER") and "TOWER" not in model.tokenizer.decode(ids[:completing])  # its last token

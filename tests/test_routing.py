@@ -293,3 +293,13 @@ def test_keys_are_calibrated_against_the_other_entries_keys(tokenizer: Any) -> N
     assert [(e.id, e.key.threshold if e.key else None) for e in raised] == [(first.id, updated.key.threshold)]
     far = BankEntry({"en": "Dorzotho"}, first.updates, key=RoutingKey(first.key.space, -first.key.vector, 0.5))
     assert separate(editable.bank, far, margin=0.05) == (far, [])
+
+
+def test_an_inflected_form_routes_through_its_alias(trained_model: Any, tokenizer: Any) -> None:
+    editable = EditableCausalLM(trained_model, tokenizer)
+    entry = make_entry({"de": "Eiffelturm"}, layers=(0, 1))
+    editable.add_entry(entry)
+    text = "Die Geschichte des EIFFELTURMS ist lang."
+    assert routes(editable, [text]) == [[]]  # whole words: "Eiffelturm" is not inside "Eiffelturms"
+    editable.add_aliases(entry.id, ["Eiffelturms"])
+    assert [(r.entry_id, r.stage) for r in routes(editable, [text])[0]] == [(entry.id, "lexical")]
