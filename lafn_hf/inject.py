@@ -32,7 +32,7 @@ from .bank import BankEntry, EditBank, KeySpace, RoutingKey
 from .cache_rows import cache_length, keep_readers, readers_for
 from .matcher import RowReader, SubjectMatcher, decoder_for
 from .routing.config import RoutingConfig
-from .routing.fire import KeyIndex
+from .routing.fire import KeyIndex, KeyWork, Pending
 from .routing.trace import Route, record, tracing_active
 from .scope import ForwardScope, unwrapped
 
@@ -133,9 +133,6 @@ def entries_selected(entry_ids: Container[str] | None) -> Iterator[None]:
         yield
     finally:
         _SELECTED.reset(token)
-
-
-Pending = tuple[int, int, tuple[str, ...]]  # (row, relative position, entries sharing the matched subject)
 
 
 @dataclass(frozen=True)
@@ -268,61 +265,8 @@ class CompiledBank:
         return _concat(self.lexical_plan(rows, first, selected)[0])
 
 
-def _choose(indices: Sequence[KeyIndex], hidden: torch.Tensor, row: int, position: int, ids: Sequence[str]) -> str:
-    """Among ``ids`` (entries sharing a matched subject), the one whose key is closest to that token's state."""
-    best: tuple[float, str] | None = None
-    for index in indices:
-        mine = [entry_id for entry_id in ids if entry_id in index.slot]
-        if mine:
-            chosen, cosine = index.choose(hidden, row, position, mine)
-            if best is None or cosine > best[0]:
-                best = (cosine, chosen)
-    return best[1] if best is not None else ids[-1]
-
-
 def _concat(per_layer: dict[int, list[LayerPlan]]) -> dict[int, LayerPlan] | None:
     return {layer: LayerPlan.concat(plans) for layer, plans in per_layer.items()} or None
-
-
-@dataclass
-class _KeyWork:
-    """What the key hooks of one forward need: the compiled bank, the rows' readers, which new tokens count,
-    what the lexical stage fired, and the choices it left to the keys."""
-
-    compiled: CompiledBank
-    readers: list[RowReader]
-    first: int
-    valid: torch.Tensor  # (B, new) bool: real, non-special tokens
-    lexical: list[dict[str, int]]
-    pending: list[Pending]
-    selected: Container[str] | None
-
-    def route(self, layer: int, hidden: torch.Tensor) -> dict[int, list[LayerPlan]]:
-        """Plans for the pending choices and the representation hits of the keys at ``layer``."""
-        indices = self.compiled.key_indices(layer)
-        per_layer: dict[int, list[LayerPlan]] = {}
-        if not indices:
-            return per_layer
-        trace = tracing_active()
-        for row, position, ids in self.pending:
-            if self.compiled.keys[ids[0]].layer == layer:
-                chosen = _choose(indices, hidden, row, position, ids)
-                self.compiled.add_entry_plan(per_layer, chosen, row, position)
-                if trace:
-                    record(Route(row, self.first + position, chosen, "relation"))
-        fired: list[set[str]] = [set(reader.fired) for reader in self.readers]
-        found = sorted(hit for index in indices for hit in index.candidates(hidden, self.valid, self.selected))
-        for row, position, entry_id in found:
-            first_lexical = self.lexical[row].get(entry_id)
-            if entry_id in fired[row] or (first_lexical is not None and first_lexical <= position):
-                continue
-            fired[row].add(entry_id)
-            self.compiled.add_entry_plan(per_layer, entry_id, row, position)
-            if trace:
-                record(Route(row, self.first + position, entry_id, "representation"))
-        for reader, done, lexical in zip(self.readers, fired, self.lexical):
-            reader.fired = done | set(lexical)
-        return per_layer
 
 
 @dataclass
@@ -331,7 +275,7 @@ class _Forward:
 
     plan: dict[int, LayerPlan] | None = None
     readers: list[RowReader] | None = None
-    keys: _KeyWork | None = None
+    keys: KeyWork | None = None
     token: Token[_Forward | None] | None = field(default=None, repr=False)
 
     def add(self, per_layer: dict[int, list[LayerPlan]]) -> None:
@@ -460,7 +404,7 @@ class BankInjector:
             valid = ~torch.isin(input_ids, self._special_ids_on(input_ids.device))
             if mask is not None:
                 valid &= torch.tensor(mask, dtype=torch.bool, device=input_ids.device)
-            state.keys = _KeyWork(compiled, readers, past, valid, lexical, pending, selected)
+            state.keys = KeyWork(compiled, readers, past, valid, lexical, pending, selected)
         return state
 
     def _special_ids_on(self, device: torch.device) -> torch.Tensor:

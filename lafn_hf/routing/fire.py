@@ -10,12 +10,15 @@ from __future__ import annotations
 
 from collections.abc import Container, Sequence
 from dataclasses import dataclass
+from typing import Any, Protocol
 
 import torch
 
 from ..bank import KeySpace, RoutingKey
+from .trace import Route, record, tracing_active
 
 _CHUNK = 256  # token states compared at once (bounds the (tokens x keys) similarity block)
+Pending = tuple[int, int, tuple[str, ...]]  # (row, relative position, entries sharing the matched subject)
 
 
 @dataclass(frozen=True)
@@ -70,3 +73,68 @@ class KeyIndex:
         cosines = self.vectors[slots] @ state
         best = int(cosines.argmax())
         return entry_ids[best], float(cosines[best])
+
+
+class RoutedBank(Protocol):
+    """What ``KeyWork`` needs of a compiled bank (``lafn_hf.inject.CompiledBank``)."""
+
+    @property
+    def keys(self) -> dict[str, RoutingKey]: ...
+
+    def key_indices(self, layer: int) -> list[KeyIndex]: ...
+
+    def add_entry_plan(self, per_layer: dict[int, list[Any]], entry_id: str, row: int, position: int) -> None: ...
+
+
+def choose_among(indices: Sequence[KeyIndex], hidden: torch.Tensor, row: int, position: int,
+                 ids: Sequence[str]) -> str:
+    """Among ``ids`` (entries sharing a matched subject), the one whose key is closest to that token's state."""
+    best: tuple[float, str] | None = None
+    for index in indices:
+        mine = [entry_id for entry_id in ids if entry_id in index.slot]
+        if mine:
+            chosen, cosine = index.choose(hidden, row, position, mine)
+            if best is None or cosine > best[0]:
+                best = (cosine, chosen)
+    return best[1] if best is not None else ids[-1]
+
+
+@dataclass
+class KeyWork:
+    """What the key hooks of one forward need: the compiled bank, the rows' readers, which new tokens count,
+    what the lexical stage fired, and the choices it left to the keys."""
+
+    compiled: RoutedBank
+    readers: Sequence[Any]  # RowReader: ``fired`` is read and updated
+    first: int
+    valid: torch.Tensor  # (B, new) bool: real, non-special tokens
+    lexical: list[dict[str, int]]
+    pending: list[Pending]
+    selected: Container[str] | None
+
+    def route(self, layer: int, hidden: torch.Tensor) -> dict[int, list[Any]]:
+        """Plans for the pending choices and the representation hits of the keys at ``layer``."""
+        indices = self.compiled.key_indices(layer)
+        per_layer: dict[int, list[Any]] = {}
+        if not indices:
+            return per_layer
+        trace = tracing_active()
+        for row, position, ids in self.pending:
+            if self.compiled.keys[ids[0]].layer == layer:
+                chosen = choose_among(indices, hidden, row, position, ids)
+                self.compiled.add_entry_plan(per_layer, chosen, row, position)
+                if trace:
+                    record(Route(row, self.first + position, chosen, "relation"))
+        fired: list[set[str]] = [set(reader.fired) for reader in self.readers]
+        found = sorted(hit for index in indices for hit in index.candidates(hidden, self.valid, self.selected))
+        for row, position, entry_id in found:
+            first_lexical = self.lexical[row].get(entry_id)
+            if entry_id in fired[row] or (first_lexical is not None and first_lexical <= position):
+                continue
+            fired[row].add(entry_id)
+            self.compiled.add_entry_plan(per_layer, entry_id, row, position)
+            if trace:
+                record(Route(row, self.first + position, entry_id, "representation"))
+        for reader, done, lexical in zip(self.readers, fired, self.lexical):
+            reader.fired = done | set(lexical)
+        return per_layer
