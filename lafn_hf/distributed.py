@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Any
 from .bank import BankEntry, EditBank
 from .config import EditGroup, LafnConfig
 from .hub import BaseModelRef, is_bank_dir, load_bank, save_bank
+from .routing.keys import separate_all
 
 if TYPE_CHECKING:
     from .model import EditableCausalLM, EditResult
@@ -175,6 +176,7 @@ def merge_shards(model: EditableCausalLM, groups: list[EditGroup], out_dir: str 
         entries.extend(_load_shard(shard, groups, config, model.base_ref))
     entries.sort(key=lambda entry: int(entry.id.removeprefix("group-")))
     merged = EditBank(entries)
+    separate_all(merged, model.routing.threshold_margin)  # keys edited on other ranks never met: calibrate them
     model.set_bank(merged)
     if len(merged):
         save_bank(out_dir, merged, model.base_ref)

@@ -56,6 +56,9 @@ def test_two_process_torchrun_edit_equals_one_process(tmp_path: Path) -> None:
         for layer in a.layers:
             assert torch.equal(a.updates[layer].neurons, b.updates[layer].neurons)
             torch.testing.assert_close(a.updates[layer].delta, b.updates[layer].delta, atol=1e-5, rtol=0)
+        assert a.key is not None and b.key is not None  # routing keys, calibrated across ranks on the merge
+        torch.testing.assert_close(a.key.vector, b.key.vector, atol=1e-5, rtol=0)
+        assert abs(a.key.threshold - b.key.threshold) < 1e-5
     assert {p.name for p in (tmp_path / "d2" / ".shards").iterdir()} == {"rank-0-of-2", "rank-1-of-2"}
 
 

@@ -302,3 +302,28 @@ def test_an_inflected_form_routes_through_its_alias() -> None:
     assert SubjectMatcher(["Eiffelturm"]).find(text) == []  # whole words: not inside "Eiffelturms"
     found = SubjectMatcher(["Eiffelturm", "Eiffelturms"]).find(text)
     assert [(m.subject, text[m.start:m.end]) for m in found] == [("Eiffelturms", "EIFFELTURMS")]
+
+
+def test_separating_a_merged_bank_equals_editing_into_one_bank(tokenizer: Any) -> None:
+    from lafn_hf.routing.keys import separate, separate_all
+
+    editable, first, _ = keyed_model(tokenizer, PROMPT, threshold=0.3)
+    assert first.key is not None
+    generator = torch.Generator().manual_seed(0)
+    entries = [first]
+    for i in range(4):
+        vector = first.key.vector + 0.4 * torch.randn(first.key.vector.numel(), generator=generator)
+        entries.append(BankEntry({"en": f"Name{i}x"}, first.updates, id=f"e{i}",
+                                 key=RoutingKey(first.key.space, vector / vector.norm(), 0.3)))
+    one_by_one = EditBank()
+    for entry in entries:
+        entry, raised = separate(one_by_one, entry, 0.05)
+        for other in raised:
+            one_by_one.replace(other)
+        one_by_one.add(entry)
+    merged = EditBank(entries)
+    changed = separate_all(merged, 0.05, block=2)
+    thresholds = [[e.key.threshold for e in bank if e.key is not None] for bank in (one_by_one, merged)]
+    assert thresholds[0] == pytest.approx(thresholds[1], abs=1e-6)
+    assert changed == sum(t > 0.3 for t in thresholds[1]) >= 3
+    assert [e.id for e in merged] == [e.id for e in entries]

@@ -151,3 +151,32 @@ def separate(bank: EditBank, entry: BankEntry, margin: float) -> tuple[BankEntry
     if top > entry.key.threshold:
         entry = dataclasses.replace(entry, key=dataclasses.replace(entry.key, threshold=top))
     return entry, raised
+
+
+def separate_all(bank: EditBank, margin: float, block: int = 1024) -> int:
+    """``separate`` for every pair of the bank's keys at once (after merging banks edited apart, e.g. the
+    shards of a distributed edit): every threshold is raised to at least the highest cosine with another
+    key of the same space plus ``margin``. The result equals editing the entries one after another into one
+    bank. Returns how many entries changed (replaced in place, order kept)."""
+    groups: dict[int, list[BankEntry]] = {}
+    for entry in bank:
+        if entry.key is not None:
+            same = next((g for g in groups.values() if g[0].key is not None and g[0].key.space.same_as(entry.key.space)),
+                        None)
+            (same if same is not None else groups.setdefault(id(entry.key.space), [])).append(entry)
+    changed = 0
+    for entries in groups.values():
+        if len(entries) < 2:
+            continue
+        keys = torch.stack([e.key.vector for e in entries if e.key is not None])
+        highest = torch.empty(len(entries))
+        for start in range(0, len(entries), block):
+            cosines = keys[start : start + block] @ keys.T
+            rows = torch.arange(cosines.shape[0])
+            cosines[rows, rows + start] = -2.0  # not with itself
+            highest[start : start + block] = cosines.max(dim=1).values
+        for entry, top in zip(entries, (highest + margin).clamp(max=1.0).tolist()):
+            if entry.key is not None and top > entry.key.threshold:
+                bank.replace(dataclasses.replace(entry, key=dataclasses.replace(entry.key, threshold=top)))
+                changed += 1
+    return changed
