@@ -18,6 +18,7 @@ from pathlib import Path
 from lafn_hf.bank import EditBank
 from lafn_hf.hub import load_bank
 from lafn_hf.model import EditableCausalLM
+from lafn_hf.routing.keys import separate_all
 
 _BANK_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 
@@ -147,6 +148,8 @@ class BankSet:
                 raise ValueError(f"bank {loaded.name!r} ({loaded.path}): {error}") from None
             for entry in loaded.bank:
                 owners.setdefault(entry.id, set()).add(loaded.name)
+        if len(banks) > 1:  # keys of different banks were calibrated apart: against each other too
+            separate_all(merged, self._model.routing.threshold_margin)
         new_owners = {entry_id: frozenset(names) for entry_id, names in owners.items()}
         # While the model switches banks, a forward may see either version: owners cover both meanwhile.
         old = self.owners
