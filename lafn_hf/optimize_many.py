@@ -1,0 +1,216 @@
+"""Batched optimisation (issue: scale): B edit groups optimised in one forward per step, each with its own dV.
+
+The groups' training sequences are packed into one right-padded batch (rows never interact: attention is
+per row), each group's dV is added only at its own rows' subject tokens (per-row plans), and the loss is
+the sum of the groups' own Eq. 9 losses, so each dV gets exactly the gradient it would get alone. Adam is
+elementwise, so one optimiser over all dVs updates each as its own would. Every group stops on its own
+(early stop or the step limit): from then on its dV is frozen and its result recorded. A group whose batch
+cannot be built is reported as failed without stopping the others.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from contextlib import ExitStack
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from lafn_hf.modeling import decoder_layers, mlp_parts
+
+from .config import EditGroup, LafnConfig
+from .inject import LayerPlan, ValueInjection
+from .optimize import (
+    OptimizationResult,
+    TrainingBatch,
+    _clamp,
+    answer_boundaries,
+    build_batch,
+    eval_mode,
+    sample_prefixes,
+    selected_logits,
+    upper_layers_only,
+)
+from .scope import ForwardScope
+from .tokens import pad_id
+
+
+@dataclass
+class _Packed:
+    """Several groups' ``TrainingBatch`` in one: ``*_group`` give the group of each hit, sequence, KL row."""
+
+    batch: TrainingBatch
+    hit_group: torch.Tensor  # (H,) group of each subject hit
+    sequence_group: torch.Tensor  # (S,)
+    kl_group: torch.Tensor  # (K,)
+    report: list[dict[str, int]]  # per group: language -> its reported sequence (merged numbering)
+    hits: list[list[tuple[int, int]]]  # per group: its (row, position) hits
+
+
+def pack(batches: Sequence[TrainingBatch], padding_id: int) -> _Packed:
+    """One batch of ``batches`` (each right-padded): rows, sequences and KL rows renumbered in order."""
+    width = max(b.input_ids.shape[1] for b in batches)
+    device = batches[0].input_ids.device
+
+    def widen(tensor: torch.Tensor, value: int) -> torch.Tensor:
+        return torch.nn.functional.pad(tensor, (0, width - tensor.shape[1]), value=value)
+
+    rows = sequences = 0
+    hits, report = [], []
+    parts: dict[str, list[torch.Tensor]] = {k: [] for k in ("rows", "positions", "ids", "sequence", "kl_rows",
+                                                              "kl_positions", "hit_group", "sequence_group", "kl_group")}
+    for g, b in enumerate(batches):
+        hits.append([(r + rows, p) for r, p in b.subject_hits])
+        report.append({lang: s + sequences for lang, s in b.report_sequence.items()})
+        parts["rows"].append(b.target_rows + rows)
+        parts["positions"].append(b.target_positions)
+        parts["ids"].append(b.target_ids)
+        parts["sequence"].append(b.target_sequence + sequences)
+        parts["kl_rows"].append(b.kl_rows + rows)
+        parts["kl_positions"].append(b.kl_positions)
+        parts["hit_group"].append(torch.full((len(b.subject_hits),), g, dtype=torch.long))
+        parts["sequence_group"].append(torch.full((len(b.sequence_language),), g, dtype=torch.long))
+        parts["kl_group"].append(torch.full((b.kl_rows.numel(),), g, dtype=torch.long))
+        rows += b.input_ids.shape[0]
+        sequences += len(b.sequence_language)
+    cat = {k: torch.cat(v).to(device) for k, v in parts.items()}
+    batch = TrainingBatch(
+        torch.cat([widen(b.input_ids, padding_id) for b in batches]),
+        torch.cat([widen(b.attention_mask, 0) for b in batches]),
+        [hit for group in hits for hit in group], cat["rows"], cat["positions"], cat["ids"], cat["sequence"],
+        [lang for b in batches for lang in b.sequence_language], {}, cat["kl_rows"], cat["kl_positions"])
+    return _Packed(batch, cat["hit_group"], cat["sequence_group"], cat["kl_group"], report, hits)
+
+
+def _base_run(model: nn.Module, packed: _Packed, first: int, layers: Sequence[int],
+              groups: int) -> tuple[torch.Tensor, torch.Tensor, dict[int, torch.Tensor]]:
+    """(input of the first edited layer, base KL log-probs, per layer the (G,) mean ||V|| at each group's hits)."""
+    batch = packed.batch
+    modules = decoder_layers(model)
+    captured: dict[str, torch.Tensor] = {}
+    norms: dict[int, torch.Tensor] = {}
+    rows = torch.tensor([r for r, _ in batch.subject_hits], dtype=torch.long)
+    positions = torch.tensor([p for _, p in batch.subject_hits], dtype=torch.long)
+    counts = torch.zeros(groups).index_add(0, packed.hit_group.cpu(), torch.ones(len(rows)))
+
+    def capture_input(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        captured["hidden"] = (args[0] if args else kwargs["hidden_states"]).detach()
+
+    def capture_values(layer: int) -> Any:
+        def hook(module: nn.Module, args: tuple[torch.Tensor, ...]) -> None:
+            per_hit = args[0][rows, positions].float().norm(dim=-1).cpu()
+            norms[layer] = torch.zeros(groups).index_add(0, packed.hit_group.cpu(), per_hit) / counts.clamp_min(1)
+        return hook
+
+    with ForwardScope() as scope, torch.no_grad():
+        scope.pre_hook(modules[first], capture_input, with_kwargs=True)
+        for layer in layers:
+            scope.pre_hook(mlp_parts(modules[layer]).down_proj, capture_values(layer))
+        logits = selected_logits(model, batch.input_ids, batch.attention_mask, batch.kl_rows, batch.kl_positions)
+    return captured["hidden"], torch.log_softmax(logits, dim=-1), norms
+
+
+def optimize_updates(model: nn.Module, tokenizer: Any, groups: Sequence[EditGroup],
+                     neurons: Sequence[dict[int, torch.Tensor]], config: LafnConfig,
+                     ) -> list[OptimizationResult | Exception]:
+    """``optimize_update`` for several groups at once (see the module docstring); per group its result or the
+    error that kept it out (e.g. a target that produces no tokens)."""
+    device = next(model.parameters()).device
+    outcome: list[OptimizationResult | Exception] = [ValueError("not optimised")] * len(groups)
+    members, batches = [], []
+    for g, (group, located) in enumerate(zip(groups, neurons)):
+        try:
+            if not any(idx.numel() for idx in located.values()):
+                raise ValueError("no language-agnostic neurons were located in any edited layer; lower beta")
+            boundaries = answer_boundaries(model, tokenizer, group) if config.answer_boundary else None
+            prefixes = sample_prefixes(model, tokenizer, group.languages, config)
+            batches.append(build_batch(tokenizer, group, prefixes, config, device, boundaries))
+            members.append(g)
+        except (ValueError, TypeError, RuntimeError) as error:
+            outcome[g] = error
+    if not members:
+        return outcome
+    for g, result in zip(members, _optimize_packed(model, tokenizer, batches, [neurons[g] for g in members], config)):
+        outcome[g] = result
+    return outcome
+
+
+def _optimize_packed(model: nn.Module, tokenizer: Any, batches: list[TrainingBatch],
+                     neurons: list[dict[int, torch.Tensor]], config: LafnConfig) -> list[OptimizationResult]:
+    count = len(batches)
+    device = next(model.parameters()).device
+    packed = pack(batches, pad_id(tokenizer))
+    batch = packed.batch
+    layer_sets = [sorted(layer for layer, idx in located.items() if idx.numel()) for located in neurons]
+    layers = sorted({layer for group_layers in layer_sets for layer in group_layers})
+    index = [{layer: located[layer].to(device) for layer in group_layers}
+             for located, group_layers in zip(neurons, layer_sets)]
+    deltas = [{layer: torch.zeros(idx[layer].numel(), device=device, requires_grad=True) for layer in idx}
+              for idx in index]
+    optimizer = torch.optim.Adam([d for group in deltas for d in group.values()], lr=config.learning_rate)
+    rows = torch.cat([batch.target_rows, batch.kl_rows])
+    positions = torch.cat([batch.target_positions - 1, batch.kl_positions])
+    results = [OptimizationResult(deltas={}) for _ in range(count)]
+    active = list(range(count))
+    with eval_mode(model), ExitStack() as stack:
+        hidden_in, kl_base, norms = _base_run(model, packed, layers[0], layers, count)
+        radius = [{layer: config.clamp_norm_factor * float(norms[layer][g]) for layer in deltas[g]}
+                  if config.clamp_norm_factor is not None else {} for g in range(count)]
+        if config.upper_layer_shortcut and layers[0] > 0:
+            stack.enter_context(upper_layers_only(model, layers[0], hidden_in))
+        injection = stack.enter_context(ValueInjection(model, layers))
+        for step in range(config.steps + 1):
+            injection.plan = {layer: LayerPlan.concat([LayerPlan.build(packed.hits[g], index[g][layer], deltas[g][layer])
+                                                       for g in range(count) if layer in deltas[g]])
+                              for layer in layers}
+            logits = selected_logits(model, batch.input_ids, batch.attention_mask, rows, positions)
+            totals, target_loss, kl_loss = _group_losses(logits, packed, kl_base, count)
+            losses = config.lambda_target * target_loss + config.lambda_kl * kl_loss
+            finishing = []
+            for g in active:
+                results[g].loss_curve.append(float(losses[g].detach()))
+                results[g].target_loss_curve.append(float(target_loss[g].detach()))
+                if step == config.steps or results[g].target_loss_curve[-1] < config.early_stop_loss:
+                    finishing.append(g)
+                    results[g].steps = step
+                    results[g].target_probabilities = {lang: float(torch.exp(-totals[s]).detach())
+                                                       for lang, s in packed.report[g].items()}
+            active = [g for g in active if g not in finishing]
+            if not active:
+                break
+            params = [deltas[g][layer] for g in active for layer in deltas[g]]
+            grads = torch.autograd.grad(losses[active].sum(), params)
+            for param, grad in zip(params, grads):
+                param.grad = grad
+            for g in finishing:  # frozen from now on: Adam skips parameters without a gradient
+                for delta in deltas[g].values():
+                    delta.grad = None
+            optimizer.step()
+            for g in active:
+                _clamp(deltas[g], radius[g])
+    for g in range(count):
+        results[g].deltas = {layer: delta.detach().float().cpu() for layer, delta in deltas[g].items()}
+    return results
+
+
+def _group_losses(logits: torch.Tensor, packed: _Packed, kl_base: torch.Tensor,
+                  groups: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(summed NLL per sequence, per group L_target (G,), per group L_kl (G,)), as ``optimize._losses`` per group."""
+    batch = packed.batch
+    count = batch.target_ids.numel()
+    token_nll = -torch.log_softmax(logits[:count], dim=-1).gather(1, batch.target_ids[:, None]).squeeze(1)
+    sequences = len(batch.sequence_language)
+    device = logits.device
+    total = torch.zeros(sequences, device=device).index_add(0, batch.target_sequence, token_nll)
+    tokens = torch.zeros(sequences, device=device).index_add(0, batch.target_sequence, torch.ones_like(token_nll))
+    per_group = torch.zeros(groups, device=device)
+    target = per_group.index_add(0, packed.sequence_group, total / tokens)
+    target = target / torch.zeros(groups, device=device).index_add(
+        0, packed.sequence_group, torch.ones(sequences, device=device))
+    edited = torch.log_softmax(logits[count:], dim=-1)
+    kl_each = (kl_base.exp() * (kl_base - edited)).sum(-1)
+    kl = torch.zeros(groups, device=device).index_add(0, packed.kl_group, kl_each)
+    kl = kl / torch.zeros(groups, device=device).index_add(0, packed.kl_group, torch.ones_like(kl_each))
+    return total, target, kl
