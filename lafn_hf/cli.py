@@ -170,7 +170,7 @@ def cmd_edit(args: argparse.Namespace) -> int:
     groups = _read_groups(args.group)  # checked before the model loads
     config = _config(args)
     model = _load_model(args.model, args.dtype, args.device)
-    outcome = model.edit_many(groups, config)
+    outcome = model.edit_many(groups, config, batch_size=args.batch_size)
     for result in outcome.results:
         shown = {lang: round(p, 3) for lang, p in result.target_probabilities.items()}
         print(f"{result.entry_id}: {result.subjects} p(target) {shown} in {result.wall_time_s:.1f}s")
@@ -359,6 +359,8 @@ def build_parser() -> argparse.ArgumentParser:
     source.add_argument("--groups", help="JSON lines, one group per line: resumable (each group is checkpointed "
                         "under OUT/.shards) and sharded across ranks under torchrun --nproc_per_node N")
     edit.add_argument("--out", required=True, help="directory to save the bank to (written only if an edit took)")
+    edit.add_argument("--batch-size", type=int, default=1,
+                      help="with --group: optimise this many groups in one forward per step (each its own dV)")
     _add_config_options(edit)
     edit.set_defaults(run=cmd_edit)
     info = sub.add_parser("info", help="describe a saved bank")
