@@ -4,8 +4,9 @@ The groups' training sequences are packed into one right-padded batch (rows neve
 per row), each group's dV is added only at its own rows' subject tokens (per-row plans), and the loss is
 the sum of the groups' own Eq. 9 losses, so each dV gets exactly the gradient it would get alone. Adam is
 elementwise, so one optimiser over all dVs updates each as its own would. Every group stops on its own
-(early stop or the step limit): from then on its dV is frozen and its result recorded. A group whose batch
-cannot be built is reported as failed without stopping the others.
+(early stop or the step limit): from then on its dV is frozen, its result recorded and its rows leave the
+batch (the batch is packed again from the groups still going). A group whose batch cannot be built is
+reported as failed without stopping the others.
 """
 
 from __future__ import annotations
@@ -141,8 +142,7 @@ def _optimize_packed(model: nn.Module, tokenizer: Any, batches: list[TrainingBat
                      neurons: list[dict[int, torch.Tensor]], config: LafnConfig) -> list[OptimizationResult]:
     count = len(batches)
     device = next(model.parameters()).device
-    packed = pack(batches, pad_id(tokenizer))
-    batch = packed.batch
+    padding = pad_id(tokenizer)
     layer_sets = [sorted(layer for layer, idx in located.items() if idx.numel()) for located in neurons]
     layers = sorted({layer for group_layers in layer_sets for layer in group_layers})
     index = [{layer: located[layer].to(device) for layer in group_layers}
@@ -150,49 +150,71 @@ def _optimize_packed(model: nn.Module, tokenizer: Any, batches: list[TrainingBat
     deltas = [{layer: torch.zeros(idx[layer].numel(), device=device, requires_grad=True) for layer in idx}
               for idx in index]
     optimizer = torch.optim.Adam([d for group in deltas for d in group.values()], lr=config.learning_rate)
-    rows = torch.cat([batch.target_rows, batch.kl_rows])
-    positions = torch.cat([batch.target_positions - 1, batch.kl_positions])
     results = [OptimizationResult(deltas={}) for _ in range(count)]
-    active = list(range(count))
     with eval_mode(model), ExitStack() as stack:
-        hidden_in, kl_base, norms = _base_run(model, packed, layers[0], layers, count)
+        hidden_in, kl_base, norms = _base_run(model, pack(batches, padding), layers[0], layers, count)
+        hidden_of, kl_of = _split(batches, hidden_in, kl_base)
         radius = [{layer: config.clamp_norm_factor * float(norms[layer][g]) for layer in deltas[g]}
                   if config.clamp_norm_factor is not None else {} for g in range(count)]
-        if config.upper_layer_shortcut and layers[0] > 0:
-            stack.enter_context(upper_layers_only(model, layers[0], hidden_in))
         injection = stack.enter_context(ValueInjection(model, layers))
+        shortcut = stack.enter_context(ExitStack())
+        active: list[int] = []
         for step in range(config.steps + 1):
-            injection.plan = {layer: LayerPlan.concat([LayerPlan.build(packed.hits[g], index[g][layer], deltas[g][layer])
-                                                       for g in range(count) if layer in deltas[g]])
-                              for layer in layers}
+            still = [g for g in range(count) if not results[g].target_probabilities]
+            if still != active:  # finished groups leave the batch: only active rows are computed
+                active = still
+                packed = pack([batches[g] for g in active], padding)
+                batch, width = packed.batch, packed.batch.input_ids.shape[1]
+                rows = torch.cat([batch.target_rows, batch.kl_rows])
+                positions = torch.cat([batch.target_positions - 1, batch.kl_positions])
+                kl_active = torch.cat([kl_of[g] for g in active])
+                shortcut.close()
+                if config.upper_layer_shortcut and layers[0] > 0:
+                    hidden = torch.cat([hidden_of[g][:, :width] for g in active])
+                    shortcut.enter_context(upper_layers_only(model, layers[0], hidden))
+            injection.plan = {layer: LayerPlan.concat([LayerPlan.build(packed.hits[a], index[g][layer], deltas[g][layer])
+                                                       for a, g in enumerate(active) if layer in deltas[g]])
+                              for layer in layers if any(layer in deltas[g] for g in active)}
             logits = selected_logits(model, batch.input_ids, batch.attention_mask, rows, positions)
-            totals, target_loss, kl_loss = _group_losses(logits, packed, kl_base, count)
+            totals, target_loss, kl_loss = _group_losses(logits, packed, kl_active, len(active))
             losses = config.lambda_target * target_loss + config.lambda_kl * kl_loss
-            finishing = []
-            for g in active:
-                results[g].loss_curve.append(float(losses[g].detach()))
-                results[g].target_loss_curve.append(float(target_loss[g].detach()))
+            going = []
+            for a, g in enumerate(active):
+                results[g].loss_curve.append(float(losses[a].detach()))
+                results[g].target_loss_curve.append(float(target_loss[a].detach()))
                 if step == config.steps or results[g].target_loss_curve[-1] < config.early_stop_loss:
-                    finishing.append(g)
                     results[g].steps = step
                     results[g].target_probabilities = {lang: float(torch.exp(-totals[s]).detach())
-                                                       for lang, s in packed.report[g].items()}
-            active = [g for g in active if g not in finishing]
-            if not active:
+                                                       for lang, s in packed.report[a].items()}
+                    for delta in deltas[g].values():  # frozen from now on: Adam skips parameters without a gradient
+                        delta.grad = None
+                else:
+                    going.append(a)
+            if not going:
                 break
-            params = [deltas[g][layer] for g in active for layer in deltas[g]]
-            grads = torch.autograd.grad(losses[active].sum(), params)
+            params = [deltas[active[a]][layer] for a in going for layer in deltas[active[a]]]
+            grads = torch.autograd.grad(losses[going].sum(), params)
             for param, grad in zip(params, grads):
                 param.grad = grad
-            for g in finishing:  # frozen from now on: Adam skips parameters without a gradient
-                for delta in deltas[g].values():
-                    delta.grad = None
             optimizer.step()
-            for g in active:
-                _clamp(deltas[g], radius[g])
+            for a in going:
+                _clamp(deltas[active[a]], radius[active[a]])
     for g in range(count):
         results[g].deltas = {layer: delta.detach().float().cpu() for layer, delta in deltas[g].items()}
     return results
+
+
+def _split(batches: Sequence[TrainingBatch], hidden_in: torch.Tensor,
+           kl_base: torch.Tensor) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """Per group, its rows of the base run's hidden input and its KL rows' base log-probs."""
+    hidden, kl = [], []
+    row = klrow = 0
+    for b in batches:
+        hidden.append(hidden_in[row : row + b.input_ids.shape[0]])
+        kl.append(kl_base[klrow : klrow + b.kl_rows.numel()])
+        row += b.input_ids.shape[0]
+        klrow += b.kl_rows.numel()
+    return hidden, kl
 
 
 def _group_losses(logits: torch.Tensor, packed: _Packed, kl_base: torch.Tensor,

@@ -25,11 +25,12 @@ def test_batched_edits_equal_one_at_a_time(tokenizer: Any, facts: dict[str, Any]
     from .conftest import TINY_DIR
 
     groups = [fact_group(facts, source, source + 20) for source in range(5)]
-    config = LafnConfig(steps=12, min_target_probability=0.0)
+    config = LafnConfig(steps=12, early_stop_loss=2.0, min_target_probability=0.0)  # groups stop at steps 4-12
     model = AutoModelForCausalLM.from_pretrained(TINY_DIR).eval()
     single, single_bank = banks_of(model, tokenizer, groups, config, 1)
     packed, packed_bank = banks_of(model, tokenizer, groups, config, 4)  # a batch of 4, then one of 1
     assert not single.failures and not packed.failures
+    assert len({result.steps for result in single.results}) > 1  # the batch was packed again as groups stopped
     for a, b in zip(single.results, packed.results):
         assert a.steps == b.steps and a.shared_counts == b.shared_counts
         for lang, p in a.target_probabilities.items():
