@@ -16,7 +16,7 @@ class RoutingConfig:
         representation: ``edit()`` stores a routing key per entry, and inference fires entries whose key
             matches a token's hidden state (see ``lafn_hf.routing``).
         threshold_floor: the lowest threshold ``edit()`` gives a key (a cosine in the key space). 0.8 was
-            measured on the MzsRE dev split with Gemma-3-270M: 0.7 let 1.5-8.5% of unrelated questions fire.
+            measured on the MzsRE dev split with Gemma-3-270M: 0.7 let 1.2-8.5% of unrelated questions fire.
         threshold_margin: ``edit()`` sets a key's threshold to the highest cosine any built-in negative
             sentence token, or another entry's key, reaches with it plus this margin (at least
             ``threshold_floor``); other entries' thresholds rise likewise.
