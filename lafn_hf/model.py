@@ -22,7 +22,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from lafn_hf.modeling import decoder_layers, default_edit_layers, get_spec, mlp_parts, text_config
+from lafn_hf.modeling import decoder_layers, default_edit_layers, get_spec, mlp_parts
 
 from .bank import _ENTRY_ID, BankEntry, BankLimits, EditBank, KeySpace, LayerUpdate, RoutingKey
 from .config import EditGroup, LafnConfig, subject_problem
@@ -31,11 +31,11 @@ from .inject import BankInjector, bank_disabled
 from .locate import LocatedNeurons, locate_neurons
 from .optimize import OptimizationResult, optimize_update
 from .optimize_many import optimize_updates
+from .preflight import check_context, warn_if_slow_dtype
 from .routing.config import RoutingConfig
 from .routing.keys import entry_key, key_space, negative_states, separate
 from .stopwords import STOP_WORDS
 from .text import check_aliases
-from .tokens import target_separator
 
 logger = logging.getLogger(__name__)
 
@@ -86,49 +86,6 @@ def _show_progress(progress: bool | None) -> bool:
         return bool(progress)
     isatty = getattr(sys.stderr, "isatty", None)
     return bool(isatty and isatty())
-
-
-def _context_limit(model: nn.Module, tokenizer: Any) -> tuple[int, str] | None:
-    """(positions the model handles, where that number comes from), or None when neither says."""
-    limits = []
-    positions = getattr(text_config(model.config), "max_position_embeddings", None)
-    if isinstance(positions, int) and positions > 0:
-        limits.append((positions, "max_position_embeddings"))
-    length = getattr(tokenizer, "model_max_length", None)
-    if isinstance(length, int) and 0 < length < 10**9:  # unset: transformers uses int(1e30)
-        limits.append((length, "the tokenizer's model_max_length"))
-    return min(limits) if limits else None
-
-
-def _check_context(model: nn.Module, tokenizer: Any, group: EditGroup, config: LafnConfig) -> None:
-    """Refuse, before any work, an edit whose training or locating sequences exceed the model's positions."""
-    found = _context_limit(model, tokenizer)
-    if found is None:
-        return
-    limit, source = found
-    prefix = config.prefix_length if config.num_prefixes else 0
-    for lang, edit in group.edits.items():
-        full = edit.prompt + target_separator(edit.prompt, edit.target) + edit.target
-        length = len(tokenizer(full)["input_ids"]) + prefix
-        if length > limit:
-            what = f"the prompt, its target and a {prefix}-token prefix take" if prefix else "the prompt and its target take"
-            raise ValueError(f"language {lang!r}: {what} {length} tokens; the model handles at most {limit} positions "
-                             f"({source}). Shorten the prompt")
-        for number, paraphrase in enumerate(edit.paraphrases[: config.num_paraphrases]):
-            length = len(tokenizer(paraphrase)["input_ids"])
-            if length > limit:
-                raise ValueError(f"language {lang!r}: paraphrase {number} takes {length} tokens; the model handles "
-                                 f"at most {limit} positions ({source})")
-
-
-_SLOW_ON_CPU = (torch.bfloat16, torch.float16)
-
-
-def _warn_if_slow_dtype(model: nn.Module) -> None:
-    parameter = next(model.parameters(), None)
-    if parameter is not None and parameter.device.type == "cpu" and parameter.dtype in _SLOW_ON_CPU:
-        logger.warning("editing a %s model on the CPU is ~20x slower than float32 (280 s against 13.5 s for "
-                       "Gemma-3-270M); load it with dtype=torch.float32 (the lafn CLI does on CPU)", parameter.dtype)
 
 
 class EditableCausalLM(nn.Module):
@@ -342,8 +299,8 @@ class EditableCausalLM(nn.Module):
             raise ValueError(f"entry id {entry_id!r} is already in the bank")
         config = config or self.lafn_config
         layers = self.edit_layers(config)
-        _check_context(self.model, self.tokenizer, group, config)
-        _warn_if_slow_dtype(self.model)
+        check_context(self.model, self.tokenizer, group, config)
+        warn_if_slow_dtype(self.model)
         started = time.perf_counter()
         with self._edit_lock, self.edits_disabled():  # edits of one model run one at a time; inference never waits
             located = locate_neurons(self.model, self.tokenizer, group, layers, config)
@@ -428,7 +385,7 @@ class EditableCausalLM(nn.Module):
     def _edit_batch(self, groups: list[EditGroup], config: LafnConfig) -> list[EditResult | Exception]:
         """Locate each group, optimise them together, then store each (errors stay with their group)."""
         layers = self.edit_layers(config)
-        _warn_if_slow_dtype(self.model)
+        warn_if_slow_dtype(self.model)
         started = time.perf_counter()
         outcome: list[EditResult | Exception] = []
         ready: list[tuple[int, EditGroup, LocatedNeurons]] = []
@@ -438,7 +395,7 @@ class EditableCausalLM(nn.Module):
                 try:
                     if not isinstance(group, EditGroup):
                         raise TypeError(f"edit expects an EditGroup, got {type(group).__name__}")
-                    _check_context(self.model, self.tokenizer, group, config)
+                    check_context(self.model, self.tokenizer, group, config)
                     ready.append((position, group, locate_neurons(self.model, self.tokenizer, group, layers, config)))
                 except (ValueError, TypeError, RuntimeError) as error:
                     outcome[position] = error
