@@ -307,7 +307,8 @@ class EditableCausalLM(nn.Module):
             optimized = optimize_update(self.model, self.tokenizer, group, located.shared, config,
                                         _show_progress(progress))
             key = self._routing_key(group, layers, config)
-        return self._store(group, config, layers, located, optimized, key, metadata, entry_id, started)
+            # stored under the lock: a concurrent edit's key calibration sees this entry, and this one its
+            return self._store(group, config, layers, located, optimized, key, metadata, entry_id, started)
 
     def _store(self, group: EditGroup, config: LafnConfig, layers: tuple[int, ...], located: LocatedNeurons,
                optimized: OptimizationResult, key: RoutingKey | None, metadata: dict[str, Any] | None,
@@ -401,15 +402,14 @@ class EditableCausalLM(nn.Module):
                     outcome[position] = error
             optimized = optimize_updates(self.model, self.tokenizer, [g for _, g, _ in ready],
                                          [located.shared for _, _, located in ready], config)
-            keys = [self._routing_key(group, layers, config) if isinstance(result, OptimizationResult) else None
-                    for (_, group, _), result in zip(ready, optimized)]
-        for (position, group, located), result, key in zip(ready, optimized, keys):
-            try:
-                if isinstance(result, Exception):
-                    raise result
-                outcome[position] = self._store(group, config, layers, located, result, key, None, None, started)
-            except (ValueError, TypeError, RuntimeError) as error:
-                outcome[position] = error
+            for (position, group, located), result in zip(ready, optimized):
+                try:
+                    if isinstance(result, Exception):
+                        raise result
+                    key = self._routing_key(group, layers, config)
+                    outcome[position] = self._store(group, config, layers, located, result, key, None, None, started)
+                except (ValueError, TypeError, RuntimeError) as error:
+                    outcome[position] = error
         return outcome
 
     # -- inference ----------------------------------------------------------------------------
