@@ -19,7 +19,7 @@ import torch
 from lafn_hf import BankEntry, EditableCausalLM, EditBank, LayerUpdate
 from lafn_hf.bank import KeySpace, RoutingKey
 from lafn_hf.cli import _load_model
-from lafn_hf.routing.keys import key_space, negative_states
+from lafn_hf.routing.keys import calibrate_key_space
 
 
 def run_once(model: Any, encoded: Any, new_tokens: int) -> float:
@@ -66,7 +66,7 @@ def main() -> None:
     model: EditableCausalLM = _load_model(args.model)
     layers = model.edit_layers()
     size = model.base_ref.intermediate_size
-    space = None if args.no_keys else key_space(min(layers), negative_states(model.model, model.tokenizer, min(layers)))
+    space = None if args.no_keys else calibrate_key_space(model.model, model.tokenizer, min(layers))[0]
     prompts = {"match": "The Eiffel Tower is located in the city of", "no match": "The capital of Japan is a city that"}
     print(f"model {args.model}, {args.new_tokens} new tokens, best of {args.repeats}, "
           f"{'no routing keys' if space is None else 'every entry with a routing key'}")

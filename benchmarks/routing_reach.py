@@ -30,7 +30,7 @@ import torch
 from lafn_hf import BankEntry, EditableCausalLM, EditBank, EditGroup, LanguageEdit, LayerUpdate
 from lafn_hf.cli import _load_model
 from lafn_hf.routing import RoutingConfig, entry_key, routes
-from lafn_hf.routing.keys import key_space, negative_states, separate
+from lafn_hf.routing.keys import calibrate_key_space, separate
 from lafn_hf.zsre import load_files
 
 DATA_DIR = Path(__file__).resolve().parents[2] / "shared" / "data" / "mzsre-dev"
@@ -52,9 +52,7 @@ def language_edit(record: Any) -> LanguageEdit | None:
 
 
 def build_bank(editable: EditableCausalLM, items: list[Any], xx: str, layer: int) -> EditBank:
-    raw = negative_states(editable.model, editable.tokenizer, layer)
-    space = key_space(layer, raw)
-    negatives = space.project(raw)
+    space, negatives = calibrate_key_space(editable.model, editable.tokenizer, layer)
     bank = EditBank()
     placeholder = {layer: LayerUpdate(torch.zeros(1, dtype=torch.int64), torch.zeros(1))}
     for index, item in enumerate(items):

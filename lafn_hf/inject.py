@@ -246,8 +246,7 @@ class CompiledBank:
             for hit in reader.hits(self.matcher, first):
                 ids = tuple(i for i in self.entries_of.get(hit.subject, ()) if selected is None or i in selected)
                 position = hit.position - first
-                key_layers = {self.keys[i].layer if i in self.keys else -1 for i in ids}
-                if len(ids) > 1 and len(key_layers) == 1 and -1 not in key_layers:
+                if len(ids) > 1 and self._one_key_layer(ids):
                     pending.append((row, position, ids))
                     for entry_id in ids:
                         lexical[row].setdefault(entry_id, position)
@@ -258,6 +257,10 @@ class CompiledBank:
                     if trace:
                         record(Route(row, hit.position, entry_id, "lexical"))
         return per_layer, lexical, pending
+
+    def _one_key_layer(self, ids: Sequence[str]) -> bool:
+        """Whether every entry of ``ids`` has a routing key, all read at one layer."""
+        return bool(self.keys) and all(i in self.keys for i in ids) and len({self.keys[i].layer for i in ids}) == 1
 
     def plan(self, rows: Sequence[RowReader], first: int,
              selected: Container[str] | None = None) -> dict[int, LayerPlan] | None:

@@ -33,7 +33,7 @@ from .optimize import OptimizationResult, optimize_update
 from .optimize_many import optimize_updates
 from .preflight import check_context, warn_if_slow_dtype
 from .routing.config import RoutingConfig
-from .routing.keys import entry_key, key_space, negative_states, separate
+from .routing.keys import calibrate_key_space, entry_key, separate
 from .stopwords import STOP_WORDS
 from .text import check_aliases
 
@@ -218,9 +218,7 @@ class EditableCausalLM(nn.Module):
         layer = min(layers)
         calibrated = self._key_spaces.get(layer)
         if calibrated is None:  # once per layer: a forward over the built-in negatives
-            raw = negative_states(self.model, self.tokenizer, layer)
-            space = key_space(layer, raw)
-            calibrated = self._key_spaces[layer] = (space, space.project(raw))
+            calibrated = self._key_spaces[layer] = calibrate_key_space(self.model, self.tokenizer, layer)
         return entry_key(self.model, self.tokenizer, group, calibrated[0], calibrated[1], self.routing,
                          config.num_paraphrases)
 

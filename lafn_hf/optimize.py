@@ -204,7 +204,7 @@ class _BaseRun:
     def __init__(self, model: nn.Module, batch: TrainingBatch, layers: Sequence[int]) -> None:
         modules = decoder_layers(model)
         captured: dict[str, torch.Tensor] = {}
-        value_norms: dict[int, torch.Tensor] = {}
+        hit_norms: dict[int, torch.Tensor] = {}
         rows = torch.tensor([r for r, _ in batch.subject_hits], dtype=torch.long)
         positions = torch.tensor([p for _, p in batch.subject_hits], dtype=torch.long)
 
@@ -213,7 +213,7 @@ class _BaseRun:
 
         def capture_values(layer: int) -> Any:
             def hook(module: nn.Module, args: tuple[Any, ...]) -> None:
-                value_norms[layer] = args[0][rows, positions].float().norm(dim=-1).mean()
+                hit_norms[layer] = args[0][rows, positions].float().norm(dim=-1)
             return hook
 
         with ForwardScope() as scope, torch.no_grad():
@@ -223,7 +223,8 @@ class _BaseRun:
             logits = selected_logits(model, batch.input_ids, batch.attention_mask, batch.kl_rows, batch.kl_positions)
         self.hidden_in = captured["hidden"]
         self.kl_log_probs = torch.log_softmax(logits, dim=-1)
-        self.value_norms = value_norms
+        self.hit_value_norms = hit_norms  # layer -> ||V|| at each subject hit
+        self.value_norms = {layer: norms.mean() for layer, norms in hit_norms.items()}
 
 
 def _losses(logits: torch.Tensor, batch: TrainingBatch, base: _BaseRun) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -231,15 +232,20 @@ def _losses(logits: torch.Tensor, batch: TrainingBatch, base: _BaseRun) -> tuple
 
     L_target averages each sequence's mean per-token NLL over sequences (languages x prefixes).
     """
+    total, sequence_nll, edited = sequence_losses(logits, batch)
+    kl = (base.kl_log_probs.exp() * (base.kl_log_probs - edited)).sum(-1).mean()
+    return total, sequence_nll.mean(), kl
+
+
+def sequence_losses(logits: torch.Tensor, batch: TrainingBatch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(summed target NLL per sequence, mean per-token NLL per sequence, log-probs at the KL rows) from the
+    selected logits (target positions first, then KL rows)."""
     count = batch.target_ids.numel()
     token_nll = -torch.log_softmax(logits[:count], dim=-1).gather(1, batch.target_ids[:, None]).squeeze(1)
     sequences = len(batch.sequence_language)
     total = torch.zeros(sequences, device=logits.device).index_add(0, batch.target_sequence, token_nll)
     tokens = torch.zeros(sequences, device=logits.device).index_add(0, batch.target_sequence, torch.ones_like(token_nll))
-    sequence_nll = total / tokens
-    edited = torch.log_softmax(logits[count:], dim=-1)
-    kl = (base.kl_log_probs.exp() * (base.kl_log_probs - edited)).sum(-1).mean()
-    return total, sequence_nll.mean(), kl
+    return total, total / tokens, torch.log_softmax(logits[count:], dim=-1)
 
 
 def optimize_update(model: nn.Module, tokenizer: Any, group: EditGroup, neurons: dict[int, torch.Tensor],

@@ -19,22 +19,21 @@ from typing import Any
 import torch
 from torch import nn
 
-from lafn_hf.modeling import decoder_layers, mlp_parts
-
 from .config import EditGroup, LafnConfig
 from .inject import LayerPlan, ValueInjection
 from .optimize import (
     OptimizationResult,
     TrainingBatch,
+    _BaseRun,
     _clamp,
     answer_boundaries,
     build_batch,
     eval_mode,
     sample_prefixes,
     selected_logits,
+    sequence_losses,
     upper_layers_only,
 )
-from .scope import ForwardScope
 from .tokens import pad_id
 
 
@@ -85,34 +84,6 @@ def pack(batches: Sequence[TrainingBatch], padding_id: int) -> _Packed:
     return _Packed(batch, cat["hit_group"], cat["sequence_group"], cat["kl_group"], report, hits)
 
 
-def _base_run(model: nn.Module, packed: _Packed, first: int, layers: Sequence[int],
-              groups: int) -> tuple[torch.Tensor, torch.Tensor, dict[int, torch.Tensor]]:
-    """(input of the first edited layer, base KL log-probs, per layer the (G,) mean ||V|| at each group's hits)."""
-    batch = packed.batch
-    modules = decoder_layers(model)
-    captured: dict[str, torch.Tensor] = {}
-    norms: dict[int, torch.Tensor] = {}
-    rows = torch.tensor([r for r, _ in batch.subject_hits], dtype=torch.long)
-    positions = torch.tensor([p for _, p in batch.subject_hits], dtype=torch.long)
-    counts = torch.zeros(groups).index_add(0, packed.hit_group.cpu(), torch.ones(len(rows)))
-
-    def capture_input(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
-        captured["hidden"] = (args[0] if args else kwargs["hidden_states"]).detach()
-
-    def capture_values(layer: int) -> Any:
-        def hook(module: nn.Module, args: tuple[torch.Tensor, ...]) -> None:
-            per_hit = args[0][rows, positions].float().norm(dim=-1).cpu()
-            norms[layer] = torch.zeros(groups).index_add(0, packed.hit_group.cpu(), per_hit) / counts.clamp_min(1)
-        return hook
-
-    with ForwardScope() as scope, torch.no_grad():
-        scope.pre_hook(modules[first], capture_input, with_kwargs=True)
-        for layer in layers:
-            scope.pre_hook(mlp_parts(modules[layer]).down_proj, capture_values(layer))
-        logits = selected_logits(model, batch.input_ids, batch.attention_mask, batch.kl_rows, batch.kl_positions)
-    return captured["hidden"], torch.log_softmax(logits, dim=-1), norms
-
-
 def optimize_updates(model: nn.Module, tokenizer: Any, groups: Sequence[EditGroup],
                      neurons: Sequence[dict[int, torch.Tensor]], config: LafnConfig,
                      ) -> list[OptimizationResult | Exception]:
@@ -152,8 +123,12 @@ def _optimize_packed(model: nn.Module, tokenizer: Any, batches: list[TrainingBat
     optimizer = torch.optim.Adam([d for group in deltas for d in group.values()], lr=config.learning_rate)
     results = [OptimizationResult(deltas={}) for _ in range(count)]
     with eval_mode(model), ExitStack() as stack:
-        hidden_in, kl_base, norms = _base_run(model, pack(batches, padding), layers[0], layers, count)
-        hidden_of, kl_of = _split(batches, hidden_in, kl_base)
+        full = pack(batches, padding)
+        base = _BaseRun(model, full.batch, layers)
+        hidden_of, kl_of = _split(batches, base.hidden_in, base.kl_log_probs)
+        hits = torch.zeros(count).index_add(0, full.hit_group.cpu(), torch.ones(full.hit_group.numel()))
+        norms = {layer: torch.zeros(count).index_add(0, full.hit_group.cpu(), per_hit.cpu()) / hits.clamp_min(1)
+                 for layer, per_hit in base.hit_value_norms.items()}  # mean ||V|| at each group's hits
         radius = [{layer: config.clamp_norm_factor * float(norms[layer][g]) for layer in deltas[g]}
                   if config.clamp_norm_factor is not None else {} for g in range(count)]
         injection = stack.enter_context(ValueInjection(model, layers))
@@ -221,17 +196,13 @@ def _group_losses(logits: torch.Tensor, packed: _Packed, kl_base: torch.Tensor,
                   groups: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(summed NLL per sequence, per group L_target (G,), per group L_kl (G,)), as ``optimize._losses`` per group."""
     batch = packed.batch
-    count = batch.target_ids.numel()
-    token_nll = -torch.log_softmax(logits[:count], dim=-1).gather(1, batch.target_ids[:, None]).squeeze(1)
+    total, sequence_nll, edited = sequence_losses(logits, batch)
     sequences = len(batch.sequence_language)
     device = logits.device
-    total = torch.zeros(sequences, device=device).index_add(0, batch.target_sequence, token_nll)
-    tokens = torch.zeros(sequences, device=device).index_add(0, batch.target_sequence, torch.ones_like(token_nll))
     per_group = torch.zeros(groups, device=device)
-    target = per_group.index_add(0, packed.sequence_group, total / tokens)
+    target = per_group.index_add(0, packed.sequence_group, sequence_nll)
     target = target / torch.zeros(groups, device=device).index_add(
         0, packed.sequence_group, torch.ones(sequences, device=device))
-    edited = torch.log_softmax(logits[count:], dim=-1)
     kl_each = (kl_base.exp() * (kl_base - edited)).sum(-1)
     kl = torch.zeros(groups, device=device).index_add(0, packed.kl_group, kl_each)
     kl = kl / torch.zeros(groups, device=device).index_add(0, packed.kl_group, torch.ones_like(kl_each))

@@ -88,6 +88,7 @@ _PUNCTUATION = str.maketrans({**dict.fromkeys("\u2018\u2019\u201a\u201b\u02bc\u2
                               **dict.fromkeys("\u201c\u201d\u201e\u201f\u2033\u00ab\u00bb", '"'),
                               **dict.fromkeys("\u2010\u2011\u2012\u2013\u2014\u2015\u2212\ufe63\uff0d", "-")})
 _ASCII_SPACES = str.maketrans("\t\n\r\x0b\x0c", "     ")
+_CLUSTERED = regex.compile("[\\p{M}" + "".join(sorted(_IGNORABLE)) + "]")  # characters that join a neighbour
 _STRIP_ACCENTS = regex.compile(r"[\p{Script=Latin}\p{Script=Greek}\p{Script=Cyrillic}]")
 
 
@@ -110,6 +111,11 @@ def _folded(text: str) -> tuple[str, Sequence[int]]:
         lowered = text.lower().translate(_ASCII_SPACES)
         if "  " not in lowered:
             return lowered, range(1, len(text) + 1)  # the common case: one character each
+    elif not _CLUSTERED.search(text):  # no marks or invisible characters: each character folds alone
+        pieces = list(map(fold_cluster, text))
+        folded = "".join(pieces)
+        if len(folded) == len(text) and all(len(piece) == 1 for piece in pieces) and "  " not in folded:
+            return folded, range(1, len(text) + 1)
     out: list[str] = []
     ends: list[int] = []
     start = 0

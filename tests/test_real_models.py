@@ -74,14 +74,13 @@ def test_gemma_routing_stages_reach_variants_and_spare_unrelated_prompts() -> No
     """Routing on a real tokenizer and real hidden states, without an edit (keys only; zero dV)."""
     from lafn_hf import BankEntry, LayerUpdate
     from lafn_hf.routing import entry_key, routes
-    from lafn_hf.routing.keys import key_space, negative_states
+    from lafn_hf.routing.keys import calibrate_key_space
 
     model = load("gemma-3-270m")
     data = json.loads((resources.files("lafn_hf") / "assets" / "demo_eiffel.json").read_text("utf-8"))
     group = EditGroup.from_dict(data["group"])
-    raw = negative_states(model.model, model.tokenizer, 6)
-    space = key_space(6, raw)
-    key = entry_key(model.model, model.tokenizer, group, space, space.project(raw), model.routing)
+    space, negatives = calibrate_key_space(model.model, model.tokenizer, 6)
+    key = entry_key(model.model, model.tokenizer, group, space, negatives, model.routing)
     assert key is not None and key.threshold >= 0.8
     zero = {6: LayerUpdate(torch.zeros(1, dtype=torch.int64), torch.zeros(1))}
     model.add_entry(BankEntry(group.subjects, zero, id="eiffel", key=key, aliases=("Eiffelturms",)))

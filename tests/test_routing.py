@@ -147,7 +147,7 @@ def test_representation_routing_is_the_same_with_a_kv_cache_and_padding(tokenize
         mask = (torch.arange(width)[None, :] >= torch.tensor([[width - len(ids)], [width - len(other)]])).long()
         padded = editable(input_ids=batch, attention_mask=mask).logits[0, width - len(ids):]
     assert torch.allclose(padded, full, atol=1e-4)
-    assert position < len(ids)
+    assert [r.position for r in routes(editable, [PROMPT])[0]] == [position]  # the key did fire in these forwards
 
 
 def test_relation_choice_picks_the_entry_whose_key_matches_the_question(tokenizer: Any) -> None:
@@ -204,7 +204,7 @@ def test_banks_keep_aliases_and_keys_bit_exact(tmp_path: Path, tokenizer: Any) -
     assert torch.equal(again.key.space.scale, original.key.space.scale)
 
 
-def test_malformed_routing_data_is_refused(tmp_path: Path, tokenizer: Any) -> None:
+def test_malformed_routing_data_is_refused() -> None:
     space = KeySpace(1, torch.zeros(4), torch.ones(4))
     with pytest.raises(ValueError, match="norm 1"):
         RoutingKey(space, torch.ones(4), 0.8)
@@ -258,7 +258,7 @@ def test_incremental_updates_with_keys_equal_a_rebuild(tokenizer: Any) -> None:
     incremental = editable._injector.compiled(cpu)
     rebuilt = CompiledBank.build(editable.bank, cpu, editable.routing)
     assert incremental.entries_of == rebuilt.entries_of and incremental.keys.keys() == rebuilt.keys.keys()
-    assert isinstance(EditBank, type)
+    assert incremental.entries_of["Zorblatia"] == (entry.id,) and extra.id not in incremental.keys
 
 
 def test_a_chinese_question_reaches_an_english_only_edit_through_its_key(

@@ -95,7 +95,8 @@ def negative_states(model: nn.Module, tokenizer: Any, layer: int) -> torch.Tenso
 def calibrate_key_space(model: nn.Module, tokenizer: Any, layer: int) -> tuple[KeySpace, torch.Tensor]:
     """(the key space of ``layer``, the built-in negatives' token states projected into it: (N, hidden))."""
     hidden = negative_states(model, tokenizer, layer)
-    return key_space(layer, hidden), key_space(layer, hidden).project(hidden)
+    space = key_space(layer, hidden)
+    return space, space.project(hidden)
 
 
 def key_space(layer: int, hidden: torch.Tensor) -> KeySpace:
@@ -140,7 +141,9 @@ def separate(bank: EditBank, entry: BankEntry, margin: float) -> tuple[BankEntry
     """
     if entry.key is None:
         return entry, []
-    others = [e for e in bank if e.key is not None and e.id != entry.id and e.key.space.same_as(entry.key.space)]
+    same: dict[int, bool] = {}  # id(space) -> same as the entry's (entries made together share one object)
+    others = [e for e in bank if e.key is not None and e.id != entry.id
+              and same.setdefault(id(e.key.space), e.key.space is entry.key.space or e.key.space.same_as(entry.key.space))]
     if not others:
         return entry, []
     cosines = torch.stack([e.key.vector for e in others if e.key is not None]) @ entry.key.vector  # (N,)
@@ -158,12 +161,16 @@ def separate_all(bank: EditBank, margin: float, block: int = 1024) -> int:
     shards of a distributed edit): every threshold is raised to at least the highest cosine with another
     key of the same space plus ``margin``. The result equals editing the entries one after another into one
     bank. Returns how many entries changed (replaced in place, order kept)."""
-    groups: dict[int, list[BankEntry]] = {}
+    groups: dict[int, list[BankEntry]] = {}  # first space object of a group -> its entries
+    group_of: dict[int, int] = {}  # id(space) -> the group it belongs to
     for entry in bank:
-        if entry.key is not None:
-            same = next((g for g in groups.values() if g[0].key is not None and g[0].key.space.same_as(entry.key.space)),
-                        None)
-            (same if same is not None else groups.setdefault(id(entry.key.space), [])).append(entry)
+        if entry.key is None:
+            continue
+        space = entry.key.space
+        if id(space) not in group_of:
+            group_of[id(space)] = next((first for first, members in groups.items()
+                                        if members[0].key is not None and members[0].key.space.same_as(space)), id(space))
+        groups.setdefault(group_of[id(space)], []).append(entry)
     changed = 0
     for entries in groups.values():
         if len(entries) < 2:

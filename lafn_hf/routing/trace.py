@@ -10,6 +10,11 @@ from typing import Any
 
 import torch
 
+from lafn_hf.modeling import decoder_layers
+
+from ..scope import ForwardScope
+from ..tokens import encode_texts
+
 _TRACE: ContextVar[list[Route] | None] = ContextVar("lafn_route_trace", default=None)
 
 
@@ -55,27 +60,20 @@ def routes(model: Any, texts: Sequence[str], batch_size: int = 16, stop_at: int 
     """Per text, the routes an ``EditableCausalLM`` takes on it (one forward each, nothing generated);
     ``Route.row`` is 0 and ``position`` indexes the text's tokens (special tokens included). ``stop_at``: end
     each forward when decoder layer ``stop_at`` is reached (every key layer must lie below it)."""
-    from lafn_hf.modeling import decoder_layers
-
-    from ..scope import ForwardScope
-
     def stop(*_: Any) -> None:
         raise _Enough
-    tokenizer = model.tokenizer
+
     device = next(model.parameters()).device
     out: list[list[Route]] = []
     for start in range(0, len(texts), batch_size):
-        rows = [list(tokenizer(text)["input_ids"]) for text in texts[start : start + batch_size]]
-        width = max(len(row) for row in rows)
-        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-        input_ids = torch.tensor([row + [pad] * (width - len(row)) for row in rows], device=device)
-        attention_mask = torch.tensor([[1] * len(row) + [0] * (width - len(row)) for row in rows], device=device)
+        batch = texts[start : start + batch_size]
+        input_ids, attention_mask = encode_texts(model.tokenizer, batch, device)
         with tracing() as found, ForwardScope() as scope:
             if stop_at is not None:
                 scope.pre_hook(decoder_layers(model.model)[stop_at], stop)
             with suppress(_Enough):
                 model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
-        for row in range(len(rows)):
+        for row in range(len(batch)):
             out.append(sorted((Route(0, r.position, r.entry_id, r.stage) for r in found if r.row == row),
                               key=lambda r: (r.position, r.entry_id)))
     return out
