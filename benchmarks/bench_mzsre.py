@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 from lafn_hf import LafnConfig
-from lafn_hf.bench import BenchSettings, build_methods, markdown_table, run_benchmark
+from lafn_hf.bench import BenchSettings, build_methods, markdown_table, reach_table, run_benchmark
 from lafn_hf.cli import _load_model
 from lafn_hf.routing.config import ROUTING_PRESETS
 from lafn_hf.zsre import load_files
@@ -57,7 +57,8 @@ def main() -> None:
         items = load_files(files, languages)
         begun = time.perf_counter()
         summary = run_benchmark(model, items, methods, args.out / name, settings, fresh=args.fresh)
-        print(f"\n## {name} ({args.model})\n\n{markdown_table(summary)}\n\n{time.perf_counter() - begun:.0f}s; "
+        print(f"\n## {name} ({args.model})\n\n{markdown_table(summary)}\n\n{reach_table(summary)}\n\n"
+              f"{time.perf_counter() - begun:.0f}s; "
               f"contains / F1 tables: {args.out / name / 'tables.md'}")
     print(f"\ntotal wall time {time.perf_counter() - started:.0f}s")
 

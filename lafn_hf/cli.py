@@ -247,7 +247,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     import importlib.util
     import time
 
-    from .bench import BenchSettings, build_methods, load_locality_hard, markdown_table, run_benchmark
+    from .bench import BenchSettings, build_methods, load_locality_hard, markdown_table, reach_table, run_benchmark
     from .bench.methods import METHODS
     from .routing.config import ROUTING_PRESETS
     from .zsre import load_files
@@ -258,7 +258,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
         raise ValueError(f"--methods: unknown method(s) {unknown}; choose from {', '.join(METHODS)}")
     if "lora" in names and importlib.util.find_spec("peft") is None:
         raise ImportError("--methods lora needs peft: pip install peft")
-    settings = BenchSettings(mode=args.mode, margin=args.margin, free_tokens=args.free_tokens, limit=args.limit)
+    settings = BenchSettings(mode=args.mode, margin=args.margin, free_tokens=args.free_tokens, limit=args.limit,
+                             batch_size=args.batch_size)
     items = load_files(args.data, args.langs.split(",") if args.langs else None)
     hard = load_locality_hard(args.locality_hard)
     config = _config(args)
@@ -270,6 +271,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     summary = run_benchmark(model, items, build_methods(names, model, config), args.out, settings,
                             locality_hard=hard, fresh=args.fresh)
     print(markdown_table(summary, "hit"))
+    print(f"\n{reach_table(summary)}")
     out = Path(args.out)
     print(f"\n{time.perf_counter() - started:.0f}s. Tables (hit, contains, F1): {out / 'tables.md'}; summary: "
           f"{out / 'summary.json'}; plot: {out / 'plot.png'}; per-item results (resumable): {out / 'results.jsonl'}")
@@ -401,6 +403,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="generate: greedy decoding (default); teacher_forced: argmax at each gold position")
     bench.add_argument("--margin", type=int, default=2, help="extra tokens decoded beyond the gold answer's length")
     bench.add_argument("--free-tokens", type=int, default=10, help="tokens decoded for a Locality-Hard question")
+    bench.add_argument("--batch-size", type=int, default=16,
+                       help="questions answered per generate() call (left-padded; 1: one by one)")
     bench.add_argument("--locality-hard", help="Locality-Hard JSON (default: the set shipped for the MzsRE dev split)")
     bench.add_argument("--locate-strategy", choices=["paraphrases", "single", "all", "random"],
                        help="LAFN's locating (paper Table 4; default: the config's, paraphrases)")

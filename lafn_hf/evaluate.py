@@ -21,11 +21,12 @@ from typing import Any
 
 import torch
 from tqdm.auto import tqdm
+from transformers import StoppingCriteria, StoppingCriteriaList
 
 from .config import LafnConfig
 from .hub import load_bank
 from .model import EditableCausalLM
-from .tokens import target_separator
+from .tokens import pad_batch, pad_id, target_separator
 from .zsre import Item, edit_group, matchability
 
 logger = logging.getLogger(__name__)
@@ -92,25 +93,75 @@ def answer_end(tokenizer: Any, generated: Sequence[int]) -> int:
     return len(generated)
 
 
-@torch.no_grad()
 def predict_ids(model: EditableCausalLM, text: str, mode: str = "generate", gold: Sequence[int] = (),
                 max_new_tokens: int = 16) -> list[int]:
     """Answer tokens for ``text``: greedy ``generate()`` cut by ``answer_end`` (``mode="generate"``), or the
     argmax at each position of ``gold`` given the gold prefix (``mode="teacher_forced"``)."""
-    tokenizer = model.tokenizer
-    prompt = list(tokenizer(text)["input_ids"])
-    if mode == "teacher_forced":
-        if not gold:
-            return []
-        ids = torch.tensor([prompt + list(gold)], device=model.device)
-        return model(input_ids=ids).logits[0, len(prompt) - 1: len(prompt) - 1 + len(gold)].argmax(-1).tolist()
-    if mode != "generate":
+    return predict_batch(model, [text], mode, [gold], [max_new_tokens])[0]
+
+
+class _AnswersEnded(StoppingCriteria):
+    """Per row: done once its budget is spent or ``answer_end`` has found the end (checked on the newest token),
+    so a batch stops when every answer has ended instead of decoding up to the largest budget."""
+
+    def __init__(self, tokenizer: Any, prompt_width: int, budgets: Sequence[int]) -> None:
+        self.tokenizer, self.prompt_width, self.budgets = tokenizer, prompt_width, list(budgets)
+        self.started = [False] * len(self.budgets)
+        self.ended = [False] * len(self.budgets)
+
+    def __call__(self, input_ids: torch.LongTensor, scores: Any, **kwargs: Any) -> torch.BoolTensor:
+        length = input_ids.shape[1] - self.prompt_width
+        newest = input_ids[:, -1].tolist()
+        for row, token in enumerate(newest):
+            if self.ended[row]:
+                continue
+            piece = self.tokenizer.decode([token])
+            if token == self.tokenizer.eos_token_id or (self.started[row] and "\n" in piece):
+                self.ended[row] = True
+            self.started[row] = self.started[row] or bool(piece.strip())
+            self.ended[row] = self.ended[row] or length >= self.budgets[row]
+        return torch.tensor(self.ended, dtype=torch.bool, device=input_ids.device)  # type: ignore[return-value]
+
+
+@torch.no_grad()
+def predict_batch(model: EditableCausalLM, texts: Sequence[str], mode: str = "generate",
+                  golds: Sequence[Sequence[int]] | None = None,
+                  budgets: Sequence[int] | None = None) -> list[list[int]]:
+    """``predict_ids`` for several texts in one left-padded forward / ``generate()`` call.
+
+    Row ``i`` gets up to ``budgets[i]`` new tokens (default 16; the batch decodes up to the largest and each
+    row is cut at its own budget, then by ``answer_end``), or in teacher-forced mode the argmax at each
+    position of ``golds[i]``. Greedy answers equal one-by-one ``predict_ids`` up to float rounding.
+    """
+    if mode not in ("generate", "teacher_forced"):
         raise ValueError(f"mode must be 'generate' or 'teacher_forced', got {mode!r}")
-    ids = torch.tensor([prompt], device=model.device)
-    output = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=False,
-                            max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id)
-    generated = output[0, len(prompt):].tolist()
-    return generated[: answer_end(tokenizer, generated)]
+    gold_rows: list[list[int]] = [list(g) for g in golds] if golds is not None else [[] for _ in texts]
+    budgets = list(budgets) if budgets is not None else [16] * len(texts)
+    if not (len(gold_rows) == len(budgets) == len(texts)):
+        raise ValueError(f"got {len(texts)} texts, {len(gold_rows)} gold_rows and {len(budgets)} budgets")
+    if not texts:
+        return []
+    tokenizer = model.tokenizer
+    prompts = [list(tokenizer(text)["input_ids"]) for text in texts]
+    if mode == "teacher_forced":
+        answers: list[list[int]] = [[] for _ in texts]
+        rows = [i for i, gold in enumerate(gold_rows) if gold]
+        if rows:
+            ids, mask = pad_batch([prompts[i] + gold_rows[i] for i in rows], pad_id(tokenizer), model.device, left=True)
+            argmax = model(input_ids=ids, attention_mask=mask).logits.argmax(-1)
+            width = ids.shape[1]
+            for row, i in enumerate(rows):
+                answers[i] = argmax[row, width - len(gold_rows[i]) - 1: width - 1].tolist()
+        return answers
+    ids, mask = pad_batch(prompts, pad_id(tokenizer), model.device, left=True)
+    stop = StoppingCriteriaList([_AnswersEnded(tokenizer, ids.shape[1], budgets)])
+    output = model.generate(input_ids=ids, attention_mask=mask, do_sample=False, max_new_tokens=max(1, *budgets),
+                            pad_token_id=tokenizer.pad_token_id, stopping_criteria=stop)
+    answers = []
+    for row, budget in enumerate(budgets):
+        generated = output[row, ids.shape[1]: ids.shape[1] + budget].tolist()
+        answers.append(generated[: answer_end(tokenizer, generated)])
+    return answers
 
 
 def predict(model: EditableCausalLM, prompt: str, gold: Sequence[int], settings: EvalSettings) -> list[int]:

@@ -19,6 +19,7 @@ from lafn_hf.bench import (
     load_locality_hard,
     markdown_table,
     normalize_answer,
+    reach_table,
     run_bench,
     same_answer,
 )
@@ -209,6 +210,10 @@ def test_report_table_shape_and_scores(model: EditableCausalLM, tmp_path: Path) 
     assert hit["lafn"]["en"]["locality"] == 100.0
     assert set(summary["scores"]) == {"hit", "contains", "f1"}
     assert "- lafn: edits made en 1/1, zh 1/1; failed or not made 0, mean steps 30.0" in table
+    reach = reach_table(summary).splitlines()
+    assert reach[2] == "| method | en Rel | en Gen | zh Rel | zh Gen |"
+    assert reach[4].startswith("| lafn | 100.0 / - |") and reach[5].startswith("| unedited | 0.0 / - |")
+    assert summary["hit_by_reach"]["not_found"] == {}  # every question of this item names its subject
 
 
 def test_failed_edits_and_unreachable_subjects_are_counted(model: EditableCausalLM, tmp_path: Path) -> None:
@@ -224,6 +229,8 @@ def test_failed_edits_and_unreachable_subjects_are_counted(model: EditableCausal
     table = markdown_table(summary).splitlines()
     assert table[2].startswith("| method | de Rel | de Gen | de Loc | de Port | en Rel |")
     assert "- de: subject not found in the question (the edit cannot reach it): Rel 1/3, Gen 1/3, Port 1/3" in table
+    missed = summary["hit_by_reach"]["not_found"]["unedited"]
+    assert set(missed) == {"de"} and set(missed["de"]) == {"reliability", "generality", "portability"}
 
 
 def test_lafn_bench_cli(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -244,3 +251,45 @@ def _has_peft() -> bool:
     import importlib.util
 
     return importlib.util.find_spec("peft") is not None
+
+
+def test_batched_answers_equal_one_by_one(model: EditableCausalLM) -> None:
+    group = tiny_fact_group(0, 1)
+    others = [tiny_fact_group(i, i + 1).edits[lang].prompt for i in (5, 7) for lang in ("en", "zh")]
+    prompts = [e.prompt for e in group.edits.values()] + others  # lengths differ: the batch is left-padded
+    langs = list(group.edits) + ["en", "zh"] * 2
+    budgets = [3, 6, 1, 4, 5, 2]
+    method = LafnMethod(model, FAST)
+    handle = method.apply(group)
+    try:
+        alone = [method.predict(p, lang, "generate", (), b) for p, lang, b in zip(prompts, langs, budgets)]
+        together = method.predict_many(prompts, langs, "generate", None, budgets, batch_size=4)
+        assert together == alone and [len(a) for a in alone] == [min(b, len(a)) for a, b in zip(alone, budgets)]
+        assert answer_hit(method.decode(together[0]), "Notes")  # the edited rows fired inside the batch
+        golds = [alone[0], alone[1], [], alone[3], alone[4], alone[5]]
+        forced = method.predict_many(prompts, langs, "teacher_forced", golds, budgets, batch_size=6)
+        assert forced == [method.predict(p, lang, "teacher_forced", g) for p, lang, g in zip(prompts, langs, golds)]
+        assert forced[2] == [] and forced[0] == alone[0]
+    finally:
+        method.rollback(handle)
+    with pytest.raises(ValueError, match="batch_size must be >= 1, got 0"):
+        method.predict_many(prompts, langs, batch_size=0)
+    with pytest.raises(ValueError, match="got 6 prompts, 5 languages"):
+        method.predict_many(prompts, langs[:5])
+
+
+def test_bench_batches_change_no_result(model: EditableCausalLM, tmp_path: Path) -> None:
+    items = load_files([ENZH])
+    methods = build_methods(["lafn", "unedited", "in-context"], model, FAST)
+    one = run_bench(model, items, methods, tmp_path / "1.jsonl", BenchSettings(limit=2, batch_size=1),
+                    locality_hard=HARD, progress=False)
+    many = run_bench(model, items, methods, tmp_path / "16.jsonl", BenchSettings(limit=2), locality_hard=HARD,
+                     progress=False)
+    assert many["scores"] == one["scores"] and one["scores"]["hit"]["lafn"]["en"]["reliability"] == 100.0
+    rows = [json.loads(line) for line in (tmp_path / "16.jsonl").read_text().splitlines()[1:]]
+    reference = [r for r in rows if r["method"] == REFERENCE]
+    unedited = [r for r in rows if r["method"] == "unedited"]
+    assert [[s["answer"] for s in r["scores"]] for r in unedited] == [r["answers"] for r in reference]
+    with pytest.raises(ValueError, match="wrap the benchmarked model"):
+        other = EditableCausalLM.__new__(EditableCausalLM)
+        run_bench(model, items, [InContextMethod(other)], tmp_path / "x.jsonl", locality_hard=HARD, progress=False)

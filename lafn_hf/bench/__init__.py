@@ -17,11 +17,12 @@ from .methods import (
     build_methods,
 )
 from .metrics import answer_hit, contains, normalize_answer, same_answer
-from .report import markdown_table, plot_summary, summarize
+from .report import markdown_table, plot_summary, reach_table, summarize
 from .runner import BenchSettings, load_locality_hard, run_bench, run_benchmark
 
 __all__ = [
     "BenchSettings", "EditMethod", "Handle", "InContextMethod", "LafnMethod", "LoraMethod", "LoraSettings",
     "UneditedMethod", "answer_hit", "build_methods", "contains", "load_locality_hard", "markdown_table",
-    "normalize_answer", "plot_summary", "run_bench", "run_benchmark", "same_answer", "summarize",
+    "normalize_answer", "plot_summary", "reach_table", "run_bench", "run_benchmark", "same_answer",
+    "summarize",
 ]

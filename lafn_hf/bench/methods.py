@@ -30,7 +30,7 @@ from typing import Any, ClassVar
 import torch
 
 from ..config import EditGroup, LafnConfig
-from ..evaluate import answer_ids, predict_ids
+from ..evaluate import answer_ids, predict_batch, predict_ids
 from ..matcher import SubjectMatcher
 from ..model import EditableCausalLM
 from ..text import is_spaceless_char
@@ -86,6 +86,25 @@ class EditMethod(ABC):
         """Answer tokens of ``prompt`` (see ``predict_ids``) as this method's model reads it."""
         with self.scope():
             return predict_ids(self.model, self.render(prompt, language), mode, gold, max_new_tokens)
+
+    def predict_many(self, prompts: Sequence[str], languages: Sequence[str | None], mode: str = "generate",
+                     golds: Sequence[Sequence[int]] | None = None, budgets: Sequence[int] | None = None,
+                     batch_size: int = 16) -> list[list[int]]:
+        """``predict`` for several prompts, ``batch_size`` at a time in one left-padded ``generate()`` each."""
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        golds = golds if golds is not None else [()] * len(prompts)
+        budgets = budgets if budgets is not None else [16] * len(prompts)
+        if not (len(languages) == len(golds) == len(budgets) == len(prompts)):
+            raise ValueError(f"got {len(prompts)} prompts, {len(languages)} languages, {len(golds)} golds and "
+                             f"{len(budgets)} budgets")
+        texts = [self.render(p, lang) for p, lang in zip(prompts, languages)]
+        answers: list[list[int]] = []
+        with self.scope():
+            for start in range(0, len(texts), batch_size):
+                chunk = slice(start, start + batch_size)
+                answers += predict_batch(self.model, texts[chunk], mode, golds[chunk], budgets[chunk])
+        return answers
 
     def decode(self, ids: Sequence[int]) -> str:
         return str(self.model.tokenizer.decode(list(ids), skip_special_tokens=True)).strip()

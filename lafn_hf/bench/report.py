@@ -69,7 +69,43 @@ def summarize(records: Sequence[dict[str, Any]], questions_of: Sequence[Sequence
         edits[method] = info
     return {"settings": asdict(settings), "items": len(questions_of), "languages": languages,
             "methods": list(methods), "score_definitions": SCORES, "scores": scores, "questions": counts,
-            "subject_not_found": not_found, "edits": edits}
+            "subject_not_found": not_found, "hit_by_reach": hit_by_reach(records, questions_of, methods),
+            "edits": edits}
+
+
+def hit_by_reach(records: Sequence[dict[str, Any]], questions_of: Sequence[Sequence[Question]],
+                 methods: Sequence[str]) -> dict[str, dict[str, dict[str, dict[str, float]]]]:
+    """Answer hit x100 on Rel/Gen/Port questions split by whether the exact matcher finds the subject in them:
+    ``{"found" | "not_found": {method: {lang: {metric: mean}}}}`` (cells without questions are left out)."""
+    split: dict[str, dict[str, dict[str, dict[str, list[float]]]]] = {"found": {}, "not_found": {}}
+    for record in records:
+        if record["method"] not in methods:
+            continue
+        for question, scored in zip(questions_of[int(record["index"])], record["scores"]):
+            if question.kind in ("reliability", "generality", "portability"):
+                side = "found" if question.subject_found else "not_found"
+                cell = split[side].setdefault(record["method"], {}).setdefault(question.lang, {})
+                cell.setdefault(question.kind, []).append(float(scored["hit"]))
+    return {side: {method: {lang: {kind: _mean(v) for kind, v in cells.items()} for lang, cells in langs.items()}
+                   for method, langs in by_method.items()} for side, by_method in split.items()}
+
+
+def reach_table(summary: dict[str, Any]) -> str:
+    """Answer hit on Rel/Gen where the subject is found / not found (exact matcher), methods as rows."""
+    languages, split = summary["languages"], summary["hit_by_reach"]
+    columns = [(lang, kind) for lang in languages for kind in ("reliability", "generality")]
+    lines = [f"{'+'.join(languages)}: answer hit x100 on questions whose subject the exact matcher finds / does "
+             f"not find (- where there are none), {summary['items']} items", "",
+             "| method | " + " | ".join(f"{lang} {LABELS[kind]}" for lang, kind in columns) + " |",
+             "| --- |" + " ---: |" * len(columns)]
+
+    def cell(method: str, lang: str, kind: str) -> str:
+        values = (split[side].get(method, {}).get(lang, {}).get(kind) for side in ("found", "not_found"))
+        return " / ".join("-" if v is None else f"{v:.1f}" for v in values)
+
+    for method in summary["methods"]:
+        lines.append(f"| {method} | " + " | ".join(cell(method, lang, kind) for lang, kind in columns) + " |")
+    return "\n".join(lines)
 
 
 def markdown_table(summary: dict[str, Any], score: str = "hit") -> str:

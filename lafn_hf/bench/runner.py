@@ -50,19 +50,23 @@ class BenchSettings:
     ``mode``: ``generate`` (greedy ``generate()``, cut at EOS or a line break after the answer began) or
     ``teacher_forced`` (argmax at each gold position; the secondary mode). In generate mode a question with a
     gold answer gets len(gold tokens) + ``margin`` new tokens; a Locality-Hard question (no gold) gets
-    ``free_tokens``.
+    ``free_tokens``. An item's questions are answered ``batch_size`` at a time (left-padded, in question
+    order, so the unedited reference and every method see the same batches); 1 answers them one by one.
     """
 
     mode: str = "generate"
     margin: int = 2
     free_tokens: int = 10
     limit: int | None = None
+    batch_size: int = 16
 
     def __post_init__(self) -> None:
         if self.mode not in ("generate", "teacher_forced"):
             raise ValueError(f"mode must be 'generate' or 'teacher_forced', got {self.mode!r}")
         if self.margin < 0 or self.free_tokens < 1 or (self.limit is not None and self.limit < 1):
             raise ValueError(f"margin must be >= 0, free_tokens >= 1 and limit >= 1, got {self}")
+        if self.batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
 
 
 @dataclass(frozen=True)
@@ -124,6 +128,7 @@ def run_settings(model: EditableCausalLM, items: Sequence[Item], methods: Sequen
             "methods": {m.name: m.settings() for m in methods},
             "languages": sorted({lang for item in items for lang in item}),
             "mode": settings.mode, "margin": settings.margin, "free_tokens": settings.free_tokens,
+            "batch_size": settings.batch_size,
             "items_sha256": _sha256([{lang: asdict(r) for lang, r in item.items()} for item in items]),
             "locality_hard_sha256": _sha256({str(k): v for k, v in sorted(hard.items())})}
 
@@ -212,16 +217,16 @@ def _reference(index: int, questions: Sequence[Question], unedited: UneditedMeth
                settings: BenchSettings) -> dict[str, Any]:
     """The unedited answers (Locality's reference) and each question's gold tokens."""
     tokenizer = unedited.model.tokenizer
-    golds, ids = [], []
-    for q in questions:
-        if q.gold is not None:
-            gold = answer_ids(tokenizer, q.text, q.gold)
-        elif settings.mode == "teacher_forced":  # Locality-Hard: the unedited greedy answer is the gold
-            gold = unedited.predict(q.text, q.lang, "generate", (), settings.free_tokens)
-        else:
-            gold = []
-        golds.append(gold)
-        ids.append(unedited.predict(q.text, q.lang, settings.mode, gold, _budget(gold, q, settings)))
+    texts, langs = [q.text for q in questions], [q.lang for q in questions]
+    golds = [answer_ids(tokenizer, q.text, q.gold) if q.gold is not None else [] for q in questions]
+    if settings.mode == "teacher_forced":  # Locality-Hard: the unedited greedy answer is the gold
+        free = [i for i, q in enumerate(questions) if q.gold is None]
+        answers = unedited.predict_many([texts[i] for i in free], [langs[i] for i in free], "generate", None,
+                                        [settings.free_tokens] * len(free), settings.batch_size)
+        for i, answer in zip(free, answers):
+            golds[i] = answer
+    ids = unedited.predict_many(texts, langs, settings.mode, golds,
+                                [_budget(g, q, settings) for g, q in zip(golds, questions)], settings.batch_size)
     return {"index": index, "method": REFERENCE, "gold": golds, "ids": ids,
             "answers": [unedited.decode(i) for i in ids]}
 
@@ -258,11 +263,15 @@ def run_method(method: EditMethod, index: int, group: EditGroup | None, group_er
         except (ValueError, RuntimeError) as error:  # e.g. EditFailedError: answered unedited, counted
             record["error"] = f"{type(error).__name__}: {error}"
     try:
-        scores = []
-        for position, q in enumerate(questions):
-            gold = reference["gold"][position]
-            ids = method.predict(q.text, q.lang, settings.mode, gold, _budget(gold, q, settings))
-            scores.append(score(q, ids, method.decode(ids), reference, position, settings.mode))
+        if type(method) is UneditedMethod:  # the reference is exactly its answers (same model, same batches)
+            answers = [list(ids) for ids in reference["ids"]]
+        else:
+            golds = reference["gold"]
+            answers = method.predict_many([q.text for q in questions], [q.lang for q in questions], settings.mode,
+                                          golds, [_budget(g, q, settings) for g, q in zip(golds, questions)],
+                                          settings.batch_size)
+        scores = [score(q, ids, method.decode(ids), reference, position, settings.mode)
+                  for position, (q, ids) in enumerate(zip(questions, answers))]
     finally:
         if handle is not None:
             method.rollback(handle)
@@ -291,6 +300,9 @@ def run_bench(model: EditableCausalLM, items: Sequence[Item], methods: Sequence[
     names = [m.name for m in methods]
     if not names or len(set(names)) != len(names) or REFERENCE in names:
         raise ValueError(f"methods must be a non-empty list of distinct methods, got {names}")
+    strangers = [m.name for m in methods if m.model is not model]
+    if strangers:
+        raise ValueError(f"every method must wrap the benchmarked model; {strangers} wrap another one")
     hard = load_locality_hard() if locality_hard is None else locality_hard
     path = Path(results_path)
     done: dict[tuple[int, str], dict[str, Any]] = {}
@@ -324,13 +336,14 @@ def run_benchmark(model: EditableCausalLM, items: Sequence[Item], methods: Seque
                   plot: bool = True) -> dict[str, Any]:
     """``run_bench`` into ``out_dir``: ``results.jsonl`` (resumable), ``summary.json``, ``tables.md`` (hit,
     contains and F1 tables) and ``plot.png`` (answer hit; skipped with a warning without matplotlib)."""
-    from .report import SCORES, markdown_table, plot_summary, write_summary
+    from .report import SCORES, markdown_table, plot_summary, reach_table, write_summary
 
     out = Path(out_dir)
     summary = run_bench(model, items, methods, out / "results.jsonl", settings, locality_hard=locality_hard,
                         fresh=fresh, progress=progress)
     write_summary(summary, out / "summary.json")
-    (out / "tables.md").write_text("\n\n".join(markdown_table(summary, s) for s in SCORES) + "\n", encoding="utf-8")
+    tables = [markdown_table(summary, s) for s in SCORES] + [reach_table(summary)]
+    (out / "tables.md").write_text("\n\n".join(tables) + "\n", encoding="utf-8")
     if plot:
         try:
             plot_summary(summary, out / "plot.png")
