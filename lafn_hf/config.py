@@ -309,7 +309,7 @@ class LafnConfig:
     locate_strategy: str = "paraphrases"
     kl_templates: dict[str, str] = field(default_factory=dict)
     min_target_probability: float = 0.01
-    answer_boundary: bool = False
+    answer_boundary: bool = True
     upper_layer_shortcut: bool = True
     seed: int = 0
 
