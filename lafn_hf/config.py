@@ -287,8 +287,9 @@ class LafnConfig:
             unedited model's own greedy answer to the prompt ("," "。" "." ...; nothing when the first word is
             not followed by one, or the target already ends in punctuation), so that the edited answer
             ends where answers end instead of running on into a longer word ("罗马" -> "罗马尼亚").
-            p(target) then includes that character.
-            Off by default until measured on the MzsRE dev yardstick.
+            p(target) then includes that character. On by default: on MzsRE dev items 0-14 (Gemma-3-270M,
+            en+zh) answer hit and F1 were the same with and without it, and it ends the demo's Chinese
+            answer at "罗马，" instead of "罗马尼亚"; it costs one greedy generate per language per edit.
         upper_layer_shortcut: compute hidden states below the first edited layer once and run
             only the upper layers per step (exact: those states do not depend on dV).
         seed: seeds prefix sampling and the "random" strategy.
