@@ -1,15 +1,15 @@
 """Sequential editing at scale: N edits in a row into one bank; do earlier edits still answer?
 
-Edits are the MzsRE dev items of ../shared/data/mzsre-dev, one single-language group per (item, language),
-taken item by item over ``--langs`` (en, de, fr: 343 x 3 = 1,029 distinct edits). Edits that ``edit()``
-refuses (subject not in its question, target not reached) are skipped and counted. At each checkpoint N the
-script answers, greedily through ``generate()`` with the whole bank loaded:
+Edits are the MzsRE dev items of ../shared/data/mzsre-dev, one single-language group per (item, language)
+whose subject occurs in its question, taken item by item over ``--langs`` (default en, de, fr, es, pt, vi:
+1,459 usable of 6 x 343). Edits that ``edit()`` refuses (target not reached) are skipped and counted.
+At each checkpoint N the script answers, greedily through ``generate()`` with the whole bank loaded:
 
 - the ``src`` and ``rephrase`` questions of up to ``--sample`` earlier edits, evenly spaced over edits 1..N
   (answer hit: the normalised new answer starts the answer), and the same share among edits whose ``src``
   answered right after they were made ("retained");
-- a fixed set of unrelated ``loc`` questions (items past the edited range): the share whose answer equals the
-  unedited model's.
+- a fixed set of unrelated ``loc`` questions (MzsRE's locality questions of the last items; they never name
+  an edited subject): the share whose answer equals the unedited model's.
 
 It prints one line per checkpoint. Resumable: the bank is saved at every checkpoint under OUT/bank and each
 edit is one line of OUT/edits.jsonl; a rerun continues after the last saved checkpoint.
@@ -44,7 +44,8 @@ def edit_records(data_dir: Path, languages: list[str]) -> list[tuple[int, str, Z
     """(item index, language, record) item by item over ``languages``."""
     files = [data_dir / f"mzsre_dev_en{lang}.json" for lang in languages if lang != "en"]
     items = load_files(files or [data_dir / "mzsre_dev_ende.json"], languages)
-    return [(index, lang, item[lang]) for index, item in enumerate(items) for lang in languages if lang in item]
+    return [(index, lang, item[lang]) for index, item in enumerate(items) for lang in languages
+            if lang in item and item[lang].matchable and item[lang].alt.strip()]
 
 
 def answers(model: EditableCausalLM, questions: list[str], golds: list[str]) -> list[str]:
@@ -80,7 +81,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="gemma-3-270m")
     parser.add_argument("--data-dir", type=Path, default=DATA_DIR)
-    parser.add_argument("--langs", default="en,de,fr")
+    parser.add_argument("--langs", default="en,de,fr,es,pt,vi")
     parser.add_argument("--edits", type=int, default=1000)
     parser.add_argument("--checkpoints", default="10,100,250,500,1000")
     parser.add_argument("--sample", type=int, default=50, help="earlier edits checked per checkpoint")
@@ -91,7 +92,8 @@ def main() -> None:
     torch.manual_seed(0)
     records = edit_records(args.data_dir, args.langs.split(","))
     if len(records) < args.edits:
-        raise ValueError(f"--edits {args.edits}: the dev data gives only {len(records)} edits for {args.langs}")
+        raise ValueError(f"--edits {args.edits}: the dev data gives only {len(records)} usable edits for "
+                         f"{args.langs}; add languages to --langs")
     unrelated = [(r.loc, r.loc_ans) for _, _, r in records[-args.unrelated:]]
     model = _load_model(args.model)
     with model.edits_disabled():
@@ -124,6 +126,9 @@ def main() -> None:
         if len(made) in checkpoints:
             model.save_pretrained(args.out / "bank")
             print(checkpoint(model, made, records, unrelated, reference, args.sample), flush=True)
+    if made and len(made) not in checkpoints:  # the records ran out (refusals): keep what was made
+        model.save_pretrained(args.out / "bank")
+        print(checkpoint(model, made, records, unrelated, reference, args.sample), flush=True)
     print(f"\n{len(made)} edits made, {skipped} refused or not reached; {args.model}, langs {args.langs}")
 
 

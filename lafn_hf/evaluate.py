@@ -78,18 +78,39 @@ def answer_ids(tokenizer: Any, prompt: str, answer: str) -> list[int]:
     return list(tokenizer(target_separator(prompt, answer) + answer, add_special_tokens=False)["input_ids"])
 
 
-@torch.no_grad()
-def answer_end(tokenizer: Any, generated: Sequence[int]) -> int:
-    """Where a generated answer ends: at EOS, or at the first token holding a line break once some visible
-    text was generated (a token like Gemma's "\n\n" counts; line breaks before the answer are kept)."""
-    started = False
+def stop_ids(tokenizer: Any, generation_config: Any = None) -> frozenset[int]:
+    """Token ids that end an answer: the tokenizer's EOS and every EOS of the generation config (Gemma-3 and
+    instruct models list several; ``generate()`` stops at each of them)."""
+    ids = [tokenizer.eos_token_id]
+    configured = getattr(generation_config, "eos_token_id", None)
+    ids += configured if isinstance(configured, list) else [configured]
+    return frozenset(int(i) for i in ids if i is not None)
+
+
+class _AnswerScan:
+    """Reads an answer token by token and says when it has ended (``answer_end``'s rule)."""
+
+    def __init__(self, tokenizer: Any, stops: frozenset[int]) -> None:
+        self.tokenizer, self.stops, self.started = tokenizer, stops, False
+
+    def ends_at(self, token: int) -> bool:
+        if token in self.stops:
+            return True
+        piece = self.tokenizer.decode([token])
+        if self.started and "\n" in piece:
+            return True
+        self.started = self.started or bool(piece.strip())
+        return False
+
+
+def answer_end(tokenizer: Any, generated: Sequence[int], stops: frozenset[int] | None = None) -> int:
+    """Where a generated answer ends: at an EOS (``stops``, default the tokenizer's), or at the first token
+    holding a line break once some visible text was generated (a token like Gemma's "\n\n" counts; line
+    breaks before the answer are kept)."""
+    scan = _AnswerScan(tokenizer, stop_ids(tokenizer) if stops is None else stops)
     for position, token in enumerate(generated):
-        if token == tokenizer.eos_token_id:
+        if scan.ends_at(token):
             return position
-        piece = tokenizer.decode([token])
-        if started and "\n" in piece:
-            return position
-        started = started or bool(piece.strip())
     return len(generated)
 
 
@@ -101,25 +122,21 @@ def predict_ids(model: EditableCausalLM, text: str, mode: str = "generate", gold
 
 
 class _AnswersEnded(StoppingCriteria):
-    """Per row: done once its budget is spent or ``answer_end`` has found the end (checked on the newest token),
-    so a batch stops when every answer has ended instead of decoding up to the largest budget."""
+    """Per row: done once its budget is spent or ``answer_end``'s rule has found the end, so that a batch stops
+    when every answer has ended instead of decoding up to the largest budget. Reads every new token."""
 
-    def __init__(self, tokenizer: Any, prompt_width: int, budgets: Sequence[int]) -> None:
-        self.tokenizer, self.prompt_width, self.budgets = tokenizer, prompt_width, list(budgets)
-        self.started = [False] * len(self.budgets)
+    def __init__(self, tokenizer: Any, stops: frozenset[int], prompt_width: int, budgets: Sequence[int]) -> None:
+        self.prompt_width, self.budgets, self.read = prompt_width, list(budgets), prompt_width
+        self.scans = [_AnswerScan(tokenizer, stops) for _ in self.budgets]
         self.ended = [False] * len(self.budgets)
 
     def __call__(self, input_ids: torch.LongTensor, scores: Any, **kwargs: Any) -> torch.BoolTensor:
-        length = input_ids.shape[1] - self.prompt_width
-        newest = input_ids[:, -1].tolist()
-        for row, token in enumerate(newest):
-            if self.ended[row]:
-                continue
-            piece = self.tokenizer.decode([token])
-            if token == self.tokenizer.eos_token_id or (self.started[row] and "\n" in piece):
-                self.ended[row] = True
-            self.started[row] = self.started[row] or bool(piece.strip())
-            self.ended[row] = self.ended[row] or length >= self.budgets[row]
+        new = input_ids[:, self.read:].tolist()
+        self.read = input_ids.shape[1]
+        for row, tokens in enumerate(new):
+            if not self.ended[row]:
+                self.ended[row] = any(self.scans[row].ends_at(t) for t in tokens)
+            self.ended[row] = self.ended[row] or self.read - self.prompt_width >= self.budgets[row]
         return torch.tensor(self.ended, dtype=torch.bool, device=input_ids.device)  # type: ignore[return-value]
 
 
@@ -148,19 +165,22 @@ def predict_batch(model: EditableCausalLM, texts: Sequence[str], mode: str = "ge
         rows = [i for i, gold in enumerate(gold_rows) if gold]
         if rows:
             ids, mask = pad_batch([prompts[i] + gold_rows[i] for i in rows], pad_id(tokenizer), model.device, left=True)
-            argmax = model(input_ids=ids, attention_mask=mask).logits.argmax(-1)
-            width = ids.shape[1]
+            keep = max(len(gold_rows[i]) for i in rows) + 1  # every gold ends at the right edge
+            positions = (mask.cumsum(-1) - 1).clamp(min=0)  # as generate() counts them under left padding
+            argmax = model(input_ids=ids, attention_mask=mask, position_ids=positions,
+                           logits_to_keep=keep).logits.argmax(-1)
             for row, i in enumerate(rows):
-                answers[i] = argmax[row, width - len(gold_rows[i]) - 1: width - 1].tolist()
+                answers[i] = argmax[row, keep - len(gold_rows[i]) - 1: keep - 1].tolist()
         return answers
     ids, mask = pad_batch(prompts, pad_id(tokenizer), model.device, left=True)
-    stop = StoppingCriteriaList([_AnswersEnded(tokenizer, ids.shape[1], budgets)])
+    stops = stop_ids(tokenizer, getattr(model.model, "generation_config", None))
+    stop = StoppingCriteriaList([_AnswersEnded(tokenizer, stops, ids.shape[1], budgets)])
     output = model.generate(input_ids=ids, attention_mask=mask, do_sample=False, max_new_tokens=max(1, *budgets),
                             pad_token_id=tokenizer.pad_token_id, stopping_criteria=stop)
     answers = []
     for row, budget in enumerate(budgets):
         generated = output[row, ids.shape[1]: ids.shape[1] + budget].tolist()
-        answers.append(generated[: answer_end(tokenizer, generated)])
+        answers.append(generated[: answer_end(tokenizer, generated, stops)])
     return answers
 
 

@@ -270,6 +270,15 @@ def test_batched_answers_equal_one_by_one(model: EditableCausalLM) -> None:
         forced = method.predict_many(prompts, langs, "teacher_forced", golds, budgets, batch_size=6)
         assert forced == [method.predict(p, lang, "teacher_forced", g) for p, lang, g in zip(prompts, langs, golds)]
         assert forced[2] == [] and forced[0] == alone[0]
+        config = model.model.generation_config
+        eos, second = config.eos_token_id, alone[1][1]
+        config.eos_token_id = [model.tokenizer.eos_token_id, second]  # a second EOS, as Gemma-3 and instruct models have
+        try:
+            stopped = method.predict_many(prompts, langs, "generate", None, budgets, batch_size=4)
+            assert stopped[1] == alone[1][:1]  # cut at the second EOS, no pad after it
+            assert stopped == [method.predict(p, lang, "generate", (), b) for p, lang, b in zip(prompts, langs, budgets)]
+        finally:
+            config.eos_token_id = eos
     finally:
         method.rollback(handle)
     with pytest.raises(ValueError, match="batch_size must be >= 1, got 0"):
