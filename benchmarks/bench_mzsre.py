@@ -39,6 +39,7 @@ def main() -> None:
     parser.add_argument("--layers", help="comma-separated edit layers (default: the modeling/ table's)")
     parser.add_argument("--threads", type=int, help="torch CPU threads (1 avoids oversubscription on a busy machine)")
     parser.add_argument("--routing", choices=sorted(ROUTING_PRESETS), default="full", help="routing stages for lafn")
+    parser.add_argument("--batch-size", type=int, default=16, help="questions per generate() call (1: one by one)")
     parser.add_argument("--out", type=Path, default=Path("bench-mzsre"))
     parser.add_argument("--fresh", action="store_true", help="start new results files (old ones kept renamed)")
     args = parser.parse_args()
@@ -49,7 +50,7 @@ def main() -> None:
     model = _load_model(args.model)
     model.routing = ROUTING_PRESETS[args.routing]
     methods = build_methods(args.methods.split(","), model, config)
-    settings = BenchSettings(mode=args.mode, limit=args.limit)
+    settings = BenchSettings(mode=args.mode, limit=args.limit, batch_size=args.batch_size)
     started = time.perf_counter()
     for name in args.sets.split(","):
         languages = name.split("+")
