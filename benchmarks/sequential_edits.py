@@ -30,11 +30,11 @@ from pathlib import Path
 
 import torch
 
+from lafn_hf.bench.methods import EditMethod, LafnMethod, UneditedMethod
 from lafn_hf.bench.metrics import answer_hit, same_answer
 from lafn_hf.cli import _load_model
 from lafn_hf.config import EditGroup, LanguageEdit
-from lafn_hf.evaluate import answer_ids, predict_batch
-from lafn_hf.model import EditableCausalLM
+from lafn_hf.evaluate import answer_ids
 from lafn_hf.zsre import ZsreRecord, load_files
 
 DATA_DIR = Path(__file__).resolve().parents[2] / "shared" / "data" / "mzsre-dev"
@@ -48,26 +48,23 @@ def edit_records(data_dir: Path, languages: list[str]) -> list[tuple[int, str, Z
             if lang in item and item[lang].matchable and item[lang].alt.strip()]
 
 
-def answers(model: EditableCausalLM, questions: list[str], golds: list[str]) -> list[str]:
-    budgets = [len(answer_ids(model.tokenizer, q, g)) + 2 for q, g in zip(questions, golds)]
-    out: list[str] = []
-    for start in range(0, len(questions), 16):
-        rows = predict_batch(model, questions[start:start + 16], "generate", None, budgets[start:start + 16])
-        out += [model.tokenizer.decode(r, skip_special_tokens=True).strip() for r in rows]
-    return out
+def answers(method: EditMethod, questions: list[str], golds: list[str]) -> list[str]:
+    """Greedy answers (len(gold) + 2 tokens), batched by the bench's ``predict_many``."""
+    budgets = [len(answer_ids(method.model.tokenizer, q, g)) + 2 for q, g in zip(questions, golds)]
+    return [method.decode(ids) for ids in method.predict_many(questions, [None] * len(questions), budgets=budgets)]
 
 
-def checkpoint(model: EditableCausalLM, made: list[dict], records: list[tuple[int, str, ZsreRecord]],
+def checkpoint(edited: EditMethod, made: list[dict], records: list[tuple[int, str, ZsreRecord]],
                unrelated: list[tuple[str, str]], reference: list[str], sample: int) -> str:
     step = max(1, len(made) // sample)
     chosen = made[::step][:sample]
     picked = [records[m["position"]][2] for m in chosen]
-    src = answers(model, [r.src for r in picked], [r.alt for r in picked])
-    gen = answers(model, [r.rephrase for r in picked], [r.alt for r in picked])
+    src = answers(edited, [r.src for r in picked], [r.alt for r in picked])
+    gen = answers(edited, [r.rephrase for r in picked], [r.alt for r in picked])
     src_hit = [answer_hit(a, r.alt) for a, r in zip(src, picked)]
     gen_hit = [answer_hit(a, r.alt) for a, r in zip(gen, picked)]
     kept = [hit for hit, m in zip(src_hit, chosen) if m["hit_after"]]
-    loc = answers(model, [q for q, _ in unrelated], [a for _, a in unrelated])
+    loc = answers(edited, [q for q, _ in unrelated], [a for _, a in unrelated])
     same = [same_answer(a, b) for a, b in zip(loc, reference)]
 
     def pct(values: list[bool]) -> str:
@@ -96,8 +93,8 @@ def main() -> None:
                          f"{args.langs}; add languages to --langs")
     unrelated = [(r.loc, r.loc_ans) for _, _, r in records[-args.unrelated:]]
     model = _load_model(args.model)
-    with model.edits_disabled():
-        reference = answers(model, [q for q, _ in unrelated], [a for _, a in unrelated])
+    reference = answers(UneditedMethod(model), [q for q, _ in unrelated], [a for _, a in unrelated])
+    edited = LafnMethod(model)
     args.out.mkdir(parents=True, exist_ok=True)
     log = args.out / "edits.jsonl"
     made = [json.loads(line) for line in log.read_text().splitlines()] if log.is_file() else []
@@ -117,7 +114,7 @@ def main() -> None:
         except (ValueError, TypeError, RuntimeError):
             skipped, position = skipped + 1, position + 1
             continue
-        hit = answer_hit(answers(model, [record.src], [record.alt])[0], record.alt)
+        hit = answer_hit(answers(edited, [record.src], [record.alt])[0], record.alt)
         made.append({"position": position, "index": index, "lang": lang, "entry_id": result.entry_id,
                      "hit_after": hit, "seconds": time.perf_counter() - started})
         with log.open("a") as handle:
@@ -125,10 +122,10 @@ def main() -> None:
         position += 1
         if len(made) in checkpoints:
             model.save_pretrained(args.out / "bank")
-            print(checkpoint(model, made, records, unrelated, reference, args.sample), flush=True)
+            print(checkpoint(edited, made, records, unrelated, reference, args.sample), flush=True)
     if made and len(made) not in checkpoints:  # the records ran out (refusals): keep what was made
         model.save_pretrained(args.out / "bank")
-        print(checkpoint(model, made, records, unrelated, reference, args.sample), flush=True)
+        print(checkpoint(edited, made, records, unrelated, reference, args.sample), flush=True)
     print(f"\n{len(made)} edits made, {skipped} refused or not reached; {args.model}, langs {args.langs}")
 
 

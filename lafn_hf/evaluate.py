@@ -155,7 +155,7 @@ def predict_batch(model: EditableCausalLM, texts: Sequence[str], mode: str = "ge
     gold_rows: list[list[int]] = [list(g) for g in golds] if golds is not None else [[] for _ in texts]
     budgets = list(budgets) if budgets is not None else [16] * len(texts)
     if not (len(gold_rows) == len(budgets) == len(texts)):
-        raise ValueError(f"got {len(texts)} texts, {len(gold_rows)} gold_rows and {len(budgets)} budgets")
+        raise ValueError(f"got {len(texts)} texts, {len(gold_rows)} golds and {len(budgets)} budgets")
     if not texts:
         return []
     tokenizer = model.tokenizer

@@ -30,7 +30,7 @@ from typing import Any, ClassVar
 import torch
 
 from ..config import EditGroup, LafnConfig
-from ..evaluate import answer_ids, predict_batch, predict_ids
+from ..evaluate import answer_ids, predict_batch
 from ..matcher import SubjectMatcher
 from ..model import EditableCausalLM
 from ..text import is_spaceless_char
@@ -84,8 +84,7 @@ class EditMethod(ABC):
     def predict(self, prompt: str, language: str | None, mode: str = "generate", gold: Sequence[int] = (),
                 max_new_tokens: int = 16) -> list[int]:
         """Answer tokens of ``prompt`` (see ``predict_ids``) as this method's model reads it."""
-        with self.scope():
-            return predict_ids(self.model, self.render(prompt, language), mode, gold, max_new_tokens)
+        return self.predict_many([prompt], [language], mode, [gold], [max_new_tokens])[0]
 
     def predict_many(self, prompts: Sequence[str], languages: Sequence[str | None], mode: str = "generate",
                      golds: Sequence[Sequence[int]] | None = None, budgets: Sequence[int] | None = None,
