@@ -6,10 +6,13 @@ subject occurs in its question) -> answer the item's questions in every language
 Questions per language: ``src`` (Reliability), ``rephrase`` (Generality), ``loc`` (Locality), the
 Locality-Hard questions about the same subject (``locality_hard.json``) and the portability question.
 
-Results are appended to a JSONL file whose first line holds the settings they depend on (model, dtype,
-methods and their settings, languages, mode, decoding budget, a hash of the items and of the
-Locality-Hard set; not ``limit``). A rerun with the same settings resumes; a rerun with other settings
-raises ``ValueError`` naming the differing keys; ``fresh=True`` starts a new file (the old one kept renamed).
+Results are appended to a JSONL file whose first line holds the settings every row depends on (model,
+dtype, languages, mode, decoding budget, a hash of the items and of the Locality-Hard set; not ``limit``).
+A rerun with other such settings raises ``ValueError`` naming the differing keys; ``fresh=True`` starts a
+new file (the old one kept renamed). Each method's rows are keyed on that method's own settings as well
+(a ``method_settings`` line names them, each row carries their hash): a rerun with one method's settings
+changed recomputes only that method's rows, keeps the others, and logs which keys differ; rows made under
+other settings stay in the file but are never reused. Adding a method to a run computes only its rows.
 """
 
 from __future__ import annotations
@@ -35,7 +38,7 @@ from .methods import EditMethod, UneditedMethod
 from .metrics import answer_hit, contains, same_answer, token_f1
 
 logger = logging.getLogger(__name__)
-FORMAT = 1
+FORMAT = 2
 KINDS = ("reliability", "generality", "locality", "locality_hard", "portability")
 LOCALITY_KINDS = ("locality", "locality_hard")
 REFERENCE = "_unedited_reference"
@@ -120,12 +123,11 @@ def _sha256(data: Any) -> str:
     return hashlib.sha256(json.dumps(data, sort_keys=True, ensure_ascii=False, default=str).encode()).hexdigest()
 
 
-def run_settings(model: EditableCausalLM, items: Sequence[Item], methods: Sequence[EditMethod], settings: BenchSettings,
+def run_settings(model: EditableCausalLM, items: Sequence[Item], settings: BenchSettings,
                  hard: LocalityHard) -> dict[str, Any]:
-    """What the results depend on (``limit`` aside); the results file is keyed on it."""
+    """What every row depends on (``limit`` aside); the results file is keyed on it."""
     return {"format": FORMAT, "model": model.base_ref.name_or_path, "revision": model.base_ref.revision,
             "dtype": str(next(model.parameters()).dtype),
-            "methods": {m.name: m.settings() for m in methods},
             "languages": sorted({lang for item in items for lang in item}),
             "mode": settings.mode, "margin": settings.margin, "free_tokens": settings.free_tokens,
             "batch_size": settings.batch_size,
@@ -287,6 +289,35 @@ def _group(item: Item) -> tuple[EditGroup | None, str | None]:
     return group, None if group is not None else "no language's subject occurs in its question"
 
 
+def _reusable(records: Sequence[dict[str, Any]], methods: Sequence[EditMethod], keys: Mapping[str, str],
+              path: Path) -> dict[tuple[int, str], dict[str, Any]]:
+    """The stored rows the current methods may reuse; names the current methods' settings in ``path`` first.
+
+    A method's row is reused only when it was made under that method's current settings; the others stay in
+    the file and a warning says how many were passed over and which settings keys differ.
+    """
+    known: dict[str, dict[str, Any]] = {}  # settings hash -> a method's settings
+    latest: dict[str, str] = {}  # method name -> the hash of its last named settings
+    done: dict[tuple[int, str], dict[str, Any]] = {}
+    stale: dict[str, int] = {}
+    for record in records:
+        if "method_settings" in record:
+            known[record["sha256"]] = record["settings"]
+            latest[record["method_settings"]] = record["sha256"]
+        elif record["method"] == REFERENCE or keys.get(record["method"]) == record.get("method_sha256"):
+            done[(int(record["index"]), record["method"])] = record
+        elif record["method"] in keys:
+            stale[record["method"]] = stale.get(record["method"], 0) + 1
+    for method in methods:
+        if stale.get(method.name):
+            why = "; ".join(settings_difference(known.get(latest.get(method.name, ""), {}), method.settings()))
+            logger.warning("%s: %d rows made under other settings are not reused (%s)", method.name,
+                           stale[method.name], why or "settings not named")
+        if keys[method.name] not in known or latest.get(method.name) != keys[method.name]:
+            _append(path, {"method_settings": method.name, "sha256": keys[method.name], "settings": method.settings()})
+    return done
+
+
 def run_bench(model: EditableCausalLM, items: Sequence[Item], methods: Sequence[EditMethod],
               results_path: str | os.PathLike[str], settings: BenchSettings | None = None, *,
               locality_hard: LocalityHard | None = None, fresh: bool = False, progress: bool = True,
@@ -305,9 +336,8 @@ def run_bench(model: EditableCausalLM, items: Sequence[Item], methods: Sequence[
         raise ValueError(f"every method must wrap the benchmarked model; {strangers} wrap another one")
     hard = load_locality_hard() if locality_hard is None else locality_hard
     path = Path(results_path)
-    done: dict[tuple[int, str], dict[str, Any]] = {}
-    for record in open_results(path, run_settings(model, items, methods, settings, hard), fresh):
-        done[(int(record["index"]), record["method"])] = record
+    keys = {m.name: _sha256(m.settings()) for m in methods}
+    done = _reusable(open_results(path, run_settings(model, items, settings, hard), fresh), methods, keys, path)
     items = list(items)[: settings.limit] if settings.limit else list(items)
     unedited = UneditedMethod(model)
     for index in tqdm(range(len(items)), desc="lafn bench", disable=not progress):
@@ -321,6 +351,7 @@ def run_bench(model: EditableCausalLM, items: Sequence[Item], methods: Sequence[
         group, group_error = _group(items[index])
         for method in pending:
             record = run_method(method, index, group, group_error, questions, done[(index, REFERENCE)], settings)
+            record["method_sha256"] = keys[method.name]
             done[(index, method.name)] = record
             _append(path, record)
             if on_record is not None:
