@@ -7,7 +7,7 @@ routing key (``lafn_hf.routing.entry_key`` over the en and xx edit prompts that 
 calibrated against the other entries' keys as ``edit()`` does: ``lafn_hf.routing.keys.separate``). The
 entries' dV is a zero placeholder: only routing is measured, with ``lafn_hf.routing.routes``.
 
-Per language and stage (exact, +normalised, +aliases, +representation):
+Per language and stage (exact, +normalised, +inflections, +aliases, +representation):
 - reach: share of the item's src / rephrase questions on which the item's own entry fires;
 - wrong: share of those questions on which another item's entry fires;
 - loc: share of loc questions (unrelated) on which any entry fires.
@@ -37,10 +37,11 @@ DATA_DIR = Path(__file__).resolve().parents[2] / "shared" / "data" / "mzsre-dev"
 LANGS = ("cs", "de", "nl", "es", "fr", "pt", "ru", "th", "tr", "vi", "zh")
 FILES = {"cs": "cz", "nl": "du"}
 STAGES = {
-    "exact": RoutingConfig(normalize=False, aliases=False, representation=False),
-    "+normalised": RoutingConfig(normalize=True, aliases=False, representation=False),
-    "+aliases": RoutingConfig(normalize=True, aliases=True, representation=False),
-    "+representation": RoutingConfig(normalize=True, aliases=True, representation=True),
+    "exact": RoutingConfig(normalize=False, aliases=False, inflections=False, representation=False),
+    "+normalised": RoutingConfig(normalize=True, aliases=False, inflections=False, representation=False),
+    "+inflections": RoutingConfig(normalize=True, aliases=False, inflections=True, representation=False),
+    "+aliases": RoutingConfig(normalize=True, aliases=True, inflections=True, representation=False),
+    "+representation": RoutingConfig(normalize=True, aliases=True, inflections=True, representation=True),
 }
 
 
@@ -51,14 +52,15 @@ def language_edit(record: Any) -> LanguageEdit | None:
         return None  # the subject does not occur in its question
 
 
-def build_bank(editable: EditableCausalLM, items: list[Any], xx: str, layer: int) -> EditBank:
-    space, negatives = calibrate_key_space(editable.model, editable.tokenizer, layer)
+def build_bank(editable: EditableCausalLM, items: list[Any], xx: str, layer: int, keys: bool = True) -> EditBank:
+    space, negatives = calibrate_key_space(editable.model, editable.tokenizer, layer) if keys else (None, None)
     bank = EditBank()
     placeholder = {layer: LayerUpdate(torch.zeros(1, dtype=torch.int64), torch.zeros(1))}
     for index, item in enumerate(items):
         edits = {lang: e for lang in ("en", xx) if (e := language_edit(item[lang])) is not None}
-        key = entry_key(editable.model, editable.tokenizer, EditGroup(edits), space, negatives,
-                        editable.routing) if edits else None
+        key = None
+        if edits and space is not None and negatives is not None:
+            key = entry_key(editable.model, editable.tokenizer, EditGroup(edits), space, negatives, editable.routing)
         aliases = tuple(r.subject for lang, r in item.items() if lang not in ("en", xx) and r.subject.strip())
         subjects = {lang: item[lang].subject for lang in ("en", xx) if item[lang].subject.strip()}
         entry, raised = separate(bank, BankEntry(subjects, placeholder, id=f"item-{index}", aliases=aliases, key=key),
@@ -91,8 +93,14 @@ def main() -> None:
     parser.add_argument("--langs", default=",".join(LANGS), help="MzsRE languages besides en")
     parser.add_argument("--limit", type=int, default=343)
     parser.add_argument("--threads", type=int)
+    parser.add_argument("--stages", default=",".join(STAGES), help="comma-separated stages to measure")
+    parser.add_argument("--lexical-only", action="store_true",
+                        help="no routing keys (the lexical stages need no forward for them; much faster)")
     args = parser.parse_args()
     logging.basicConfig(level=logging.ERROR)
+    unknown = sorted(set(args.stages.split(",")) - set(STAGES))
+    if unknown:
+        parser.error(f"unknown stages {unknown}; choose from {list(STAGES)}")
     if args.threads:
         torch.set_num_threads(args.threads)
     started = time.perf_counter()
@@ -102,8 +110,9 @@ def main() -> None:
     items = load_files(paths)[: args.limit]
     rows: dict[str, dict[str, dict[str, float]]] = {}
     for xx in args.langs.split(","):
-        editable.set_bank(build_bank(editable, items, xx, layer))
-        for stage, routing in STAGES.items():
+        editable.set_bank(build_bank(editable, items, xx, layer, keys=not args.lexical_only))
+        for stage in args.stages.split(","):
+            routing = STAGES[stage]
             editable.routing = routing
             for lang in (["en"] if xx == "zh" else []) + [xx]:
                 rows.setdefault(lang, {})[stage] = measure(editable, items, lang, layer + 1)

@@ -151,6 +151,7 @@ class CompiledBank:
     updates: dict[str, dict[int, tuple[torch.Tensor, torch.Tensor]]]  # entry -> layer -> (neurons, delta)
     layer_entries: dict[int, int]  # layer -> how many entries update it
     keys: dict[str, RoutingKey] = field(default_factory=dict)  # entry -> key (representation stage on)
+    inflected: frozenset[str] = frozenset()  # subjects of inflecting languages (``RoutingConfig.inflects``)
     _indices: dict[int, list[KeyIndex]] = field(default_factory=dict, compare=False, repr=False)
 
     @property
@@ -182,7 +183,8 @@ class CompiledBank:
         number, entries = bank.snapshot()
         empty = cls((bank.uid, -1, device, routing), SubjectMatcher(fold=routing.normalize), {}, {}, {}, {})
         compiled = empty._apply([("add", entry) for entry in entries], number, grow_matcher=False)
-        return replace(compiled, matcher=SubjectMatcher(compiled.entries_of, fold=routing.normalize), _indices={})
+        matcher = SubjectMatcher(compiled.entries_of, fold=routing.normalize, inflected=compiled.inflected)
+        return replace(compiled, matcher=matcher, _indices={})
 
     def updated(self, bank: EditBank) -> CompiledBank | None:
         """The bank's current version from this one by replaying its changes (``None``: rebuild instead)."""
@@ -200,6 +202,7 @@ class CompiledBank:
         entries_of, updates, layer_entries = dict(self.entries_of), dict(self.updates), dict(self.layer_entries)
         keys = dict(self.keys)
         added: list[str] = []
+        inflected = set(self.inflected)
         for op, entry in changes:
             step = 1 if op == "add" else -1
             for layer in entry.updates:
@@ -217,14 +220,15 @@ class CompiledBank:
             keys.pop(entry.id, None)
             if step > 0:
                 added += forms
+                inflected.update(s for lang, s in entry.subjects.items() if routing.inflects(lang))
                 updates[entry.id] = {layer: (u.neurons.to(device), u.delta.to(device)) for layer, u in entry.updates.items()}
                 if routing.representation and entry.key is not None:
                     keys[entry.id] = entry.key
             else:
                 updates.pop(entry.id, None)
-        matcher = self.matcher.with_subjects(added) if grow_matcher else self.matcher
+        matcher = self.matcher.with_subjects(added, inflected) if grow_matcher else self.matcher
         return CompiledBank((self.version[0], number, device, routing), matcher, entries_of, updates, layer_entries,
-                            keys)
+                            keys, frozenset(inflected))
 
     def add_entry_plan(self, per_layer: dict[int, list[LayerPlan]], entry_id: str, row: int, position: int) -> None:
         for layer, (neurons, delta) in self.updates[entry_id].items():

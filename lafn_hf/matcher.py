@@ -18,6 +18,9 @@ to and including that token.
   fires, since the next character is not read yet (a generated "Rome" that later continues as "o" keeps
   its edit, in full forwards and cached decoding alike). Scripts written without spaces (CJK, Thai, ...)
   match as plain substrings.
+- Inflected subjects (``lafn_hf.inflection``; those the caller names, folded matching only) also fire
+  with their word endings changed, once per mention, at the first token whose text shows the mention is
+  not the subject as written ("Антона Минарика" at "ка" of "Мин|ари|ка"); as written, the rules above apply.
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ from typing import Any
 
 from ahocorasick_rs import AhoCorasick, MatchKind
 
+from .inflection import InflectedForms, InflectedMatch, ending_length
 from .text import clean_subject, needs_word_boundary, normalize_for_matching, skip_ignorable
 
 SPECIAL_TOKEN_TEXT = "\n"  # what a special token (BOS, chat-turn markers, ...) reads as
@@ -58,6 +62,9 @@ class SubjectMatcher:
     Latin/Greek/Cyrillic, compatibility forms, apostrophe/quote/dash variants, runs of whitespace), so "the
     eiffel tower", "EIFFEL TOWER" and "Eiffel  Tower" find "Eiffel Tower"; ``fold=False`` is exact after NFC.
 
+    ``inflected``: subjects (of ``subjects``) also found with their word endings changed, by the rule of
+    ``lafn_hf.inflection`` ("Антона Минарика" for "Антон Минарик"); folded matching only.
+
     ``with_subjects`` grows a matcher without rebuilding it: the existing automata are shared and the new
     subjects get a small automaton of their own (a tier); tiers are merged into one when they pile up.
     Pattern ``i`` is ``patterns[i]``; ``subjects_of[i]`` are the subject names it stands for.
@@ -65,13 +72,29 @@ class SubjectMatcher:
 
     max_tiers = 4
 
-    def __init__(self, subjects: Iterable[str] = (), fold: bool = True) -> None:
+    def __init__(self, subjects: Iterable[str] = (), fold: bool = True, inflected: Iterable[str] = ()) -> None:
         self.fold = fold
         self.patterns: tuple[str, ...] = ()
         self.subjects_of: tuple[tuple[str, ...], ...] = ()
         self.max_length = 0
         self._tiers: list[tuple[AhoCorasick, int, frozenset[str]]] = []  # (automaton, first pattern, names)
         self._add_tier(subjects)
+        self.inflected: frozenset[str] = frozenset()
+        self._inflected = InflectedForms(())
+        self._set_inflected(inflected)
+
+    def _set_inflected(self, subjects: Iterable[str]) -> None:
+        """Let ``subjects`` (already in the matcher) inflect; rebuilds the small inflection index."""
+        wanted = self.inflected | {s for s in subjects if s in self} if self.fold else frozenset()
+        if wanted != self.inflected:
+            self.inflected = frozenset(wanted)
+            self._inflected = InflectedForms(clean_subject(s, True) for s in sorted(self.inflected))
+            names: dict[str, list[str]] = {}
+            for names_of in self.subjects_of:
+                for subject in names_of:
+                    if subject in self.inflected:
+                        names.setdefault(clean_subject(subject, True), []).append(subject)
+            self._inflected_names = {pattern: tuple(found) for pattern, found in names.items()}
 
     @property
     def subjects(self) -> tuple[str, ...]:
@@ -83,15 +106,21 @@ class SubjectMatcher:
     def __len__(self) -> int:
         return len(self.patterns)
 
-    def with_subjects(self, subjects: Iterable[str]) -> SubjectMatcher:
-        """A matcher that also finds ``subjects`` (this one is unchanged)."""
+    def with_subjects(self, subjects: Iterable[str], inflected: Iterable[str] = ()) -> SubjectMatcher:
+        """A matcher that also finds ``subjects`` (and inflects ``inflected``); this one is unchanged."""
         new = [s for s in dict.fromkeys(subjects) if s and s not in self]
+        inflect = self.inflected | set(inflected)
         if not new:
-            return self
+            if inflect == self.inflected:
+                return self
+            grown = object.__new__(SubjectMatcher)
+            grown.__dict__.update(self.__dict__)
+            grown._set_inflected(inflect)
+            return grown
         base = self._tiers[1][1] if len(self._tiers) > 1 else len(self.patterns)
         tail = len(self.patterns) - base
         if tail + len(new) > max(1024, base // 4):  # the small automata hold too much: one new automaton
-            return SubjectMatcher([*self.subjects, *new], fold=self.fold)
+            return SubjectMatcher([*self.subjects, *new], fold=self.fold, inflected=inflect)
         grown = object.__new__(SubjectMatcher)
         grown.__dict__.update(self.__dict__)
         grown._tiers = list(self._tiers)
@@ -100,6 +129,7 @@ class SubjectMatcher:
             grown.patterns, grown.subjects_of = self.patterns[:base], self.subjects_of[:base]
             grown._tiers = grown._tiers[:1]
         grown._add_tier(new)
+        grown._set_inflected(inflect)
         return grown
 
     def _add_tier(self, subjects: Iterable[str]) -> None:
@@ -128,6 +158,10 @@ class SubjectMatcher:
                       for index, start, end in automaton.find_matches_as_indexes(normalized, overlapping=True)]
         return found
 
+    def inflected_matches(self, normalized: str) -> list[tuple[InflectedMatch, tuple[str, ...]]]:
+        """Mentions of inflected subjects in already-normalised text with their subject names, endings unchecked."""
+        return [(match, self._inflected_names[match.pattern]) for match in self._inflected.matches(normalized)]
+
     def find(self, text: str) -> list[SubjectMatch]:
         """Whole-text matches (both neighbours known) with offsets into ``text``; one per subject name."""
         normalized, ends = normalize_for_matching(text, self.fold)
@@ -138,7 +172,15 @@ class SubjectMatcher:
                 continue
             raw_start = skip_ignorable(text, ends[start - 1] if start else 0)
             found += [SubjectMatch(subject, raw_start, ends[end - 1]) for subject in self.subjects_of[index]]
-        return sorted(found, key=lambda m: (m.end, m.start))
+        for match, names in self.inflected_matches(normalized):
+            last, word = InflectedForms.last_word(match.pattern), normalized[match.last_start : match.run_end]
+            ending = ending_length(last, word, alone=last == match.pattern)
+            if ending is None or (ending == 0 and word != last) or _joins(normalized, match.run_end, "a") \
+                    or normalized[match.start : match.run_end] == match.pattern:
+                continue  # too long an ending, a cut-short word, the word goes on ("2"), or the exact form
+            raw_start = skip_ignorable(text, ends[match.start - 1] if match.start else 0)
+            found += [SubjectMatch(subject, raw_start, ends[match.run_end - 1]) for subject in names]
+        return sorted(set(found), key=lambda m: (m.end, m.start, m.subject))
 
 
 def _joins(text: str, index: int, edge: str) -> bool:
@@ -240,7 +282,40 @@ class RowReader:
             if next_known and _joins(normalized, end, pattern[-1]):
                 continue
             found += [SubjectHit(subject, position) for subject in matcher.subjects_of[index]]
-        return sorted(found, key=lambda h: (h.position, h.subject))  # independent of the matcher's layout
+        for match, names in matcher.inflected_matches(normalized):
+            if match.start == 0 and window_start > 0:
+                continue
+            fires = self._inflected_position(match, normalized, [window_start + e for e in norm_ends])
+            if fires is not None and fires >= first:
+                found += [SubjectHit(subject, fires) for subject in names]
+        return sorted(set(found), key=lambda h: (h.position, h.subject))  # independent of the matcher's layout
+
+    def _inflected_position(self, match: InflectedMatch, normalized: str, raw_ends: Sequence[int]) -> int | None:
+        """The position at which an inflected mention fires, judged token by token (the causal rule): not
+        where the whole mention is the subject as written (the exact stage fires there); otherwise at the
+        first position where the last word so far is that word as written ("Лукреции Борджиа" at "а") or
+        has left it by 1-``MAX_ENDING`` letters ("Минарика" at "ка"). ``None`` when it never fires."""
+        last = InflectedForms.last_word(match.pattern)
+        position = _first_reaching(self.ends, raw_ends[match.stem_end - 1], 0)
+        run = match.run_end - match.stem_end
+        while position < len(self.ends):
+            known = 0
+            while known < run and raw_ends[match.stem_end + known] <= self.ends[position]:
+                known += 1
+            after = match.stem_end + known
+            complete = known == run and after < len(normalized) and raw_ends[after] <= self.ends[position]
+            if (complete and _joins(normalized, after, "a")) or match.text(normalized, known) == match.pattern:
+                return None  # the word goes on with a digit, or the subject as written (the exact stage's)
+            word = normalized[match.last_start : after]
+            ending = ending_length(last, word, alone=last == match.pattern)
+            if ending is None:
+                return None
+            if ending or word == last:
+                return position
+            if complete or (known == run and after >= len(normalized)):
+                return None  # a word cut short ("Минари"), or nothing more read yet
+            position += 1
+        return None
 
 
 def _first_reaching(ends: Sequence[int], char_end: int, first: int) -> int:

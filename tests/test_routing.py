@@ -12,7 +12,7 @@ from transformers import DynamicCache
 from lafn_hf import BankEntry, EditableCausalLM, EditBank, LafnConfig, LanguageEdit
 from lafn_hf.bank import KeySpace, RoutingKey
 from lafn_hf.hub import load_bank, save_bank
-from lafn_hf.matcher import SubjectMatcher
+from lafn_hf.matcher import RowReader, SubjectMatcher, decoder_for, find_subject_tokens
 from lafn_hf.routing import RoutingConfig, layer_inputs, routes
 from lafn_hf.routing.keys import key_space, negative_states
 
@@ -57,6 +57,62 @@ def test_folded_subjects_route_through_the_model(trained_model: Any, tokenizer: 
     assert [[r.entry_id for r in found] for found in routes(editable, texts)] == [[entry.id], [entry.id], []]
     editable.routing = RoutingConfig(normalize=False)
     assert [[r.entry_id for r in found] for found in routes(editable, texts)] == [[], [], []]
+
+
+INFLECTED = ["Антон Минарик", "Лукреция Борджиа", "Dena Feingoldová", "Носорог", "Лето", "Francium", "Москва"]
+
+
+@pytest.mark.parametrize(("text", "found"), [
+    ("Дата рождения Антона Минарика?", ("Антон Минарик", "Антона Минарика")),
+    ("Кто отец Лукреции Борджиа?", ("Лукреция Борджиа", "Лукреции Борджиа")),
+    ("Jaké bylo pohlaví Deny Feingoldové?", ("Dena Feingoldová", "Deny Feingoldové")),
+    ("Какова была семья НОСОРОГА?", ("Носорог", "НОСОРОГА")),
+    ("Антон Минарик родился", ("Антон Минарик", "Антон Минарик")),  # as written: the exact stage's
+    ("сколько лет актрисе", None),  # a one-word subject of 4 letters inflects not at all
+    ("ve Francii a Německu", None),  # a one-word subject replaces at most its last letter
+    ("в Москвичами", None),  # "Москв" + "ичами": an ending of more than 3 letters
+    ("Антона Минарика2", None),  # the word goes on with a digit
+    ("Минари родился", None),  # a word cut short
+])
+def test_subjects_of_inflecting_languages_route_with_their_endings_changed(text: str, found: Any) -> None:
+    matcher = SubjectMatcher(INFLECTED, inflected=INFLECTED)
+    assert [(m.subject, text[m.start:m.end]) for m in matcher.find(text)] == ([found] if found else [])
+    if found and found[0] != found[1]:
+        assert SubjectMatcher(INFLECTED).find(text) == []  # without the inflection stage: missed
+
+
+def test_inflected_mentions_fire_once_by_the_causal_rule(tokenizer: Any) -> None:
+    """Token by token equals the whole text; one hit per mention; the exact form fires where it did."""
+    matcher, plain = SubjectMatcher(INFLECTED, inflected=INFLECTED), SubjectMatcher(INFLECTED)
+    special = frozenset(tokenizer.all_special_ids)
+    for text in ["Кто мать Антона Минарика и Лукреции Борджиа?", "Антон Минарик и Антон Минарика",
+                 "Москве, Москва"]:
+        ids = tokenizer(text, add_special_tokens=False).input_ids
+        whole = find_subject_tokens(tokenizer, ids, matcher, special)
+        reader, read = RowReader(decoder_for(tokenizer), special), []
+        for position, token in enumerate(ids):
+            reader.read([token])
+            read += reader.hits(matcher, position)
+        assert read == whole and len(whole) == 2
+        exact = find_subject_tokens(tokenizer, ids, plain, special)
+        assert set(exact) <= set(whole)
+
+
+def test_the_bank_inflects_the_subjects_of_inflecting_languages_only(trained_model: Any, tokenizer: Any) -> None:
+    editable = EditableCausalLM(trained_model, tokenizer)
+    russian = make_entry({"ru": "Антон Минарик"}, layers=(0, 1))
+    english = make_entry({"en": "Anton Minarik"}, layers=(0, 1))
+    editable.add_entry(russian)
+    editable.add_entry(english)
+    texts = ["Кто мать Антона Минарика?", "Who is Antona Minarika?", "Who is Anton Minarik?"]
+    assert [[r.entry_id for r in found] for found in routes(editable, texts)] == [[russian.id], [], [english.id]]
+    editable.routing = RoutingConfig(inflections=False)
+    assert [[r.entry_id for r in found] for found in routes(editable, texts)] == [[], [], [english.id]]
+    editable.routing = RoutingConfig(inflecting_languages=("ru", "en"))
+    assert [[r.entry_id for r in found] for found in routes(editable, texts)] == [[russian.id], [english.id],
+                                                                                 [english.id]]
+    with pytest.raises(TypeError, match="inflecting_languages must be a tuple of language codes, got 'ru'"):
+        RoutingConfig(inflecting_languages="ru")  # type: ignore[arg-type]
 
 
 # -- aliases ---------------------------------------------------------------------------------------------

@@ -4,6 +4,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+#: Languages whose names take case endings (ISO 639-1): their subjects inflect in matching
+#: (``lafn_hf.inflection``). Baltic, Slavic, Finno-Ugric, Turkic and a few more; German for its genitive -s.
+INFLECTING_LANGUAGES = ("az", "be", "bg", "cs", "de", "el", "et", "fi", "hr", "hu", "hy", "is", "ka", "kk", "ky",
+                        "la", "lt", "lv", "mk", "pl", "ro", "ru", "sk", "sl", "sq", "sr", "tr", "uk", "uz")
+
 
 @dataclass(frozen=True)
 class RoutingConfig:
@@ -13,6 +18,9 @@ class RoutingConfig:
         normalize: lexical matching on folded text (case, accents in Latin/Greek/Cyrillic, compatibility
             forms, apostrophe/quote/dash variants, whitespace runs); ``False``: exact after NFC.
         aliases: entries' aliases route like their subjects.
+        inflections: subjects of ``inflecting_languages`` also match with their word endings changed
+            ("Антона Минарика" for "Антон Минарик"; ``lafn_hf.inflection``); needs ``normalize``.
+        inflecting_languages: language codes (their primary subtag: "ru" covers "ru-RU") whose subjects inflect.
         representation: ``edit()`` stores a routing key per entry, and inference fires entries whose key
             matches a token's hidden state (see ``lafn_hf.routing``).
         threshold_floor: the lowest threshold ``edit()`` gives a key (a cosine in the key space). 0.8 was
@@ -25,15 +33,24 @@ class RoutingConfig:
 
     normalize: bool = True
     aliases: bool = True
+    inflections: bool = True
+    inflecting_languages: tuple[str, ...] = INFLECTING_LANGUAGES
     representation: bool = True
     threshold_floor: float = 0.8
     threshold_margin: float = 0.05
     threshold: float | None = None
 
+    def inflects(self, language: str) -> bool:
+        """Do subjects of ``language`` inflect in matching under these settings?"""
+        return self.inflections and self.normalize and language.split("-")[0].lower() in self.inflecting_languages
+
     def __post_init__(self) -> None:
-        for name in ("normalize", "aliases", "representation"):
+        for name in ("normalize", "aliases", "inflections", "representation"):
             if not isinstance(getattr(self, name), bool):
                 raise TypeError(f"RoutingConfig.{name} must be a bool, got {getattr(self, name)!r}")
+        languages = self.inflecting_languages
+        if not isinstance(languages, tuple) or not all(isinstance(code, str) and code for code in languages):
+            raise TypeError(f"RoutingConfig.inflecting_languages must be a tuple of language codes, got {languages!r}")
         for name in ("threshold_floor", "threshold_margin", "threshold"):
             value = getattr(self, name)
             if value is None and name == "threshold":
@@ -47,7 +64,7 @@ class RoutingConfig:
 
 #: Named stage sets (``lafn bench --routing``): the exact matcher alone, the lexical stages, every stage.
 ROUTING_PRESETS: dict[str, RoutingConfig] = {
-    "exact": RoutingConfig(normalize=False, aliases=False, representation=False),
+    "exact": RoutingConfig(normalize=False, aliases=False, inflections=False, representation=False),
     "lexical": RoutingConfig(representation=False),
     "full": RoutingConfig(),
 }
