@@ -19,16 +19,20 @@ anchor; the words before it are checked backwards from there.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable
 from dataclasses import dataclass
 
+import regex
 from ahocorasick_rs import AhoCorasick, MatchKind
 
-from .text import is_spaceless_char, needs_word_boundary
+from .text import SPACELESS_CLASS, is_spaceless_char, needs_word_boundary
 
 MAX_ENDING = 3  # letters a case ending may add where the text word leaves the subject word ("Borgi|ové")
 SINGLE_WORD = 6  # a one-word subject inflects only from this length ("Лето" is not "лет"; "Носорог" -> "Носорога")
 _INNER = frozenset("-'")  # inside a word ("Кудал-Сангамам", "O'Brien")
+# words of spaced-script word characters (with inner - and '), each starting with a word character, one space apart
+_WORD_CHAR = r"(?:(?!" + SPACELESS_CLASS + r")[\p{L}\p{M}\p{N}\p{Pc}])"
+_WORDS = regex.compile(rf"{_WORD_CHAR}(?:{_WORD_CHAR}|[-'])*(?: {_WORD_CHAR}(?:{_WORD_CHAR}|[-'])*)*")
 
 
 def _word_char(char: str) -> bool:
@@ -44,8 +48,8 @@ def droppable(word: str, alone: bool = False) -> int:
     """How many final letters of a subject word an ending may replace: 2 from 6 letters ("персидская" ->
     "персидской"), 1 from 4 ("Dena" -> "Deny"), none below (3-letter words may only grow: "Дик" -> "Дика").
     A word ``alone`` (a one-word subject) replaces at most 1 ("Francium" is not "Francii")."""
-    letters = 0
-    while letters < min(len(word), 2) and is_ending_letter(word[-1 - letters]):
+    letters = 0  # (subject words hold no spaceless-script letters: ``inflectable``)
+    while letters < min(len(word), 2) and word[-1 - letters].isalpha():
         letters += 1
     return min(letters, 1 if alone and len(word) >= 4 else 2 if len(word) >= 6 else 1 if len(word) >= 4 else 0)
 
@@ -69,9 +73,9 @@ def ending_length(word: str, written: str, alone: bool = False) -> int | None:
 
 def inflectable(pattern: str) -> bool:
     """Can a (folded) subject take part: spaced-script words only, long enough to inflect."""
-    words = pattern.split(" ")
-    if not all(word and all(_word_char(c) for c in word) and needs_word_boundary(word[0]) for word in words):
+    if not _WORDS.fullmatch(pattern):
         return False
+    words = pattern.split(" ")
     if len(words) == 1:
         return len(words[0]) >= SINGLE_WORD and droppable(words[0]) > 0
     return any(len(word) >= 3 and is_ending_letter(word[-1]) for word in words)
@@ -104,38 +108,71 @@ class InflectedMatch:
         return normalized[self.start : self.stem_end + ending]
 
 
-class InflectedForms:
-    """The inflection rule over a set of folded subject patterns (see the module docstring)."""
+@dataclass(frozen=True)
+class _Tier:
+    """One automaton over anchors, each anchor with the (pattern, subject names) pairs it stands for."""
 
-    def __init__(self, patterns: Iterable[str]) -> None:
-        self.patterns = tuple(dict.fromkeys(p for p in patterns if inflectable(p)))
-        self._words = {p: p.split(" ") for p in self.patterns}
-        by_anchor: dict[str, list[str]] = {}
-        for pattern in self.patterns:
-            words = self._words[pattern]
-            by_anchor.setdefault(stem_of(words[-1], len(words) == 1), []).append(pattern)
-        self._anchors = tuple(by_anchor)
-        self._patterns_of: Mapping[str, list[str]] = by_anchor
-        self._automaton = AhoCorasick(list(self._anchors), matchkind=MatchKind.Standard) if by_anchor else None
+    automaton: AhoCorasick
+    anchors: tuple[str, ...]
+    named: dict[str, tuple[tuple[str, tuple[str, ...]], ...]]
+
+
+class InflectedForms:
+    """The inflection rule over folded subject patterns, each with its subject names (module docstring).
+
+    ``extended`` grows it without copying what it holds: the new patterns get a small automaton of their
+    own (a tier; an anchor may sit in several, each with its own patterns); the small tiers are merged
+    into one when they pile up.
+    """
+
+    max_tiers = 4
+
+    def __init__(self, named: Iterable[tuple[str, tuple[str, ...]]] = ()) -> None:
+        self._tiers: tuple[_Tier, ...] = ()
+        self._add(named)
 
     def __len__(self) -> int:
-        return len(self.patterns)
+        return sum(len(pairs) for tier in self._tiers for pairs in tier.named.values())
 
-    def matches(self, normalized: str) -> list[InflectedMatch]:
-        """Every mention whose words match by the rule, the last word's ending not yet checked for length."""
-        if self._automaton is None:
-            return []
+    def extended(self, named: Iterable[tuple[str, tuple[str, ...]]]) -> InflectedForms:
+        """These forms and ``named`` (pattern, subject names) pairs; this object is unchanged."""
+        new = [(pattern, names) for pattern, names in named if inflectable(pattern)]
+        if not new:
+            return self
+        grown = object.__new__(InflectedForms)
+        grown._tiers = self._tiers
+        if len(self._tiers) >= self.max_tiers:  # keep the first automaton, merge the small ones with the new
+            new = [pair for tier in self._tiers[1:] for pairs in tier.named.values() for pair in pairs] + new
+            grown._tiers = self._tiers[:1]
+        grown._add(new, checked=True)
+        return grown
+
+    def _add(self, named: Iterable[tuple[str, tuple[str, ...]]], checked: bool = False) -> None:
+        by_anchor: dict[str, list[tuple[str, tuple[str, ...]]]] = {}
+        for pattern, names in named:
+            if checked or inflectable(pattern):
+                words = pattern.split(" ")
+                by_anchor.setdefault(stem_of(words[-1], len(words) == 1), []).append((pattern, names))
+        if by_anchor:
+            anchors = tuple(by_anchor)
+            automaton = AhoCorasick(list(anchors), matchkind=MatchKind.Standard)
+            self._tiers = (*self._tiers, _Tier(automaton, anchors, {a: tuple(p) for a, p in by_anchor.items()}))
+
+    def matches(self, normalized: str) -> list[tuple[InflectedMatch, tuple[str, ...]]]:
+        """Every mention whose words match by the rule, with its subject names; the last word's ending is
+        not checked for length here."""
         found = []
-        for index, start, end in self._automaton.find_matches_as_indexes(normalized, overlapping=True):
-            if start > 0 and _word_char(normalized[start - 1]):
-                continue  # the anchor starts inside a word
-            run_end = end
-            while run_end < len(normalized) and is_ending_letter(normalized[run_end]):
-                run_end += 1
-            for pattern in self._patterns_of[self._anchors[index]]:
-                first = self._first_word_start(normalized, start, self._words[pattern])
-                if first is not None:
-                    found.append(InflectedMatch(pattern, first, start, end, run_end))
+        for tier in self._tiers:
+            for index, start, end in tier.automaton.find_matches_as_indexes(normalized, overlapping=True):
+                if start > 0 and _word_char(normalized[start - 1]):
+                    continue  # the anchor starts inside a word
+                run_end = end
+                while run_end < len(normalized) and is_ending_letter(normalized[run_end]):
+                    run_end += 1
+                for pattern, names in tier.named[tier.anchors[index]]:
+                    first = self._first_word_start(normalized, start, pattern.split(" "))
+                    if first is not None:
+                        found.append((InflectedMatch(pattern, first, start, end, run_end), names))
         return found
 
     @staticmethod

@@ -202,7 +202,7 @@ class CompiledBank:
         entries_of, updates, layer_entries = dict(self.entries_of), dict(self.updates), dict(self.layer_entries)
         keys = dict(self.keys)
         added: list[str] = []
-        inflected = set(self.inflected)
+        inflected: list[str] = []  # added subjects of inflecting languages
         for op, entry in changes:
             step = 1 if op == "add" else -1
             for layer in entry.updates:
@@ -220,7 +220,7 @@ class CompiledBank:
             keys.pop(entry.id, None)
             if step > 0:
                 added += forms
-                inflected.update(s for lang, s in entry.subjects.items() if routing.inflects(lang))
+                inflected += [s for lang, s in entry.subjects.items() if routing.inflects(lang)]
                 updates[entry.id] = {layer: (u.neurons.to(device), u.delta.to(device)) for layer, u in entry.updates.items()}
                 if routing.representation and entry.key is not None:
                     keys[entry.id] = entry.key
@@ -228,7 +228,7 @@ class CompiledBank:
                 updates.pop(entry.id, None)
         matcher = self.matcher.with_subjects(added, inflected) if grow_matcher else self.matcher
         return CompiledBank((self.version[0], number, device, routing), matcher, entries_of, updates, layer_entries,
-                            keys, frozenset(inflected))
+                            keys, self.inflected | frozenset(inflected))
 
     def add_entry_plan(self, per_layer: dict[int, list[LayerPlan]], entry_id: str, row: int, position: int) -> None:
         for layer, (neurons, delta) in self.updates[entry_id].items():

@@ -26,7 +26,7 @@ to and including that token.
 from __future__ import annotations
 
 import bisect
-from collections.abc import Callable, Iterable, Sequence, Set
+from collections.abc import Callable, Iterable, Mapping, Sequence, Set
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -78,23 +78,22 @@ class SubjectMatcher:
         self.subjects_of: tuple[tuple[str, ...], ...] = ()
         self.max_length = 0
         self._tiers: list[tuple[AhoCorasick, int, frozenset[str]]] = []  # (automaton, first pattern, names)
-        self._add_tier(subjects)
+        cleaned = self._add_tier(subjects)
         self.inflected: frozenset[str] = frozenset()
-        self._inflected = InflectedForms(())
-        self._set_inflected(inflected)
+        self._inflected = InflectedForms()
+        self._set_inflected(inflected, cleaned)
 
-    def _set_inflected(self, subjects: Iterable[str]) -> None:
-        """Let ``subjects`` (already in the matcher) inflect; rebuilds the small inflection index."""
-        wanted = self.inflected | {s for s in subjects if s in self} if self.fold else frozenset()
-        if wanted != self.inflected:
-            self.inflected = frozenset(wanted)
-            self._inflected = InflectedForms(clean_subject(s, True) for s in sorted(self.inflected))
-            names: dict[str, list[str]] = {}
-            for names_of in self.subjects_of:
-                for subject in names_of:
-                    if subject in self.inflected:
-                        names.setdefault(clean_subject(subject, True), []).append(subject)
-            self._inflected_names = {pattern: tuple(found) for pattern, found in names.items()}
+    def _set_inflected(self, subjects: Iterable[str], cleaned: Mapping[str, str] | None = None) -> None:
+        """Let ``subjects`` (those already in the matcher) inflect too; grows the inflection index.
+        ``cleaned``: their patterns where known (else folded here)."""
+        new = sorted({s for s in subjects if s not in self.inflected and s in self}) if self.fold else []
+        if new:
+            self.inflected = self.inflected | frozenset(new)
+            named: dict[str, list[str]] = {}
+            for subject in new:
+                pattern = cleaned[subject] if cleaned and subject in cleaned else clean_subject(subject, True)
+                named.setdefault(pattern, []).append(subject)
+            self._inflected = self._inflected.extended((p, tuple(names)) for p, names in named.items())
 
     @property
     def subjects(self) -> tuple[str, ...]:
@@ -109,9 +108,9 @@ class SubjectMatcher:
     def with_subjects(self, subjects: Iterable[str], inflected: Iterable[str] = ()) -> SubjectMatcher:
         """A matcher that also finds ``subjects`` (and inflects ``inflected``); this one is unchanged."""
         new = [s for s in dict.fromkeys(subjects) if s and s not in self]
-        inflect = self.inflected | set(inflected)
+        inflect = [s for s in inflected if s not in self.inflected]
         if not new:
-            if inflect == self.inflected:
+            if not inflect:
                 return self
             grown = object.__new__(SubjectMatcher)
             grown.__dict__.update(self.__dict__)
@@ -120,7 +119,7 @@ class SubjectMatcher:
         base = self._tiers[1][1] if len(self._tiers) > 1 else len(self.patterns)
         tail = len(self.patterns) - base
         if tail + len(new) > max(1024, base // 4):  # the small automata hold too much: one new automaton
-            return SubjectMatcher([*self.subjects, *new], fold=self.fold, inflected=inflect)
+            return SubjectMatcher([*self.subjects, *new], fold=self.fold, inflected=[*self.inflected, *inflect])
         grown = object.__new__(SubjectMatcher)
         grown.__dict__.update(self.__dict__)
         grown._tiers = list(self._tiers)
@@ -128,20 +127,23 @@ class SubjectMatcher:
             new = [s for names in self.subjects_of[base:] for s in names] + new
             grown.patterns, grown.subjects_of = self.patterns[:base], self.subjects_of[:base]
             grown._tiers = grown._tiers[:1]
-        grown._add_tier(new)
-        grown._set_inflected(inflect)
+        cleaned = grown._add_tier(new)
+        grown._set_inflected(inflect, cleaned)
         return grown
 
-    def _add_tier(self, subjects: Iterable[str]) -> None:
+    def _add_tier(self, subjects: Iterable[str]) -> dict[str, str]:
+        """Add a tier for ``subjects``; returns subject -> pattern for the subjects added."""
         by_pattern: dict[str, list[str]] = {}
+        added: dict[str, str] = {}
         for subject in subjects:
             cleaned = clean_subject(subject, self.fold) if subject else ""
             if cleaned and subject not in self:
                 names = by_pattern.setdefault(cleaned, [])
                 if subject not in names:
                     names.append(subject)
+                    added[subject] = cleaned
         if not by_pattern:
-            return
+            return added
         patterns = tuple(by_pattern)
         tier_names = frozenset(s for subjects_of in by_pattern.values() for s in subjects_of)
         automaton = AhoCorasick(list(patterns), matchkind=MatchKind.Standard)
@@ -149,6 +151,7 @@ class SubjectMatcher:
         self.patterns += patterns
         self.subjects_of += tuple(tuple(by_pattern[p]) for p in patterns)
         self.max_length = max(self.max_length, *(len(p) for p in patterns))
+        return added
 
     def raw_matches(self, normalized: str) -> list[tuple[int, int, int]]:
         """(pattern index, start, end) of every occurrence in already-normalised text, boundaries unchecked."""
@@ -160,7 +163,7 @@ class SubjectMatcher:
 
     def inflected_matches(self, normalized: str) -> list[tuple[InflectedMatch, tuple[str, ...]]]:
         """Mentions of inflected subjects in already-normalised text with their subject names, endings unchecked."""
-        return [(match, self._inflected_names[match.pattern]) for match in self._inflected.matches(normalized)]
+        return self._inflected.matches(normalized)
 
     def find(self, text: str) -> list[SubjectMatch]:
         """Whole-text matches (both neighbours known) with offsets into ``text``; one per subject name."""

@@ -14,11 +14,12 @@ import regex
 
 # Scripts written without spaces between words (or with particles attached to words, as Hangul): a subject
 # written in them is matched as a plain substring; other scripts need word boundaries around the subject.
-_SPACELESS = regex.compile(
+SPACELESS_CLASS = (
     r"[\p{Script=Han}\p{Script=Hiragana}\p{Script=Katakana}\p{Script=Hangul}\p{Script=Thai}\p{Script=Lao}"
     r"\p{Script=Khmer}\p{Script=Myanmar}\p{Script=Tibetan}\p{Script=Javanese}\p{Script=Balinese}"
     r"\p{Block=Halfwidth_and_Fullwidth_Forms}\p{Block=CJK_Symbols_and_Punctuation}]"
 )
+_SPACELESS = regex.compile(SPACELESS_CLASS)
 _WORD = regex.compile(r"[\p{L}\p{M}\p{N}\p{Pc}]")
 # Invisible characters that may sit inside a word without changing it: zero-width space/joiners, word
 # joiner, BOM, soft hyphen, Mongolian vowel separator. Removed before matching.
