@@ -25,7 +25,7 @@ from lafn_hf.bench import (
     same_answer,
 )
 from lafn_hf.bench.metrics import token_f1
-from lafn_hf.bench.runner import REFERENCE, item_questions
+from lafn_hf.bench.runner import REFERENCE, item_questions, settings_difference
 from lafn_hf.cli import main
 from lafn_hf.evaluate import answer_end
 from lafn_hf.matcher import SubjectMatcher
@@ -194,6 +194,8 @@ def test_resume_is_keyed_on_settings(model: EditableCausalLM, tmp_path: Path,
     assert made == [(0, "in-context"), (1, "in-context"), (2, "in-context")]
     assert "in-context: 3 rows made under other settings are not reused (retrieval: 'always' there, " \
            "'subject' now)" in caplog.text
+    assert settings_difference({"a": [1, 2], "b": {"c": 1}}, {"a": (1, 2), "b": {"c": 2}}) == [
+        "b.c: 1 there, 2 now"]  # a tuple equals the list it was stored as
     made.clear()  # back to the first settings: their rows are still in the file and reused
     assert run_bench(model, items, methods, path, BenchSettings(limit=2), locality_hard=HARD, progress=False,
                      on_record=record) == first and made == []

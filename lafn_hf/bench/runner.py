@@ -146,8 +146,9 @@ def _flatten(data: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
 
 
 def settings_difference(stored: Mapping[str, Any], current: Mapping[str, Any]) -> list[str]:
-    """One line per differing (dotted) key: ``"mode: 'generate' there, 'teacher_forced' now"``."""
-    old, new = _flatten(stored), _flatten(current)
+    """One line per differing (dotted) key: ``"mode: 'generate' there, 'teacher_forced' now"``; compared as
+    stored in JSON (a tuple now equals the list it was saved as)."""
+    old, new = _flatten(_as_json(stored)), _flatten(_as_json(current))
 
     def show(value: Any) -> str:
         text = "absent" if value is _ABSENT else repr(value)
@@ -158,6 +159,10 @@ def settings_difference(stored: Mapping[str, Any], current: Mapping[str, Any]) -
 
 
 _ABSENT = object()
+
+
+def _as_json(data: Mapping[str, Any]) -> Any:
+    return json.loads(json.dumps(data, sort_keys=True, ensure_ascii=False, default=str))
 
 
 def open_results(path: str | os.PathLike[str], settings: dict[str, Any], fresh: bool = False) -> list[dict[str, Any]]:
