@@ -44,6 +44,15 @@ def is_ending_letter(char: str) -> bool:
     return char.isalpha() and not is_spaceless_char(char)
 
 
+_ROMAN = regex.compile(r"[ivxlcdm]+")
+
+
+def as_written(word: str) -> bool:
+    """Words that never inflect: under 3 characters ("Ли" is not "Линч"), Roman numerals ("VII" is not
+    "VIII"), words not ending in a letter ("19")."""
+    return len(word) < 3 or not word[-1].isalpha() or bool(_ROMAN.fullmatch(word))
+
+
 def droppable(word: str, alone: bool = False) -> int:
     """How many final letters of a subject word an ending may replace: 2 from 6 letters ("персидская" ->
     "персидской"), 1 from 4 ("Dena" -> "Deny"), none below (3-letter words may only grow: "Дик" -> "Дика").
@@ -56,12 +65,14 @@ def droppable(word: str, alone: bool = False) -> int:
 
 def stem_of(word: str, alone: bool = False) -> str:
     """The part of a subject word every inflected form keeps (its anchor in the text)."""
-    return word[: len(word) - droppable(word, alone)]
+    return word if as_written(word) else word[: len(word) - droppable(word, alone)]
 
 
 def ending_length(word: str, written: str, alone: bool = False) -> int | None:
     """Letters ``written`` has where it leaves ``word`` (0: ``word`` or a beginning of it); ``None`` when
     ``written`` does not keep ``word``'s stem or its ending is not 1-``MAX_ENDING`` letters."""
+    if as_written(word):
+        return 0 if written == word else None
     common = 0
     while common < min(len(word), len(written)) and word[common] == written[common]:
         common += 1
@@ -77,15 +88,15 @@ def inflectable(pattern: str) -> bool:
         return False
     words = pattern.split(" ")
     if len(words) == 1:
-        return len(words[0]) >= SINGLE_WORD and droppable(words[0]) > 0
-    return any(len(word) >= 3 and is_ending_letter(word[-1]) for word in words)
+        return len(words[0]) >= SINGLE_WORD and not as_written(words[0])
+    return not all(map(as_written, words))
 
 
 def word_matches(word: str, written: str) -> bool:
     """Does the text word ``written`` read as the (inner) subject word ``word``: as written, or inflected?"""
     if written == word:
         return True
-    if len(word) < 3 or not is_ending_letter(word[-1]):
+    if as_written(word):
         return False
     ending = ending_length(word, written)
     return ending is not None and ending >= 1

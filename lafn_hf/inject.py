@@ -151,7 +151,9 @@ class CompiledBank:
     updates: dict[str, dict[int, tuple[torch.Tensor, torch.Tensor]]]  # entry -> layer -> (neurons, delta)
     layer_entries: dict[int, int]  # layer -> how many entries update it
     keys: dict[str, RoutingKey] = field(default_factory=dict)  # entry -> key (representation stage on)
-    inflected: frozenset[str] = frozenset()  # subjects of inflecting languages (``RoutingConfig.inflects``)
+    # subject -> the entries for which it is a subject in an inflecting language (``RoutingConfig.inflects``):
+    # only they fire where it is found inflected
+    inflected: dict[str, tuple[str, ...]] = field(default_factory=dict)
     _indices: dict[int, list[KeyIndex]] = field(default_factory=dict, compare=False, repr=False)
 
     @property
@@ -202,7 +204,7 @@ class CompiledBank:
         entries_of, updates, layer_entries = dict(self.entries_of), dict(self.updates), dict(self.layer_entries)
         keys = dict(self.keys)
         added: list[str] = []
-        inflected: list[str] = []  # added subjects of inflecting languages
+        inflected, newly_inflected = dict(self.inflected), []
         for op, entry in changes:
             step = 1 if op == "add" else -1
             for layer in entry.updates:
@@ -218,17 +220,24 @@ class CompiledBank:
                 else:
                     entries_of.pop(subject, None)
             keys.pop(entry.id, None)
+            for subject in {s for lang, s in entry.subjects.items() if routing.inflects(lang)}:
+                ids = tuple(i for i in inflected.get(subject, ()) if i != entry.id)
+                ids = (*ids, entry.id) if step > 0 else ids
+                if ids:
+                    newly_inflected += [subject] if subject not in inflected else []
+                    inflected[subject] = ids
+                else:
+                    inflected.pop(subject, None)
             if step > 0:
                 added += forms
-                inflected += [s for lang, s in entry.subjects.items() if routing.inflects(lang)]
                 updates[entry.id] = {layer: (u.neurons.to(device), u.delta.to(device)) for layer, u in entry.updates.items()}
                 if routing.representation and entry.key is not None:
                     keys[entry.id] = entry.key
             else:
                 updates.pop(entry.id, None)
-        matcher = self.matcher.with_subjects(added, inflected) if grow_matcher else self.matcher
+        matcher = self.matcher.with_subjects(added, newly_inflected) if grow_matcher else self.matcher
         return CompiledBank((self.version[0], number, device, routing), matcher, entries_of, updates, layer_entries,
-                            keys, self.inflected | frozenset(inflected))
+                            keys, inflected)
 
     def add_entry_plan(self, per_layer: dict[int, list[LayerPlan]], entry_id: str, row: int, position: int) -> None:
         for layer, (neurons, delta) in self.updates[entry_id].items():
@@ -248,7 +257,8 @@ class CompiledBank:
         trace = tracing_active()
         for row, reader in enumerate(rows):
             for hit in reader.hits(self.matcher, first):
-                ids = tuple(i for i in self.entries_of.get(hit.subject, ()) if selected is None or i in selected)
+                owners = self.inflected if hit.inflected else self.entries_of
+                ids = tuple(i for i in owners.get(hit.subject, ()) if selected is None or i in selected)
                 position = hit.position - first
                 if len(ids) > 1 and self._one_key_layer(ids):
                     pending.append((row, position, ids))

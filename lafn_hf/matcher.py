@@ -21,6 +21,8 @@ to and including that token.
 - Inflected subjects (``lafn_hf.inflection``; those the caller names, folded matching only) also fire
   with their word endings changed, once per mention, at the first token whose text shows the mention is
   not the subject as written ("Антона Минарика" at "ка" of "Мин|ари|ка"); as written, the rules above apply.
+  Like "Rome" before "o", a word whose ending later runs past the limit ("Моск|вич|ами") has fired by
+  then; ``find``, which sees whole words, does not count it.
 """
 
 from __future__ import annotations
@@ -49,10 +51,12 @@ class SubjectMatch:
 
 @dataclass(frozen=True)
 class SubjectHit:
-    """A subject found in a token row: ``position`` is the index of the token that completes it."""
+    """A subject found in a token row: ``position`` is the index of the token that completes it;
+    ``inflected``: found with its word endings changed (``lafn_hf.inflection``), not as written."""
 
     subject: str
     position: int
+    inflected: bool = False
 
 
 class SubjectMatcher:
@@ -285,12 +289,14 @@ class RowReader:
             if next_known and _joins(normalized, end, pattern[-1]):
                 continue
             found += [SubjectHit(subject, position) for subject in matcher.subjects_of[index]]
+        raw_ends: list[int] | None = None
         for match, names in matcher.inflected_matches(normalized):
             if match.start == 0 and window_start > 0:
                 continue
-            fires = self._inflected_position(match, normalized, [window_start + e for e in norm_ends])
+            raw_ends = raw_ends or [window_start + e for e in norm_ends]
+            fires = self._inflected_position(match, normalized, raw_ends)
             if fires is not None and fires >= first:
-                found += [SubjectHit(subject, fires) for subject in names]
+                found += [SubjectHit(subject, fires, inflected=True) for subject in names]
         return sorted(set(found), key=lambda h: (h.position, h.subject))  # independent of the matcher's layout
 
     def _inflected_position(self, match: InflectedMatch, normalized: str, raw_ends: Sequence[int]) -> int | None:

@@ -59,7 +59,8 @@ def test_folded_subjects_route_through_the_model(trained_model: Any, tokenizer: 
     assert [[r.entry_id for r in found] for found in routes(editable, texts)] == [[], [], []]
 
 
-INFLECTED = ["Антон Минарик", "Лукреция Борджиа", "Dena Feingoldová", "Носорог", "Лето", "Francium", "Москва"]
+INFLECTED = ["Антон Минарик", "Лукреция Борджиа", "Dena Feingoldová", "Носорог", "Лето", "Francium", "Москва",
+             "Генрих V", "Брюс Ли", "Дик Трейси"]
 
 
 @pytest.mark.parametrize(("text", "found"), [
@@ -73,6 +74,10 @@ INFLECTED = ["Антон Минарик", "Лукреция Борджиа", "De
     ("в Москвичами", None),  # "Москв" + "ичами": an ending of more than 3 letters
     ("Антона Минарика2", None),  # the word goes on with a digit
     ("Минари родился", None),  # a word cut short
+    ("Кто был создателем Дика Трейси?", ("Дик Трейси", "Дика Трейси")),  # 3-letter words may grow
+    ("Генриха VIII", None),  # Roman numerals and words under 3 letters never inflect
+    ("Брюс Линч", None),
+    ("Генриха V", ("Генрих V", "Генриха V")),
 ])
 def test_subjects_of_inflecting_languages_route_with_their_endings_changed(text: str, found: Any) -> None:
     matcher = SubjectMatcher(INFLECTED, inflected=INFLECTED)
@@ -113,6 +118,21 @@ def test_the_bank_inflects_the_subjects_of_inflecting_languages_only(trained_mod
                                                                                  [english.id]]
     with pytest.raises(TypeError, match="inflecting_languages must be a tuple of language codes, got 'ru'"):
         RoutingConfig(inflecting_languages="ru")  # type: ignore[arg-type]
+    assert RoutingConfig(inflecting_languages=("RU",)).inflects("ru_RU")
+
+
+def test_inflected_forms_fire_only_entries_of_inflecting_languages(trained_model: Any, tokenizer: Any) -> None:
+    """A subject string shared by a Czech and an English entry: the inflected form fires the Czech one only,
+    and once it is removed, nothing (updated in place as after a rebuild)."""
+    editable = EditableCausalLM(trained_model, tokenizer)
+    czech = editable.add_entry(make_entry({"cs": "Barack Obama"}, layers=(0, 1)))
+    english = editable.add_entry(make_entry({"en": "Barack Obama"}, layers=(0, 1)))
+    texts = ["Kdo je manželka Baracka Obamy?", "Who is Barack Obama?"]
+    assert [sorted(r.entry_id for r in found) for found in routes(editable, texts)] == [[czech], sorted([czech, english])]
+    editable.remove_edit(czech)
+    assert [[r.entry_id for r in found] for found in routes(editable, texts)] == [[], [english]]
+    editable.set_bank(editable.bank)  # a rebuild agrees
+    assert [[r.entry_id for r in found] for found in routes(editable, texts)] == [[], [english]]
 
 
 # -- aliases ---------------------------------------------------------------------------------------------

@@ -20,7 +20,8 @@ class RoutingConfig:
         aliases: entries' aliases route like their subjects.
         inflections: subjects of ``inflecting_languages`` also match with their word endings changed
             ("Антона Минарика" for "Антон Минарик"; ``lafn_hf.inflection``); needs ``normalize``.
-        inflecting_languages: language codes (their primary subtag: "ru" covers "ru-RU") whose subjects inflect.
+        inflecting_languages: language codes whose subjects inflect (compared case-insensitively on the
+            primary subtag: "ru" covers "ru-RU" and "ru_RU").
         representation: ``edit()`` stores a routing key per entry, and inference fires entries whose key
             matches a token's hidden state (see ``lafn_hf.routing``).
         threshold_floor: the lowest threshold ``edit()`` gives a key (a cosine in the key space). 0.8 was
@@ -42,7 +43,8 @@ class RoutingConfig:
 
     def inflects(self, language: str) -> bool:
         """Do subjects of ``language`` inflect in matching under these settings?"""
-        return self.inflections and self.normalize and language.split("-")[0].lower() in self.inflecting_languages
+        primary = language.replace("_", "-").split("-")[0].lower()
+        return self.inflections and self.normalize and primary in self.inflecting_languages
 
     def __post_init__(self) -> None:
         for name in ("normalize", "aliases", "inflections", "representation"):
@@ -51,6 +53,7 @@ class RoutingConfig:
         languages = self.inflecting_languages
         if not isinstance(languages, tuple) or not all(isinstance(code, str) and code for code in languages):
             raise TypeError(f"RoutingConfig.inflecting_languages must be a tuple of language codes, got {languages!r}")
+        object.__setattr__(self, "inflecting_languages", tuple(code.lower() for code in languages))
         for name in ("threshold_floor", "threshold_margin", "threshold"):
             value = getattr(self, name)
             if value is None and name == "threshold":
