@@ -256,16 +256,21 @@ class CompiledBank:
         pending: list[Pending] = []
         trace = tracing_active()
         for row, reader in enumerate(rows):
+            planned: set[tuple[int, tuple[str, ...]]] = set()  # an entry found twice at one token fires once
             for hit in reader.hits(self.matcher, first):
                 owners = self.inflected if hit.inflected else self.entries_of
-                ids = tuple(i for i in owners.get(hit.subject, ()) if selected is None or i in selected)
                 position = hit.position - first
+                ids = tuple(i for i in owners.get(hit.subject, ()) if (selected is None or i in selected)
+                            and (position, (i,)) not in planned)
                 if len(ids) > 1 and self._one_key_layer(ids):
-                    pending.append((row, position, ids))
+                    if (position, ids) not in planned:
+                        planned.add((position, ids))
+                        pending.append((row, position, ids))
                     for entry_id in ids:
                         lexical[row].setdefault(entry_id, position)
                     continue
                 for entry_id in ids:
+                    planned.add((position, (entry_id,)))
                     lexical[row].setdefault(entry_id, position)
                     self.add_entry_plan(per_layer, entry_id, row, position)
                     if trace:

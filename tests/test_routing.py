@@ -121,6 +121,21 @@ def test_the_bank_inflects_the_subjects_of_inflecting_languages_only(trained_mod
     assert RoutingConfig(inflecting_languages=("RU",)).inflects("ru_RU")
 
 
+def test_an_entry_found_twice_at_one_token_fires_once(trained_model: Any, tokenizer: Any) -> None:
+    """Its alias as written and its subject inflected complete at the same token ("Marbrafa"): one dV there,
+    as when the subject does not inflect (its language is English)."""
+    editable = EditableCausalLM(trained_model, tokenizer)
+    updates = make_entry({"de": "Marbrafi"}, layers=(0, 1)).updates
+    text = "Die Hauptstadt Marbrafa ist"
+    encoded = tokenizer([text], return_tensors="pt")
+    seen = []
+    for language in ("de", "en"):
+        entry_id = editable.add_entry(BankEntry({language: "Marbrafi"}, updates, aliases=("Marbrafa",)))
+        seen.append(([(r.position, r.stage) for r in routes(editable, [text])[0]], editable(**encoded).logits))
+        editable.remove_edit(entry_id)
+    assert seen[0][0] == seen[1][0] and torch.equal(seen[0][1], seen[1][1])
+
+
 def test_inflected_forms_fire_only_entries_of_inflecting_languages(trained_model: Any, tokenizer: Any) -> None:
     """A subject string shared by a Czech and an English entry: the inflected form fires the Czech one only,
     and once it is removed, nothing (updated in place as after a rebuild)."""
