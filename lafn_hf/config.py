@@ -266,7 +266,7 @@ class LafnConfig:
         steps: maximum optimisation steps (not stated in the paper; MEMIT uses 20-25). 60: most edits stop
             early (Gemma-3-270M, MzsRE dev en+fr items 0-15: mean 11 steps, at most 19), so the cap only
             decides the hard ones; with 30, 6 of 100 en+zh dev edits were refused by
-            ``min_target_probability``; with 60, the first 3 of them took (37-42 steps; Rel 6/6, Gen 4/6).
+            ``min_target_probability``; with 60, all 6 took (37-60 steps; Rel 12/12, Gen 6/12).
         early_stop_loss: stop once the target NLL (Eq. 7) falls below this value. 0.01 instead of 0.05 on
             en+fr dev items 0-15 (Gemma-3-270M) changed 4 of 52 answers, 2 for the better and 2 for the worse.
         clamp_norm_factor: after each step each layer's dV is projected onto the ball of radius
