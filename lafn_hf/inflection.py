@@ -118,6 +118,16 @@ class InflectedMatch:
         """The mention as read with ``ending`` letters after the last stem."""
         return normalized[self.start : self.stem_end + ending]
 
+    @property
+    def last_word(self) -> str:
+        """The subject's last word as written."""
+        return self.pattern.rsplit(" ", 1)[-1]
+
+    def last_word_ending(self, normalized: str, end: int) -> tuple[str, int | None]:
+        """(the last word as read up to ``end``, its ``ending_length`` against the subject's last word)."""
+        word, last = normalized[self.last_start : end], self.last_word
+        return word, ending_length(last, word, alone=last == self.pattern)
+
 
 @dataclass(frozen=True)
 class _Tier:
@@ -185,10 +195,6 @@ class InflectedForms:
                     if first is not None:
                         found.append((InflectedMatch(pattern, first, start, end, run_end), names))
         return found
-
-    @staticmethod
-    def last_word(pattern: str) -> str:
-        return pattern.rsplit(" ", 1)[-1]
 
     @staticmethod
     def _first_word_start(text: str, last_start: int, words: list[str]) -> int | None:

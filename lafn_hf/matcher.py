@@ -34,7 +34,7 @@ from typing import Any
 
 from ahocorasick_rs import AhoCorasick, MatchKind
 
-from .inflection import InflectedForms, InflectedMatch, ending_length
+from .inflection import InflectedForms, InflectedMatch
 from .text import clean_subject, needs_word_boundary, normalize_for_matching, skip_ignorable
 
 SPECIAL_TOKEN_TEXT = "\n"  # what a special token (BOS, chat-turn markers, ...) reads as
@@ -180,9 +180,8 @@ class SubjectMatcher:
             raw_start = skip_ignorable(text, ends[start - 1] if start else 0)
             found += [SubjectMatch(subject, raw_start, ends[end - 1]) for subject in self.subjects_of[index]]
         for match, names in self.inflected_matches(normalized):
-            last, word = InflectedForms.last_word(match.pattern), normalized[match.last_start : match.run_end]
-            ending = ending_length(last, word, alone=last == match.pattern)
-            if ending is None or (ending == 0 and word != last) or _joins(normalized, match.run_end, "a") \
+            word, ending = match.last_word_ending(normalized, match.run_end)
+            if ending is None or (ending == 0 and word != match.last_word) or _joins(normalized, match.run_end, "a") \
                     or normalized[match.start : match.run_end] == match.pattern:
                 continue  # too long an ending, a cut-short word, the word goes on ("2"), or the exact form
             raw_start = skip_ignorable(text, ends[match.start - 1] if match.start else 0)
@@ -293,7 +292,8 @@ class RowReader:
         for match, names in matcher.inflected_matches(normalized):
             if match.start == 0 and window_start > 0:
                 continue
-            raw_ends = raw_ends or [window_start + e for e in norm_ends]
+            if raw_ends is None:
+                raw_ends = [window_start + e for e in norm_ends]
             fires = self._inflected_position(match, normalized, raw_ends)
             if fires is not None and fires >= first:
                 found += [SubjectHit(subject, fires, inflected=True) for subject in names]
@@ -304,7 +304,6 @@ class RowReader:
         where the whole mention is the subject as written (the exact stage fires there); otherwise at the
         first position where the last word so far is that word as written ("Лукреции Борджиа" at "а") or
         has left it by 1-``MAX_ENDING`` letters ("Минарика" at "ка"). ``None`` when it never fires."""
-        last = InflectedForms.last_word(match.pattern)
         position = _first_reaching(self.ends, raw_ends[match.stem_end - 1], 0)
         run = match.run_end - match.stem_end
         while position < len(self.ends):
@@ -315,11 +314,10 @@ class RowReader:
             complete = known == run and after < len(normalized) and raw_ends[after] <= self.ends[position]
             if (complete and _joins(normalized, after, "a")) or match.text(normalized, known) == match.pattern:
                 return None  # the word goes on with a digit, or the subject as written (the exact stage's)
-            word = normalized[match.last_start : after]
-            ending = ending_length(last, word, alone=last == match.pattern)
+            word, ending = match.last_word_ending(normalized, after)
             if ending is None:
                 return None
-            if ending or word == last:
+            if ending or word == match.last_word:
                 return position
             if complete or (known == run and after >= len(normalized)):
                 return None  # a word cut short ("Минари"), or nothing more read yet
