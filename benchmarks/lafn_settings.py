@@ -3,7 +3,8 @@
 Each variant overrides fields of ``LafnConfig`` (values as JSON: ``steps=60``, ``clamp_norm_factor=null``,
 ``layers=[4,5]``) and runs ``lafn bench`` on the same items into OUT/<set>/<variant>/ (resumable). Prints,
 per variant and language, the answer hit on Rel/Gen questions whose subject the exact matcher finds (the
-efficacy goal), Loc-Hard, the edits refused, mean optimisation steps and seconds per item.
+efficacy goal), Loc-Hard, the located (shared) neurons as a share of each edited layer's MLP, the edits
+refused, mean optimisation steps and seconds per item.
 
     python benchmarks/lafn_settings.py --set en+fr --items 0-39 \\
         --variant default: --variant steps60:steps=60 --variant clamp8:clamp_norm_factor=8 --out /tmp/sweep
@@ -91,13 +92,15 @@ def main() -> None:
             loc_hard = hit.get(lang, {}).get("locality_hard")
             cells.append(f"{lang} {_show(rel)} / {_show(gen)} / {_show(loc_hard)}")
         edits = summary["edits"]["lafn"]
-        lines.append(f"| {name} | " + " | ".join(cells) + f" | {edits['errors']} | {edits.get('mean_steps', 0):.1f} | "
-                     f"{seconds:.1f} |")
+        size = model.base_ref.intermediate_size
+        shared = "/".join(f"{100 * count / size:.0f}" for count in edits.get("mean_shared_neurons", {}).values())
+        lines.append(f"| {name} | " + " | ".join(cells) + f" | {shared or '-'} | {edits['errors']} | "
+                     f"{edits.get('mean_steps', 0):.1f} | {seconds:.1f} |")
         print(lines[-1], flush=True)
     header = " | ".join(f"{lang} Rel / Gen found, Loc-Hard" for lang in languages)
     print(f"\n{args.model}, {args.set}, {len(items)} items ({args.items}), answer hit x100\n")
-    print(f"| variant | {header} | refused | mean steps | s / item |")
-    print("| --- |" + " --- |" * len(languages) + " ---: | ---: | ---: |")
+    print(f"| variant | {header} | shared neurons % per layer | refused | mean steps | s / item |")
+    print("| --- |" + " --- |" * len(languages) + " ---: | ---: | ---: | ---: |")
     print("\n".join(lines))
 
 

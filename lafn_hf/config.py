@@ -257,6 +257,11 @@ class LafnConfig:
     Args:
         beta: activation-frequency threshold of Eq. 4 (keep neurons with n_j / max(N) > beta).
         num_paraphrases: at most this many paraphrases per language are used for locating.
+        locate_samples: add this many of the model's own sampled continuations of the prompt ("prompt + 16
+            sampled tokens", top-k 5, seeded) to each language's locating corpus: a corpus without a chat model
+            to write paraphrases. 0 (default): the prompt and the given paraphrases only. Only with the
+            "paraphrases" strategy.
+        locate_sample_tokens: tokens per sampled continuation.
         num_prefixes: M random prefixes per language (Eq. 7).
         prefix_length: tokens per random prefix, sampled from the model itself (as MEMIT).
         include_bare_prompt: also train on the prompt without a prefix (MEMIT's "{}" template;
@@ -301,6 +306,8 @@ class LafnConfig:
 
     beta: float = field(default=0.1, metadata={"help": "Eq. 4 threshold"})
     num_paraphrases: int = 30
+    locate_samples: int = 0
+    locate_sample_tokens: int = 16
     num_prefixes: int = 4
     prefix_length: int = 5
     include_bare_prompt: bool = True
@@ -324,6 +331,8 @@ class LafnConfig:
         for name in ("num_paraphrases", "prefix_length", "steps"):
             _require_int(name, getattr(self, name), minimum=1)
         _require_int("num_prefixes", self.num_prefixes, minimum=0)
+        _require_int("locate_samples", self.locate_samples, minimum=0)
+        _require_int("locate_sample_tokens", self.locate_sample_tokens, minimum=1)
         _require_int("seed", self.seed, minimum=0)
         if self.num_prefixes == 0 and not self.include_bare_prompt:
             raise ValueError("num_prefixes=0 with include_bare_prompt=False leaves nothing to train on")

@@ -19,7 +19,7 @@ from lafn_hf.modeling import decoder_layers, mlp_parts
 
 from .config import EditGroup, LafnConfig
 from .scope import ForwardScope
-from .tokens import encode_texts
+from .tokens import encode_texts, pad_id
 
 
 class _StopForward(Exception):
@@ -96,12 +96,36 @@ class LocatedNeurons:
         return {layer: int(idx.numel()) for layer, idx in self.shared.items()}
 
 
-def locating_corpus(group: EditGroup, config: LafnConfig, language: str) -> list[str]:
-    """C_l: the prompt plus up to ``num_paraphrases`` paraphrases ("single" strategy: prompt only)."""
+def locating_corpus(group: EditGroup, config: LafnConfig, language: str,
+                    samples: Sequence[str] = ()) -> list[str]:
+    """C_l: the prompt plus up to ``num_paraphrases`` paraphrases ("single" strategy: prompt only), then
+    ``samples`` (the model's own continuations of the prompt, see ``sample_continuations``)."""
     edit = group.edits[language]
     if config.locate_strategy == "single":
         return [edit.prompt]
-    return list(dict.fromkeys([edit.prompt, *edit.paraphrases[: config.num_paraphrases]]))
+    return list(dict.fromkeys([edit.prompt, *edit.paraphrases[: config.num_paraphrases], *samples]))
+
+
+@torch.no_grad()
+def sample_continuations(model: nn.Module, tokenizer: Any, group: EditGroup, config: LafnConfig) -> dict[str, list[str]]:
+    """Per language, ``config.locate_samples`` texts "prompt + the model's own sampled continuation"
+    (``config.locate_sample_tokens`` tokens, top-k 5, seeded): a locating corpus that needs no chat model."""
+    if config.locate_samples == 0 or config.locate_strategy != "paraphrases":
+        return {lang: [] for lang in group.languages}
+    device = next(model.parameters()).device
+    prompts = [group.edits[lang].prompt for lang in group.languages]
+    input_ids, attention_mask = encode_texts(tokenizer, prompts, device, left=True)
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        torch.manual_seed(config.seed)
+        output = model.generate(  # type: ignore[operator]
+            input_ids=input_ids, attention_mask=attention_mask, do_sample=True, top_k=5, top_p=1.0, temperature=1.0,
+            max_new_tokens=config.locate_sample_tokens, num_return_sequences=config.locate_samples,
+            pad_token_id=pad_id(tokenizer),
+        )
+    new = tokenizer.batch_decode(output[:, input_ids.shape[1]:], skip_special_tokens=True)
+    per_prompt = config.locate_samples
+    return {lang: [f"{prompts[i]}{text}" for text in new[i * per_prompt : (i + 1) * per_prompt] if text.strip()]
+            for i, lang in enumerate(group.languages)}
 
 
 def locate_neurons(
@@ -116,7 +140,9 @@ def locate_neurons(
     if config.locate_strategy == "all":
         everything = {layer: torch.arange(size, dtype=torch.int64) for layer in layers}
         return LocatedNeurons({lang: dict(everything) for lang in group.languages}, everything)
-    per_language = {lang: _locate_language(model, tokenizer, locating_corpus(group, config, lang), layers, config.beta)
+    samples = sample_continuations(model, tokenizer, group, config)
+    per_language = {lang: _locate_language(model, tokenizer, locating_corpus(group, config, lang, samples[lang]),
+                                           layers, config.beta)
                     for lang in group.languages}
     shared = {layer: intersect([per_language[lang][layer] for lang in group.languages]) for layer in layers}
     if config.locate_strategy == "random":

@@ -223,6 +223,10 @@ def test_report_table_shape_and_scores(model: EditableCausalLM, tmp_path: Path) 
     assert hit["lafn"]["en"]["locality"] == 100.0
     assert set(summary["scores"]) == {"hit", "contains", "f1"}
     assert "- lafn: edits made en 1/1, zh 1/1; failed or not made 0, mean steps 30.0" in table
+    record = next(json.loads(line) for line in (tmp_path / "r.jsonl").read_text().splitlines()
+                  if '"method": "lafn"' in line)
+    assert summary["edits"]["lafn"]["mean_shared_neurons"] == {k: float(v) for k, v in
+                                                               record["info"]["shared_neurons"].items()}
     reach = reach_table(summary).splitlines()
     assert reach[2] == "| method | en Rel | en Gen | zh Rel | zh Gen |"
     assert reach[4].startswith("| lafn | 100.0 / - |") and reach[5].startswith("| unedited | 0.0 / - |")

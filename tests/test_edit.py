@@ -11,7 +11,13 @@ from transformers import AutoModelForCausalLM
 
 from lafn_hf import EditableCausalLM, EditGroup, LafnConfig, LanguageEdit
 from lafn_hf.inject import LayerPlan, ValueInjection
-from lafn_hf.locate import count_activations, locate_neurons, select_frequent
+from lafn_hf.locate import (
+    count_activations,
+    locate_neurons,
+    locating_corpus,
+    sample_continuations,
+    select_frequent,
+)
 from lafn_hf.model import EditFailedError
 from lafn_hf.optimize import _BaseRun, _losses, build_batch, sample_prefixes, selected_logits, upper_layers_only
 
@@ -78,6 +84,25 @@ def test_located_sets_are_deterministic_and_nested(trained_model: Any, tokenizer
     assert not all(torch.equal(random.shared[layer], first.shared[layer]) for layer in (0, 1, 2))
     everything = locate_neurons(trained_model, tokenizer, group, (0,), LafnConfig(locate_strategy="all"))
     assert everything.shared[0].tolist() == list(range(256))
+
+
+def test_sampled_continuations_extend_the_locating_corpus_seeded(
+        trained_model: Any, tokenizer: Any, facts: dict[str, Any]) -> None:
+    group = fact_group(facts, 0, 1)
+    config = LafnConfig(layers=(0, 1), locate_samples=3, locate_sample_tokens=4)
+    samples = sample_continuations(trained_model, tokenizer, group, config)
+    assert samples == sample_continuations(trained_model, tokenizer, group, config)  # seeded
+    for lang, edit in group.edits.items():
+        assert 1 <= len(samples[lang]) <= 3
+        assert all(text.startswith(edit.prompt) and len(text) > len(edit.prompt) for text in samples[lang])
+        corpus = locating_corpus(group, config, lang, samples[lang])
+        assert corpus[: 1 + len(edit.paraphrases)] == [edit.prompt, *edit.paraphrases] and len(corpus) > 1
+    counts = count_activations(trained_model, tokenizer, corpus, (1,))
+    plain = count_activations(trained_model, tokenizer, locating_corpus(group, config, "zh"), (1,))
+    assert counts[1].sum() > plain[1].sum()  # the samples' tokens are counted too (Eq. 3)
+    assert sample_continuations(trained_model, tokenizer, group, LafnConfig()) == {"en": [], "zh": []}
+    with pytest.raises(ValueError, match="locate_samples"):
+        LafnConfig(locate_samples=-1)
 
 
 def test_beta_zero_keeps_every_neuron_that_fired(trained_model: Any, tokenizer: Any) -> None:

@@ -63,6 +63,9 @@ def summarize(records: Sequence[dict[str, Any]], questions_of: Sequence[Sequence
         steps = [r["info"]["steps"] for r in mine if "steps" in r["info"]]
         if steps:
             info["mean_steps"] = sum(steps) / len(steps)
+        shared = [r["info"]["shared_neurons"] for r in mine if "shared_neurons" in r["info"]]
+        if shared:  # layer -> mean number of located (shared) neurons per edit
+            info["mean_shared_neurons"] = {layer: sum(s[layer] for s in shared) / len(shared) for layer in shared[0]}
         reached = [bool(r["info"]["reached"]) for r in mine if "reached" in r["info"]]
         if reached:
             info["reached_target"] = sum(reached)
