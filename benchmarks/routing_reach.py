@@ -7,7 +7,7 @@ routing key (``lafn_hf.routing.entry_key`` over the en and xx edit prompts that 
 calibrated against the other entries' keys as ``edit()`` does: ``lafn_hf.routing.keys.separate``). The
 entries' dV is a zero placeholder: only routing is measured, with ``lafn_hf.routing.routes``.
 
-Per language and stage (exact, +normalised, +inflections, +aliases, +representation):
+Per language and stage (exact, +normalised, +inflections, +spellings, +aliases, +representation):
 - reach: share of the item's src / rephrase questions on which the item's own entry fires;
 - wrong: share of those questions on which another item's entry fires;
 - loc: share of loc questions (unrelated) on which any entry fires.
@@ -37,11 +37,12 @@ DATA_DIR = Path(__file__).resolve().parents[2] / "shared" / "data" / "mzsre-dev"
 LANGS = ("cs", "de", "nl", "es", "fr", "pt", "ru", "th", "tr", "vi", "zh")
 FILES = {"cs": "cz", "nl": "du"}
 STAGES = {
-    "exact": RoutingConfig(normalize=False, aliases=False, inflections=False, representation=False),
-    "+normalised": RoutingConfig(normalize=True, aliases=False, inflections=False, representation=False),
-    "+inflections": RoutingConfig(normalize=True, aliases=False, inflections=True, representation=False),
-    "+aliases": RoutingConfig(normalize=True, aliases=True, inflections=True, representation=False),
-    "+representation": RoutingConfig(normalize=True, aliases=True, inflections=True, representation=True),
+    "exact": RoutingConfig(normalize=False, aliases=False, inflections=False, spellings=False, representation=False),
+    "+normalised": RoutingConfig(aliases=False, inflections=False, spellings=False, representation=False),
+    "+inflections": RoutingConfig(aliases=False, spellings=False, representation=False),
+    "+spellings": RoutingConfig(aliases=False, representation=False),
+    "+aliases": RoutingConfig(representation=False),
+    "+representation": RoutingConfig(),
 }
 
 

@@ -183,9 +183,12 @@ class CompiledBank:
     def build(cls, bank: EditBank, device: torch.device, routing: RoutingConfig | None = None) -> CompiledBank:
         routing = routing or RoutingConfig()
         number, entries = bank.snapshot()
-        empty = cls((bank.uid, -1, device, routing), SubjectMatcher(fold=routing.normalize), {}, {}, {}, {})
+        spellings = routing.spellings and routing.normalize
+        empty = cls((bank.uid, -1, device, routing), SubjectMatcher(fold=routing.normalize, spellings=spellings),
+                    {}, {}, {}, {})
         compiled = empty._apply([("add", entry) for entry in entries], number, grow_matcher=False)
-        matcher = SubjectMatcher(compiled.entries_of, fold=routing.normalize, inflected=compiled.inflected)
+        matcher = SubjectMatcher(compiled.entries_of, fold=routing.normalize, inflected=compiled.inflected,
+                                 spellings=spellings)
         return replace(compiled, matcher=matcher, _indices={})
 
     def updated(self, bank: EditBank) -> CompiledBank | None:

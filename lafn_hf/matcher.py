@@ -23,6 +23,9 @@ to and including that token.
   not the subject as written ("Антона Минарика" at "ка" of "Мин|ари|ка"); as written, the rules above apply.
   Like "Rome" before "o", a word whose ending later runs past the limit ("Моск|вич|ами") has fired by
   then; ``find``, which sees whole words, does not count it.
+- Spelled subjects (``lafn_hf.spelling``; with ``spellings``, folded matching only): subjects written in Thai,
+  Lao, Khmer or Myanmar script also fire spelled another way (a transliteration variant), at the token that
+  reads the mention's last letter.
 """
 
 from __future__ import annotations
@@ -35,6 +38,7 @@ from typing import Any
 from ahocorasick_rs import AhoCorasick, MatchKind
 
 from .inflection import InflectedForms, InflectedMatch
+from .spelling import SpelledForms, SpelledMatch
 from .text import clean_subject, needs_word_boundary, normalize_for_matching, skip_ignorable
 
 SPECIAL_TOKEN_TEXT = "\n"  # what a special token (BOS, chat-turn markers, ...) reads as
@@ -52,11 +56,13 @@ class SubjectMatch:
 @dataclass(frozen=True)
 class SubjectHit:
     """A subject found in a token row: ``position`` is the index of the token that completes it;
-    ``inflected``: found with its word endings changed (``lafn_hf.inflection``), not as written."""
+    ``inflected``: found with its word endings changed (``lafn_hf.inflection``), not as written;
+    ``spelled``: found spelled another way (``lafn_hf.spelling``)."""
 
     subject: str
     position: int
     inflected: bool = False
+    spelled: bool = False
 
 
 class SubjectMatcher:
@@ -69,6 +75,9 @@ class SubjectMatcher:
     ``inflected``: subjects (of ``subjects``) also found with their word endings changed, by the rule of
     ``lafn_hf.inflection`` ("Антона Минарика" for "Антон Минарик"); folded matching only.
 
+    ``spellings``: subjects written in scripts whose transliterations vary letter by letter (Thai, ...) are
+    also found spelled another way (``lafn_hf.spelling``: "โจเซฟ แพปป์" for "โจเซฟ แปป"); folded matching only.
+
     ``with_subjects`` grows a matcher without rebuilding it: the existing automata are shared and the new
     subjects get a small automaton of their own (a tier); tiers are merged into one when they pile up.
     Pattern ``i`` is ``patterns[i]``; ``subjects_of[i]`` are the subject names it stands for.
@@ -76,13 +85,17 @@ class SubjectMatcher:
 
     max_tiers = 4
 
-    def __init__(self, subjects: Iterable[str] = (), fold: bool = True, inflected: Iterable[str] = ()) -> None:
+    def __init__(self, subjects: Iterable[str] = (), fold: bool = True, inflected: Iterable[str] = (),
+                 spellings: bool = False) -> None:
         self.fold = fold
+        self.spellings = spellings and fold
+        self._spelled = SpelledForms()
         self.patterns: tuple[str, ...] = ()
         self.subjects_of: tuple[tuple[str, ...], ...] = ()
         self.max_length = 0
         self._tiers: list[tuple[AhoCorasick, int, frozenset[str]]] = []  # (automaton, first pattern, names)
-        cleaned = self._add_tier(subjects)
+        cleaned = self._add_tier(subjects, spell=False)
+        self._spelled = self._spelled.extended(self._named(cleaned)) if self.spellings else self._spelled
         self.inflected: frozenset[str] = frozenset()
         self._inflected = InflectedForms()
         self._set_inflected(inflected, cleaned)
@@ -123,7 +136,8 @@ class SubjectMatcher:
         base = self._tiers[1][1] if len(self._tiers) > 1 else len(self.patterns)
         tail = len(self.patterns) - base
         if tail + len(new) > max(1024, base // 4):  # the small automata hold too much: one new automaton
-            return SubjectMatcher([*self.subjects, *new], fold=self.fold, inflected=[*self.inflected, *inflect])
+            return SubjectMatcher([*self.subjects, *new], fold=self.fold, inflected=[*self.inflected, *inflect],
+                                  spellings=self.spellings)
         grown = object.__new__(SubjectMatcher)
         grown.__dict__.update(self.__dict__)
         grown._tiers = list(self._tiers)
@@ -135,7 +149,15 @@ class SubjectMatcher:
         grown._set_inflected(inflect, cleaned)
         return grown
 
-    def _add_tier(self, subjects: Iterable[str]) -> dict[str, str]:
+    @staticmethod
+    def _named(cleaned: Mapping[str, str]) -> list[tuple[str, tuple[str, ...]]]:
+        """(pattern, subject names) pairs of a subject -> pattern mapping."""
+        named: dict[str, list[str]] = {}
+        for subject, pattern in cleaned.items():
+            named.setdefault(pattern, []).append(subject)
+        return [(pattern, tuple(names)) for pattern, names in named.items()]
+
+    def _add_tier(self, subjects: Iterable[str], spell: bool = True) -> dict[str, str]:
         """Add a tier for ``subjects``; returns subject -> pattern for the subjects added."""
         by_pattern: dict[str, list[str]] = {}
         added: dict[str, str] = {}
@@ -155,6 +177,8 @@ class SubjectMatcher:
         self.patterns += patterns
         self.subjects_of += tuple(tuple(by_pattern[p]) for p in patterns)
         self.max_length = max(self.max_length, *(len(p) for p in patterns))
+        if spell and self.spellings:
+            self._spelled = self._spelled.extended(self._named(added))
         return added
 
     def raw_matches(self, normalized: str) -> list[tuple[int, int, int]]:
@@ -168,6 +192,10 @@ class SubjectMatcher:
     def inflected_matches(self, normalized: str) -> list[tuple[InflectedMatch, tuple[str, ...]]]:
         """Mentions of inflected subjects in already-normalised text with their subject names, endings unchecked."""
         return self._inflected.matches(normalized)
+
+    def spelled_matches(self, normalized: str, after: int = 0) -> list[tuple[SpelledMatch, tuple[str, ...]]]:
+        """Mentions spelled another way in already-normalised text ending past index ``after``, with their names."""
+        return self._spelled.matches(normalized, after) if self.spellings else []
 
     def find(self, text: str) -> list[SubjectMatch]:
         """Whole-text matches (both neighbours known) with offsets into ``text``; one per subject name."""
@@ -186,6 +214,9 @@ class SubjectMatcher:
                 continue  # too long an ending, a cut-short word, the word goes on ("2"), or the exact form
             raw_start = skip_ignorable(text, ends[match.start - 1] if match.start else 0)
             found += [SubjectMatch(subject, raw_start, ends[match.run_end - 1]) for subject in names]
+        for spelled, names in self.spelled_matches(normalized):
+            raw_start = skip_ignorable(text, ends[spelled.start - 1] if spelled.start else 0)
+            found += [SubjectMatch(subject, raw_start, ends[spelled.end - 1]) for subject in names]
         return sorted(set(found), key=lambda m: (m.end, m.start, m.subject))
 
 
@@ -272,7 +303,8 @@ class RowReader:
         # the window starts at a position boundary, >= 4x the longest subject (+16) before the new text
         start_position = bisect.bisect_right(self.ends, read_before - 4 * matcher.max_length - 16)
         window_start = self.ends[start_position - 1] if start_position else 0
-        normalized, norm_ends = normalize_for_matching("".join(self.pieces[start_position:]), matcher.fold)
+        window = "".join(self.pieces[start_position:])
+        normalized, norm_ends = normalize_for_matching(window, matcher.fold)
         found = []
         for index, start, end in matcher.raw_matches(normalized):
             pattern = matcher.patterns[index]
@@ -297,7 +329,25 @@ class RowReader:
             fires = self._inflected_position(match, normalized, raw_ends)
             if fires is not None and fires >= first:
                 found += [SubjectHit(subject, fires, inflected=True) for subject in names]
+        if matcher.spellings:
+            found += self._spelled_hits(matcher, normalized, norm_ends, window, window_start, read_before, first)
         return sorted(set(found), key=lambda h: (h.position, h.subject))  # independent of the matcher's layout
+
+    def _spelled_hits(self, matcher: SubjectMatcher, normalized: str, norm_ends: Sequence[int], window: str,
+                      window_start: int, read_before: int, first: int) -> list[SubjectHit]:
+        """Spelled mentions whose last letter is read at positions >= ``first``: they fire at the token that
+        reads that letter (its marks of combining class > 0, which may come with the next token, are not
+        waited for; the comparison leaves them out)."""
+        hits = []
+        after = bisect.bisect_right(norm_ends, read_before - window_start)
+        for match, names in matcher.spelled_matches(normalized, after):
+            if match.start == 0 and window_start > 0:
+                continue
+            letter_end = window_start + skip_ignorable(window, norm_ends[match.end - 2] if match.end > 1 else 0) + 1
+            if letter_end > read_before:
+                position = _first_reaching(self.ends, letter_end, first)
+                hits += [SubjectHit(subject, position, spelled=True) for subject in names]
+        return hits
 
     def _inflected_position(self, match: InflectedMatch, normalized: str, raw_ends: Sequence[int]) -> int | None:
         """The position at which an inflected mention fires, judged token by token (the causal rule): not

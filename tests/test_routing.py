@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import unicodedata
 from pathlib import Path
 from typing import Any
 
@@ -101,6 +102,79 @@ def test_inflected_mentions_fire_once_by_the_causal_rule(tokenizer: Any) -> None
         assert read == whole and len(whole) == 2
         exact = find_subject_tokens(tokenizer, ids, plain, special)
         assert set(exact) <= set(whole)
+
+
+SPELLED = ["โจเซฟ แปป", "เบนี่ เฟเรนซี", "ยูมารักมา", "โจเซฟ", "瓜尔蒂耶罗·亚科佩蒂"]
+
+
+@pytest.mark.parametrize(("text", "found"), [
+    # a transliteration variant; it fires at the first letter that completes a mention within budget (causal)
+    ("โจเซฟ แพปป์เสียชีวิตด้วยโรคอะไร", ("โจเซฟ แปป", "โจเซฟ แพป")),
+    ("ใครคือแม่ของเบนี เฟเรนซี", ("เบนี่ เฟเรนซี", "เบนี เฟเรนซี")),  # only a tone mark differs
+    ("เอื้อมารักมา อยู่ในตระกูลใด?", ("ยูมารักมา", "มารักมา")),  # the span reported: the shortest within budget
+    ("โจเซฟ แปป เสียชีวิต", ("โจเซฟ แปป", "โจเซฟ แปป")),  # as written: the exact stage, once
+    ("โจเซฟ แมนน์ เสียชีวิต", None),  # another name: 3 edits over 8 letters
+    ("โจเซฟ แปปมา", ("โจเซฟ แปป", "โจเซฟ แปป")),
+    ("瓜尔蒂耶罗·科佩蒂", None),  # Han characters are syllables: never spelled another way
+])
+def test_subjects_in_letter_by_letter_scripts_route_spelled_another_way(text: str, found: Any) -> None:
+    matcher = SubjectMatcher(SPELLED, spellings=True)
+    got = [(m.subject, text[m.start:m.end]) for m in matcher.find(text) if m.subject != "โจเซฟ"]
+    assert got == ([found] if found else [])
+    if found and found[0] != found[1]:
+        assert [m for m in SubjectMatcher(SPELLED).find(text) if m.subject != "โจเซฟ"] == []  # stage off: missed
+
+
+def test_spelled_mentions_fire_once_by_the_causal_rule(tokenizer: Any) -> None:
+    """Token by token (bytes of Thai letters split over tokens) equals the whole text, one hit per mention, at
+    the token of the mention's last letter; what the exact stage finds stays as it was."""
+    matcher, plain = SubjectMatcher(SPELLED, spellings=True), SubjectMatcher(SPELLED)
+    special = frozenset(tokenizer.all_special_ids)
+    for text in ["โจเซฟ แพปป์เสียชีวิต และโจเซฟ แปป", "เบนี เฟเรนซี เบนี่ เฟเรนซีี", "ยูมารักมา เอื้อมารักมามา"]:
+        ids = tokenizer(text, add_special_tokens=False).input_ids
+        whole = find_subject_tokens(tokenizer, ids, matcher, special)
+        for step in (1, 2, 3):
+            reader, read = RowReader(decoder_for(tokenizer), special), []
+            for position in range(0, len(ids), step):
+                reader.read(ids[position : position + step])
+                read += reader.hits(matcher, position)
+            assert read == whole, (text, step)
+        spelled = [hit for hit in whole if hit.spelled]
+        assert len(spelled) == 1 and len({hit.subject for hit in whole if hit.subject != "โจเซฟ"}) == 1
+        assert set(find_subject_tokens(tokenizer, ids, plain, special)) <= set(whole)
+        spelled_end = next(m.end for m in matcher.find(text) if m.subject == spelled[0].subject
+                           and text[m.start:m.end] != m.subject)
+        while unicodedata.combining(text[spelled_end - 1]):
+            spelled_end -= 1  # its last letter
+        reader.read([])
+        assert reader.ends[spelled[0].position - 1] < spelled_end <= reader.ends[spelled[0].position]
+
+
+def test_a_grown_matcher_finds_spelled_subjects_like_a_rebuilt_one() -> None:
+    text = "โจเซฟ แพปป์ และเอื้อมารักมา และเบนี เฟเรนซี"
+    grown = SubjectMatcher(["Eiffel Tower"], spellings=True)
+    for subject in SPELLED:  # one tier each, merged once they pile up
+        grown = grown.with_subjects([subject])
+    rebuilt = SubjectMatcher(["Eiffel Tower", *SPELLED], spellings=True)
+    assert grown.find(text) == rebuilt.find(text) and len(rebuilt.find(text)) == 4  # 3 spelled, "โจเซฟ"
+
+
+def test_the_bank_routes_spelled_subjects_and_the_stage_turns_off(trained_model: Any, tokenizer: Any) -> None:
+    editable = EditableCausalLM(trained_model, tokenizer)
+    entry = make_entry({"th": "โจเซฟ แปป"}, layers=(0, 1))
+    editable.add_entry(entry)
+    texts = ["โจเซฟ แพปป์เสียชีวิตด้วยโรคอะไร", "โจเซฟ แปปเสียชีวิต", "ใครคือโจเซฟ แมนน์"]
+    assert [[r.entry_id for r in found] for found in routes(editable, texts)] == [[entry.id], [entry.id], []]
+    encoded = tokenizer(texts[:1], return_tensors="pt")
+    edited = editable(**encoded).logits
+    editable.routing = RoutingConfig(spellings=False)
+    assert [[r.entry_id for r in found] for found in routes(editable, texts)] == [[], [entry.id], []]
+    with editable.edits_disabled():
+        base = editable(**encoded).logits
+    assert torch.equal(editable(**encoded).logits, base) and not torch.equal(edited, base)
+    editable.routing = RoutingConfig()
+    editable.remove_edit(entry.id)
+    assert routes(editable, texts) == [[], [], []]
 
 
 def test_the_bank_inflects_the_subjects_of_inflecting_languages_only(trained_model: Any, tokenizer: Any) -> None:

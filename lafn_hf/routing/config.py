@@ -22,6 +22,9 @@ class RoutingConfig:
             ("Антона Минарика" for "Антон Минарик"; ``lafn_hf.inflection``); needs ``normalize``.
         inflecting_languages: language codes whose subjects inflect (compared case-insensitively on the
             primary subtag: "ru" covers "ru-RU" and "ru_RU").
+        spellings: subjects written in Thai, Lao, Khmer or Myanmar script (6 letters or more) also match
+            spelled another way, within one edit per 6 letters ("โจเซฟ แพปป์" for "โจเซฟ แปป";
+            ``lafn_hf.spelling``); needs ``normalize``.
         representation: ``edit()`` stores a routing key per entry, and inference fires entries whose key
             matches a token's hidden state (see ``lafn_hf.routing``).
         threshold_floor: the lowest threshold ``edit()`` gives a key (a cosine in the key space). 0.8 was
@@ -36,6 +39,7 @@ class RoutingConfig:
     aliases: bool = True
     inflections: bool = True
     inflecting_languages: tuple[str, ...] = INFLECTING_LANGUAGES
+    spellings: bool = True
     representation: bool = True
     threshold_floor: float = 0.8
     threshold_margin: float = 0.05
@@ -47,7 +51,7 @@ class RoutingConfig:
         return self.inflections and self.normalize and primary in self.inflecting_languages
 
     def __post_init__(self) -> None:
-        for name in ("normalize", "aliases", "inflections", "representation"):
+        for name in ("normalize", "aliases", "inflections", "spellings", "representation"):
             if not isinstance(getattr(self, name), bool):
                 raise TypeError(f"RoutingConfig.{name} must be a bool, got {getattr(self, name)!r}")
         languages = self.inflecting_languages
@@ -67,7 +71,7 @@ class RoutingConfig:
 
 #: Named stage sets (``lafn bench --routing``): the exact matcher alone, the lexical stages, every stage.
 ROUTING_PRESETS: dict[str, RoutingConfig] = {
-    "exact": RoutingConfig(normalize=False, aliases=False, inflections=False, representation=False),
+    "exact": RoutingConfig(normalize=False, aliases=False, inflections=False, spellings=False, representation=False),
     "lexical": RoutingConfig(representation=False),
     "full": RoutingConfig(),
 }
