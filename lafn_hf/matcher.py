@@ -31,6 +31,7 @@ to and including that token.
 from __future__ import annotations
 
 import bisect
+import unicodedata
 from collections.abc import Callable, Iterable, Mapping, Sequence, Set
 from dataclasses import dataclass, field
 from typing import Any
@@ -39,7 +40,7 @@ from ahocorasick_rs import AhoCorasick, MatchKind
 
 from .inflection import InflectedForms, InflectedMatch
 from .spelling import SpelledForms, SpelledMatch
-from .text import clean_subject, needs_word_boundary, normalize_for_matching, skip_ignorable
+from .text import clean_subject, is_ignorable, needs_word_boundary, normalize_for_matching, skip_ignorable
 
 SPECIAL_TOKEN_TEXT = "\n"  # what a special token (BOS, chat-turn markers, ...) reads as
 
@@ -308,7 +309,7 @@ class RowReader:
         found = []
         for index, start, end in matcher.raw_matches(normalized):
             pattern = matcher.patterns[index]
-            raw_end = window_start + norm_ends[end - 1]
+            raw_end = window_start + _raw_end(window, norm_ends, end)
             if raw_end <= read_before:
                 continue
             if start == 0 and window_start > 0:
@@ -330,8 +331,23 @@ class RowReader:
             if fires is not None and fires >= first:
                 found += [SubjectHit(subject, fires, inflected=True) for subject in names]
         if matcher.spellings:
+            spelled_start = self._letters_back(start_position, first, 3 * matcher.max_length + 2)
+            if spelled_start < start_position:  # spaces or marks stretch the window: read further back
+                window_start = self.ends[spelled_start - 1] if spelled_start else 0
+                window = "".join(self.pieces[spelled_start:])
+                normalized, norm_ends = normalize_for_matching(window, matcher.fold)
             found += self._spelled_hits(matcher, normalized, norm_ends, window, window_start, read_before, first)
         return sorted(set(found), key=lambda h: (h.position, h.subject))  # independent of the matcher's layout
+
+    def _letters_back(self, start_position: int, first: int, letters: int) -> int:
+        """The latest position <= ``start_position`` from which at least ``letters`` letters (not spaces,
+        invisible characters or combining marks) are read before ``first``: the spelling stage's look-back."""
+        position, count = first, 0
+        while position > 0 and (count < letters or position > start_position):
+            position -= 1
+            count += sum(1 for char in self.pieces[position]
+                         if not (char.isspace() or unicodedata.combining(char) or is_ignorable(char)))
+        return position
 
     def _spelled_hits(self, matcher: SubjectMatcher, normalized: str, norm_ends: Sequence[int], window: str,
                       window_start: int, read_before: int, first: int) -> list[SubjectHit]:
@@ -343,7 +359,10 @@ class RowReader:
         for match, names in matcher.spelled_matches(normalized, after):
             if match.start == 0 and window_start > 0:
                 continue
-            letter_end = window_start + skip_ignorable(window, norm_ends[match.end - 2] if match.end > 1 else 0) + 1
+            letter = match.end - 1
+            while letter > 0 and norm_ends[letter - 1] == norm_ends[letter]:
+                letter -= 1  # the first character a raw one folded into ("ำ" reads as "ํา")
+            letter_end = window_start + skip_ignorable(window, norm_ends[letter - 1] if letter else 0) + 1
             if letter_end > read_before:
                 position = _first_reaching(self.ends, letter_end, first)
                 hits += [SubjectHit(subject, position, spelled=True) for subject in names]
@@ -373,6 +392,24 @@ class RowReader:
                 return None  # a word cut short ("Минари"), or nothing more read yet
             position += 1
         return None
+
+
+def _raw_end(raw: str, norm_ends: Sequence[int], end: int) -> int:
+    """Where in ``raw`` the normalised text up to ``end`` ends. Inside a cluster (a letter whose marks go on
+    after the match: "ฉ" of "ฉ่") it is the raw character's own end when the cluster kept its characters
+    one for one, so that a mark read later does not move it (the match fired at the letter's token)."""
+    cluster_end = norm_ends[end - 1]
+    if end >= len(norm_ends) or norm_ends[end] != cluster_end:
+        return cluster_end
+    first = end - 1
+    while first > 0 and norm_ends[first - 1] == cluster_end:
+        first -= 1
+    last = end
+    while last < len(norm_ends) and norm_ends[last] == cluster_end:
+        last += 1
+    start = norm_ends[first - 1] if first else 0
+    kept = [i for i in range(start, cluster_end) if not is_ignorable(raw[i])]
+    return kept[end - 1 - first] + 1 if len(kept) == last - first else cluster_end
 
 
 def _first_reaching(ends: Sequence[int], char_end: int, first: int) -> int:

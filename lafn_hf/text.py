@@ -136,6 +136,11 @@ def _folded(text: str) -> tuple[str, Sequence[int]]:
     return "".join(out), ends
 
 
+def is_ignorable(char: str) -> bool:
+    """An invisible character matching drops (zero-width space/joiners, soft hyphen, ...)."""
+    return char in _IGNORABLE
+
+
 def skip_ignorable(text: str, index: int) -> int:
     """The first index >= ``index`` of ``text`` that is not an invisible character."""
     while index < len(text) and text[index] in _IGNORABLE:

@@ -150,6 +150,24 @@ def test_spelled_mentions_fire_once_by_the_causal_rule(tokenizer: Any) -> None:
         assert reader.ends[spelled[0].position - 1] < spelled_end <= reader.ends[spelled[0].position]
 
 
+@pytest.mark.parametrize(("subjects", "text"), [
+    (["กขคงจทำ"], "กขฅงจทำxyz"),  # "ำ" folds into two characters: the hit is at the raw letter's own token
+    (["โจเซฟแปป"], "โจเซฟแปป" + " " * 45 + "จเซฟแปป"),  # spaces stretch the text: the look-back still sees it
+    (["โจเซฟแปป"], "โจเซฟแปป" + "\u0e48" * 60 + "จเซฟแปป"),  # so do marks, which the comparison leaves out
+    (["กขคงจฉ"], "กขคงจฉ\u0e48\u0e49x"),  # exact stage: marks read after the letter do not fire it again
+])
+def test_hits_read_one_character_at_a_time_equal_the_whole_text(subjects: list[str], text: str) -> None:
+    matcher = SubjectMatcher(subjects, spellings=True)
+    decode = lambda ids: "".join(map(chr, ids))  # noqa: E731  one token per character
+    whole = RowReader(decode, frozenset())
+    whole.read([ord(char) for char in text])
+    single, read = RowReader(decode, frozenset()), []
+    for position, char in enumerate(text):
+        single.read([ord(char)])
+        read += single.hits(matcher, position)
+    assert read == whole.hits(matcher, 0) and read
+
+
 def test_a_grown_matcher_finds_spelled_subjects_like_a_rebuilt_one() -> None:
     text = "โจเซฟ แพปป์ และเอื้อมารักมา และเบนี เฟเรนซี"
     grown = SubjectMatcher(["Eiffel Tower"], spellings=True)
