@@ -90,13 +90,12 @@ class SubjectMatcher:
                  spellings: bool = False) -> None:
         self.fold = fold
         self.spellings = spellings and fold
-        self._spelled = SpelledForms()
+        self._spelled = SpelledForms()  # grown by ``_add_tier`` when ``spellings``
         self.patterns: tuple[str, ...] = ()
         self.subjects_of: tuple[tuple[str, ...], ...] = ()
         self.max_length = 0
         self._tiers: list[tuple[AhoCorasick, int, frozenset[str]]] = []  # (automaton, first pattern, names)
-        cleaned = self._add_tier(subjects, spell=False)
-        self._spelled = self._spelled.extended(self._named(cleaned)) if self.spellings else self._spelled
+        cleaned = self._add_tier(subjects)
         self.inflected: frozenset[str] = frozenset()
         self._inflected = InflectedForms()
         self._set_inflected(inflected, cleaned)
@@ -107,11 +106,8 @@ class SubjectMatcher:
         new = sorted({s for s in subjects if s not in self.inflected and s in self}) if self.fold else []
         if new:
             self.inflected = self.inflected | frozenset(new)
-            named: dict[str, list[str]] = {}
-            for subject in new:
-                pattern = cleaned[subject] if cleaned and subject in cleaned else clean_subject(subject, True)
-                named.setdefault(pattern, []).append(subject)
-            self._inflected = self._inflected.extended((p, tuple(names)) for p, names in named.items())
+            patterns = {s: cleaned[s] if cleaned and s in cleaned else clean_subject(s, True) for s in new}
+            self._inflected = self._inflected.extended(self._named(patterns))
 
     @property
     def subjects(self) -> tuple[str, ...]:
@@ -158,7 +154,7 @@ class SubjectMatcher:
             named.setdefault(pattern, []).append(subject)
         return [(pattern, tuple(names)) for pattern, names in named.items()]
 
-    def _add_tier(self, subjects: Iterable[str], spell: bool = True) -> dict[str, str]:
+    def _add_tier(self, subjects: Iterable[str]) -> dict[str, str]:
         """Add a tier for ``subjects``; returns subject -> pattern for the subjects added."""
         by_pattern: dict[str, list[str]] = {}
         added: dict[str, str] = {}
@@ -178,7 +174,7 @@ class SubjectMatcher:
         self.patterns += patterns
         self.subjects_of += tuple(tuple(by_pattern[p]) for p in patterns)
         self.max_length = max(self.max_length, *(len(p) for p in patterns))
-        if spell and self.spellings:
+        if self.spellings:
             self._spelled = self._spelled.extended(self._named(added))
         return added
 
@@ -194,9 +190,14 @@ class SubjectMatcher:
         """Mentions of inflected subjects in already-normalised text with their subject names, endings unchecked."""
         return self._inflected.matches(normalized)
 
+    @property
+    def spells(self) -> bool:
+        """Does any subject take part in the spelling stage (else it costs nothing per token)?"""
+        return self.spellings and bool(self._spelled)
+
     def spelled_matches(self, normalized: str, after: int = 0) -> list[tuple[SpelledMatch, tuple[str, ...]]]:
         """Mentions spelled another way in already-normalised text ending past index ``after``, with their names."""
-        return self._spelled.matches(normalized, after) if self.spellings else []
+        return self._spelled.matches(normalized, after) if self.spells else []
 
     def find(self, text: str) -> list[SubjectMatch]:
         """Whole-text matches (both neighbours known) with offsets into ``text``; one per subject name."""
@@ -330,7 +331,7 @@ class RowReader:
             fires = self._inflected_position(match, normalized, raw_ends)
             if fires is not None and fires >= first:
                 found += [SubjectHit(subject, fires, inflected=True) for subject in names]
-        if matcher.spellings:
+        if matcher.spells:
             spelled_start = self._letters_back(start_position, first, 3 * matcher.max_length + 2)
             if spelled_start < start_position:  # spaces or marks stretch the window: read further back
                 window_start = self.ends[spelled_start - 1] if spelled_start else 0

@@ -99,7 +99,7 @@ class SpelledMatch:
 class _Tier:
     automaton: AhoCorasick
     anchors: tuple[str, ...]
-    named: dict[str, tuple[tuple[str, int, tuple[str, ...]], ...]]  # piece -> (pattern, offset, names)
+    named: dict[str, tuple[tuple[str, str, int, tuple[str, ...]], ...]]  # piece -> (pattern, form, offset, names)
 
 
 class SpelledForms:
@@ -116,8 +116,16 @@ class SpelledForms:
         self._add([(p, names) for p, names in named if spellable(p)])
 
     def __len__(self) -> int:
-        return len({(pattern, names) for tier in self._tiers for entries in tier.named.values()
-                    for pattern, _, names in entries})
+        return len(self._pairs(self._tiers))
+
+    def __bool__(self) -> bool:
+        return bool(self._tiers)
+
+    @staticmethod
+    def _pairs(tiers: Iterable[_Tier]) -> list[tuple[str, tuple[str, ...]]]:
+        """The distinct (pattern, subject names) pairs ``tiers`` hold."""
+        return list(dict.fromkeys((pattern, names) for tier in tiers for entries in tier.named.values()
+                                  for pattern, _, _, names in entries))
 
     def extended(self, named: Iterable[tuple[str, tuple[str, ...]]]) -> SpelledForms:
         """These forms and ``named`` (pattern, subject names) pairs; this object is unchanged."""
@@ -127,18 +135,17 @@ class SpelledForms:
         grown = object.__new__(SpelledForms)
         grown._tiers = self._tiers
         if len(self._tiers) >= self.max_tiers:
-            kept = {(p, names): None for tier in self._tiers[1:] for entries in tier.named.values()
-                    for p, _, names in entries}
-            new = [*kept, *new]
+            new = [*self._pairs(self._tiers[1:]), *new]
             grown._tiers = self._tiers[:1]
         grown._add(new)
         return grown
 
     def _add(self, named: list[tuple[str, tuple[str, ...]]]) -> None:
-        by_piece: dict[str, list[tuple[str, int, tuple[str, ...]]]] = {}
+        by_piece: dict[str, list[tuple[str, str, int, tuple[str, ...]]]] = {}
         for pattern, names in named:
-            for piece, offset in pieces(comparison_form(pattern)[0]):
-                by_piece.setdefault(piece, []).append((pattern, offset, names))
+            form = comparison_form(pattern)[0]
+            for piece, offset in pieces(form):
+                by_piece.setdefault(piece, []).append((pattern, form, offset, names))
         if by_piece:
             anchors = tuple(by_piece)
             automaton = AhoCorasick(list(anchors), matchkind=MatchKind.Standard)
@@ -151,17 +158,15 @@ class SpelledForms:
         form, kept = comparison_form(normalized)
         # comparison-form ends past ``after``: a candidate is worth checking only if it can end there
         first_end = next((i + 1 for i, index in enumerate(kept) if index >= after), len(form) + 1)
-        regions: dict[tuple[str, tuple[str, ...]], set[int]] = {}
+        regions: dict[tuple[str, str, tuple[str, ...]], set[int]] = {}
         for tier in self._tiers:
             for index, start, _ in tier.automaton.find_matches_as_indexes(form, overlapping=True):
-                for pattern, offset, names in tier.named[tier.anchors[index]]:
-                    length = len(comparison_form(pattern)[0])
+                for pattern, target, offset, names in tier.named[tier.anchors[index]]:
                     origin = start - offset  # where the mention would start with no edit before the piece
-                    if origin + length + length // PER_EDIT >= first_end:
-                        regions.setdefault((pattern, names), set()).add(origin)
+                    if origin + len(target) + len(target) // PER_EDIT >= first_end:
+                        regions.setdefault((pattern, target, names), set()).add(origin)
         found = []
-        for (pattern, names), origins in regions.items():
-            target, _ = comparison_form(pattern)
+        for (pattern, target, names), origins in regions.items():
             length, budget = len(target), len(target) // PER_EDIT
             ends: dict[int, int] = {}
             for origin in sorted(origins):

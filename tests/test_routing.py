@@ -171,10 +171,12 @@ def test_hits_read_one_character_at_a_time_equal_the_whole_text(subjects: list[s
 def test_a_grown_matcher_finds_spelled_subjects_like_a_rebuilt_one() -> None:
     text = "โจเซฟ แพปป์ และเอื้อมารักมา และเบนี เฟเรนซี"
     grown = SubjectMatcher(["Eiffel Tower"], spellings=True)
+    assert not grown.spells  # no subject takes part: no spelling work per token
     for subject in SPELLED:  # one tier each, merged once they pile up
         grown = grown.with_subjects([subject])
     rebuilt = SubjectMatcher(["Eiffel Tower", *SPELLED], spellings=True)
     assert grown.find(text) == rebuilt.find(text) and len(rebuilt.find(text)) == 4  # 3 spelled, "โจเซฟ"
+    assert grown.spells and len(rebuilt._spelled) == 3  # "โจเซฟ" is too short, Han never spelled another way
 
 
 def test_the_bank_routes_spelled_subjects_and_the_stage_turns_off(trained_model: Any, tokenizer: Any) -> None:
