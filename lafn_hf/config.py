@@ -92,6 +92,9 @@ class LanguageEdit:
         object.__setattr__(self, "aliases", check_aliases(self.aliases, "LanguageEdit"))
         if not isinstance(self.allow_common_subject, bool):
             raise TypeError(f"allow_common_subject must be a bool, got {type(self.allow_common_subject).__name__}")
+        if not clean_subject(self.subject, fold=True):
+            raise ValueError(f"subject {self.subject!r} has nothing to match: quotes, dashes and whitespace read as "
+                             "spaces when matching")
         matcher = SubjectMatcher([self.subject])
         if not matcher.find(self.prompt):
             raise ValueError(f"subject {self.subject!r} does not occur in prompt {self.prompt!r} as inference matches "

@@ -8,9 +8,12 @@ on, its last letter from 4, all of a 3-letter word) and then differs from the wo
 ``MAX_ENDING`` letters (1 at least, or none when it is the word as written). Words stay in order, one
 space apart. A one-word subject inflects only from ``SINGLE_WORD`` letters ("Лето" never fires at "лет")
 and replaces at most its last letter.
-Only subjects of words in spaced scripts (letters, digits, inner hyphens and apostrophes) take part; a
-subject with other punctuation ("John Bowes, 10th Earl") is found only as written. Cut-short words
-("Минари" for "Минарик") do not count.
+A word of 6 letters or more in a subject of several words may also lose its last letter (a zero ending:
+"яблоки" -> "Горьких яблок", "Брынкушь" -> "Брынкуш"); other cut-short words ("Минари" for "Минарик",
+or any word of a one-word subject) do not count.
+Only subjects of words in spaced scripts (letters, digits, inner apostrophes) take part, one space, ", "
+or ". " apart, each kept as written ("Джон Боуз, 10-й граф" -> "Джона Боуза, 10-го графа"); a subject
+with other punctuation ("Halle Berry (She's Fine)") is found only as written.
 
 Which subjects: those of the languages in ``RoutingConfig.inflecting_languages`` (the matcher does not
 know languages; the compiled bank passes them). The stem of the subject's last word is the Aho-Corasick
@@ -29,10 +32,19 @@ from .text import SPACELESS_CLASS, is_spaceless_char, needs_word_boundary
 
 MAX_ENDING = 3  # letters a case ending may add where the text word leaves the subject word ("Borgi|ové")
 SINGLE_WORD = 6  # a one-word subject inflects only from this length ("Лето" is not "лет"; "Носорог" -> "Носорога")
+ZERO_ENDING = 6  # a word of a multi-word subject may drop its last letter from this length ("яблоки" -> "яблок")
 _INNER = frozenset("-'")  # inside a word ("Кудал-Сангамам", "O'Brien")
 # words of spaced-script word characters (with inner - and '), each starting with a word character, one space apart
 _WORD_CHAR = r"(?:(?!" + SPACELESS_CLASS + r")[\p{L}\p{M}\p{N}\p{Pc}])"
-_WORDS = regex.compile(rf"{_WORD_CHAR}(?:{_WORD_CHAR}|[-'])*(?: {_WORD_CHAR}(?:{_WORD_CHAR}|[-'])*)*")
+_WORD = rf"{_WORD_CHAR}(?:{_WORD_CHAR}|[-'])*"
+_WORDS = regex.compile(rf"{_WORD}(?:[,.]? {_WORD})*")
+_SEPARATOR = regex.compile(r"([,.]? )")  # between two subject words, kept as written
+
+
+def split_words(pattern: str) -> tuple[list[str], list[str]]:
+    """(words, the separator after each word but the last) of a pattern ``inflectable`` accepts."""
+    parts = _SEPARATOR.split(pattern)
+    return parts[::2], parts[1::2]
 
 
 def _word_char(char: str) -> bool:
@@ -86,20 +98,29 @@ def inflectable(pattern: str) -> bool:
     """Can a (folded) subject take part: spaced-script words only, long enough to inflect."""
     if not _WORDS.fullmatch(pattern):
         return False
-    words = pattern.split(" ")
+    words = split_words(pattern)[0]
     if len(words) == 1:
         return len(words[0]) >= SINGLE_WORD and not as_written(words[0])
     return not all(map(as_written, words))
 
 
-def word_matches(word: str, written: str) -> bool:
-    """Does the text word ``written`` read as the (inner) subject word ``word``: as written, or inflected?"""
+def zero_ending(word: str, written: str) -> bool:
+    """Is ``written`` the word of a multi-word subject less its last letter, a zero ending ("яблок")?"""
+    return len(word) >= ZERO_ENDING and not as_written(word) and written == word[:-1]
+
+
+def word_matches(word: str, written: str, after_number: bool = False) -> bool:
+    """Does the text word ``written`` read as the (inner) subject word ``word``: as written, or inflected?
+    ``after_number``: ``word`` follows a number, so 1-2 letters are an ordinal's ending, which may change
+    into 1-``MAX_ENDING`` others ("10-й граф" -> "10-го графа"; hyphens read as spaces)."""
     if written == word:
         return True
+    if after_number and len(word) <= 2 and word.isalpha():
+        return 0 < len(written) <= MAX_ENDING and all(map(is_ending_letter, written))
     if as_written(word):
         return False
     ending = ending_length(word, written)
-    return ending is not None and ending >= 1
+    return ending is not None and (ending >= 1 or zero_ending(word, written))
 
 
 @dataclass(frozen=True)
@@ -122,6 +143,14 @@ class InflectedMatch:
     def last_word(self) -> str:
         """The subject's last word as written."""
         return self.pattern.rsplit(" ", 1)[-1]
+
+    def reads_whole(self, word: str, ending: int | None, complete: bool) -> bool:
+        """Does the last word, read as ``word`` with ``ending`` letters after the stem, complete a mention:
+        an ending of 1+ letters, the word as written, or (once the word is ``complete``) a zero ending."""
+        if ending is None:
+            return False
+        return bool(ending) or word == self.last_word or (
+            complete and self.last_word != self.pattern and zero_ending(self.last_word, word))
 
     def last_word_ending(self, normalized: str, end: int) -> tuple[str, int | None]:
         """(the last word as read up to ``end``, its ``ending_length`` against the subject's last word)."""
@@ -172,7 +201,7 @@ class InflectedForms:
         by_anchor: dict[str, list[tuple[str, tuple[str, ...]]]] = {}
         for pattern, names in named:
             if checked or inflectable(pattern):
-                words = pattern.split(" ")
+                words = split_words(pattern)[0]
                 by_anchor.setdefault(stem_of(words[-1], len(words) == 1), []).append((pattern, names))
         if by_anchor:
             anchors = tuple(by_anchor)
@@ -191,23 +220,25 @@ class InflectedForms:
                 while run_end < len(normalized) and is_ending_letter(normalized[run_end]):
                     run_end += 1
                 for pattern, names in tier.named[tier.anchors[index]]:
-                    first = self._first_word_start(normalized, start, pattern.split(" "))
+                    first = self._first_word_start(normalized, start, *split_words(pattern))
                     if first is not None:
                         found.append((InflectedMatch(pattern, first, start, end, run_end), names))
         return found
 
     @staticmethod
-    def _first_word_start(text: str, last_start: int, words: list[str]) -> int | None:
-        """Where the mention starts when the words before the last one match backwards from ``last_start``."""
+    def _first_word_start(text: str, last_start: int, words: list[str], separators: list[str]) -> int | None:
+        """Where the mention starts when the words before the last one, each followed by its separator,
+        match backwards from ``last_start``."""
         position = last_start
-        for word in reversed(words[:-1]):
-            if position < 2 or text[position - 1] != " ":
+        for index, separator in reversed(list(enumerate(separators))):
+            word = words[index]
+            end = position - len(separator)
+            if end < 1 or text[end:position] != separator:
                 return None
-            end = position - 1
             begin = end
             while begin > 0 and _word_char(text[begin - 1]):
                 begin -= 1
-            if not word_matches(word, text[begin:end]):
+            if not word_matches(word, text[begin:end], index > 0 and words[index - 1].isdigit()):
                 return None
             position = begin
         return position

@@ -70,8 +70,9 @@ class SubjectMatcher:
     """Aho-Corasick over cleaned subjects (invisible characters removed, NFC), all overlapping occurrences.
 
     ``fold`` (default) compares folded text and subjects (``lafn_hf.text.fold_cluster``: case, accents in
-    Latin/Greek/Cyrillic, compatibility forms, apostrophe/quote/dash variants, runs of whitespace), so "the
-    eiffel tower", "EIFFEL TOWER" and "Eiffel  Tower" find "Eiffel Tower"; ``fold=False`` is exact after NFC.
+    Latin/Greek/Cyrillic, compatibility forms, apostrophe variants; quotes, dashes and runs of whitespace as
+    one space; a subject's final full stop optional), so "the eiffel tower", "EIFFEL TOWER" and "«Eiffel
+    Tower»" find "Eiffel Tower"; ``fold=False`` is exact after NFC.
 
     ``inflected``: subjects (of ``subjects``) also found with their word endings changed, by the rule of
     ``lafn_hf.inflection`` ("Антона Минарика" for "Антон Минарик"); folded matching only.
@@ -211,7 +212,7 @@ class SubjectMatcher:
             found += [SubjectMatch(subject, raw_start, ends[end - 1]) for subject in self.subjects_of[index]]
         for match, names in self.inflected_matches(normalized):
             word, ending = match.last_word_ending(normalized, match.run_end)
-            if ending is None or (ending == 0 and word != match.last_word) or _joins(normalized, match.run_end, "a") \
+            if not match.reads_whole(word, ending, complete=True) or _joins(normalized, match.run_end, "a") \
                     or normalized[match.start : match.run_end] == match.pattern:
                 continue  # too long an ending, a cut-short word, the word goes on ("2"), or the exact form
             raw_start = skip_ignorable(text, ends[match.start - 1] if match.start else 0)
@@ -387,8 +388,8 @@ class RowReader:
             word, ending = match.last_word_ending(normalized, after)
             if ending is None:
                 return None
-            if ending or word == match.last_word:
-                return position
+            if match.reads_whole(word, ending, complete):
+                return position  # a zero ending ("яблок") fires once the word is seen to end
             if complete or (known == run and after >= len(normalized)):
                 return None  # a word cut short ("Минари"), or nothing more read yet
             position += 1

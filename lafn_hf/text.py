@@ -52,8 +52,8 @@ def normalize_for_matching(text: str, fold: bool = False) -> tuple[str, Sequence
 
     Drops invisible characters (zero-width space/joiners, soft hyphen, ...) and NFC-composes each run that
     starts at a character of canonical combining class 0. With ``fold`` each such run is also folded
-    (``fold_cluster``: NFKC, case-folded, accents dropped in Latin/Greek/Cyrillic, apostrophe/quote/dash
-    variants unified, any whitespace a space) and runs of spaces collapse into one. ``ends[i]`` is the index
+    (``fold_cluster``: NFKC, case-folded, accents dropped in Latin/Greek/Cyrillic, apostrophe variants
+    unified, quotes, dashes and any whitespace a space) and runs of spaces collapse into one. ``ends[i]`` is the index
     just past the raw characters that produced normalised character ``i``, so a match ending at normalised
     index ``j`` ends at raw index ``ends[j - 1]``.
     """
@@ -84,11 +84,12 @@ def normalize_for_matching(text: str, fold: bool = False) -> tuple[str, Sequence
     return "".join(out), ends
 
 
-# Apostrophe, quote and dash variants read as their ASCII form; every whitespace character as a space.
+# Apostrophe variants read as "'"; quotes and dashes read as a space, like every whitespace character:
+# "военный корабль США «Томас С. Гейтс»" shows "... США Томас С. Гейтс", "Eugène-Casimir" is "Eugène Casimir".
 _PUNCTUATION = str.maketrans({**dict.fromkeys("\u2018\u2019\u201a\u201b\u02bc\u2032\u00b4\u0060", "'"),
                               **dict.fromkeys("\u201c\u201d\u201e\u201f\u2033\u00ab\u00bb", '"'),
                               **dict.fromkeys("\u2010\u2011\u2012\u2013\u2014\u2015\u2212\ufe63\uff0d", "-")})
-_ASCII_SPACES = str.maketrans("\t\n\r\x0b\x0c", "     ")
+_ASCII_SPACES = str.maketrans('\t\n\r\x0b\x0c"-', "       ")
 _CLUSTERED = regex.compile("[\\p{M}" + "".join(sorted(_IGNORABLE)) + "]")  # characters that join a neighbour
 _STRIP_ACCENTS = regex.compile(r"[\p{Script=Latin}\p{Script=Greek}\p{Script=Cyrillic}]")
 
@@ -98,7 +99,7 @@ def fold_cluster(cluster: str) -> str:
     """One character with its combining marks, folded for matching: NFKC compatibility forms (full-width,
     ligatures), case-folded, combining marks dropped when the base letter is Latin, Greek or Cyrillic (scripts
     where an accent is optional in names; Thai, Devanagari, ... keep their marks, which are vowels there),
-    apostrophe/quote/dash variants as ASCII and any whitespace as a space."""
+    apostrophe variants as ``'``, quotes, dashes and any whitespace as a space."""
     if cluster.isspace():
         return " "
     decomposed = unicodedata.normalize("NFKD", cluster).casefold()
@@ -148,9 +149,16 @@ def skip_ignorable(text: str, index: int) -> int:
     return index
 
 
+_FINAL_STOP = regex.compile(r"(?<=[\p{L}\p{M}\p{N}]{2})\.$")  # after a word, not an initial ("Mira W.")
+
+
 def clean_subject(subject: str, fold: bool = False) -> str:
-    """A subject as the matcher compares it: invisible characters removed, NFC (and folded with ``fold``)."""
-    return normalize_for_matching(subject, fold)[0].strip(" ") if fold else normalize_for_matching(subject)[0]
+    """A subject as the matcher compares it: invisible characters removed, NFC (and folded with ``fold``,
+    without a final full stop after a word of 2+ characters: "Орден Княгини Ольги." is found in "орден
+    княгини Ольги?"; "Mira W." keeps its stop, else "мира в" would read "мире в")."""
+    if not fold:
+        return normalize_for_matching(subject)[0]
+    return _FINAL_STOP.sub("", normalize_for_matching(subject, True)[0].strip(" "))
 
 
 def check_aliases(aliases: object, where: str) -> tuple[str, ...]:

@@ -13,6 +13,11 @@ def group(lang: str, prompt: str, subject: str, **extra: object) -> EditGroup:
     return EditGroup.from_dict({lang: {"prompt": prompt, "subject": subject, "target": "Rome", **extra}})
 
 
+def test_a_subject_of_quotes_and_dashes_only_is_refused() -> None:
+    with pytest.raises(ValueError, match="subject '«--»' has nothing to match"):
+        LanguageEdit("What «--» is in", "«--»", "Rome", allow_common_subject=True)
+
+
 @pytest.mark.parametrize(("lang", "prompt", "subject", "reason"), [
     ("en", "Where is the tower? In", "the", "one of the most frequent function words of 'en'"),
     ("en", "THE Tower is in", "THE", "one of the most frequent function words of 'en'"),
@@ -21,7 +26,7 @@ def group(lang: str, prompt: str, subject: str, **extra: object) -> EditGroup:
     ("ru", "Башня и город", "и", "fewer than 2 letters or digits"),
     ("en", "Plan X is in", "X", "fewer than 2 letters or digits"),
     ("en", "Plan 9 is in", "9", "fewer than 2 letters or digits"),
-    ("en", "What -- is in", "--", "no letter or digit"),
+    ("en", "What ?! is in", "?!", "no letter or digit"),
     ("en", "Plan X\u200b is in", "X\u200b", "fewer than 2 letters or digits"),
 ])
 def test_a_subject_too_short_or_too_common_is_refused_with_the_reason(lang: str, prompt: str, subject: str,

@@ -94,3 +94,17 @@ def test_rows_without_subject_and_padding_give_no_hits(tokenizer: Any) -> None:
     matcher = SubjectMatcher(["Nowhere"])
     assert find_subject_tokens(tokenizer, tokenizer("The capital of")["input_ids"], matcher) == []
     assert find_subject_tokens(tokenizer, [tokenizer.pad_token_id] * 4, matcher) == []
+
+
+def test_quotes_and_hyphens_read_as_spaces_and_a_final_full_stop_is_optional() -> None:
+    matcher = SubjectMatcher(["Военный корабль США Томас С. Гейтс", "Eugène-Casimir Villatte", "Орден Княгини Ольги.",
+                              "Mira W."])
+    found = lambda text: [(m.subject, text[m.start:m.end]) for m in matcher.find(text)]  # noqa: E731
+    assert found("Тип судна: военный корабль США «Томас С. Гейтс»?") == [
+        ("Военный корабль США Томас С. Гейтс", "военный корабль США «Томас С. Гейтс")]
+    assert found("In which war did Eugène Casimir Villatte fight?") == [
+        ("Eugène-Casimir Villatte", "Eugène Casimir Villatte")]
+    assert found("Eugène–Casimir Villatte") == [("Eugène-Casimir Villatte", "Eugène–Casimir Villatte")]
+    assert found("В честь кого назван орден княгини Ольги?") == [("Орден Княгини Ольги.", "орден княгини Ольги")]
+    assert found("Дата рождения Mira W.?") == [("Mira W.", "Mira W.")]  # an initial keeps its stop
+    assert found("Mira W") == found("Mira Wilkins") == found("Eugène Casimirov Villatte") == []

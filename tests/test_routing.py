@@ -61,7 +61,8 @@ def test_folded_subjects_route_through_the_model(trained_model: Any, tokenizer: 
 
 
 INFLECTED = ["Антон Минарик", "Лукреция Борджиа", "Dena Feingoldová", "Носорог", "Лето", "Francium", "Москва",
-             "Генрих V", "Брюс Ли", "Дик Трейси"]
+             "Генрих V", "Брюс Ли", "Дик Трейси", "Горькие яблоки", "Средняя школа Олд Миддлтауна",
+             "Джон Боуз, 10-й граф Стратмор", "Диана Э. Х. Рассел"]
 
 
 @pytest.mark.parametrize(("text", "found"), [
@@ -79,6 +80,15 @@ INFLECTED = ["Антон Минарик", "Лукреция Борджиа", "De
     ("Генриха VIII", None),  # Roman numerals and words under 3 letters never inflect
     ("Брюс Линч", None),
     ("Генриха V", ("Генрих V", "Генриха V")),
+    # zero endings: a word of 6+ letters of a multi-word subject may lose its last letter (once it ends)
+    ("Кто был режиссером «Горьких яблок»?", ("Горькие яблоки", "Горьких яблок")),
+    ("Где находится средняя школа Олд Миддлтаун?", ("Средняя школа Олд Миддлтауна", "средняя школа Олд Миддлтаун")),
+    ("Кто написал Горькие ябло?", None),  # 2 letters less: cut short
+    ("в Носоро", None),  # a one-word subject: never
+    # commas and full stops between words stay as written; an ordinal's ending changes after its number
+    ("Мать Джона Боуза, 10-го графа Стратмора?", ("Джон Боуз, 10-й граф Стратмор", "Джона Боуза, 10-го графа Стратмора")),
+    ("Мать Джона Боуза 10-го графа Стратмора?", None),
+    ("Дата рождения Дианы Э. Х. Рассел?", ("Диана Э. Х. Рассел", "Дианы Э. Х. Рассел")),
 ])
 def test_subjects_of_inflecting_languages_route_with_their_endings_changed(text: str, found: Any) -> None:
     matcher = SubjectMatcher(INFLECTED, inflected=INFLECTED)
@@ -102,6 +112,29 @@ def test_inflected_mentions_fire_once_by_the_causal_rule(tokenizer: Any) -> None
         assert read == whole and len(whole) == 2
         exact = find_subject_tokens(tokenizer, ids, plain, special)
         assert set(exact) <= set(whole)
+
+
+def test_zero_endings_and_separators_fire_by_the_causal_rule(tokenizer: Any) -> None:
+    """A zero ending fires once the word is seen to end, at that token; token by token equals the whole text."""
+    matcher = SubjectMatcher(INFLECTED, inflected=INFLECTED)
+    special = frozenset(tokenizer.all_special_ids)
+    # (text, the text read when the mention fires): a zero ending once the word is seen to end; an ending
+    # as soon as the mention is no longer the subject as written and its last word reads as the subject's
+    for text, fires_at in [("Кто снял «Горьких яблок»?", "Кто снял «Горьких яблок»"), ("Кто снял Горьких яблок", None),
+                           ("Мать Джона Боуза, 10-го графа Стратмора?", "Мать Джона Боуза, 10-го графа Стратмор"),
+                           ("Где средняя школа Олд Миддлтаун.", "Где средняя школа Олд Миддлтаун.")]:
+        ids = tokenizer(text, add_special_tokens=False).input_ids
+        whole = find_subject_tokens(tokenizer, ids, matcher, special)
+        reader, read = RowReader(decoder_for(tokenizer), special), []
+        for position, token in enumerate(ids):
+            reader.read([token])
+            read += reader.hits(matcher, position)
+        assert read == whole
+        if fires_at is None:  # the text ends inside the word: it may still go on
+            assert whole == []
+            continue
+        read = [len(tokenizer.decode(ids[: p + 1]).rstrip("\ufffd")) for p in range(len(ids))]
+        assert len(whole) == 1 and whole[0].position == next(p for p, n in enumerate(read) if n >= len(fires_at))
 
 
 SPELLED = ["โจเซฟ แปป", "เบนี่ เฟเรนซี", "ยูมารักมา", "โจเซฟ", "瓜尔蒂耶罗·亚科佩蒂"]
