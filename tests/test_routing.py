@@ -10,12 +10,12 @@ import pytest
 import torch
 from transformers import DynamicCache
 
-from lafn_hf import BankEntry, EditableCausalLM, EditBank, LafnConfig, LanguageEdit
+from lafn_hf import BankEntry, EditableCausalLM, EditBank, EditGroup, LafnConfig, LanguageEdit
 from lafn_hf.bank import KeySpace, RoutingKey
 from lafn_hf.hub import load_bank, save_bank
 from lafn_hf.matcher import RowReader, SubjectMatcher, decoder_for, find_subject_tokens
 from lafn_hf.routing import RoutingConfig, layer_inputs, routes
-from lafn_hf.routing.keys import key_space, negative_states
+from lafn_hf.routing.keys import calibrate_key_space, entry_key, head_states, key_space, negative_states, subject_head
 
 from .conftest import fact_group, greedy, make_entry, random_model
 
@@ -404,6 +404,27 @@ def test_edit_stores_a_calibrated_key_and_unrelated_prompts_stay_bit_exact(
     without = EditableCausalLM(trained_model.__class__.from_pretrained(Path(tokenizer.name_or_path)).eval(), tokenizer,
                                routing=RoutingConfig(representation=False))
     assert without.bank.get(without.edit(fact_group(facts, 0, 1)).entry_id).key is None
+
+
+@pytest.mark.parametrize(("subject", "head"), [
+    ("Suryamani massacre", "massacre"), ("苏里亚马尼大屠杀", "大屠杀"), ("约翰·布莱恩·泰勒", "泰勒"), ("Francium", None),
+    ("Rom", None)])
+def test_the_head_of_a_subject_names_its_kind(subject: str, head: str | None) -> None:
+    assert subject_head(subject) == head
+
+
+def test_a_key_does_not_fire_at_its_subjects_head_alone(trained_model: Any, tokenizer: Any,
+                                                        facts: dict[str, Any]) -> None:
+    """The key of "Marbrafi Thofilun" is calibrated above the state at "Thofilun" standing alone (on the toy
+    the first edited layer reads embeddings, so the two states are the same: the key must not fire there)."""
+    first, second = (facts["facts"][i]["en"]["subject"] for i in (0, 1))
+    editable = EditableCausalLM(trained_model, tokenizer)
+    space, negatives = calibrate_key_space(trained_model, tokenizer, 0)
+    group = EditGroup({"en": LanguageEdit(f"The capital of {first} {second} is", f"{first} {second}", "Notes")})
+    key = entry_key(trained_model, tokenizer, group, space, negatives, editable.routing)
+    assert key is not None and key.threshold == 1.0
+    (alone,) = head_states(trained_model, tokenizer, group, space)
+    assert float(alone @ key.vector) > 0.99  # the same token's embedding
 
 
 def test_banks_keep_aliases_and_keys_bit_exact(tmp_path: Path, tokenizer: Any) -> None:

@@ -34,6 +34,7 @@ from ..bank import BankEntry, EditBank, KeySpace, RoutingKey
 from ..config import EditGroup
 from ..matcher import SubjectMatcher, find_subject_tokens
 from ..scope import ForwardScope
+from ..text import is_spaceless_char
 from ..tokens import pad_batch, pad_id
 from .config import RoutingConfig
 
@@ -127,8 +128,43 @@ def entry_key(model: nn.Module, tokenizer: Any, group: EditGroup, space: KeySpac
     key = torch.stack(per_language).mean(dim=0)
     key = (key / key.norm().clamp_min(1e-12)).contiguous()
     highest = float((negatives @ key).max()) if negatives.numel() else -1.0
+    heads = head_states(model, tokenizer, group, space)
+    if heads.numel():
+        highest = max(highest, float((heads @ key).max()))
     threshold = min(1.0, max(routing.threshold_floor, highest + routing.threshold_margin))
     return RoutingKey(space, key, threshold)
+
+
+def subject_head(subject: str) -> str | None:
+    """The end of a subject that names its kind rather than the entity: the last word in scripts written
+    with spaces ("massacre" of "Suryamani massacre") or apart by a middle dot ("泰勒" of "约翰·布莱恩·泰勒"), the
+    last third (2+ characters) of a subject written without spaces ("大屠杀" of "苏里亚马尼大屠杀"); ``None`` for
+    a subject of one word (or under 4 characters)."""
+    words = subject.replace("\u00b7", " ").replace("\u30fb", " ").split()  # "约翰·布莱恩·泰勒": words apart by ·
+    if len(words) > 1:
+        return words[-1]
+    if len(subject) >= 4 and all(is_spaceless_char(char) for char in subject[-2:]):
+        return subject[-max(2, -(-len(subject) // 3)):]
+    return None
+
+
+def head_states(model: nn.Module, tokenizer: Any, group: EditGroup, space: KeySpace) -> torch.Tensor:
+    """Projected states at the head of each language's subject standing alone in its edit prompt ("What's the
+    significance of the massacre?"): hard negatives, since a small model's state at a subject's last token
+    can say more about its kind than about the entity (measured on Gemma-3-270M: "Innsbruck Cathedral"'s key
+    fired at "the Florence cathedral", "Suryamani massacre"'s at "the Boston massacre"). (N, hidden)."""
+    texts, heads = [], []
+    for edit in group.edits.values():
+        head = subject_head(edit.subject)
+        if head is not None and edit.subject in edit.prompt:
+            texts.append(edit.prompt.replace(edit.subject, head, 1))
+            heads.append(head)
+    vectors = []
+    for (ids, hidden), head in zip(layer_inputs(model, tokenizer, texts, space.layer), heads):
+        positions = [hit.position for hit in find_subject_tokens(tokenizer, ids, SubjectMatcher([head]))]
+        if positions:
+            vectors.append(space.project(hidden[positions[:1]]))
+    return torch.cat(vectors) if vectors else torch.zeros(0)
 
 
 def separate(bank: EditBank, entry: BankEntry, margin: float) -> tuple[BankEntry, list[BankEntry]]:
