@@ -8,8 +8,10 @@ dimension over the tokens of a small built-in multilingual set of unrelated sent
 (``data/negatives.json``). Without the scaling a few large dimensions decide every cosine (measured on
 Gemma-3-270M: unrelated MzsRE questions then came within 0.1 of most keys).
 
-The threshold of a key is calibrated on the same negatives: the highest cosine any of their tokens reaches
-with the key, plus ``RoutingConfig.threshold_margin``, and at least ``RoutingConfig.threshold_floor``; then
+The threshold of a key is calibrated on the same negatives and on the subject's head standing alone in
+each edit prompt (``head_states``: "massacre" for "Suryamani massacre"): the highest cosine any of their
+tokens reaches with the key, plus ``RoutingConfig.threshold_margin``, and at least
+``RoutingConfig.threshold_floor``; then
 against the bank's other keys (``separate``): never below the highest cosine with another entry's key plus
 the margin (and the other entry's threshold rises likewise), since other subjects are what a key is most
 easily confused with (measured on MzsRE dev: without it another item's entry fired on 5-45% of questions).
