@@ -108,16 +108,34 @@ def fold_cluster(cluster: str) -> str:
     return unicodedata.normalize("NFC", decomposed.translate(_PUNCTUATION)).translate(_ASCII_SPACES)
 
 
+_SPACE_RUN = regex.compile("  +")
+
+
+def _one_space(folded: str) -> tuple[str, Sequence[int]]:
+    """``folded`` (one character per raw character) with each run of spaces read as one, and the ends."""
+    if "  " not in folded:
+        return folded, range(1, len(folded) + 1)
+    out: list[str] = []
+    ends: list[int] = []
+    kept = 0
+    for run in _SPACE_RUN.finditer(folded):
+        start, end = run.span()
+        out.append(folded[kept : start + 1])
+        ends.extend(range(kept + 1, start + 1))
+        ends.append(end)  # the kept space stands for the whole run
+        kept = end
+    out.append(folded[kept:])
+    ends.extend(range(kept + 1, len(folded) + 1))
+    return "".join(out), ends
+
+
 def _folded(text: str) -> tuple[str, Sequence[int]]:
-    if text.isascii():
-        lowered = text.lower().translate(_ASCII_SPACES)
-        if "  " not in lowered:
-            return lowered, range(1, len(text) + 1)  # the common case: one character each
-    elif not _CLUSTERED.search(text):  # no marks or invisible characters: each character folds alone
+    if text.isascii():  # the common case: one character each
+        return _one_space(text.lower().translate(_ASCII_SPACES))
+    if not _CLUSTERED.search(text):  # no marks or invisible characters: each character folds alone
         pieces = list(map(fold_cluster, text))
-        folded = "".join(pieces)
-        if len(folded) == len(text) and all(len(piece) == 1 for piece in pieces) and "  " not in folded:
-            return folded, range(1, len(text) + 1)
+        if all(len(piece) == 1 for piece in pieces):
+            return _one_space("".join(pieces))
     out: list[str] = []
     ends: list[int] = []
     start = 0

@@ -108,3 +108,11 @@ def test_quotes_and_hyphens_read_as_spaces_and_a_final_full_stop_is_optional() -
     assert found("В честь кого назван орден княгини Ольги?") == [("Орден Княгини Ольги.", "орден княгини Ольги")]
     assert found("Дата рождения Mira W.?") == [("Mira W.", "Mira W.")]  # an initial keeps its stop
     assert found("Mira W") == found("Mira Wilkins") == found("Eugène Casimirov Villatte") == []
+
+
+def test_folding_reads_quote_dash_and_space_runs_as_one_space_with_exact_offsets() -> None:
+    from lafn_hf.text import normalize_for_matching
+    for text in ('a "b" - c', "a «b» — c", "A \u201cb\u201d \u2013 c"):
+        folded, ends = normalize_for_matching(text, fold=True)
+        assert folded == "a b c", text
+        assert list(ends)[:2] == [1, 3] and list(ends)[-1] == len(text)
