@@ -5,8 +5,8 @@ Feingoldové" while the edit names "Лукреция Борджиа" and "Dena F
 written here; one rule covers the suffixing languages, in folded text (``lafn_hf.text``): a text word
 reads as a subject word when it keeps the word's stem (the word less its last 2 letters from 6 letters
 on, its last letter from 4, all of a 3-letter word) and then differs from the word in at most
-``MAX_ENDING`` letters (1 at least, or none when it is the word as written). Words stay in order, one
-space apart. A one-word subject inflects only from ``SINGLE_WORD`` letters ("Лето" never fires at "лет")
+``MAX_ENDING`` letters (1 at least, or none when it is the word as written). Words stay in order, apart
+as in the subject. A one-word subject inflects only from ``SINGLE_WORD`` letters ("Лето" never fires at "лет")
 and replaces at most its last letter.
 A word of 6 letters or more in a subject of several words may also lose its last letter (a zero ending:
 "яблоки" -> "Горьких яблок", "Брынкушь" -> "Брынкуш"); other cut-short words ("Минари" for "Минарик",
@@ -33,8 +33,9 @@ from .text import SPACELESS_CLASS, is_spaceless_char, needs_word_boundary
 MAX_ENDING = 3  # letters a case ending may add where the text word leaves the subject word ("Borgi|ové")
 SINGLE_WORD = 6  # a one-word subject inflects only from this length ("Лето" is not "лет"; "Носорог" -> "Носорога")
 ZERO_ENDING = 6  # a word of a multi-word subject may drop its last letter from this length ("яблоки" -> "яблок")
-_INNER = frozenset("-'")  # inside a word ("Кудал-Сангамам", "O'Brien")
-# words of spaced-script word characters (with inner - and '), each starting with a word character, one space apart
+_INNER = frozenset("-'")  # inside a word ("O'Brien"; folded text reads hyphens as spaces)
+# words of spaced-script word characters (with inner - and '), each starting with a word character,
+# one space, ", " or ". " apart
 _WORD_CHAR = r"(?:(?!" + SPACELESS_CLASS + r")[\p{L}\p{M}\p{N}\p{Pc}])"
 _WORD = rf"{_WORD_CHAR}(?:{_WORD_CHAR}|[-'])*"
 _WORDS = regex.compile(rf"{_WORD}(?:[,.]? {_WORD})*")
