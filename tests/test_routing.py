@@ -97,19 +97,27 @@ def test_subjects_of_inflecting_languages_route_with_their_endings_changed(text:
         assert SubjectMatcher(INFLECTED).find(text) == []  # without the inflection stage: missed
 
 
+def hits_token_by_token(tokenizer: Any, matcher: SubjectMatcher, text: str) -> tuple[list[int], list[Any]]:
+    """(the text's ids, its hits) after checking that reading it token by token gives the whole text's hits."""
+    special = frozenset(tokenizer.all_special_ids)
+    ids = tokenizer(text, add_special_tokens=False).input_ids
+    whole = find_subject_tokens(tokenizer, ids, matcher, special)
+    reader, read = RowReader(decoder_for(tokenizer), special), []
+    for position, token in enumerate(ids):
+        reader.read([token])
+        read += reader.hits(matcher, position)
+    assert read == whole
+    return ids, whole
+
+
 def test_inflected_mentions_fire_once_by_the_causal_rule(tokenizer: Any) -> None:
     """Token by token equals the whole text; one hit per mention; the exact form fires where it did."""
     matcher, plain = SubjectMatcher(INFLECTED, inflected=INFLECTED), SubjectMatcher(INFLECTED)
     special = frozenset(tokenizer.all_special_ids)
     for text in ["Кто мать Антона Минарика и Лукреции Борджиа?", "Антон Минарик и Антон Минарика",
                  "Москве, Москва"]:
-        ids = tokenizer(text, add_special_tokens=False).input_ids
-        whole = find_subject_tokens(tokenizer, ids, matcher, special)
-        reader, read = RowReader(decoder_for(tokenizer), special), []
-        for position, token in enumerate(ids):
-            reader.read([token])
-            read += reader.hits(matcher, position)
-        assert read == whole and len(whole) == 2
+        ids, whole = hits_token_by_token(tokenizer, matcher, text)
+        assert len(whole) == 2
         exact = find_subject_tokens(tokenizer, ids, plain, special)
         assert set(exact) <= set(whole)
 
@@ -117,19 +125,12 @@ def test_inflected_mentions_fire_once_by_the_causal_rule(tokenizer: Any) -> None
 def test_zero_endings_and_separators_fire_by_the_causal_rule(tokenizer: Any) -> None:
     """A zero ending fires once the word is seen to end, at that token; token by token equals the whole text."""
     matcher = SubjectMatcher(INFLECTED, inflected=INFLECTED)
-    special = frozenset(tokenizer.all_special_ids)
     # (text, the text read when the mention fires): a zero ending once the word is seen to end; an ending
     # as soon as the mention is no longer the subject as written and its last word reads as the subject's
     for text, fires_at in [("Кто снял «Горьких яблок»?", "Кто снял «Горьких яблок»"), ("Кто снял Горьких яблок", None),
                            ("Мать Джона Боуза, 10-го графа Стратмора?", "Мать Джона Боуза, 10-го графа Стратмор"),
                            ("Где средняя школа Олд Миддлтаун.", "Где средняя школа Олд Миддлтаун.")]:
-        ids = tokenizer(text, add_special_tokens=False).input_ids
-        whole = find_subject_tokens(tokenizer, ids, matcher, special)
-        reader, read = RowReader(decoder_for(tokenizer), special), []
-        for position, token in enumerate(ids):
-            reader.read([token])
-            read += reader.hits(matcher, position)
-        assert read == whole
+        ids, whole = hits_token_by_token(tokenizer, matcher, text)
         if fires_at is None:  # the text ends inside the word: it may still go on
             assert whole == []
             continue
