@@ -303,11 +303,7 @@ class RowReader:
         if not len(matcher) or first >= len(self.ends):
             return []
         read_before = self.ends[first - 1] if first > 0 else 0
-        # the window starts at a position boundary, >= 4x the longest subject (+16) before the new text
-        start_position = bisect.bisect_right(self.ends, read_before - 4 * matcher.max_length - 16)
-        window_start = self.ends[start_position - 1] if start_position else 0
-        window = "".join(self.pieces[start_position:])
-        normalized, norm_ends = normalize_for_matching(window, matcher.fold)
+        start_position, window_start, window, normalized, norm_ends = self._window(matcher, read_before)
         found = []
         for index, start, end in matcher.raw_matches(normalized):
             pattern = matcher.patterns[index]
@@ -340,6 +336,22 @@ class RowReader:
                 normalized, norm_ends = normalize_for_matching(window, matcher.fold)
             found += self._spelled_hits(matcher, normalized, norm_ends, window, window_start, read_before, first)
         return sorted(set(found), key=lambda h: (h.position, h.subject))  # independent of the matcher's layout
+
+    def _window(self, matcher: SubjectMatcher, read_before: int) -> tuple[int, int, str, str, Sequence[int]]:
+        """(first position, its raw offset, raw text, normalised text, ends) of the text matched at a step.
+
+        It starts at a position boundary >= 4x the longest subject (+16) raw characters before the new text,
+        and further back while fewer than 2x that (+16) normalised characters lie before it (zero-width
+        characters and runs of spaces read as little or nothing: a mention may stretch over many)."""
+        reach, needed = 4 * matcher.max_length + 16, 2 * matcher.max_length + 16
+        while True:
+            start_position = bisect.bisect_right(self.ends, read_before - reach)
+            window_start = self.ends[start_position - 1] if start_position else 0
+            window = "".join(self.pieces[start_position:])
+            normalized, norm_ends = normalize_for_matching(window, matcher.fold)
+            if not start_position or bisect.bisect_right(norm_ends, read_before - window_start) >= needed:
+                return start_position, window_start, window, normalized, norm_ends
+            reach *= 4
 
     def _letters_back(self, start_position: int, first: int, letters: int) -> int:
         """The latest position <= ``start_position`` from which at least ``letters`` letters (not spaces,

@@ -567,3 +567,14 @@ def test_separating_a_merged_bank_equals_editing_into_one_bank(tokenizer: Any) -
     assert thresholds[0] == pytest.approx(thresholds[1], abs=1e-6)
     assert changed == sum(t > 0.3 for t in thresholds[1]) >= 3
     assert [e.id for e in merged] == [e.id for e in entries]
+
+
+@pytest.mark.parametrize("text", [
+    "Where is the Eif" + "\u200b" * 80 + "fel Tower?", "Where is the Eiffel" + " " * 120 + "Tower?",
+    "Where is the Eiffel" + "\u200b \u00ad" * 30 + "Tower?", "Кто мать Антона" + " \u200b" * 60 + "Минарика?"])
+def test_a_mention_stretched_by_invisible_characters_or_spaces_fires_token_by_token(tokenizer: Any, text: str) -> None:
+    """The look-back counts what matching reads, not raw characters: a mention with a long run of
+    zero-width characters or spaces inside fires reading token by token, as in the whole text."""
+    matcher = SubjectMatcher(["Eiffel Tower", "Антон Минарик"], inflected=["Антон Минарик"])
+    _, whole = hits_token_by_token(tokenizer, matcher, text)
+    assert len(whole) == 1
