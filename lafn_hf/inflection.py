@@ -33,11 +33,11 @@ from .text import SPACELESS_CLASS, is_spaceless_char, needs_word_boundary
 MAX_ENDING = 3  # letters a case ending may add where the text word leaves the subject word ("Borgi|ové")
 SINGLE_WORD = 6  # a one-word subject inflects only from this length ("Лето" is not "лет"; "Носорог" -> "Носорога")
 ZERO_ENDING = 6  # a word of a multi-word subject may drop its last letter from this length ("яблоки" -> "яблок")
-_INNER = frozenset("-'")  # inside a word ("O'Brien"; folded text reads hyphens as spaces)
-# words of spaced-script word characters (with inner - and '), each starting with a word character,
+_INNER = frozenset("'")  # inside a word ("O'Brien"; folded text reads hyphens as spaces, so "-" never occurs)
+# words of spaced-script word characters (with inner '), each starting with a word character,
 # one space, ", " or ". " apart
 _WORD_CHAR = r"(?:(?!" + SPACELESS_CLASS + r")[\p{L}\p{M}\p{N}\p{Pc}])"
-_WORD = rf"{_WORD_CHAR}(?:{_WORD_CHAR}|[-'])*"
+_WORD = rf"{_WORD_CHAR}(?:{_WORD_CHAR}|')*"
 _WORDS = regex.compile(rf"{_WORD}(?:[,.]? {_WORD})*")
 _SEPARATOR = regex.compile(r"([,.]? )")  # between two subject words, kept as written
 

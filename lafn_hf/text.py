@@ -87,8 +87,8 @@ def normalize_for_matching(text: str, fold: bool = False) -> tuple[str, Sequence
 # Apostrophe variants read as "'"; quotes and dashes read as a space, like every whitespace character:
 # "военный корабль США «Томас С. Гейтс»" shows "... США Томас С. Гейтс", "Eugène-Casimir" is "Eugène Casimir".
 _PUNCTUATION = str.maketrans({**dict.fromkeys("\u2018\u2019\u201a\u201b\u02bc\u2032\u00b4\u0060", "'"),
-                              **dict.fromkeys("\u201c\u201d\u201e\u201f\u2033\u00ab\u00bb", '"'),
-                              **dict.fromkeys("\u2010\u2011\u2012\u2013\u2014\u2015\u2212\ufe63\uff0d", "-")})
+                              **dict.fromkeys("\u201c\u201d\u201e\u201f\u2033\u00ab\u00bb", " "),
+                              **dict.fromkeys("\u2010\u2011\u2012\u2013\u2014\u2015\u2212\ufe63\uff0d", " ")})
 _ASCII_SPACES = str.maketrans('\t\n\r\x0b\x0c"-', "       ")
 _CLUSTERED = regex.compile("[\\p{M}" + "".join(sorted(_IGNORABLE)) + "]")  # characters that join a neighbour
 _STRIP_ACCENTS = regex.compile(r"[\p{Script=Latin}\p{Script=Greek}\p{Script=Cyrillic}]")
