@@ -1,16 +1,21 @@
 """Tokens/s of EditableCausalLM.generate vs plain generate, in one process (Gemma-3-270M by default).
 
-Banks with 0, 1 and 10,000 entries, each with a routing key (the representation stage compares every
-token's hidden state with all keys; ``--no-keys`` for lexical routing only); a prompt that matches a bank
-subject and one that does not. Prints time ratios edited/plain (targets: <= 1.02 without a match, <= 1.05
-with one; routing: <= 1.05 at 10k entries).
+Banks with 0, 1 and 10,000 entries (``--counts``), each with a routing key (the representation stage compares
+every token's hidden state with all keys; ``--no-keys`` for lexical routing only); a prompt that matches a bank
+subject and one that does not. Edited and plain runs alternate; prints the median of the paired time ratios
+edited/plain (targets: <= 1.02 without a match, <= 1.05 with one; routing: <= 1.05 at 10k entries) and the
+best-of ratio. The empty bank runs no routing at all: its spread is this machine's noise.
 
     python benchmarks/generate_overhead.py [--model gemma-3-270m|tiny-bilingual] [--new-tokens 32]
+        [--counts 0,1,10000,100000]
 """
 
 from __future__ import annotations
 
 import argparse
+import cProfile
+import pstats
+import statistics
 import time
 from typing import Any
 
@@ -28,14 +33,30 @@ def run_once(model: Any, encoded: Any, new_tokens: int) -> float:
     return time.perf_counter() - start
 
 
-def best_times(model: EditableCausalLM, encoded: Any, new_tokens: int, repeats: int) -> tuple[float, float]:
-    """(edited, plain) best-of-``repeats`` seconds, the two interleaved so drift hits both alike."""
+def paired_times(model: EditableCausalLM, encoded: Any, new_tokens: int, repeats: int) -> tuple[list[float], list[float]]:
+    """(edited, plain) seconds of ``repeats`` runs each, alternated so drift hits both alike."""
     edited, plain = [], []
     for _ in range(repeats):
         edited.append(run_once(model, encoded, new_tokens))
         with model.edits_disabled():
             plain.append(run_once(model, encoded, new_tokens))
-    return min(edited), min(plain)
+    return edited, plain
+
+
+def hook_share(model: EditableCausalLM, encoded: Any, new_tokens: int) -> float:
+    """Share of an edited ``generate()``'s time spent in lafn_hf code entered from outside it (the hooks: reading,
+    matching, key comparison, dV plans), measured under cProfile: a within-run share, free of run-to-run noise."""
+    profile = cProfile.Profile()
+    profile.enable()
+    start = time.perf_counter()
+    model.generate(**encoded, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False)
+    total = time.perf_counter() - start
+    profile.disable()
+    ours = 0.0
+    for (filename, _, name), (*_, callers) in pstats.Stats(profile).stats.items():  # type: ignore[attr-defined]
+        if "lafn_hf" in filename and name != "generate":
+            ours += sum(timing[3] for caller, timing in callers.items() if "lafn_hf" not in caller[0])
+    return ours / total
 
 
 def synthetic_bank(count: int, layers: tuple[int, ...], size: int, subject: str | None,
@@ -59,7 +80,8 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--model", default="gemma-3-270m")
     parser.add_argument("--new-tokens", type=int, default=32)
-    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--counts", default="0,1,10000", help="bank sizes, comma-separated")
     parser.add_argument("--no-keys", action="store_true", help="entries without routing keys (lexical routing only)")
     args = parser.parse_args()
     torch.set_num_threads(2)
@@ -68,18 +90,21 @@ def main() -> None:
     size = model.base_ref.intermediate_size
     space = None if args.no_keys else calibrate_key_space(model.model, model.tokenizer, min(layers))[0]
     prompts = {"match": "The Eiffel Tower is located in the city of", "no match": "The capital of Japan is a city that"}
-    print(f"model {args.model}, {args.new_tokens} new tokens, best of {args.repeats}, "
+    print(f"model {args.model}, {args.new_tokens} new tokens, {args.repeats} alternating runs each, "
           f"{'no routing keys' if space is None else 'every entry with a routing key'}")
-    print("| bank entries | prompt | plain tok/s | edited tok/s | time ratio edited/plain |")
-    print("| --- | --- | --- | --- | --- |")
-    for count in (0, 1, 10_000):
+    print("| bank entries | prompt | plain tok/s | edited tok/s | ratio edited/plain (median of pairs) | best/best "
+          "| lafn_hf hooks' share (profiled) |")
+    print("| --- | --- | --- | --- | --- | --- | --- |")
+    for count in (int(c) for c in args.counts.split(",")):
         model.set_bank(synthetic_bank(count, layers, size, "Eiffel Tower", space))
         for label, prompt in prompts.items():
             encoded = model.tokenizer(prompt, return_tensors="pt")
             run_once(model, encoded, 2)  # warm-up (and matcher build)
-            edited, plain = best_times(model, encoded, args.new_tokens, args.repeats)
-            print(f"| {count} | {label} | {args.new_tokens / plain:.1f} | {args.new_tokens / edited:.1f} "
-                  f"| {edited / plain:.3f} |")
+            edited, plain = paired_times(model, encoded, args.new_tokens, args.repeats)
+            ratio = statistics.median(e / p for e, p in zip(edited, plain))
+            share = 100 * hook_share(model, encoded, args.new_tokens)
+            print(f"| {count} | {label} | {args.new_tokens / min(plain):.1f} | {args.new_tokens / min(edited):.1f} "
+                  f"| {ratio:.3f} | {min(edited) / min(plain):.3f} | {share:.1f}% |", flush=True)
 
 
 if __name__ == "__main__":
