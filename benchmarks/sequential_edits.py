@@ -11,8 +11,8 @@ At each checkpoint N the script answers, greedily through ``generate()`` with th
 - a fixed set of unrelated ``loc`` questions (MzsRE's locality questions of the last items; they never name
   an edited subject): the share whose answer equals the unedited model's.
 
-It prints one line per checkpoint. Resumable: the bank is saved at every checkpoint under OUT/bank and each
-edit is one line of OUT/edits.jsonl; a rerun continues after the last saved checkpoint.
+It prints one line per checkpoint. Resumable: the bank is saved under OUT/bank every ``--save-every`` edits
+and at every checkpoint, each edit is one line of OUT/edits.jsonl; a rerun continues after the last save.
 
     python benchmarks/sequential_edits.py --edits 1000 --out seq-gemma          # hours on 2 CPU cores
     python benchmarks/sequential_edits.py --edits 6 --checkpoints 3,6 --sample 3 --out /tmp/seq   # smoke run
@@ -83,8 +83,11 @@ def main() -> None:
     parser.add_argument("--checkpoints", default="10,100,250,500,1000")
     parser.add_argument("--sample", type=int, default=50, help="earlier edits checked per checkpoint")
     parser.add_argument("--unrelated", type=int, default=50, help="unrelated loc questions checked")
+    parser.add_argument("--save-every", type=int, default=10, help="edits between bank saves (resume points)")
     parser.add_argument("--out", type=Path, default=Path("seq-edits"))
     args = parser.parse_args()
+    if args.save_every < 1:
+        parser.error(f"--save-every must be >= 1, got {args.save_every}")
     checkpoints = sorted({int(c) for c in args.checkpoints.split(",") if int(c) <= args.edits} | {args.edits})
     torch.manual_seed(0)
     records = edit_records(args.data_dir, args.langs.split(","))
@@ -120,8 +123,9 @@ def main() -> None:
         with log.open("a") as handle:
             handle.write(json.dumps(made[-1]) + "\n")
         position += 1
-        if len(made) in checkpoints:
+        if len(made) in checkpoints or len(made) % args.save_every == 0:
             model.save_pretrained(args.out / "bank")
+        if len(made) in checkpoints:
             print(checkpoint(edited, made, records, unrelated, reference, args.sample), flush=True)
     if made and len(made) not in checkpoints:  # the records ran out (refusals): keep what was made
         model.save_pretrained(args.out / "bank")

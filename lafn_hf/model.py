@@ -29,7 +29,7 @@ from .config import EditGroup, LafnConfig, subject_problem
 from .hub import BaseModelRef, is_bank_dir, load_bank, parse_base_model, push_bank, resolve_bank_dir, save_bank
 from .inject import BankInjector, bank_disabled
 from .locate import LocatedNeurons, locate_neurons
-from .optimize import OptimizationResult, optimize_update
+from .optimize import OptimizationResult, PrefixCache, optimize_update
 from .optimize_many import optimize_updates
 from .preflight import check_context, warn_if_slow_dtype
 from .routing.config import RoutingConfig
@@ -103,6 +103,7 @@ class EditableCausalLM(nn.Module):
                  routing: RoutingConfig | None = None) -> None:
         super().__init__()
         self._edit_lock = threading.Lock()
+        self._prefixes = PrefixCache()  # the random prefixes of Eq. 7, shared by this model's edits
         if routing is not None and not isinstance(routing, RoutingConfig):
             raise TypeError(f"routing must be a RoutingConfig, got {type(routing).__name__}")
         self._key_spaces: dict[int, tuple[KeySpace, torch.Tensor]] = {}  # layer -> (space, projected negatives)
@@ -303,7 +304,7 @@ class EditableCausalLM(nn.Module):
         with self._edit_lock, self.edits_disabled():  # edits of one model run one at a time; inference never waits
             located = locate_neurons(self.model, self.tokenizer, group, layers, config)
             optimized = optimize_update(self.model, self.tokenizer, group, located.shared, config,
-                                        _show_progress(progress))
+                                        _show_progress(progress), self._prefixes)
             key = self._routing_key(group, layers, config)
             # stored under the lock: a concurrent edit's key calibration sees this entry, and this one its
             return self._store(group, config, layers, located, optimized, key, metadata, entry_id, started)
@@ -399,7 +400,7 @@ class EditableCausalLM(nn.Module):
                 except (ValueError, TypeError, RuntimeError) as error:
                     outcome[position] = error
             optimized = optimize_updates(self.model, self.tokenizer, [g for _, g, _ in ready],
-                                         [located.shared for _, _, located in ready], config)
+                                         [located.shared for _, _, located in ready], config, self._prefixes)
             for (position, group, located), result in zip(ready, optimized):
                 try:
                     if isinstance(result, Exception):

@@ -9,6 +9,8 @@ Eq. 9: L = lambda_1 L_target + lambda_2 L_kl
 from __future__ import annotations
 
 import logging
+import threading
+from collections import OrderedDict
 from collections.abc import Iterator, Sequence
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
@@ -88,6 +90,38 @@ def sample_prefixes(model: nn.Module, tokenizer: Any, languages: Sequence[str], 
         )
     texts = [nfc(" ".join(t.split())) for t in tokenizer.batch_decode(output[:, 1:], skip_special_tokens=True)]
     return {lang: texts[i * config.num_prefixes : (i + 1) * config.num_prefixes] for i, lang in enumerate(languages)}
+
+
+class PrefixCache:
+    """Memoised ``sample_prefixes`` for the edits of one model: the base weights never change under LAFN, so
+    the prefixes depend only on the number of languages, the prefix settings, the seed and the device.
+    (A caller that changes the base weights itself should make a new cache.) Thread-safe; bounded."""
+
+    def __init__(self, limit: int = 32) -> None:
+        self._limit = limit
+        self._entries: OrderedDict[tuple[Any, ...], list[str]] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def __repr__(self) -> str:
+        return f"PrefixCache({len(self._entries)} of {self._limit})"
+
+    def get(self, model: nn.Module, tokenizer: Any, languages: Sequence[str], config: LafnConfig) -> dict[str, list[str]]:
+        parameter = next(model.parameters())
+        key = (len(languages), config.num_prefixes, config.prefix_length, config.seed, str(parameter.device),
+               parameter.dtype)
+        with self._lock:
+            texts = self._entries.get(key)
+            if texts is not None:
+                self._entries.move_to_end(key)
+        if texts is None:
+            sampled = sample_prefixes(model, tokenizer, [str(i) for i in range(len(languages))], config)
+            texts = [text for i in range(len(languages)) for text in sampled[str(i)]]
+            with self._lock:
+                self._entries[key] = texts
+                while len(self._entries) > self._limit:
+                    self._entries.popitem(last=False)
+        count = config.num_prefixes
+        return {lang: texts[i * count : (i + 1) * count] for i, lang in enumerate(languages)}
 
 
 _ANSWER_ENDS = frozenset(",.;:!?\u3002\uff0c\u3001\uff1b\uff1a\uff01\uff1f")  # , . ; : ! ? and their CJK forms
@@ -249,15 +283,17 @@ def sequence_losses(logits: torch.Tensor, batch: TrainingBatch) -> tuple[torch.T
 
 
 def optimize_update(model: nn.Module, tokenizer: Any, group: EditGroup, neurons: dict[int, torch.Tensor],
-                    config: LafnConfig, progress: bool = False) -> OptimizationResult:
-    """Adam on dV (zero init, float32) minimising Eq. 9; early stop on L_target; norm clamp per layer."""
+                    config: LafnConfig, progress: bool = False, prefixes: PrefixCache | None = None,
+                    ) -> OptimizationResult:
+    """Adam on dV (zero init, float32) minimising Eq. 9; early stop on L_target; norm clamp per layer.
+    ``prefixes``: a cache of the sampled prefixes shared by the edits of one model (sampled anew without)."""
     layers = sorted(layer for layer, idx in neurons.items() if idx.numel())
     if not layers:
         raise ValueError("no language-agnostic neurons were located in any edited layer; lower beta")
     device = next(model.parameters()).device
     boundaries = answer_boundaries(model, tokenizer, group) if config.answer_boundary else None
-    batch = build_batch(tokenizer, group, sample_prefixes(model, tokenizer, group.languages, config), config, device,
-                        boundaries)
+    sampled = (prefixes or PrefixCache()).get(model, tokenizer, group.languages, config)
+    batch = build_batch(tokenizer, group, sampled, config, device, boundaries)
     neuron_index = {layer: neurons[layer].to(device) for layer in layers}
     deltas = {layer: torch.zeros(neuron_index[layer].numel(), device=device, requires_grad=True) for layer in layers}
     optimizer = torch.optim.Adam(list(deltas.values()), lr=config.learning_rate)

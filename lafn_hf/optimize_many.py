@@ -23,13 +23,13 @@ from .config import EditGroup, LafnConfig
 from .inject import LayerPlan, ValueInjection
 from .optimize import (
     OptimizationResult,
+    PrefixCache,
     TrainingBatch,
     _BaseRun,
     _clamp,
     answer_boundaries,
     build_batch,
     eval_mode,
-    sample_prefixes,
     selected_logits,
     sequence_losses,
     upper_layers_only,
@@ -86,19 +86,20 @@ def pack(batches: Sequence[TrainingBatch], padding_id: int) -> _Packed:
 
 def optimize_updates(model: nn.Module, tokenizer: Any, groups: Sequence[EditGroup],
                      neurons: Sequence[dict[int, torch.Tensor]], config: LafnConfig,
-                     ) -> list[OptimizationResult | Exception]:
+                     prefixes: PrefixCache | None = None) -> list[OptimizationResult | Exception]:
     """``optimize_update`` for several groups at once (see the module docstring); per group its result or the
     error that kept it out (e.g. a target that produces no tokens)."""
     device = next(model.parameters()).device
     outcome: list[OptimizationResult | Exception] = [ValueError("not optimised")] * len(groups)
     members, batches = [], []
+    prefixes = prefixes or PrefixCache()
     for g, (group, located) in enumerate(zip(groups, neurons)):
         try:
             if not any(idx.numel() for idx in located.values()):
                 raise ValueError("no language-agnostic neurons were located in any edited layer; lower beta")
             boundaries = answer_boundaries(model, tokenizer, group) if config.answer_boundary else None
-            prefixes = sample_prefixes(model, tokenizer, group.languages, config)
-            batches.append(build_batch(tokenizer, group, prefixes, config, device, boundaries))
+            sampled = prefixes.get(model, tokenizer, group.languages, config)
+            batches.append(build_batch(tokenizer, group, sampled, config, device, boundaries))
             members.append(g)
         except (ValueError, TypeError, RuntimeError) as error:
             outcome[g] = error

@@ -292,3 +292,27 @@ def test_answer_ending_is_the_punctuation_right_after_the_first_word() -> None:
              "Jean-Pierre Dupont.": "", "l'Italie.": ".", "(Rome)": "", "Paris is the capital.": "", "": "",
              "Rome": "", "Rome's capital": ""}
     assert {answer: answer_ending(answer) for answer in cases} == cases
+
+
+def test_edits_of_one_model_sample_the_prefixes_once_and_equal_fresh_edits(
+        trained_model: Any, tokenizer: Any, facts: dict[str, Any], monkeypatch: pytest.MonkeyPatch) -> None:
+    import lafn_hf.optimize as optimize
+
+    config = LafnConfig(layers=(0, 1), steps=4, early_stop_loss=0.0, min_target_probability=0.0)
+    fresh = []
+    for source in (2, 4):
+        wrapped = EditableCausalLM(trained_model, tokenizer)
+        fresh.append(wrapped.edit(fact_group(facts, source, source + 1), config))
+        wrapped.unwrap()
+    calls = []
+    monkeypatch.setattr(optimize, "sample_prefixes", lambda *a: calls.append(a) or sample_prefixes(*a))
+    editable = EditableCausalLM(trained_model, tokenizer)
+    shared = [editable.edit(fact_group(facts, s, s + 1), config) for s in (2, 4)]
+    assert len(calls) == 1
+    for one, other in zip(fresh, shared):
+        assert one.loss_curve == other.loss_curve and one.target_probabilities == other.target_probabilities
+    prefixes = optimize.PrefixCache()
+    two = prefixes.get(trained_model, tokenizer, ["en", "zh"], config)
+    assert two == sample_prefixes(trained_model, tokenizer, ["en", "zh"], config)
+    assert prefixes.get(trained_model, tokenizer, ["de", "fr"], config) == {"de": two["en"], "fr": two["zh"]}
+    assert len(calls) == 2 and repr(prefixes) == "PrefixCache(1 of 32)"
