@@ -22,7 +22,9 @@ to and including that token.
   with their word endings changed, once per mention, at the first token whose text shows the mention is
   not the subject as written ("Антона Минарика" at "ка" of "Мин|ари|ка"); as written, the rules above apply.
   Like "Rome" before "o", a word whose ending later runs past the limit ("Моск|вич|ами") has fired by
-  then; ``find``, which sees whole words, does not count it.
+  then; ``find``, which sees whole words, does not count it. Their multi-word subjects also fire with
+  the words reordered or derived (``lafn_hf.reorder``: "собор Инсбрука" for "Инсбрукский собор"), once
+  per mention, at the first token whose text makes the mention one.
 - Spelled subjects (``lafn_hf.spelling``; with ``spellings``, folded matching only): subjects written in Thai,
   Lao, Khmer or Myanmar script also fire spelled another way (a transliteration variant), at the token that
   reads the mention's last letter.
@@ -39,6 +41,7 @@ from typing import Any
 from ahocorasick_rs import AhoCorasick, MatchKind
 
 from .inflection import InflectedForms, InflectedMatch
+from .reorder import ReorderedForms, ReorderedMatch, mention
 from .spelling import SpelledForms, SpelledMatch
 from .text import clean_subject, is_ignorable, needs_word_boundary, normalize_for_matching, skip_ignorable
 
@@ -99,6 +102,7 @@ class SubjectMatcher:
         cleaned = self._add_tier(subjects)
         self.inflected: frozenset[str] = frozenset()
         self._inflected = InflectedForms()
+        self._reordered = ReorderedForms()
         self._set_inflected(inflected, cleaned)
 
     def _set_inflected(self, subjects: Iterable[str], cleaned: Mapping[str, str] | None = None) -> None:
@@ -108,7 +112,9 @@ class SubjectMatcher:
         if new:
             self.inflected = self.inflected | frozenset(new)
             patterns = {s: cleaned[s] if cleaned and s in cleaned else clean_subject(s, True) for s in new}
-            self._inflected = self._inflected.extended(self._named(patterns))
+            named = self._named(patterns)
+            self._inflected = self._inflected.extended(named)
+            self._reordered = self._reordered.extended(named)
 
     @property
     def subjects(self) -> tuple[str, ...]:
@@ -191,6 +197,14 @@ class SubjectMatcher:
         """Mentions of inflected subjects in already-normalised text with their subject names, endings unchecked."""
         return self._inflected.matches(normalized)
 
+    def reordered_matches(self, normalized: str) -> list[tuple[ReorderedMatch, tuple[str, ...]]]:
+        """Mentions of inflected subjects reordered or derived in already-normalised text, with their names."""
+        return self._reordered.matches(normalized) if self._reordered else []
+
+    def reorder_candidates(self, normalized: str) -> list[tuple[str, tuple[str, ...], int]]:
+        """(pattern, names, anchor start) of the reorder stage's anchors in already-normalised text."""
+        return self._reordered.candidates(normalized) if self._reordered else []
+
     @property
     def spells(self) -> bool:
         """Does any subject take part in the spelling stage (else it costs nothing per token)?"""
@@ -217,9 +231,11 @@ class SubjectMatcher:
                 continue  # too long an ending, a cut-short word, the word goes on ("2"), or the exact form
             raw_start = skip_ignorable(text, ends[match.start - 1] if match.start else 0)
             found += [SubjectMatch(subject, raw_start, ends[match.run_end - 1]) for subject in names]
-        for spelled, names in self.spelled_matches(normalized):
-            raw_start = skip_ignorable(text, ends[spelled.start - 1] if spelled.start else 0)
-            found += [SubjectMatch(subject, raw_start, ends[spelled.end - 1]) for subject in names]
+        mentions: list[tuple[SpelledMatch | ReorderedMatch, tuple[str, ...]]] = [
+            *self.spelled_matches(normalized), *self.reordered_matches(normalized)]
+        for span, names in mentions:
+            raw_start = skip_ignorable(text, ends[span.start - 1] if span.start else 0)
+            found += [SubjectMatch(subject, raw_start, ends[span.end - 1]) for subject in names]
         return sorted(set(found), key=lambda m: (m.end, m.start, m.subject))
 
 
@@ -328,6 +344,7 @@ class RowReader:
             fires = self._inflected_position(match, normalized, raw_ends)
             if fires is not None and fires >= first:
                 found += [SubjectHit(subject, fires, inflected=True) for subject in names]
+        found += self._reordered_hits(matcher, normalized, norm_ends, window, window_start, read_before, first)
         if matcher.spells:
             spelled_start = self._letters_back(start_position, first, 3 * matcher.max_length + 2)
             if spelled_start < start_position:  # spaces or marks stretch the window: read further back
@@ -352,6 +369,28 @@ class RowReader:
             if not start_position or bisect.bisect_right(norm_ends, read_before - window_start) >= needed:
                 return start_position, window_start, window, normalized, norm_ends
             reach *= 4
+
+    def _reordered_hits(self, matcher: SubjectMatcher, normalized: str, norm_ends: Sequence[int], window: str,
+                        window_start: int, read_before: int, first: int) -> list[SubjectHit]:
+        """Reordered mentions that fire at positions >= ``first``: each at the first position whose text
+        makes it a mention (judged on the text up to that position only), once per mention."""
+        hits, seen = [], set()
+        for pattern, names, anchor in matcher.reorder_candidates(normalized):
+            position = _first_reaching(self.ends, window_start + norm_ends[anchor], 0)
+            reach = anchor + 2 * len(pattern) + 8  # a mention around the anchor ends before this
+            while position < len(self.ends):
+                cut = bisect.bisect_right(norm_ends, self.ends[position] - window_start)
+                match = mention(pattern, normalized[:cut], anchor)
+                if match is not None:
+                    fresh = (pattern, match.start) not in seen and not (match.start == 0 and window_start > 0)
+                    seen.add((pattern, match.start))
+                    if fresh and position >= first:
+                        hits += [SubjectHit(subject, position, inflected=True) for subject in names]
+                    break
+                if cut >= min(reach, len(normalized)):
+                    break
+                position += 1
+        return hits
 
     def _letters_back(self, start_position: int, first: int, letters: int) -> int:
         """The latest position <= ``start_position`` from which at least ``letters`` letters (not spaces,

@@ -138,6 +138,43 @@ def test_zero_endings_and_separators_fire_by_the_causal_rule(tokenizer: Any) -> 
         assert len(whole) == 1 and whole[0].position == next(p for p, n in enumerate(read) if n >= len(fires_at))
 
 
+REORDERED = ["Инсбрукский собор", "Калифорнийская туманность", "Мост гроба Декстера", "Кассиопея Карлик",
+             "Принц Карл Иоганн Лихтенштейна", "Носорог"]
+
+
+@pytest.mark.parametrize(("text", "found"), [
+    ("В честь кого назван собор Инсбрука?", ("Инсбрукский собор", "собор Инсбрука")),  # reordered, derived
+    ("Где находится туманность Калифорния?", ("Калифорнийская туманность", "туманность Калифорния")),
+    ("Через какую реку пересекает мост Декстера-Гроба?", ("Мост гроба Декстера", "мост Декстера-Гроба")),
+    ("Когда открыта карликовая Кассиопея?", ("Кассиопея Карлик", "карликовая Кассиопея")),
+    ("Кто мать принца Карла Иоганна Лихтенштейнского?", None),  # in order: the inflection stage's
+    ("собор и Инсбрук", None),  # no word may stand between them ("и" is "and"; "в" would be "in")
+    ("собор в Инсбруке", None),
+    ("туманность Калифорнийскими", ("Калифорнийская туманность", "туманность Калифорнийскими")),
+    ("Когда открыта карликовостями Кассиопея?", None),  # a derivation adds at most 6 letters ("овостями": 8)
+    ("туманность Калифо", None),  # keeps too little of "калифорнийская"
+    ("Мост гроба Декстера", ("Мост гроба Декстера", "Мост гроба Декстера")),  # as written: the exact stage
+])
+def test_multi_word_subjects_of_inflecting_languages_route_reordered_or_derived(text: str, found: Any) -> None:
+    matcher = SubjectMatcher(REORDERED, inflected=REORDERED)
+    assert [(m.subject, text[m.start:m.end]) for m in matcher.find(text)] == ([found] if found else [])
+    if found and found[0] != found[1]:
+        assert SubjectMatcher(REORDERED).find(text) == []  # without the inflection stages: missed
+
+
+def test_reordered_mentions_fire_once_by_the_causal_rule(tokenizer: Any) -> None:
+    """Token by token equals the whole text; one hit per mention; the form as written and runs in the
+    subject's order fire by the exact and inflection stages only."""
+    matcher = SubjectMatcher(REORDERED, inflected=REORDERED)
+    for text, count in [("собор Инсбрука и туманность Калифорния?", 2), ("Мост гроба Декстера", 1),
+                        ("мост Декстера гроба, мост Декстера гроба", 2), ("мост гроба Декст", 0)]:
+        ids, whole = hits_token_by_token(tokenizer, matcher, text)
+        assert len(whole) == count, (text, whole)
+        assert all(hit.inflected for hit in whole) == (text != "Мост гроба Декстера")
+    ids, whole = hits_token_by_token(tokenizer, matcher, "мать принца Карла Иоганна Лихтенштейнского")
+    assert len(whole) == 1  # in order: the inflection stage alone, at "Лихтенштейнс"
+
+
 SPELLED = ["โจเซฟ แปป", "เบนี่ เฟเรนซี", "ยูมารักมา", "โจเซฟ", "瓜尔蒂耶罗·亚科佩蒂"]
 
 
@@ -247,6 +284,18 @@ def test_the_bank_inflects_the_subjects_of_inflecting_languages_only(trained_mod
     with pytest.raises(TypeError, match="inflecting_languages must be a tuple of language codes, got 'ru'"):
         RoutingConfig(inflecting_languages="ru")  # type: ignore[arg-type]
     assert RoutingConfig(inflecting_languages=("RU",)).inflects("ru_RU")
+
+
+def test_the_bank_reorders_the_subjects_of_inflecting_languages_only(trained_model: Any, tokenizer: Any) -> None:
+    editable = EditableCausalLM(trained_model, tokenizer)
+    russian = editable.add_entry(make_entry({"ru": "Инсбрукский собор"}, layers=(0, 1)))
+    english = editable.add_entry(make_entry({"en": "Cathedral Innsbruck"}, layers=(0, 1), seed=1))
+    texts = ["В честь кого назван собор Инсбрука?", "Who built the Innsbruck Cathedral?"]
+    assert [[r.entry_id for r in found] for found in routes(editable, texts)] == [[russian], []]
+    editable.remove_edit(russian)  # the incremental update drops it from the reorder stage too
+    assert [[r.entry_id for r in found] for found in routes(editable, texts)] == [[], []]
+    editable.routing = RoutingConfig(inflecting_languages=("en",))
+    assert [[r.entry_id for r in found] for found in routes(editable, texts)] == [[], [english]]
 
 
 def test_an_entry_found_twice_at_one_token_fires_once(trained_model: Any, tokenizer: Any) -> None:

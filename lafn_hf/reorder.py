@@ -1,0 +1,169 @@
+"""Multi-word subjects of inflecting languages found with their words reordered or derived.
+
+Questions name a subject in a construction of their own: "собор Инсбрука" for "Инсбрукский собор",
+"туманность Калифорния" for "Калифорнийская туманность", "мост Декстера-Гроба" for "Мост гроба
+Декстера". One rule, no per-language grammar, in folded text: a run of text words
+is a mention when its words match the subject's words one for one in any order, each as written, inflected
+(``lafn_hf.inflection.word_matches``) or *derived*: it keeps the subject word's first max(``DERIVED_KEEP``,
+length - ``DERIVED_DROP``) letters and adds at most ``DERIVED_ADD`` letters ("инсбрукский" -> "инсбрука",
+"карлик" -> "карликовая"). The words stand next to each other: a word between them is not allowed, since
+no rule without word lists tells "собор в Инсбруке" (in) from "собор и Инсбрук" (and). A run in
+the subject's order is left to the exact and inflection stages (a partly read word there may yet become the
+form as written).
+Subjects take part when the inflection stage takes them (``lafn_hf.inflection.inflectable``), have two to
+``MAX_WORDS`` words and one word that may derive (``DERIVED_KEEP`` letters or more, ending in a letter).
+
+Causal (the matcher's rule): a mention fires at the first token at which the text read so far makes it one,
+once per mention (its first word's start); a last word still being read counts as far as it is read, so a
+word that later runs past ``DERIVED_ADD`` letters has fired by then. Candidates come from an Aho-Corasick
+automaton over each subject's anchor: the first letters every matching form of its longest derivable word
+keeps.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+
+import regex
+from ahocorasick_rs import AhoCorasick, MatchKind
+
+from .inflection import _WORD, as_written, inflectable, is_ending_letter, split_words, stem_of, word_matches
+
+DERIVED_KEEP = 5  # letters of the subject word a derived word keeps at least
+DERIVED_DROP = 5  # final letters of the subject word a derivation may replace ("калифорн|ийская" -> "калифорни|я")
+DERIVED_ADD = 6  # letters a derivation may add after what it keeps ("лихтенштейн|ского")
+MAX_WORDS = 6
+_TEXT_WORD = regex.compile(_WORD)
+_SPACES = regex.compile(r",? {1,2}")  # what may separate two words of a mention (folded text: one space mostly)
+
+
+def common_prefix(one: str, other: str) -> int:
+    length = 0
+    while length < min(len(one), len(other)) and one[length] == other[length]:
+        length += 1
+    return length
+
+
+def derived(word: str, written: str) -> bool:
+    """Does ``written`` read as a derivation of the subject word ``word`` (module docstring)?"""
+    if len(word) < DERIVED_KEEP or as_written(word):
+        return False
+    kept = common_prefix(word, written)
+    added = written[kept:]
+    return kept >= max(DERIVED_KEEP, len(word) - DERIVED_DROP) and len(added) <= DERIVED_ADD and \
+        all(map(is_ending_letter, added))
+
+
+def reorderable(pattern: str) -> bool:
+    """Can a (folded) subject be found reordered or derived?"""
+    if not inflectable(pattern):
+        return False
+    words = split_words(pattern)[0]
+    return 2 <= len(words) <= MAX_WORDS and any(len(w) >= DERIVED_KEEP and not as_written(w) for w in words)
+
+
+def anchor_of(pattern: str) -> str:
+    """The first letters that every form of the subject's longest derivable word keeps."""
+    word = max((w for w in split_words(pattern)[0] if len(w) >= DERIVED_KEEP and not as_written(w)), key=len)
+    return word[: min(DERIVED_KEEP, len(stem_of(word)))]
+
+
+@dataclass(frozen=True)
+class ReorderedMatch:
+    """A mention of ``pattern`` over characters [start, end) of normalised text."""
+
+    pattern: str
+    start: int
+    end: int
+
+
+def _reads_as(word: str, written: str) -> bool:
+    return word_matches(word, written) or derived(word, written)
+
+
+def _assign(words: list[str], written: list[str]) -> bool:
+    """Can every subject word be matched to its own text word (each as written, inflected or derived)?"""
+    if not words:
+        return True
+    first, rest = words[0], words[1:]
+    return any(_reads_as(first, w) and _assign(rest, written[:i] + written[i + 1:])
+               for i, w in enumerate(written))
+
+
+def _runs(spans: list[tuple[int, int]], text: str, around: int, size: int) -> Iterator[tuple[int, int]]:
+    """(first, last) word indices of runs of ``size`` consecutive text words that contain word ``around``."""
+    for first in range(max(0, around - size + 1), min(around, len(spans) - size) + 1):
+        last = first + size - 1
+        if all(_SPACES.fullmatch(text[spans[i][1] : spans[i + 1][0]]) for i in range(first, last)):
+            yield first, last
+
+
+class ReorderedForms:
+    """The reorder rule over folded subject patterns, each with its subject names; grows by ``extended``
+    (a new small automaton per growth, merged into one when they pile up, like ``InflectedForms``)."""
+
+    max_tiers = 4
+
+    def __init__(self, named: Iterable[tuple[str, tuple[str, ...]]] = ()) -> None:
+        self._tiers: tuple[tuple[AhoCorasick, tuple[str, ...], dict[str, list[tuple[str, tuple[str, ...]]]]], ...] = ()
+        self._add([(p, names) for p, names in named if reorderable(p)])
+
+    def __len__(self) -> int:
+        return sum(len(pairs) for _, _, by_anchor in self._tiers for pairs in by_anchor.values())
+
+    def __bool__(self) -> bool:
+        return bool(self._tiers)
+
+    def extended(self, named: Iterable[tuple[str, tuple[str, ...]]]) -> ReorderedForms:
+        """These forms and ``named`` (pattern, subject names) pairs; this object is unchanged."""
+        new = [(pattern, names) for pattern, names in named if reorderable(pattern)]
+        if not new:
+            return self
+        grown = object.__new__(ReorderedForms)
+        grown._tiers = self._tiers
+        if len(self._tiers) >= self.max_tiers:
+            new = [pair for _, _, by_anchor in self._tiers[1:] for pairs in by_anchor.values() for pair in pairs] + new
+            grown._tiers = self._tiers[:1]
+        grown._add(new)
+        return grown
+
+    def _add(self, named: list[tuple[str, tuple[str, ...]]]) -> None:
+        by_anchor: dict[str, list[tuple[str, tuple[str, ...]]]] = {}
+        for pattern, names in named:
+            by_anchor.setdefault(anchor_of(pattern), []).append((pattern, names))
+        if by_anchor:
+            anchors = tuple(by_anchor)
+            self._tiers = (*self._tiers, (AhoCorasick(list(anchors), matchkind=MatchKind.Standard), anchors, by_anchor))
+
+    def candidates(self, normalized: str) -> list[tuple[str, tuple[str, ...], int]]:
+        """(pattern, subject names, anchor start) of every subject anchor at a word start of the text."""
+        found = []
+        for automaton, anchors, by_anchor in self._tiers:
+            for index, start, _ in automaton.find_matches_as_indexes(normalized, overlapping=True):
+                if start == 0 or not _TEXT_WORD.match(normalized, start - 1):
+                    found += [(pattern, names, start) for pattern, names in by_anchor[anchors[index]]]
+        return found
+
+    def matches(self, normalized: str) -> list[tuple[ReorderedMatch, tuple[str, ...]]]:
+        """Every mention in already-normalised text (the earliest run around each anchor), with its names."""
+        found: dict[tuple[str, int], tuple[ReorderedMatch, tuple[str, ...]]] = {}
+        for pattern, names, anchor in self.candidates(normalized):
+            match = mention(pattern, normalized, anchor)
+            if match is not None:
+                found.setdefault((pattern, match.start), (match, names))
+        return list(found.values())
+
+
+def mention(pattern: str, text: str, anchor: int) -> ReorderedMatch | None:
+    """The earliest mention of ``pattern`` whose words include the one starting at ``anchor``, if any."""
+    words = split_words(pattern)[0]
+    spans = [m.span() for m in _TEXT_WORD.finditer(text)]
+    around = next((i for i, (start, _) in enumerate(spans) if start == anchor), None)
+    if around is None:
+        return None
+    for first, last in _runs(spans, text, around, len(words)):
+        written = [text[s:e] for s, e in spans[first : last + 1]]
+        if not all(map(_reads_as, words, written)) and _assign(words, written):
+            return ReorderedMatch(pattern, spans[first][0], spans[last][1])
+    return None
