@@ -373,10 +373,15 @@ class RowReader:
     def _reordered_hits(self, matcher: SubjectMatcher, normalized: str, norm_ends: Sequence[int], window: str,
                         window_start: int, read_before: int, first: int) -> list[SubjectHit]:
         """Reordered mentions that fire at positions >= ``first``: each at the first position whose text
-        makes it a mention (judged on the text up to that position only), once per mention."""
+        makes it a mention (judged on the text up to that position only), once per mention; a run in the
+        subject's order not where the inflection stage fires on it."""
+        candidates = matcher.reorder_candidates(normalized)
+        if not candidates:
+            return []
+        raw_ends = [window_start + e for e in norm_ends]
         hits, seen = [], set()
-        for pattern, names, anchor in matcher.reorder_candidates(normalized):
-            position = _first_reaching(self.ends, window_start + norm_ends[anchor], 0)
+        for pattern, names, anchor in candidates:
+            position = _first_reaching(self.ends, raw_ends[anchor], 0)
             reach = anchor + 2 * len(pattern) + 8  # a mention around the anchor ends before this
             while position < len(self.ends):
                 cut = bisect.bisect_right(norm_ends, self.ends[position] - window_start)
@@ -384,13 +389,19 @@ class RowReader:
                 if match is not None:
                     fresh = (pattern, match.start) not in seen and not (match.start == 0 and window_start > 0)
                     seen.add((pattern, match.start))
-                    if fresh and position >= first:
+                    if fresh and position >= first and not (
+                            match.in_order and self._inflection_fires(matcher, pattern, match.start, normalized, raw_ends)):
                         hits += [SubjectHit(subject, position, inflected=True) for subject in names]
                     break
                 if cut >= min(reach, len(normalized)):
                     break
                 position += 1
         return hits
+
+    def _inflection_fires(self, matcher: SubjectMatcher, pattern: str, start: int, normalized: str,
+                          raw_ends: Sequence[int]) -> bool:
+        return any(m.pattern == pattern and m.start == start and self._inflected_position(m, normalized, raw_ends)
+                   is not None for m, _ in matcher.inflected_matches(normalized))
 
     def _letters_back(self, start_position: int, first: int, letters: int) -> int:
         """The latest position <= ``start_position`` from which at least ``letters`` letters (not spaces,

@@ -8,8 +8,10 @@ is a mention when its words match the subject's words one for one in any order, 
 length - ``DERIVED_DROP``) letters and adds at most ``DERIVED_ADD`` letters ("инсбрукский" -> "инсбрука",
 "карлик" -> "карликовая"). The words stand next to each other: a word between them is not allowed, since
 no rule without word lists tells "собор в Инсбруке" (in) from "собор и Инсбрук" (and). A run in
-the subject's order is left to the exact and inflection stages (a partly read word there may yet become the
-form as written).
+the subject's order belongs to the exact and inflection stages unless a word of it is derived ("принца
+Карла Иоганна Лихтенштейнского" for "Принц Карл Иоганн Лихтенштейна"); then it counts once its last word
+has ended (a word still being read may yet become the form as written) and where the inflection stage,
+read token by token, has not fired on it ("Лихтенштейнс|кого" reads as an ending at "с").
 Subjects take part when the inflection stage takes them (``lafn_hf.inflection.inflectable``), have two to
 ``MAX_WORDS`` words and one word that may derive (``DERIVED_KEEP`` letters or more, ending in a letter).
 
@@ -71,11 +73,13 @@ def anchor_of(pattern: str) -> str:
 
 @dataclass(frozen=True)
 class ReorderedMatch:
-    """A mention of ``pattern`` over characters [start, end) of normalised text."""
+    """A mention of ``pattern`` over characters [start, end) of normalised text; ``in_order``: its words
+    stand in the subject's order (one of them derived)."""
 
     pattern: str
     start: int
     end: int
+    in_order: bool = False
 
 
 def _reads_as(word: str, written: str) -> bool:
@@ -164,6 +168,10 @@ def mention(pattern: str, text: str, anchor: int) -> ReorderedMatch | None:
         return None
     for first, last in _runs(spans, text, around, len(words)):
         written = [text[s:e] for s, e in spans[first : last + 1]]
-        if not all(map(_reads_as, words, written)) and _assign(words, written):
-            return ReorderedMatch(pattern, spans[first][0], spans[last][1])
+        start, end = spans[first][0], spans[last][1]
+        if all(map(_reads_as, words, written)):  # in the subject's order
+            if not all(map(word_matches, words, written)) and end < len(text):
+                return ReorderedMatch(pattern, start, end, in_order=True)
+        elif _assign(words, written):
+            return ReorderedMatch(pattern, start, end)
     return None

@@ -13,7 +13,7 @@ from transformers import DynamicCache
 from lafn_hf import BankEntry, EditableCausalLM, EditBank, EditGroup, LafnConfig, LanguageEdit
 from lafn_hf.bank import KeySpace, RoutingKey
 from lafn_hf.hub import load_bank, save_bank
-from lafn_hf.matcher import RowReader, SubjectMatcher, decoder_for, find_subject_tokens
+from lafn_hf.matcher import RowReader, SubjectHit, SubjectMatch, SubjectMatcher, decoder_for, find_subject_tokens
 from lafn_hf.routing import RoutingConfig, layer_inputs, routes
 from lafn_hf.routing.keys import calibrate_key_space, entry_key, head_states, key_space, negative_states, subject_head
 
@@ -147,7 +147,8 @@ REORDERED = ["Инсбрукский собор", "Калифорнийская 
     ("Где находится туманность Калифорния?", ("Калифорнийская туманность", "туманность Калифорния")),
     ("Через какую реку пересекает мост Декстера-Гроба?", ("Мост гроба Декстера", "мост Декстера-Гроба")),
     ("Когда открыта карликовая Кассиопея?", ("Кассиопея Карлик", "карликовая Кассиопея")),
-    ("Кто мать принца Карла Иоганна Лихтенштейнского?", None),  # in order: the inflection stage's
+    ("Кто мать принца Карла Иоганна Лихтенштейнского?",  # in order, one word derived
+     ("Принц Карл Иоганн Лихтенштейна", "принца Карла Иоганна Лихтенштейнского")),
     ("собор и Инсбрук", None),  # no word may stand between them ("и" is "and"; "в" would be "in")
     ("собор в Инсбруке", None),
     ("туманность Калифорнийскими", ("Калифорнийская туманность", "туманность Калифорнийскими")),
@@ -163,16 +164,30 @@ def test_multi_word_subjects_of_inflecting_languages_route_reordered_or_derived(
 
 
 def test_reordered_mentions_fire_once_by_the_causal_rule(tokenizer: Any) -> None:
-    """Token by token equals the whole text; one hit per mention; the form as written and runs in the
-    subject's order fire by the exact and inflection stages only."""
+    """Token by token equals the whole text; one hit per mention; the form as written fires by the exact
+    stage only; a run in the subject's order with a derived word once, when its last word has ended."""
     matcher = SubjectMatcher(REORDERED, inflected=REORDERED)
     for text, count in [("собор Инсбрука и туманность Калифорния?", 2), ("Мост гроба Декстера", 1),
                         ("мост Декстера гроба, мост Декстера гроба", 2), ("мост гроба Декст", 0)]:
         ids, whole = hits_token_by_token(tokenizer, matcher, text)
         assert len(whole) == count, (text, whole)
         assert all(hit.inflected for hit in whole) == (text != "Мост гроба Декстера")
-    ids, whole = hits_token_by_token(tokenizer, matcher, "мать принца Карла Иоганна Лихтенштейнского")
-    assert len(whole) == 1  # in order: the inflection stage alone, at "Лихтенштейнс"
+    for text in ("мать принца Карла Иоганна Лихтенштейнского.", "мать принца Карла Иоганна Лихтенштейнского"):
+        ids, whole = hits_token_by_token(tokenizer, matcher, text)
+        assert len(whole) == 1  # one fire: the inflection stage's where "Лихтенштейнс" reads as an ending
+        assert SubjectMatcher(REORDERED, inflected=REORDERED).find(text) == ([] if text[-1] != "." else [
+            SubjectMatch("Принц Карл Иоганн Лихтенштейна", 5, len(text) - 1)])
+    # where no token ends at "Лихтенштейнс", the inflection stage never fires; the reorder stage does, at "."
+    pieces = ["мать", " принца", " Карла", " Иоганна", " Лихтенштейн", "ского", ".", " Кто"]
+    fired = []
+    for chunks in ([8], [1] * 8, [5, 3]):  # whole, token by token, in two chunks (a reused KV cache)
+        reader, read, done = RowReader(lambda ids: "".join(pieces[i] for i in ids), frozenset()), [], 0
+        for size in chunks:
+            reader.read(list(range(done, done + size)))
+            read += reader.hits(matcher, done)
+            done += size
+        fired.append(read)
+    assert fired[0] == fired[1] == fired[2] == [SubjectHit("Принц Карл Иоганн Лихтенштейна", 6, inflected=True)]
 
 
 SPELLED = ["โจเซฟ แปป", "เบนี่ เฟเรนซี", "ยูมารักมา", "โจเซฟ", "瓜尔蒂耶罗·亚科佩蒂"]
