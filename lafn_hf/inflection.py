@@ -22,12 +22,11 @@ anchor; the words before it are checked backwards from there.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
 from dataclasses import dataclass
 
 import regex
-from ahocorasick_rs import AhoCorasick, MatchKind
 
+from .anchors import AnchoredForms, Named
 from .text import SPACELESS_CLASS, is_spaceless_char, needs_word_boundary
 
 MAX_ENDING = 3  # letters a case ending may add where the text word leaves the subject word ("Borgi|ové")
@@ -159,71 +158,39 @@ class InflectedMatch:
         return word, ending_length(last, word, alone=last == self.pattern)
 
 
-@dataclass(frozen=True)
-class _Tier:
-    """One automaton over anchors, each anchor with the (pattern, subject names) pairs it stands for."""
-
-    automaton: AhoCorasick
-    anchors: tuple[str, ...]
-    named: dict[str, tuple[tuple[str, tuple[str, ...]], ...]]
-
-
-class InflectedForms:
+class InflectedForms(AnchoredForms[tuple[str, tuple[str, ...]]]):
     """The inflection rule over folded subject patterns, each with its subject names (module docstring).
 
-    ``extended`` grows it without copying what it holds: the new patterns get a small automaton of their
-    own (a tier; an anchor may sit in several, each with its own patterns); the small tiers are merged
-    into one when they pile up.
+    ``extended`` grows it without copying what it holds (``lafn_hf.anchors``: the stem of each subject's
+    last word is its anchor; an anchor may sit in several tiers, each with its own patterns).
     """
 
-    max_tiers = 4
-
-    def __init__(self, named: Iterable[tuple[str, tuple[str, ...]]] = ()) -> None:
-        self._tiers: tuple[_Tier, ...] = ()
-        self._add(named)
+    @staticmethod
+    def _pairs(named: Named) -> list[tuple[str, tuple[str, tuple[str, ...]]]]:
+        pairs = []
+        for pattern, names in named:
+            if inflectable(pattern):
+                words = split_words(pattern)[0]
+                pairs.append((stem_of(words[-1], len(words) == 1), (pattern, names)))
+        return pairs
 
     def __len__(self) -> int:
-        return sum(len(pairs) for tier in self._tiers for pairs in tier.named.values())
-
-    def extended(self, named: Iterable[tuple[str, tuple[str, ...]]]) -> InflectedForms:
-        """These forms and ``named`` (pattern, subject names) pairs; this object is unchanged."""
-        new = [(pattern, names) for pattern, names in named if inflectable(pattern)]
-        if not new:
-            return self
-        grown = object.__new__(InflectedForms)
-        grown._tiers = self._tiers
-        if len(self._tiers) >= self.max_tiers:  # keep the first automaton, merge the small ones with the new
-            new = [pair for tier in self._tiers[1:] for pairs in tier.named.values() for pair in pairs] + new
-            grown._tiers = self._tiers[:1]
-        grown._add(new, checked=True)
-        return grown
-
-    def _add(self, named: Iterable[tuple[str, tuple[str, ...]]], checked: bool = False) -> None:
-        by_anchor: dict[str, list[tuple[str, tuple[str, ...]]]] = {}
-        for pattern, names in named:
-            if checked or inflectable(pattern):
-                words = split_words(pattern)[0]
-                by_anchor.setdefault(stem_of(words[-1], len(words) == 1), []).append((pattern, names))
-        if by_anchor:
-            anchors = tuple(by_anchor)
-            automaton = AhoCorasick(list(anchors), matchkind=MatchKind.Standard)
-            self._tiers = (*self._tiers, _Tier(automaton, anchors, {a: tuple(p) for a, p in by_anchor.items()}))
+        return sum(1 for _ in self._anchors.values())
 
     def matches(self, normalized: str) -> list[tuple[InflectedMatch, tuple[str, ...]]]:
         """Every mention whose words match by the rule, with its subject names; the last word's ending is
         not checked for length here."""
         found = []
-        for tier in self._tiers:
-            for index, start, end in tier.automaton.find_matches_as_indexes(normalized, overlapping=True):
-                if start > 0 and _word_char(normalized[start - 1]):
-                    continue  # the anchor starts inside a word
-                run_end = end
-                while run_end < len(normalized) and is_ending_letter(normalized[run_end]):
-                    run_end += 1
-                for pattern, names in tier.named[tier.anchors[index]]:
-                    first = self._first_word_start(normalized, start, *split_words(pattern))
-                    if first is not None:
-                        found.append((InflectedMatch(pattern, first, start, end, run_end), names))
+        for start, end, values in self._anchors.find(normalized):
+            if start > 0 and _word_char(normalized[start - 1]):
+                continue  # the anchor starts inside a word
+            run_end = end
+            while run_end < len(normalized) and is_ending_letter(normalized[run_end]):
+                run_end += 1
+            for pattern, names in values:
+                first = self._first_word_start(normalized, start, *split_words(pattern))
+                if first is not None:
+                    found.append((InflectedMatch(pattern, first, start, end, run_end), names))
         return found
 
     @staticmethod

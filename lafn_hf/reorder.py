@@ -24,12 +24,12 @@ keeps.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import regex
-from ahocorasick_rs import AhoCorasick, MatchKind
 
+from .anchors import AnchoredForms, Named
 from .inflection import _WORD, as_written, inflectable, is_ending_letter, split_words, stem_of, word_matches
 
 DERIVED_KEEP = 5  # letters of the subject word a derived word keeps at least
@@ -103,50 +103,23 @@ def _runs(spans: list[tuple[int, int]], text: str, around: int, size: int) -> It
             yield first, last
 
 
-class ReorderedForms:
-    """The reorder rule over folded subject patterns, each with its subject names; grows by ``extended``
-    (a new small automaton per growth, merged into one when they pile up, like ``InflectedForms``)."""
+class ReorderedForms(AnchoredForms[tuple[str, tuple[str, ...]]]):
+    """The reorder rule over folded subject patterns, each with its subject names (module docstring);
+    grows by ``extended`` like the other word-form stages (``lafn_hf.anchors``)."""
 
-    max_tiers = 4
-
-    def __init__(self, named: Iterable[tuple[str, tuple[str, ...]]] = ()) -> None:
-        self._tiers: tuple[tuple[AhoCorasick, tuple[str, ...], dict[str, list[tuple[str, tuple[str, ...]]]]], ...] = ()
-        self._add([(p, names) for p, names in named if reorderable(p)])
+    @staticmethod
+    def _pairs(named: Named) -> list[tuple[str, tuple[str, tuple[str, ...]]]]:
+        return [(anchor_of(pattern), (pattern, names)) for pattern, names in named if reorderable(pattern)]
 
     def __len__(self) -> int:
-        return sum(len(pairs) for _, _, by_anchor in self._tiers for pairs in by_anchor.values())
-
-    def __bool__(self) -> bool:
-        return bool(self._tiers)
-
-    def extended(self, named: Iterable[tuple[str, tuple[str, ...]]]) -> ReorderedForms:
-        """These forms and ``named`` (pattern, subject names) pairs; this object is unchanged."""
-        new = [(pattern, names) for pattern, names in named if reorderable(pattern)]
-        if not new:
-            return self
-        grown = object.__new__(ReorderedForms)
-        grown._tiers = self._tiers
-        if len(self._tiers) >= self.max_tiers:
-            new = [pair for _, _, by_anchor in self._tiers[1:] for pairs in by_anchor.values() for pair in pairs] + new
-            grown._tiers = self._tiers[:1]
-        grown._add(new)
-        return grown
-
-    def _add(self, named: list[tuple[str, tuple[str, ...]]]) -> None:
-        by_anchor: dict[str, list[tuple[str, tuple[str, ...]]]] = {}
-        for pattern, names in named:
-            by_anchor.setdefault(anchor_of(pattern), []).append((pattern, names))
-        if by_anchor:
-            anchors = tuple(by_anchor)
-            self._tiers = (*self._tiers, (AhoCorasick(list(anchors), matchkind=MatchKind.Standard), anchors, by_anchor))
+        return sum(1 for _ in self._anchors.values())
 
     def candidates(self, normalized: str) -> list[tuple[str, tuple[str, ...], int]]:
         """(pattern, subject names, anchor start) of every subject anchor at a word start of the text."""
         found = []
-        for automaton, anchors, by_anchor in self._tiers:
-            for index, start, _ in automaton.find_matches_as_indexes(normalized, overlapping=True):
-                if start == 0 or not _TEXT_WORD.match(normalized, start - 1):
-                    found += [(pattern, names, start) for pattern, names in by_anchor[anchors[index]]]
+        for start, _, values in self._anchors.find(normalized):
+            if start == 0 or not _TEXT_WORD.match(normalized, start - 1):
+                found += [(pattern, names, start) for pattern, names in values]
         return found
 
     def matches(self, normalized: str) -> list[tuple[ReorderedMatch, tuple[str, ...]]]:

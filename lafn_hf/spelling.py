@@ -24,12 +24,11 @@ piece occurs unchanged in any mention within k edits); a small edit-distance tab
 from __future__ import annotations
 
 import unicodedata
-from collections.abc import Iterable
 from dataclasses import dataclass
 
 import regex
-from ahocorasick_rs import AhoCorasick, MatchKind
 
+from .anchors import AnchoredForms, Named
 from .text import is_word_char
 
 SCRIPTS = regex.compile(r"[\p{Script=Thai}\p{Script=Lao}\p{Script=Khmer}\p{Script=Myanmar}]")
@@ -95,76 +94,38 @@ class SpelledMatch:
     end: int
 
 
-@dataclass(frozen=True)
-class _Tier:
-    automaton: AhoCorasick
-    anchors: tuple[str, ...]
-    named: dict[str, tuple[tuple[str, str, int, tuple[str, ...]], ...]]  # piece -> (pattern, form, offset, names)
-
-
-class SpelledForms:
+class SpelledForms(AnchoredForms[tuple[str, str, int, tuple[str, ...]]]):
     """The spelling rule over folded subject patterns, each with its subject names (module docstring).
 
-    Grows like ``lafn_hf.inflection.InflectedForms``: ``extended`` adds a small automaton (a tier) for the
-    new patterns; small tiers are merged when they pile up.
+    Grows like the other word-form stages (``lafn_hf.anchors``): a subject's k+1 pieces are its anchors.
     """
 
-    max_tiers = 4
-
-    def __init__(self, named: Iterable[tuple[str, tuple[str, ...]]] = ()) -> None:
-        self._tiers: tuple[_Tier, ...] = ()
-        self._add([(p, names) for p, names in named if spellable(p)])
+    @staticmethod
+    def _pairs(named: Named) -> list[tuple[str, tuple[str, str, int, tuple[str, ...]]]]:
+        """(piece, (pattern, comparison form, the piece's offset, names)) of the spellable patterns."""
+        found = []
+        for pattern, names in named:
+            if spellable(pattern):
+                form = comparison_form(pattern)[0]
+                found += [(piece, (pattern, form, offset, names)) for piece, offset in pieces(form)]
+        return found
 
     def __len__(self) -> int:
-        return len(self._pairs(self._tiers))
-
-    def __bool__(self) -> bool:
-        return bool(self._tiers)
-
-    @staticmethod
-    def _pairs(tiers: Iterable[_Tier]) -> list[tuple[str, tuple[str, ...]]]:
-        """The distinct (pattern, subject names) pairs ``tiers`` hold."""
-        return list(dict.fromkeys((pattern, names) for tier in tiers for entries in tier.named.values()
-                                  for pattern, _, _, names in entries))
-
-    def extended(self, named: Iterable[tuple[str, tuple[str, ...]]]) -> SpelledForms:
-        """These forms and ``named`` (pattern, subject names) pairs; this object is unchanged."""
-        new = [(pattern, names) for pattern, names in named if spellable(pattern)]
-        if not new:
-            return self
-        grown = object.__new__(SpelledForms)
-        grown._tiers = self._tiers
-        if len(self._tiers) >= self.max_tiers:
-            new = [*self._pairs(self._tiers[1:]), *new]
-            grown._tiers = self._tiers[:1]
-        grown._add(new)
-        return grown
-
-    def _add(self, named: list[tuple[str, tuple[str, ...]]]) -> None:
-        by_piece: dict[str, list[tuple[str, str, int, tuple[str, ...]]]] = {}
-        for pattern, names in named:
-            form = comparison_form(pattern)[0]
-            for piece, offset in pieces(form):
-                by_piece.setdefault(piece, []).append((pattern, form, offset, names))
-        if by_piece:
-            anchors = tuple(by_piece)
-            automaton = AhoCorasick(list(anchors), matchkind=MatchKind.Standard)
-            self._tiers = (*self._tiers, _Tier(automaton, anchors, {a: tuple(v) for a, v in by_piece.items()}))
+        return len(dict.fromkeys((pattern, names) for pattern, _, _, names in self._anchors.values()))
 
     def matches(self, normalized: str, after: int = 0) -> list[tuple[SpelledMatch, tuple[str, ...]]]:
         """Mentions that fire by the rule, ending past normalised index ``after``, with their subject names."""
-        if not self._tiers:
+        if not self._anchors:
             return []
         form, kept = comparison_form(normalized)
         # comparison-form ends past ``after``: a candidate is worth checking only if it can end there
         first_end = next((i + 1 for i, index in enumerate(kept) if index >= after), len(form) + 1)
         regions: dict[tuple[str, str, tuple[str, ...]], set[int]] = {}
-        for tier in self._tiers:
-            for index, start, _ in tier.automaton.find_matches_as_indexes(form, overlapping=True):
-                for pattern, target, offset, names in tier.named[tier.anchors[index]]:
-                    origin = start - offset  # where the mention would start with no edit before the piece
-                    if origin + len(target) + len(target) // PER_EDIT >= first_end:
-                        regions.setdefault((pattern, target, names), set()).add(origin)
+        for start, _, values in self._anchors.find(form):
+            for pattern, target, offset, names in values:
+                origin = start - offset  # where the mention would start with no edit before the piece
+                if origin + len(target) + len(target) // PER_EDIT >= first_end:
+                    regions.setdefault((pattern, target, names), set()).add(origin)
         found = []
         for (pattern, target, names), origins in regions.items():
             length, budget = len(target), len(target) // PER_EDIT

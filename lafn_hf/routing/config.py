@@ -19,7 +19,9 @@ class RoutingConfig:
             forms, apostrophe/quote/dash variants, whitespace runs); ``False``: exact after NFC.
         aliases: entries' aliases route like their subjects.
         inflections: subjects of ``inflecting_languages`` also match with their word endings changed
-            ("Антона Минарика" for "Антон Минарик"; ``lafn_hf.inflection``); needs ``normalize``.
+            ("Антона Минарика" for "Антон Минарик"; ``lafn_hf.inflection``), and those of several words
+            reordered or derived ("собор Инсбрука" for "Инсбрукский собор"; ``lafn_hf.reorder``); needs
+            ``normalize``.
         inflecting_languages: language codes whose subjects inflect (compared case-insensitively on the
             primary subtag: "ru" covers "ru-RU" and "ru_RU").
         spellings: subjects written in Thai, Lao, Khmer or Myanmar script (6 letters or more) also match
