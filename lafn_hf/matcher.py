@@ -41,7 +41,7 @@ from typing import Any
 from ahocorasick_rs import AhoCorasick, MatchKind
 
 from .inflection import InflectedForms, InflectedMatch
-from .reorder import ReorderedForms, ReorderedMatch, mention
+from .reorder import ReorderedForms, ReorderedMatch, mention, reach
 from .spelling import SpelledForms, SpelledMatch
 from .text import clean_subject, is_ignorable, needs_word_boundary, normalize_for_matching, skip_ignorable
 
@@ -379,23 +379,32 @@ class RowReader:
         if not candidates:
             return []
         raw_ends = [window_start + e for e in norm_ends]
+        read = bisect.bisect_right(norm_ends, read_before - window_start)  # normalised text read before
+
+        def at(position: int, pattern: str, anchor: int) -> ReorderedMatch | None:
+            """The mention the text up to ``position`` makes around ``anchor``."""
+            return mention(pattern, normalized[: bisect.bisect_right(norm_ends, self.ends[position] - window_start)],
+                           anchor)
+
         hits, seen = [], set()
         for pattern, names, anchor in candidates:
-            position = _first_reaching(self.ends, raw_ends[anchor], 0)
-            reach = anchor + 2 * len(pattern) + 8  # a mention around the anchor ends before this
-            while position < len(self.ends):
-                cut = bisect.bisect_right(norm_ends, self.ends[position] - window_start)
-                match = mention(pattern, normalized[:cut], anchor)
+            furthest = anchor + reach(pattern)  # a mention around the anchor ends before this
+            if furthest < read:
+                continue  # all of it was read before: decided at an earlier step
+            earliest = _first_reaching(self.ends, raw_ends[anchor], 0)
+            if earliest < first and at(first - 1, pattern, anchor) is not None:
+                continue  # a mention by then: it fired at or before that position
+            for position in range(max(first, earliest), len(self.ends)):
+                match = at(position, pattern, anchor)
                 if match is not None:
                     fresh = (pattern, match.start) not in seen and not (match.start == 0 and window_start > 0)
                     seen.add((pattern, match.start))
-                    if fresh and position >= first and not (
+                    if fresh and not any(at(q, pattern, anchor) for q in range(earliest, first - 1)) and not (
                             match.in_order and self._inflection_fires(matcher, pattern, match.start, normalized, raw_ends)):
                         hits += [SubjectHit(subject, position, inflected=True) for subject in names]
                     break
-                if cut >= min(reach, len(normalized)):
+                if self.ends[position] - window_start >= norm_ends[min(furthest, len(norm_ends) - 1)]:
                     break
-                position += 1
         return hits
 
     def _inflection_fires(self, matcher: SubjectMatcher, pattern: str, start: int, normalized: str,

@@ -24,7 +24,8 @@ keeps.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import functools
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 import regex
@@ -86,7 +87,7 @@ def _reads_as(word: str, written: str) -> bool:
     return word_matches(word, written) or derived(word, written)
 
 
-def _assign(words: list[str], written: list[str]) -> bool:
+def _assign(words: Sequence[str], written: list[str]) -> bool:
     """Can every subject word be matched to its own text word (each as written, inflected or derived)?"""
     if not words:
         return True
@@ -132,15 +133,33 @@ class ReorderedForms(AnchoredForms[tuple[str, tuple[str, ...]]]):
         return list(found.values())
 
 
+@functools.lru_cache(maxsize=65536)
+def _shape(pattern: str) -> tuple[tuple[str, ...], list[str], int]:
+    """(words, their sorted first 2 letters, ``reach``) of a pattern (the caller must not change them)."""
+    words = tuple(split_words(pattern)[0])
+    return words, sorted(word[:2] for word in words), len(pattern) + (DERIVED_ADD + 2) * len(words)
+
+
+def reach(pattern: str) -> int:
+    """How far past its anchor's start a mention of ``pattern`` can end at the most (each word derived to
+    its longest, separators included)."""
+    return _shape(pattern)[2]
+
+
 def mention(pattern: str, text: str, anchor: int) -> ReorderedMatch | None:
     """The earliest mention of ``pattern`` whose words include the one starting at ``anchor``, if any."""
-    words = split_words(pattern)[0]
-    spans = [m.span() for m in _TEXT_WORD.finditer(text)]
+    words, heads, furthest = _shape(pattern)
+    low = max(0, anchor - furthest)
+    while low > 0 and _TEXT_WORD.match(text, low - 1):
+        low -= 1  # from a word's start: no fragment of a word reads as one
+    spans = [m.span() for m in _TEXT_WORD.finditer(text, low, min(len(text), anchor + furthest + 1))]
     around = next((i for i, (start, _) in enumerate(spans) if start == anchor), None)
     if around is None:
         return None
     for first, last in _runs(spans, text, around, len(words)):
         written = [text[s:e] for s, e in spans[first : last + 1]]
+        if sorted(word[:2] for word in written) != heads:  # every way a word reads keeps its first 2 letters
+            continue
         start, end = spans[first][0], spans[last][1]
         if all(map(_reads_as, words, written)):  # in the subject's order
             if not all(map(word_matches, words, written)) and end < len(text):
