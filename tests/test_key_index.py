@@ -68,3 +68,22 @@ def test_small_indices_compare_exhaustively() -> None:
     assert index.screen is None
     hidden = _states_near_keys(index, 0)
     assert index.candidates(hidden, torch.ones(hidden.shape[:2], dtype=torch.bool), None) == _exhaustive(index, hidden, None)
+
+
+@pytest.mark.parametrize("screen_from", [1000, 10**6])
+def test_a_key_at_threshold_one_never_fires_even_on_its_own_state(screen_from: int) -> None:
+    """A threshold of 1.0 says no cosine clears the key's negatives: it must not fire where rounding lifts a
+    cosine of identical vectors above 1 (on the shipped toy, whose layer-0 input is the token embedding,
+    every invented subject's key sits at 1.0 and fired inside other subjects with the same token)."""
+    index = _index(2000, screen_from=screen_from)
+    index = KeyIndex.build(index.space, [(entry_id, RoutingKey(index.space, index.vectors[k].clone(), 1.0))
+                                         for k, entry_id in enumerate(index.entry_ids)],
+                           torch.device("cpu"), None, screen_from=screen_from)
+    hidden = index.vectors[None].clone()  # every key's own state
+    valid = torch.ones(hidden.shape[:2], dtype=torch.bool)
+    assert (hidden[0] @ index.vectors.T).max() > 1.0  # the rounding this guards against happens here
+    assert index.candidates(hidden, valid, None) == []
+    lowered = KeyIndex.build(index.space, [(entry_id, RoutingKey(index.space, index.vectors[k].clone(), 0.999))
+                                           for k, entry_id in enumerate(index.entry_ids)],
+                             torch.device("cpu"), None, screen_from=screen_from)
+    assert len(lowered.candidates(hidden, valid, None)) == 2000

@@ -8,6 +8,7 @@ closest (relation-aware routing: the words read before the subject decide).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Container, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -32,7 +33,9 @@ class KeyIndex:
     space: KeySpace
     entry_ids: tuple[str, ...]
     vectors: torch.Tensor  # (K, hidden) float32
-    thresholds: torch.Tensor  # (K,) float32
+    thresholds: torch.Tensor  # (K,) float32; inf for a threshold of 1.0, which no cosine passes: rounding can
+    # lift the cosine of identical unit vectors above 1 (measured: the toy's context-free keys fired inside
+    # other subjects' names)
     slot: dict[str, int]
     screen: torch.Tensor | None = None  # (K, hidden) half-precision copy of ``vectors`` for large indices
 
@@ -43,6 +46,7 @@ class KeyIndex:
         ids = tuple(entry_id for entry_id, _ in keys)
         vectors = torch.stack([key.vector for _, key in keys]).to(device)
         values = [threshold if threshold is not None else key.threshold for _, key in keys]
+        values = [math.inf if value >= 1.0 else value for value in values]  # see ``thresholds``
         half = _screen_dtype(device) if len(ids) >= screen_from else None
         screen = vectors.to(half) if half is not None else None
         return cls(on_device, ids, vectors, torch.tensor(values, dtype=torch.float32, device=device),
