@@ -16,6 +16,14 @@ and at every checkpoint, each edit is one line of OUT/edits.jsonl; a rerun conti
 
     python benchmarks/sequential_edits.py --edits 1000 --out seq-gemma          # hours on 2 CPU cores
     python benchmarks/sequential_edits.py --edits 6 --checkpoints 3,6 --sample 3 --out /tmp/seq   # smoke run
+    python benchmarks/sequential_edits.py --data toy --model tiny-bilingual --edits 10000 --batch-size 16 \
+        --checkpoints 10,100,1000,2500,5000,10000 --sample 200 --out seq-toy        # about an hour
+
+``--data toy`` edits the shipped toy instead: invented English country names (2-3 syllables of its own
+names, none of them one of its 50) each get one of its capitals; ``src`` is its template 0 (the prompt,
+templates 1-2 locate), ``rephrase`` the held-out template 3, and the unrelated questions are its own 50
+facts. ``--batch-size`` B edits B records per ``edit_many`` call: each edit is still optimised against the
+unedited model (the bank is off while editing), so this equals making them one by one up to float rounding.
 
 EasyEdit's issues report sequential editing collapsing after about 100 (ROME, MEMIT on 7B: #18) to 2,000
 edits (#518); LAFN never changes weights, so only routing (two entries firing on one question) can interfere.
@@ -25,6 +33,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import random
 import time
 from pathlib import Path
 
@@ -35,6 +44,8 @@ from lafn_hf.bench.metrics import answer_hit, same_answer
 from lafn_hf.cli import _load_model
 from lafn_hf.config import EditGroup, LanguageEdit
 from lafn_hf.evaluate import answer_ids
+from lafn_hf.model import EditableCausalLM
+from lafn_hf.models import tiny_facts
 from lafn_hf.zsre import ZsreRecord, load_files
 
 DATA_DIR = Path(__file__).resolve().parents[2] / "shared" / "data" / "mzsre-dev"
@@ -46,6 +57,36 @@ def edit_records(data_dir: Path, languages: list[str]) -> list[tuple[int, str, Z
     items = load_files(files or [data_dir / "mzsre_dev_ende.json"], languages)
     return [(index, lang, item[lang]) for index, item in enumerate(items) for lang in languages
             if lang in item and item[lang].matchable and item[lang].alt.strip()]
+
+
+def toy_records(count: int, seed: int = 0) -> list[tuple[int, str, ZsreRecord]]:
+    """``count`` English records on invented country names for the shipped toy (``--data toy``)."""
+    data = tiny_facts()
+    templates, facts = data["templates"]["en"], data["facts"]
+    known = {fact["en"]["subject"].lower() for fact in facts}
+    syllables = sorted({fact["en"]["subject"][i : i + 3].lower() for fact in facts
+                        for i in range(0, len(fact["en"]["subject"]) - 2, 3)})
+    spell, assign = random.Random(seed), random.Random(seed + 1)  # the first n records never depend on count
+    names: dict[str, None] = {}
+    while len(names) < count:
+        name = "".join(spell.choice(syllables) for _ in range(spell.choice((2, 3)))).capitalize()
+        if name.lower() not in known:
+            names.setdefault(name)
+    records = []
+    for index, name in enumerate(names):
+        fact = facts[assign.randrange(len(facts))]
+        unrelated = facts[index % len(facts)]["en"]
+        records.append((index, "en", ZsreRecord(name, templates[0].format(s=name), templates[3].format(s=name),
+                                                fact["en"]["object"], templates[0].format(s=unrelated["subject"]),
+                                                unrelated["object"])))
+    return records
+
+
+def toy_group(record: ZsreRecord) -> EditGroup:
+    """A toy record's edit: its prompt, located over templates 1-2 like ``tiny_fact_group``."""
+    templates = tiny_facts()["templates"]["en"]
+    paraphrases = tuple(t.format(s=record.subject) for t in templates[1:3])
+    return EditGroup({"en": LanguageEdit(record.src, record.subject, record.alt, paraphrases)})
 
 
 def answers(method: EditMethod, questions: list[str], golds: list[str]) -> list[str]:
@@ -77,20 +118,23 @@ def checkpoint(edited: EditMethod, made: list[dict], records: list[tuple[int, st
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="gemma-3-270m")
+    parser.add_argument("--data", choices=("mzsre", "toy"), default="mzsre")
     parser.add_argument("--data-dir", type=Path, default=DATA_DIR)
     parser.add_argument("--langs", default="en,de,fr,es,pt,vi")
     parser.add_argument("--edits", type=int, default=1000)
+    parser.add_argument("--batch-size", type=int, default=1, help="records per edit_many call")
     parser.add_argument("--checkpoints", default="10,100,250,500,1000")
     parser.add_argument("--sample", type=int, default=50, help="earlier edits checked per checkpoint")
     parser.add_argument("--unrelated", type=int, default=50, help="unrelated loc questions checked")
     parser.add_argument("--save-every", type=int, default=10, help="edits between bank saves (resume points)")
     parser.add_argument("--out", type=Path, default=Path("seq-edits"))
     args = parser.parse_args()
-    if args.save_every < 1:
-        parser.error(f"--save-every must be >= 1, got {args.save_every}")
+    if args.save_every < 1 or args.batch_size < 1:
+        parser.error(f"--save-every and --batch-size must be >= 1, got {args.save_every}, {args.batch_size}")
     checkpoints = sorted({int(c) for c in args.checkpoints.split(",") if int(c) <= args.edits} | {args.edits})
     torch.manual_seed(0)
-    records = edit_records(args.data_dir, args.langs.split(","))
+    records = (toy_records(2 * args.edits) if args.data == "toy"  # room for refused edits
+               else edit_records(args.data_dir, args.langs.split(",")))
     if len(records) < args.edits:
         raise ValueError(f"--edits {args.edits}: the dev data gives only {len(records)} usable edits for "
                          f"{args.langs}; add languages to --langs")
@@ -106,31 +150,45 @@ def main() -> None:
     made = made[: len(model.bank)]
     log.write_text("".join(json.dumps(m) + "\n" for m in made))
     position = made[-1]["position"] + 1 if made else 0
-    skipped = position - len(made)
+    skipped, saved = position - len(made), len(made)
     print("| edits | Rel hit | Gen hit | retained (n) | unrelated unchanged | s/edit |")
     print("| --- | ---: | ---: | ---: | ---: | ---: |")
     while len(made) < args.edits and position < len(records):
-        index, lang, record = records[position]
-        started = time.perf_counter()
-        try:
-            result = model.edit(EditGroup({lang: LanguageEdit(record.src, record.subject, record.alt)}), progress=False)
-        except (ValueError, TypeError, RuntimeError):
-            skipped, position = skipped + 1, position + 1
-            continue
-        hit = answer_hit(answers(edited, [record.src], [record.alt])[0], record.alt)
-        made.append({"position": position, "index": index, "lang": lang, "entry_id": result.entry_id,
-                     "hit_after": hit, "seconds": time.perf_counter() - started})
+        wanted = min(args.batch_size, next(c for c in checkpoints if c > len(made)) - len(made))
+        chunk = list(range(position, min(position + wanted, len(records))))
+        fresh = edit_chunk(model, edited, records, chunk, args.data)
+        skipped, position = skipped + len(chunk) - len(fresh), chunk[-1] + 1
+        made += fresh
         with log.open("a") as handle:
-            handle.write(json.dumps(made[-1]) + "\n")
-        position += 1
-        if len(made) in checkpoints or len(made) % args.save_every == 0:
+            handle.writelines(json.dumps(m) + "\n" for m in fresh)
+        if len(made) in checkpoints or len(made) - saved >= args.save_every:
             model.save_pretrained(args.out / "bank")
+            saved = len(made)
         if len(made) in checkpoints:
             print(checkpoint(edited, made, records, unrelated, reference, args.sample), flush=True)
     if made and len(made) not in checkpoints:  # the records ran out (refusals): keep what was made
         model.save_pretrained(args.out / "bank")
         print(checkpoint(edited, made, records, unrelated, reference, args.sample), flush=True)
-    print(f"\n{len(made)} edits made, {skipped} refused or not reached; {args.model}, langs {args.langs}")
+    print(f"\n{len(made)} edits made, {skipped} refused or not reached; {args.model}, data {args.data}"
+          + (f", langs {args.langs}" if args.data == "mzsre" else ""))
+
+
+def edit_chunk(model: EditableCausalLM, edited: EditMethod, records: list[tuple[int, str, ZsreRecord]],
+               chunk: list[int], data: str) -> list[dict]:
+    """Edit the records at positions ``chunk`` (one ``edit_many`` call); the log lines of those stored, each
+    with whether its ``src`` question answered right straight after."""
+    started = time.perf_counter()
+    groups = [toy_group(records[p][2]) if data == "toy" else
+              EditGroup({records[p][1]: LanguageEdit(records[p][2].src, records[p][2].subject, records[p][2].alt)})
+              for p in chunk]
+    outcome = model.edit_many(groups, batch_size=len(groups), progress=False)
+    refused = {index for index, _ in outcome.failures}
+    stored = [p for k, p in enumerate(chunk) if k not in refused]
+    hits = [answer_hit(answer, records[p][2].alt) for answer, p in
+            zip(answers(edited, [records[p][2].src for p in stored], [records[p][2].alt for p in stored]), stored)]
+    seconds = (time.perf_counter() - started) / max(1, len(stored))
+    return [{"position": p, "index": records[p][0], "lang": records[p][1], "entry_id": result.entry_id,
+             "hit_after": hit, "seconds": seconds} for p, result, hit in zip(stored, outcome.results, hits)]
 
 
 if __name__ == "__main__":
