@@ -19,7 +19,7 @@ from lafn_hf.modeling import decoder_layers, mlp_parts
 
 from .config import EditGroup, LafnConfig
 from .scope import ForwardScope
-from .tokens import encode_texts, pad_id
+from .tokens import encode_texts, sample_top_k
 
 
 class _StopForward(Exception):
@@ -115,13 +115,8 @@ def sample_continuations(model: nn.Module, tokenizer: Any, group: EditGroup, con
     device = next(model.parameters()).device
     prompts = [group.edits[lang].prompt for lang in group.languages]
     input_ids, attention_mask = encode_texts(tokenizer, prompts, device, left=True)
-    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-        torch.manual_seed(config.seed)
-        output = model.generate(  # type: ignore[operator]
-            input_ids=input_ids, attention_mask=attention_mask, do_sample=True, top_k=5, top_p=1.0, temperature=1.0,
-            max_new_tokens=config.locate_sample_tokens, num_return_sequences=config.locate_samples,
-            pad_token_id=pad_id(tokenizer),
-        )
+    output = sample_top_k(model, tokenizer, input_ids, attention_mask, config.seed, config.locate_sample_tokens,
+                          per_row=config.locate_samples)
     new = tokenizer.batch_decode(output[:, input_ids.shape[1]:], skip_special_tokens=True)
     per_prompt = config.locate_samples
     return {lang: [f"{prompts[i]}{text}" for text in new[i * per_prompt : (i + 1) * per_prompt] if text.strip()]

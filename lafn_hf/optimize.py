@@ -27,7 +27,7 @@ from .inject import LayerPlan, ValueInjection
 from .matcher import SubjectMatcher, find_subject_tokens
 from .scope import ForwardScope, SkippedLayer
 from .text import is_word_char
-from .tokens import pad_batch, pad_id, target_separator
+from .tokens import pad_batch, pad_id, sample_top_k, target_separator
 
 logger = logging.getLogger(__name__)
 
@@ -81,13 +81,8 @@ def sample_prefixes(model: nn.Module, tokenizer: Any, languages: Sequence[str], 
     device = next(model.parameters()).device
     count = config.num_prefixes * len(languages)
     input_ids = torch.full((count, 1), int(start), dtype=torch.long, device=device)
-    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-        torch.manual_seed(config.seed)
-        output = model.generate(  # type: ignore[operator]
-            input_ids=input_ids, attention_mask=torch.ones_like(input_ids), do_sample=True, top_k=5, top_p=1.0,
-            temperature=1.0, max_new_tokens=config.prefix_length, min_new_tokens=config.prefix_length,
-            pad_token_id=pad_id(tokenizer),
-        )
+    output = sample_top_k(model, tokenizer, input_ids, torch.ones_like(input_ids), config.seed, config.prefix_length,
+                          exact_length=True)
     texts = [nfc(" ".join(t.split())) for t in tokenizer.batch_decode(output[:, 1:], skip_special_tokens=True)]
     return {lang: texts[i * config.num_prefixes : (i + 1) * config.num_prefixes] for i, lang in enumerate(languages)}
 

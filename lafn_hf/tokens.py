@@ -43,3 +43,18 @@ def encode_texts(tokenizer: Any, texts: Sequence[str], device: torch.device | st
     """Tokenise (with the tokenizer's special tokens, as inference does) and pad."""
     rows = [tokenizer(text)["input_ids"] for text in texts]
     return pad_batch(rows, pad_id(tokenizer), device, left=left)
+
+
+def sample_top_k(model: Any, tokenizer: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor, seed: int,
+                 new_tokens: int, exact_length: bool = False, per_row: int = 1) -> torch.Tensor:
+    """The model's own seeded top-k 5 continuations of each row (``per_row`` each; ``exact_length``: never
+    shorter than ``new_tokens``), prompt included; the global RNG is left as it was."""
+    device = input_ids.device
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        torch.manual_seed(seed)
+        output: torch.Tensor = model.generate(
+            input_ids=input_ids, attention_mask=attention_mask, do_sample=True, top_k=5, top_p=1.0, temperature=1.0,
+            max_new_tokens=new_tokens, min_new_tokens=new_tokens if exact_length else None,
+            num_return_sequences=per_row, pad_token_id=pad_id(tokenizer),
+        )
+    return output
