@@ -13,11 +13,13 @@ to and including that token.
   "Paris Hilton" follows, because at that token "Hilton" has not been read yet).
 - Word boundaries: a subject whose first (last) character belongs to a script written with spaces does
   not match when the character before (after) it is a letter or digit of such a script: "Rome" does not
-  fire inside "Romeo". The character after the subject is looked at only when it is already part of the
-  completing token (" Romeo" as one token: no fire); when the subject ends exactly at a token boundary it
-  fires, since the next character is not read yet (a generated "Rome" that later continues as "o" keeps
-  its edit, in full forwards and cached decoding alike). Scripts written without spaces (CJK, Thai, ...)
-  match as plain substrings.
+  fire inside "Romeo". The character after the subject is looked at when it has been read: in the
+  completing token (" Romeo" as one token) or a later token of the same forward (a prompt read whole:
+  "Rome|o" does not fire either). When the subject ends the text read so far, it fires, since the next
+  character is not known: a generated "Rome" that continues as "o" at the next decoding step keeps its
+  edit. This is the one place where a text read in one forward and the same text read in pieces (a KV
+  cache, decoding) can differ: a subject that ends exactly where a piece ends and whose word goes on in
+  the next piece. Scripts written without spaces (CJK, Thai, ...) match as plain substrings.
 - Inflected subjects (``lafn_hf.inflection``; those the caller names, folded matching only) also fire
   with their word endings changed, once per mention, at the first token whose text shows the mention is
   not the subject as written ("Антона Минарика" at "ка" of "Мин|ари|ка"); as written, the rules above apply.
@@ -251,6 +253,8 @@ class RowReader:
     ``pieces[p]`` is the text position ``p`` added ('' for padding, a special token reads as a line
     break) and ``ends[p]`` the length of the text once ``p`` is read. ``tokens[p]`` is the token id read at
     ``p`` (``None`` for padding or a position read elsewhere, e.g. a KV cache this reader did not see).
+    ``chunks`` holds the first position of each ``read`` call (one forward): what a position's forward
+    read decides whether the character after a subject was known there.
     """
 
     decode: Callable[[list[int]], str]
@@ -259,6 +263,7 @@ class RowReader:
     pieces: list[str] = field(default_factory=list)
     ends: list[int] = field(default_factory=list)
     fired: set[str] = field(default_factory=set)  # entries fired so far in this row (``lafn_hf.routing``)
+    chunks: list[int] = field(default_factory=list)
     _content: list[int] = field(default_factory=list)  # non-special ids fed to the detokeniser
     _prefix_offset: int = 0
     _read_offset: int = 0
@@ -277,7 +282,8 @@ class RowReader:
 
     def clone(self) -> RowReader:
         return RowReader(self.decode, self.special_ids, list(self.tokens), list(self.pieces), list(self.ends),
-                         set(self.fired), list(self._content), self._prefix_offset, self._read_offset)
+                         set(self.fired), list(self.chunks), list(self._content), self._prefix_offset,
+                         self._read_offset)
 
     def prefix(self, length: int) -> RowReader:
         """A reader that has read only the first ``length`` positions (re-read, so the text is that prefix)."""
@@ -285,13 +291,17 @@ class RowReader:
         while unknown < min(length, len(self.tokens)) and self.tokens[unknown] is None:
             unknown += 1
         reader = RowReader.unread(self.decode, self.special_ids, unknown)
-        reader.read(self.tokens[unknown:length])
+        starts = [c for c in self.chunks if unknown < c < length]
+        for begin, end in zip([unknown, *starts], [*starts, length]):  # in the pieces it was read in
+            reader.read(self.tokens[begin:end])
         reader.fired = set(self.fired)  # kept: an entry fired in the cut part does not fire again by key
         return reader
 
     def read(self, tokens: Sequence[int | None]) -> None:
         """Read ``tokens`` (``None`` = padding)."""
         total = self.ends[-1] if self.ends else 0
+        if tokens:
+            self.chunks.append(len(self.tokens))
         for token in tokens:
             piece = ""
             if token is not None:
@@ -314,6 +324,12 @@ class RowReader:
             return full[len(prefix) :]
         return ""
 
+    def _visible_end(self, position: int) -> int:
+        """The text length read by the forward (``read`` call) that read ``position``."""
+        chunk = bisect.bisect_right(self.chunks, position)
+        last = self.chunks[chunk] - 1 if chunk < len(self.chunks) else len(self.ends) - 1
+        return self.ends[last]
+
     def hits(self, matcher: SubjectMatcher, first: int) -> list[SubjectHit]:
         """Subjects completed at positions >= ``first`` (see the module docstring for the rule)."""
         if not len(matcher) or first >= len(self.ends):
@@ -331,7 +347,7 @@ class RowReader:
             position = _first_reaching(self.ends, raw_end, first)
             if _joins(normalized, start - 1, pattern[0]):
                 continue
-            next_known = end < len(normalized) and window_start + norm_ends[end] <= self.ends[position]
+            next_known = end < len(normalized) and window_start + norm_ends[end] <= self._visible_end(position)
             if next_known and _joins(normalized, end, pattern[-1]):
                 continue
             found += [SubjectHit(subject, position) for subject in matcher.subjects_of[index]]
@@ -454,8 +470,12 @@ class RowReader:
                 known += 1
             after = match.stem_end + known
             complete = known == run and after < len(normalized) and raw_ends[after] <= self.ends[position]
-            if (complete and _joins(normalized, after, "a")) or match.text(normalized, known) == match.pattern:
-                return None  # the word goes on with a digit, or the subject as written (the exact stage's)
+            if complete and _joins(normalized, after, "a"):
+                return None  # the word goes on with a digit
+            if match.text(normalized, known) == match.pattern and not (
+                    after < len(normalized) and raw_ends[after] <= self._visible_end(position)
+                    and _joins(normalized, after, match.pattern[-1])):
+                return None  # the subject as written: the exact stage fires there
             word, ending = match.last_word_ending(normalized, after)
             if ending is None:
                 return None

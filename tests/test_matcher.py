@@ -3,7 +3,7 @@ from __future__ import annotations
 import unicodedata
 from typing import Any
 
-from lafn_hf.matcher import SubjectMatcher, find_subject_tokens
+from lafn_hf.matcher import RowReader, SubjectMatcher, decoder_for, find_subject_tokens
 
 
 def spans(matcher: SubjectMatcher, text: str) -> list[tuple[str, int, int]]:
@@ -79,15 +79,25 @@ def test_the_rule_is_causal_prefixes_never_change_earlier_hits(tokenizer: Any, f
         assert find_subject_tokens(tokenizer, ids[:cut], matcher) == [h for h in full if h.position < cut]
 
 
-def test_a_subject_at_a_token_boundary_fires_before_the_word_goes_on(tokenizer: Any, facts: dict[str, Any]) -> None:
+def test_a_subject_at_a_token_boundary_fires_only_when_the_word_has_not_gone_on(tokenizer: Any,
+                                                                                facts: dict[str, Any]) -> None:
+    """Read in one forward (a prompt), the character after the subject is known: "{subject}xy" is one word
+    and does not fire. Read token by token (generation), the subject's token fires before "xy" arrives, and
+    that decision stands."""
     subject = facts["facts"][1]["en"]["subject"]
     matcher = SubjectMatcher([subject])
     ids = tokenizer(f"The capital of {subject}")["input_ids"]
     letters = tokenizer("xy", add_special_tokens=False)["input_ids"]
     (hit,) = find_subject_tokens(tokenizer, ids, matcher)
-    # read on: "{subject}xy" is one word, but the decision at the subject's token was taken before "xy" arrived
-    assert find_subject_tokens(tokenizer, ids + letters, matcher) == [hit]
+    assert find_subject_tokens(tokenizer, ids + letters, matcher) == []
+    assert find_subject_tokens(tokenizer, ids + tokenizer(" xy", add_special_tokens=False)["input_ids"], matcher) == [hit]
     assert SubjectMatcher([subject]).find(tokenizer.decode(ids + letters, skip_special_tokens=True)) == []
+    reader = RowReader(decoder_for(tokenizer), frozenset(tokenizer.all_special_ids))
+    stepped = []
+    for position, token in enumerate(ids + letters):
+        reader.read([token])
+        stepped += reader.hits(matcher, position)
+    assert stepped == [hit]
 
 
 def test_rows_without_subject_and_padding_give_no_hits(tokenizer: Any) -> None:

@@ -106,7 +106,7 @@ def test_a_later_chat_turn_through_the_cache_is_edited_like_a_full_forward(token
 def test_token_by_token_decoding_matches_full_forwards_for_subjects_read_later(tokenizer: Any) -> None:
     editable = EditableCausalLM(random_model("qwen2", len(tokenizer)), tokenizer)
     editable.add_entry(make_entry({"en": SUBJECT}, layers=(0, 2), scale=10.0))
-    ids = tokenizer(f"So {SUBJECT} was {SUBJECT}x or {SUBJECT}.")["input_ids"]
+    ids = tokenizer(f"So {SUBJECT} was {SUBJECT}, x or {SUBJECT}.")["input_ids"]
     full, _ = forward_logits(editable, ids)
     step_logits, cache = forward_logits(editable, ids[:2], DynamicCache())
     rows = [step_logits]
@@ -116,10 +116,29 @@ def test_token_by_token_decoding_matches_full_forwards_for_subjects_read_later(t
     torch.testing.assert_close(torch.cat(rows), full, rtol=1e-4, atol=1e-5)
 
 
+def test_a_subject_whose_word_goes_on_fires_only_where_the_next_token_was_not_read_yet(tokenizer: Any) -> None:
+    """Read in one forward, "{SUBJECT}x" is one word: no edit (bit-exact); decoded token by token, the
+    subject's token fires before "x" arrives (the causal rule's one difference between the two)."""
+    editable = EditableCausalLM(random_model("qwen2", len(tokenizer)), tokenizer)
+    editable.add_entry(make_entry({"en": SUBJECT}, layers=(0, 2), scale=10.0))
+    ids = tokenizer(f"So {SUBJECT}x was")["input_ids"]
+    full, _ = forward_logits(editable, ids)
+    with editable.edits_disabled():
+        plain, _ = forward_logits(editable, ids)
+    assert torch.equal(full, plain)
+    cache, rows = DynamicCache(), []
+    for token in ids:
+        logits, cache = forward_logits(editable, [token], cache)
+        rows.append(logits)
+    assert not torch.allclose(torch.cat(rows), plain, rtol=1e-4, atol=1e-5)
+
+
 def test_generation_with_and_without_the_cache_agree(tokenizer: Any) -> None:
+    """(A prompt ending in the subject is left out: without a cache, each step reads the whole text in one
+    forward, so a generated letter that continues the subject's word turns its edit off there.)"""
     editable = EditableCausalLM(random_model("llama", len(tokenizer)), tokenizer)
     editable.add_entry(make_entry({"en": SUBJECT}, layers=(0, 1, 2), scale=10.0))
-    for prompt in (f"The capital of {SUBJECT} is", f"{SUBJECT}", "Nothing here"):
+    for prompt in (f"The capital of {SUBJECT} is", f"{SUBJECT} was", "Nothing here"):
         cached = generate_ids(editable, tokenizer, prompt, new_tokens=8)
         assert cached == generate_ids(editable, tokenizer, prompt, new_tokens=8, use_cache=False)
         beams = generate_ids(editable, tokenizer, prompt, new_tokens=6, num_beams=3)
