@@ -1,8 +1,8 @@
 """Find bank subjects in what the model reads, token by token, with a causal rule.
 
 The rule (the same for a prompt, a later chat turn and the model's own generated tokens, with or without
-a KV cache): a subject occurrence fires at the token that completes it, judged only from the text read up
-to and including that token.
+a KV cache): a subject occurrence fires at the token that completes it, judged from the text read up to
+and including that token, and, for whether its word goes on, from the rest of that token's forward.
 
 - Text: each row's tokens are detokenised incrementally (the window-diff method of text streamers), so the
   text known after token t never changes when later tokens arrive; special tokens read as a line break
