@@ -20,7 +20,8 @@ and at every checkpoint, each edit is one line of OUT/edits.jsonl; a rerun conti
         --checkpoints 10,100,1000,2500,5000,10000 --sample 200 --out seq-toy        # about an hour
 
 ``--data toy`` edits the shipped toy instead: invented English country names (2-3 syllables of its own
-names, none of them one of its 50) each get one of its capitals; ``src`` is its template 0 (the prompt,
+names, none of them one of its 50 countries or capitals: a capital that is also an edited subject fires
+that edit when the model answers it) each get one of its capitals; ``src`` is its template 0 (the prompt,
 templates 1-2 locate), ``rephrase`` the held-out template 3, and the unrelated questions are its own 50
 facts. ``--batch-size`` B edits B records per ``edit_many`` call: each edit is still optimised against the
 unedited model (the bank is off while editing), so this equals making them one by one up to float rounding.
@@ -63,7 +64,7 @@ def toy_records(count: int, seed: int = 0) -> list[tuple[int, str, ZsreRecord]]:
     """``count`` English records on invented country names for the shipped toy (``--data toy``)."""
     data = tiny_facts()
     templates, facts = data["templates"]["en"], data["facts"]
-    known = {fact["en"]["subject"].lower() for fact in facts}
+    known = {fact["en"][part].lower() for fact in facts for part in ("subject", "object")}  # no toy name
     syllables = sorted({fact["en"]["subject"][i : i + 3].lower() for fact in facts
                         for i in range(0, len(fact["en"]["subject"]) - 2, 3)})
     spell, assign = random.Random(seed), random.Random(seed + 1)  # the first n records never depend on count

@@ -3,7 +3,8 @@
 Eq. 10: F'(x) = F_(theta, V + dV)(x) when a bank subject s is found in x, else F(x). The update is added
 at the token that completes each subject occurrence in the tokens the model reads (prompt, later turns
 and its own generation alike; the causal rule is in ``lafn_hf.matcher``), so decoding with a KV cache
-gives exactly what full forwards over the same tokens give.
+gives what full forwards over the same tokens give, except after a generated subject whose word the next
+generated token continues ("Rome" then "o": decoding has fired at "Rome", a full forward reads "Romeo").
 
 Concurrency: what one forward needs (its plan, its rows' readers) lives in a ``contextvars`` context that
 the model-level pre-hook sets and the forward hook resets, so threads and asyncio tasks sharing the model

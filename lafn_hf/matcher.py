@@ -2,7 +2,8 @@
 
 The rule (the same for a prompt, a later chat turn and the model's own generated tokens, with or without
 a KV cache): a subject occurrence fires at the token that completes it, judged from the text read up to
-and including that token, and, for whether its word goes on, from the rest of that token's forward.
+and including that token, and, for whether its word goes on, in a text read from its start in one forward
+(a prompt), from the rest of that forward.
 
 - Text: each row's tokens are detokenised incrementally (the window-diff method of text streamers), so the
   text known after token t never changes when later tokens arrive; special tokens read as a line break
@@ -13,13 +14,13 @@ and including that token, and, for whether its word goes on, from the rest of th
   "Paris Hilton" follows, because at that token "Hilton" has not been read yet).
 - Word boundaries: a subject whose first (last) character belongs to a script written with spaces does
   not match when the character before (after) it is a letter or digit of such a script: "Rome" does not
-  fire inside "Romeo". The character after the subject is looked at when it has been read: in the
-  completing token (" Romeo" as one token) or a later token of the same forward (a prompt read whole:
-  "Rome|o" does not fire either). When the subject ends the text read so far, it fires, since the next
-  character is not known: a generated "Rome" that continues as "o" at the next decoding step keeps its
-  edit. This is the one place where a text read in one forward and the same text read in pieces (a KV
-  cache, decoding) can differ: a subject that ends exactly where a piece ends and whose word goes on in
-  the next piece. Scripts written without spaces (CJK, Thai, ...) match as plain substrings.
+  fire inside "Romeo". The character after the subject is looked at in the completing token (" Romeo"
+  as one token) and, in a text read from its start in one forward (a prompt), in the later tokens of
+  that forward ("Rome|o" does not fire either; ``RowReader._visible_end``). Elsewhere a subject that ends
+  where a token ends fires, since the next character is not known: a generated "Rome" that continues as
+  "o" at the next decoding step keeps its edit. This is the one place where a text read in one forward
+  and the same text read in pieces (a KV cache, decoding) can differ. Scripts written without spaces
+  (CJK, Thai, ...) match as plain substrings.
 - Inflected subjects (``lafn_hf.inflection``; those the caller names, folded matching only) also fire
   with their word endings changed, once per mention, at the first token whose text shows the mention is
   not the subject as written ("Антона Минарика" at "ка" of "Мин|ари|ка"); as written, the rules above apply.
@@ -227,10 +228,8 @@ class SubjectMatcher:
             raw_start = skip_ignorable(text, ends[start - 1] if start else 0)
             found += [SubjectMatch(subject, raw_start, ends[end - 1]) for subject in self.subjects_of[index]]
         for match, names in self.inflected_matches(normalized):
-            word, ending = match.last_word_ending(normalized, match.run_end)
-            if not match.reads_whole(word, ending, complete=True) or _joins(normalized, match.run_end, "a") \
-                    or normalized[match.start : match.run_end] == match.pattern:
-                continue  # too long an ending, a cut-short word, the word goes on ("2"), or the exact form
+            if not _whole_mention(match, normalized):
+                continue
             raw_start = skip_ignorable(text, ends[match.start - 1] if match.start else 0)
             found += [SubjectMatch(subject, raw_start, ends[match.run_end - 1]) for subject in names]
         mentions: list[tuple[SpelledMatch | ReorderedMatch, tuple[str, ...]]] = [
@@ -239,6 +238,14 @@ class SubjectMatcher:
             raw_start = skip_ignorable(text, ends[span.start - 1] if span.start else 0)
             found += [SubjectMatch(subject, raw_start, ends[span.end - 1]) for subject in names]
         return sorted(set(found), key=lambda m: (m.end, m.start, m.subject))
+
+
+def _whole_mention(match: InflectedMatch, normalized: str) -> bool:
+    """Is an inflected match, its word read to the end, a mention? Not with too long an ending, a cut-short
+    word, the word going on ("2"), or the exact form (the exact stage's)."""
+    word, ending = match.last_word_ending(normalized, match.run_end)
+    return match.reads_whole(word, ending, complete=True) and not _joins(normalized, match.run_end, "a") \
+        and normalized[match.start : match.run_end] != match.pattern
 
 
 def _joins(text: str, index: int, edge: str) -> bool:
@@ -253,8 +260,8 @@ class RowReader:
     ``pieces[p]`` is the text position ``p`` added ('' for padding, a special token reads as a line
     break) and ``ends[p]`` the length of the text once ``p`` is read. ``tokens[p]`` is the token id read at
     ``p`` (``None`` for padding or a position read elsewhere, e.g. a KV cache this reader did not see).
-    ``chunks`` holds the first position of each ``read`` call (one forward): what a position's forward
-    read decides whether the character after a subject was known there.
+    ``chunks`` holds the first position of each ``read`` call (one forward): a text read from its start in
+    one forward (a prompt) is judged knowing all of it (``_visible_end``).
     """
 
     decode: Callable[[list[int]], str]
@@ -300,7 +307,7 @@ class RowReader:
     def read(self, tokens: Sequence[int | None]) -> None:
         """Read ``tokens`` (``None`` = padding)."""
         total = self.ends[-1] if self.ends else 0
-        if tokens:
+        if len(tokens):
             self.chunks.append(len(self.tokens))
         for token in tokens:
             piece = ""
@@ -325,10 +332,13 @@ class RowReader:
         return ""
 
     def _visible_end(self, position: int) -> int:
-        """The text length read by the forward (``read`` call) that read ``position``."""
-        chunk = bisect.bisect_right(self.chunks, position)
-        last = self.chunks[chunk] - 1 if chunk < len(self.chunks) else len(self.ends) - 1
-        return self.ends[last]
+        """The text length known when ``position`` was judged: the whole first forward (``read`` call) for
+        a position it read, when it read the text from its start (a prompt); else the text up to
+        ``position``. Later forwards may carry draft tokens that are rolled back (assisted decoding reads
+        the last token with its drafts, then crops the cache), so they judge token by token."""
+        if self.chunks and self.chunks[0] == 0 and (len(self.chunks) == 1 or position < self.chunks[1]):
+            return self.ends[(self.chunks[1] if len(self.chunks) > 1 else len(self.ends)) - 1]
+        return self.ends[position]
 
     def hits(self, matcher: SubjectMatcher, first: int) -> list[SubjectHit]:
         """Subjects completed at positions >= ``first`` (see the module docstring for the rule)."""
@@ -461,10 +471,17 @@ class RowReader:
         """The position at which an inflected mention fires, judged token by token (the causal rule): not
         where the whole mention is the subject as written (the exact stage fires there); otherwise at the
         first position where the last word so far is that word as written ("Лукреции Борджиа" at "а") or
-        has left it by 1-``MAX_ENDING`` letters ("Минарика" at "ка"). ``None`` when it never fires."""
+        has left it by 1-``MAX_ENDING`` letters ("Минарика" at "ка"). Where that position's forward read the
+        word to its end, the word as a whole must be a mention (``find``'s rule: not "Минарикович").
+        ``None`` when it never fires."""
         position = _first_reaching(self.ends, raw_ends[match.stem_end - 1], 0)
         run = match.run_end - match.stem_end
         while position < len(self.ends):
+            seen = self._visible_end(position)
+            if raw_ends[match.run_end - 1] <= seen and (match.last_word_ending(normalized, match.run_end)[1] is None or (
+                    match.run_end < len(normalized) and raw_ends[match.run_end] <= seen
+                    and not _whole_mention(match, normalized))):
+                return None  # the forward read the word: too long an ending, or no mention (or the exact stage's)
             known = 0
             while known < run and raw_ends[match.stem_end + known] <= self.ends[position]:
                 known += 1

@@ -100,6 +100,33 @@ def test_a_subject_at_a_token_boundary_fires_only_when_the_word_has_not_gone_on(
     assert stepped == [hit]
 
 
+def test_an_inflected_subject_does_not_fire_inside_a_longer_word_of_a_prompt(tokenizer: Any) -> None:
+    matcher = SubjectMatcher(["Антон Минарик"], inflected=["Антон Минарик"])
+    special = frozenset(tokenizer.all_special_ids)
+    for text, fires in [("Антон Минарик2 и", False), ("Антон Минарикович", False),
+                        ("Антон Минарика и", True), ("Антон Минарик и", True)]:
+        found = find_subject_tokens(tokenizer, tokenizer(text, add_special_tokens=False)["input_ids"], matcher, special)
+        assert bool(found) == fires == bool(matcher.find(text)), text
+
+
+def test_forwards_after_the_first_judge_token_by_token(tokenizer: Any) -> None:
+    """Assisted decoding reads the last accepted token with draft tokens in one forward, then crops the
+    rejected drafts: a subject completed by the accepted token must fire as it would decoding one token at
+    a time, whatever draft followed it."""
+    matcher = SubjectMatcher(["Rome"])
+    encode = lambda text: tokenizer(text, add_special_tokens=False)["input_ids"]  # noqa: E731
+    reader = RowReader(decoder_for(tokenizer), frozenset(tokenizer.all_special_ids))
+    reader.read(encode("In Rom"))
+    hits = reader.hits(matcher, 0)
+    accepted = len(reader)
+    reader.read(encode("e") + encode("o"))  # "e" accepted, the draft "o" rejected below
+    hits += reader.hits(matcher, accepted)
+    reader = reader.prefix(accepted + 1)
+    reader.read(encode(" is"))
+    hits += reader.hits(matcher, accepted + 1)
+    assert reader.text == "In Rome is" and [h.position for h in hits] == [accepted]
+
+
 def test_rows_without_subject_and_padding_give_no_hits(tokenizer: Any) -> None:
     matcher = SubjectMatcher(["Nowhere"])
     assert find_subject_tokens(tokenizer, tokenizer("The capital of")["input_ids"], matcher) == []
