@@ -33,6 +33,7 @@ edits (#518); LAFN never changes weights, so only routing (two entries firing on
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import random
 import time
@@ -83,10 +84,14 @@ def toy_records(count: int, seed: int = 0) -> list[tuple[int, str, ZsreRecord]]:
     return records
 
 
+@functools.cache
+def _toy_templates() -> tuple[str, ...]:
+    return tuple(tiny_facts()["templates"]["en"])
+
+
 def toy_group(record: ZsreRecord) -> EditGroup:
     """A toy record's edit: its prompt, located over templates 1-2 like ``tiny_fact_group``."""
-    templates = tiny_facts()["templates"]["en"]
-    paraphrases = tuple(t.format(s=record.subject) for t in templates[1:3])
+    paraphrases = tuple(t.format(s=record.subject) for t in _toy_templates()[1:3])
     return EditGroup({"en": LanguageEdit(record.src, record.subject, record.alt, paraphrases)})
 
 

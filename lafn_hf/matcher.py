@@ -260,8 +260,9 @@ class RowReader:
     ``pieces[p]`` is the text position ``p`` added ('' for padding, a special token reads as a line
     break) and ``ends[p]`` the length of the text once ``p`` is read. ``tokens[p]`` is the token id read at
     ``p`` (``None`` for padding or a position read elsewhere, e.g. a KV cache this reader did not see).
-    ``chunks`` holds the first position of each ``read`` call (one forward): a text read from its start in
-    one forward (a prompt) is judged knowing all of it (``_visible_end``).
+    ``whole_until``: how many positions the first ``read`` call (one forward) read when it read the text
+    from its start (a prompt, padding included; 0 otherwise): those are judged knowing all of them
+    (``_visible_end``).
     """
 
     decode: Callable[[list[int]], str]
@@ -270,7 +271,7 @@ class RowReader:
     pieces: list[str] = field(default_factory=list)
     ends: list[int] = field(default_factory=list)
     fired: set[str] = field(default_factory=set)  # entries fired so far in this row (``lafn_hf.routing``)
-    chunks: list[int] = field(default_factory=list)
+    whole_until: int = 0
     _content: list[int] = field(default_factory=list)  # non-special ids fed to the detokeniser
     _prefix_offset: int = 0
     _read_offset: int = 0
@@ -289,7 +290,7 @@ class RowReader:
 
     def clone(self) -> RowReader:
         return RowReader(self.decode, self.special_ids, list(self.tokens), list(self.pieces), list(self.ends),
-                         set(self.fired), list(self.chunks), list(self._content), self._prefix_offset,
+                         set(self.fired), self.whole_until, list(self._content), self._prefix_offset,
                          self._read_offset)
 
     def prefix(self, length: int) -> RowReader:
@@ -298,17 +299,16 @@ class RowReader:
         while unknown < min(length, len(self.tokens)) and self.tokens[unknown] is None:
             unknown += 1
         reader = RowReader.unread(self.decode, self.special_ids, unknown)
-        starts = [c for c in self.chunks if unknown < c < length]
-        for begin, end in zip([unknown, *starts], [*starts, length]):  # in the pieces it was read in
-            reader.read(self.tokens[begin:end])
+        reader.read(self.tokens[unknown:length])
+        reader.whole_until = min(self.whole_until, length)  # as it was read, not as re-read here
         reader.fired = set(self.fired)  # kept: an entry fired in the cut part does not fire again by key
         return reader
 
     def read(self, tokens: Sequence[int | None]) -> None:
         """Read ``tokens`` (``None`` = padding)."""
         total = self.ends[-1] if self.ends else 0
-        if len(tokens):
-            self.chunks.append(len(self.tokens))
+        if not self.tokens:
+            self.whole_until = len(tokens)
         for token in tokens:
             piece = ""
             if token is not None:
@@ -336,9 +336,7 @@ class RowReader:
         a position it read, when it read the text from its start (a prompt); else the text up to
         ``position``. Later forwards may carry draft tokens that are rolled back (assisted decoding reads
         the last token with its drafts, then crops the cache), so they judge token by token."""
-        if self.chunks and self.chunks[0] == 0 and (len(self.chunks) == 1 or position < self.chunks[1]):
-            return self.ends[(self.chunks[1] if len(self.chunks) > 1 else len(self.ends)) - 1]
-        return self.ends[position]
+        return self.ends[self.whole_until - 1] if position < self.whole_until else self.ends[position]
 
     def hits(self, matcher: SubjectMatcher, first: int) -> list[SubjectHit]:
         """Subjects completed at positions >= ``first`` (see the module docstring for the rule)."""
@@ -490,7 +488,7 @@ class RowReader:
             if complete and _joins(normalized, after, "a"):
                 return None  # the word goes on with a digit
             if match.text(normalized, known) == match.pattern and not (
-                    after < len(normalized) and raw_ends[after] <= self._visible_end(position)
+                    after < len(normalized) and raw_ends[after] <= seen
                     and _joins(normalized, after, match.pattern[-1])):
                 return None  # the subject as written: the exact stage fires there
             word, ending = match.last_word_ending(normalized, after)
