@@ -24,6 +24,21 @@ _READERS = "_lafn_row_readers"
 _WRAPPED = ("reorder_cache", "crop", "batch_repeat_interleave", "batch_select_indices", "reset")
 
 
+def cache_argument(kwargs: dict[str, Any]) -> Any:
+    """The KV cache a model forward was called with: ``cache=`` (transformers >= 5.2x, what ``generate()``
+    passes) or its older name ``past_key_values=``."""
+    cache = kwargs.get("cache")
+    return kwargs.get("past_key_values") if cache is None else cache
+
+
+def returned_cache(output: Any) -> Any:
+    """The KV cache a model forward returned (``output.cache`` or the older ``output.past_key_values``), read
+    without touching transformers' deprecated alias; ``None`` for tuple outputs and outputs without one."""
+    fields = getattr(output, "__dict__", {})
+    cache = fields.get("cache")
+    return fields.get("past_key_values") if cache is None else cache
+
+
 def cache_length(cache: Any) -> int:
     """Positions already in ``cache`` (0 for ``None`` or an empty cache)."""
     if cache is None:

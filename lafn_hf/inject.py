@@ -30,7 +30,7 @@ from torch.utils.hooks import RemovableHandle
 from lafn_hf.modeling import decoder_layers, mlp_parts
 
 from .bank import BankEntry, EditBank, KeySpace, RoutingKey
-from .cache_rows import cache_length, keep_readers, readers_for
+from .cache_rows import cache_argument, cache_length, keep_readers, readers_for, returned_cache
 from .matcher import RowReader, SubjectMatcher, decoder_for
 from .routing.config import RoutingConfig
 from .routing.fire import KeyIndex, KeyWork, Pending
@@ -453,7 +453,7 @@ class BankInjector:
             compiled = self.compiled(input_ids.device)
             if compiled.entries_of:
                 state = self.readers_and_plan(compiled, input_ids, kwargs.get("attention_mask"),
-                                              kwargs.get("past_key_values"))
+                                              cache_argument(kwargs))
         state.token = _CURRENT.set(state)
 
     def _after_forward(self, module: nn.Module, args: tuple[Any, ...], output: Any) -> None:
@@ -462,7 +462,7 @@ class BankInjector:
             return
         _CURRENT.reset(state.token)
         if state.readers is not None:
-            keep_readers(getattr(output, "past_key_values", None), state.readers)
+            keep_readers(returned_cache(output), state.readers)
 
 
 def _value_hook_for(layer: int) -> Any:

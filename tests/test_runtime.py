@@ -7,13 +7,14 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import torch
-from transformers import DynamicCache
+from transformers import DynamicCache, LogitsProcessor, LogitsProcessorList
 
 from lafn_hf import EditableCausalLM
 
 from .conftest import fact_group, make_entry, random_model
 
 SUBJECT = "Marbrafi"
+LONG_SUBJECT = "Quixaro"  # five tokens of the toy tokenizer ("Marbrafi" is one)
 
 
 def generate_ids(model: Any, tokenizer: Any, prompt: str, new_tokens: int = 4, **options: Any) -> list[int]:
@@ -131,6 +132,50 @@ def test_a_subject_whose_word_goes_on_fires_only_where_the_next_token_was_not_re
         logits, cache = forward_logits(editable, [token], cache)
         rows.append(logits)
     assert not torch.allclose(torch.cat(rows), plain, rtol=1e-4, atol=1e-5)
+
+
+def test_the_cache_keyword_carries_the_reading_like_past_key_values(tokenizer: Any) -> None:
+    """transformers 5.x names the cache ``cache=`` (``past_key_values=`` is its deprecated alias)."""
+    editable = EditableCausalLM(random_model("qwen2", len(tokenizer)), tokenizer)
+    editable.add_entry(make_entry({"en": LONG_SUBJECT}, layers=(0, 2), scale=10.0))
+    ids = tokenizer(f"So {LONG_SUBJECT} was {LONG_SUBJECT}.")["input_ids"]
+    full, _ = forward_logits(editable, ids)
+    cache, rows = DynamicCache(), []
+    with torch.no_grad():
+        for token in ids:
+            rows.append(editable(input_ids=torch.tensor([[token]]), cache=cache, use_cache=True).logits[0])
+    torch.testing.assert_close(torch.cat(rows), full, rtol=1e-4, atol=1e-5)
+
+
+class ForceTokens(LogitsProcessor):
+    """Makes greedy decoding emit ``tokens`` one per step, leaving the scores' other entries as they are."""
+
+    def __init__(self, tokens: list[int], start: int) -> None:
+        self.tokens, self.start = tokens, start
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        step = input_ids.shape[1] - self.start
+        forced = scores.clone()
+        forced[:, self.tokens[step]] = scores.max() + 100.0
+        return forced
+
+
+def test_a_subject_the_model_generates_is_edited_in_generate_like_in_a_full_forward(tokenizer: Any) -> None:
+    """The prompt holds half the subject; generate() emits the rest token by token through its KV cache."""
+    editable = EditableCausalLM(random_model("llama", len(tokenizer)), tokenizer)
+    editable.add_entry(make_entry({"en": LONG_SUBJECT}, layers=(0, 1, 2), scale=10.0))
+    ids = tokenizer(f"It was {LONG_SUBJECT} who said that")["input_ids"]
+    subject_end = len(tokenizer(f"It was {LONG_SUBJECT}")["input_ids"])
+    prompt, rest = ids[: subject_end - 1], ids[subject_end - 1:]
+    out = editable.generate(input_ids=torch.tensor([prompt]), max_new_tokens=len(rest), do_sample=False,
+                            pad_token_id=0, eos_token_id=None, output_logits=True, return_dict_in_generate=True,
+                            logits_processor=LogitsProcessorList([ForceTokens(rest, len(prompt))]))
+    assert out.sequences[0].tolist() == ids
+    full, _ = forward_logits(editable, ids)
+    torch.testing.assert_close(torch.cat(out.logits), full[len(prompt) - 1:-1], rtol=1e-4, atol=1e-5)
+    with editable.edits_disabled():
+        plain, _ = forward_logits(editable, ids)
+    assert not torch.allclose(plain[subject_end:], full[subject_end:], atol=1e-3)  # the subject really is edited
 
 
 def test_generation_with_and_without_the_cache_agree(tokenizer: Any) -> None:
