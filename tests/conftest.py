@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -14,7 +15,7 @@ from transformers import (
     Qwen2ForCausalLM,
 )
 
-from lafn_hf import BankEntry, EditGroup, LayerUpdate
+from lafn_hf import BankEntry, EditBank, EditGroup, LayerUpdate
 from lafn_hf.models import tiny_fact_group, tiny_model_path
 
 TINY_DIR = tiny_model_path()
@@ -71,3 +72,21 @@ def greedy(model: Any, tokenizer: Any, prompt: str, new_tokens: int = 6) -> str:
     encoded = tokenizer(prompt, return_tensors="pt")
     output = model.generate(**encoded, max_new_tokens=new_tokens, do_sample=False, pad_token_id=tokenizer.pad_token_id)
     return tokenizer.decode(output[0, encoded["input_ids"].shape[1]:], skip_special_tokens=True)
+
+
+def weights_file(directory: Path) -> Path:
+    found = sorted(directory.glob("lafn_bank*.safetensors"))
+    assert len(found) == 1, found
+    return found[0]
+
+
+def same_bank(a: EditBank, b: EditBank) -> bool:
+    if [e.id for e in a] != [e.id for e in b]:
+        return False
+    for x, y in zip(a, b):
+        if x.subjects != y.subjects or x.metadata != y.metadata or x.updates.keys() != y.updates.keys():
+            return False
+        if not all(torch.equal(x.updates[k].neurons, y.updates[k].neurons)
+                   and torch.equal(x.updates[k].delta, y.updates[k].delta) for k in x.updates):
+            return False
+    return True
