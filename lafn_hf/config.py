@@ -280,7 +280,8 @@ class LafnConfig:
         clamp_norm_factor: after each step each layer's dV is projected onto the ball of radius
             ``clamp_norm_factor * ||V||``, V the unedited value vector (all neurons of the layer)
             at the subject's last token, averaged over the training sequences (MEMIT's clamp).
-            ``None`` disables the clamp.
+            ``None`` disables the clamp. 4: on Gemma-3-270M, MzsRE dev en+fr items 0-39, 3 and 8 both
+            answered fewer English rephrasings (82.5 and 80.0 against 92.5 of those whose subject is found).
         layers: edited layer indices; ``None`` uses the ``lafn_hf.modeling`` default.
         locate_strategy: ``"paraphrases"`` (paper), ``"single"`` (no-PGs: prompt only),
             ``"all"`` (every neuron of the layers) or ``"random"`` (as many random neurons as
