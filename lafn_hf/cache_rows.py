@@ -25,8 +25,8 @@ _WRAPPED = ("reorder_cache", "crop", "batch_repeat_interleave", "batch_select_in
 
 
 def cache_argument(kwargs: dict[str, Any]) -> Any:
-    """The KV cache a model forward was called with: ``cache=`` (transformers >= 5.2x, what ``generate()``
-    passes) or its older name ``past_key_values=``."""
+    """The KV cache a model forward was called with: ``cache=`` (what ``generate()`` passes in recent
+    transformers 5.x, e.g. 5.24) or its older name ``past_key_values=``."""
     cache = kwargs.get("cache")
     return kwargs.get("past_key_values") if cache is None else cache
 

@@ -16,9 +16,11 @@ from transformers import (
 )
 
 from lafn_hf import BankEntry, EditBank, EditGroup, LayerUpdate
+from lafn_hf.hub import BaseModelRef
 from lafn_hf.models import tiny_fact_group, tiny_model_path
 
 TINY_DIR = tiny_model_path()
+SMALL_BASE = BaseModelRef("acme/tiny", None, "llama", 32, 64, 3)  # a base the small test banks name
 
 
 @pytest.fixture(scope="session")

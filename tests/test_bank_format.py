@@ -21,9 +21,7 @@ from lafn_hf import BankEntry, EditBank, LayerUpdate
 from lafn_hf import bank_format as fmt
 from lafn_hf.hub import BANK_CONFIG_NAME, BANK_WEIGHTS_NAME, FORMAT_VERSION, BaseModelRef, load_bank, save_bank, weights_name
 
-from .conftest import make_entry
-
-SMALL_BASE = BaseModelRef("acme/tiny", None, "llama", 32, 64, 3)
+from .conftest import SMALL_BASE, make_entry
 
 
 # -- helpers ------------------------------------------------------------------------------------------

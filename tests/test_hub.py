@@ -28,9 +28,7 @@ from lafn_hf.hub import (
 )
 from lafn_hf.models import materialize
 
-from .conftest import make_entry, random_model, same_bank, weights_file
-
-SMALL_BASE = BaseModelRef("acme/tiny", None, "llama", 32, 64, 3)
+from .conftest import SMALL_BASE, make_entry, random_model, same_bank, weights_file
 
 
 def editable_with_entries(tokenizer: Any, count: int = 2) -> EditableCausalLM:

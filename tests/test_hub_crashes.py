@@ -20,9 +20,8 @@ import torch
 from lafn_hf import BankEntry, EditBank, LayerUpdate
 from lafn_hf.hub import BANK_CONFIG_NAME, BaseModelRef, load_bank, save_bank
 
-from .conftest import make_entry, same_bank, weights_file
+from .conftest import SMALL_BASE, make_entry, same_bank, weights_file
 
-SMALL_BASE = BaseModelRef("acme/tiny", None, "llama", 32, 64, 3)
 BIG_BASE = BaseModelRef("acme/big", None, "llama", 16, 400_000, 4)
 needs_fork = pytest.mark.skipif(not hasattr(os, "fork") or sys.platform == "win32", reason="needs os.fork")
 
