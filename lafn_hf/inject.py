@@ -31,10 +31,11 @@ from lafn_hf.modeling import decoder_layers, mlp_parts
 
 from .bank import BankEntry, EditBank, KeySpace, RoutingKey
 from .cache_rows import cache_argument, cache_length, keep_readers, readers_for, returned_cache
-from .matcher import RowReader, SubjectMatcher, decoder_for
+from .matcher import SubjectMatcher
 from .routing.config import RoutingConfig
 from .routing.fire import KeyIndex, KeyWork, Pending
 from .routing.trace import Route, record, tracing_active
+from .row_reader import RowReader, decoder_for
 from .scope import ForwardScope, unwrapped
 
 logger = logging.getLogger(__name__)

@@ -24,7 +24,8 @@ from lafn_hf.modeling import decoder_layers, mlp_parts, text_config
 
 from .config import EditGroup, LafnConfig, nfc
 from .inject import LayerPlan, ValueInjection
-from .matcher import SubjectMatcher, find_subject_tokens
+from .matcher import SubjectMatcher
+from .row_reader import find_subject_tokens
 from .scope import ForwardScope, SkippedLayer
 from .text import is_word_char
 from .tokens import pad_batch, pad_id, sample_top_k, target_separator

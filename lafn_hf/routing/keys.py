@@ -34,7 +34,8 @@ from lafn_hf.modeling import decoder_layers
 
 from ..bank import BankEntry, EditBank, KeySpace, RoutingKey
 from ..config import EditGroup
-from ..matcher import SubjectMatcher, find_subject_tokens
+from ..matcher import SubjectMatcher
+from ..row_reader import find_subject_tokens
 from ..scope import ForwardScope
 from ..text import is_spaceless_char
 from ..tokens import pad_batch, pad_id
