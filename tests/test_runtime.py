@@ -155,6 +155,8 @@ class ForceTokens(LogitsProcessor):
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
         step = input_ids.shape[1] - self.start
+        if step >= len(self.tokens):  # assisted decoding scores one position past the last draft token
+            return scores
         forced = scores.clone()
         forced[:, self.tokens[step]] = scores.max() + 100.0
         return forced
@@ -176,6 +178,36 @@ def test_a_subject_the_model_generates_is_edited_in_generate_like_in_a_full_forw
     with editable.edits_disabled():
         plain, _ = forward_logits(editable, ids)
     assert not torch.allclose(plain[subject_end:], full[subject_end:], atol=1e-3)  # the subject really is edited
+
+
+def test_assisted_decoding_is_edited_like_a_full_forward_when_a_draft_is_rejected_inside_the_subject(
+        tokenizer: Any) -> None:
+    """Prompt lookup drafts "Qu|i|x|o|t" from the prompt's "Quixote"; "Qu|i|x" is kept, "o|t" cropped away, and
+    the subject "Quixaro" completes in a later forward: the reading must survive the crop."""
+    editable = EditableCausalLM(random_model("llama", len(tokenizer)), tokenizer)
+    editable.add_entry(make_entry({"en": LONG_SUBJECT}, layers=(0, 1, 2), scale=10.0))
+    prompt = tokenizer("It was Quixote who said that, then Qu")["input_ids"]
+    ids = tokenizer(f"It was Quixote who said that, then {LONG_SUBJECT} who sang it.")["input_ids"]
+    assert ids[: len(prompt)] == prompt
+    rest = ids[len(prompt):]
+    read: list[int] = []  # tokens each forward reads
+    hook = editable.model.register_forward_pre_hook(
+        lambda _, args, kwargs: read.append((kwargs["input_ids"] if "input_ids" in kwargs else args[0]).shape[1]),
+        with_kwargs=True)
+    try:
+        out = editable.generate(input_ids=torch.tensor([prompt]), max_new_tokens=len(rest), do_sample=False,
+                                prompt_lookup_num_tokens=4, pad_token_id=0, eos_token_id=None, output_logits=True,
+                                return_dict_in_generate=True,
+                                logits_processor=LogitsProcessorList([ForceTokens(rest, len(prompt))]))
+    finally:
+        hook.remove()
+    assert out.sequences[0].tolist() == ids
+    assert len(read) < len(rest)  # drafts were read several at a time
+    full, _ = forward_logits(editable, ids)
+    torch.testing.assert_close(torch.cat(out.logits), full[len(prompt) - 1:-1], rtol=1e-4, atol=1e-5)
+    with editable.edits_disabled():
+        plain, _ = forward_logits(editable, ids)
+    assert not torch.allclose(plain[-5:], full[-5:], atol=1e-3)  # the subject really is edited
 
 
 def test_generation_with_and_without_the_cache_agree(tokenizer: Any) -> None:
