@@ -2,7 +2,7 @@ from __future__ import annotations
 
 import pytest
 from torch import nn
-from transformers import GemmaConfig, LlamaConfig, Qwen2Config
+from transformers import Gemma3TextConfig, GemmaConfig, LlamaConfig, Qwen2Config
 
 from lafn_hf.modeling import SUPPORTED_MODEL_TYPES, decoder_layers, default_edit_layers, get_spec, mlp_parts
 
@@ -11,6 +11,7 @@ def test_default_edit_layers_match_the_paper() -> None:
     assert default_edit_layers(LlamaConfig(num_hidden_layers=32)) == (10, 11, 12)  # LLaMA2-7b
     assert default_edit_layers(Qwen2Config(num_hidden_layers=32)) == (14, 15, 16)  # Qwen1.5-7b
     assert default_edit_layers(GemmaConfig(num_hidden_layers=18)) == (6, 7, 8)
+    assert default_edit_layers(Gemma3TextConfig(num_hidden_layers=18)) == (3, 4, 5)  # Gemma-3-270M, measured
     assert default_edit_layers(LlamaConfig(num_hidden_layers=2)) == (0, 1)
 
 

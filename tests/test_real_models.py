@@ -44,7 +44,7 @@ def test_gemma_edit_in_three_languages() -> None:
     before = [tokens(model, p) for p in [*unrelated, romeo]]
     assert answer(model, group.edits["en"].prompt).startswith("Paris")
     result = model.edit(group)
-    assert result.layers == (6, 7, 8)
+    assert result.layers == (3, 4, 5)
     for lang, edit in group.edits.items():
         assert answer(model, edit.prompt).startswith(edit.target), lang
     held_out = [(lang, p) for lang, prompts in data["held_out"].items() for p in prompts]
