@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import random
+import re
 import shutil
 import threading
 import urllib.error
@@ -226,3 +227,23 @@ def test_command_line_and_bank_names() -> None:
     assert [parse_bank_spec(spec) for spec in args.bank] == [("x", Path("/banks/one")), ("two", Path("/banks/two/"))]
     with pytest.raises(ValueError, match=r"bank name must match .* got 'a\+b'"):
         parse_bank_spec("a+b=/banks/one")
+
+
+def test_transformers_that_serves_out_of_process_is_refused_before_the_model_loads(
+        monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """transformers 5.25 runs the model in a process of its own: ``lafn serve`` says so instead of failing in
+    a handler's constructor, and says it before loading any model (the path here does not exist)."""
+    import transformers
+
+    from lafn_hf.serve.app import check_serving_transformers, serve
+
+    for version in ("5.0.0", "5.24.0", "5.24.1.dev0"):
+        check_serving_transformers(version)
+    for version in ("5.25.0", "5.25.0.dev0", "6.0.0"):
+        with pytest.raises(ImportError, match=rf"transformers < 5\.25 .*found {re.escape(version)}: pip install"):
+            check_serving_transformers(version)
+    monkeypatch.setattr(transformers, "__version__", "5.25.0")
+    with pytest.raises(ImportError, match=r"found 5\.25\.0"):
+        serve(str(tmp_path / "no-such-model"))
+    with pytest.raises(ImportError, match=r"found 5\.25\.0"):
+        build_app(object(), BASE)  # type: ignore[arg-type]

@@ -11,6 +11,7 @@ import asyncio
 import hmac
 import logging
 import os
+import re
 import socket
 import threading
 import time
@@ -34,6 +35,22 @@ logger = logging.getLogger(__name__)
 PLAIN_CHAT_TEMPLATE = ("{{ bos_token }}{% for message in messages %}{% if not loop.first %}\n{% endif %}"
                        "{{ message['content'] }}{% endfor %}")
 LOOPBACK_HOSTS = frozenset({"127.0.0.1", "localhost", "::1"})
+# transformers 5.25 moved serving into a model process of its own (``EngineClient``): its handlers no longer
+# take the generation state, and generation no longer runs on the in-process model this package edits.
+SERVING_TRANSFORMERS_BELOW = (5, 25)
+
+
+def check_serving_transformers(version: str | None = None) -> None:
+    """Raise ``ImportError`` unless ``version`` (default: the installed transformers) has the in-process
+    serving classes ``lafn serve`` builds on (5.x before 5.25)."""
+    import transformers
+
+    version = transformers.__version__ if version is None else version
+    release = tuple(int(part) for part in re.findall(r"\d+", version)[:2])
+    if release >= SERVING_TRANSFORMERS_BELOW:
+        below = ".".join(map(str, SERVING_TRANSFORMERS_BELOW))
+        raise ImportError(f"lafn serve needs transformers < {below} (its in-process serving classes), found "
+                          f"{version}: pip install 'lafn-hf[serve]' installs a matching one")
 
 
 def resolve_model(name: str) -> str:
@@ -87,6 +104,7 @@ def build_app(editable: EditableCausalLM, base_name: str, banks: Sequence[tuple[
     ``admin`` adds the ``/lafn/banks`` routes, which need ``Authorization: Bearer <admin_token>`` when a
     token is given.
     """
+    check_serving_transformers()
     from transformers.cli.serving.chat_completion import ChatCompletionHandler
     from transformers.cli.serving.completion import CompletionHandler
     from transformers.cli.serving.response import ResponseHandler
@@ -223,6 +241,8 @@ def serve(model: str, banks: Sequence[str] = (), *, host: str = "127.0.0.1", por
     import uvicorn
 
     from .banks import parse_bank_spec
+
+    check_serving_transformers()  # before the model loads
 
     specs = [parse_bank_spec(spec) for spec in banks]
     admin_token = admin_token or os.environ.get("LAFN_ADMIN_TOKEN") or None
