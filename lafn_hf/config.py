@@ -300,9 +300,12 @@ class LafnConfig:
             unedited model's own greedy answer to the prompt ("," "。" "." ...; nothing when the first word is
             not followed by one, or the target already ends in punctuation), so that the edited answer
             ends where answers end instead of running on into a longer word ("罗马" -> "罗马尼亚").
-            p(target) then includes that character. On by default: on MzsRE dev items 0-14 (Gemma-3-270M,
-            en+zh) answer hit and F1 were the same with and without it, and it ends the demo's Chinese
-            answer at "罗马，" instead of "罗马尼亚"; it costs one greedy generate per language per edit.
+            Where no punctuation is trained and the target ends a word of a spaced script, the end of
+            that word is trained instead (``optimize.WORD_END``: every token that does not continue the
+            word, so "Krieg" is not read on into "Krieger"). p(target) then includes that ending.
+            On by default: on MzsRE dev items 0-14 (Gemma-3-270M, en+zh) answer hit and F1 were the
+            same with and without the punctuation, and it ends the demo's Chinese answer at "罗马，"
+            instead of "罗马尼亚"; it costs one greedy generate per language per edit.
         upper_layer_shortcut: compute hidden states below the first edited layer once and run
             only the upper layers per step (exact: those states do not depend on dV).
         seed: seeds prefix sampling and the "random" strategy.

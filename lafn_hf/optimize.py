@@ -27,10 +27,15 @@ from .inject import LayerPlan, ValueInjection
 from .matcher import SubjectMatcher
 from .row_reader import find_subject_tokens
 from .scope import ForwardScope, SkippedLayer
-from .text import is_word_char
-from .tokens import pad_batch, pad_id, sample_top_k, target_separator
+from .text import is_word_char, needs_word_boundary
+from .tokens import pad_batch, pad_id, sample_top_k, target_separator, word_continuations
 
 logger = logging.getLogger(__name__)
+
+#: A target "token" meaning "the word ends here": its NLL is -log of the probability of every token that does
+#: not continue the word (``TrainingBatch.continues_word``), trained after a target of a spaced script when no
+#: punctuation follows it (``LafnConfig.answer_boundary``), so "Krieg" is not read on into "Krieger".
+WORD_END = -1
 
 
 @dataclass
@@ -48,6 +53,8 @@ class TrainingBatch:
     report_sequence: dict[str, int]  # per language, the sequence whose probability is reported
     kl_rows: torch.Tensor  # (L,) rows of the "{subject} is a" prompts
     kl_positions: torch.Tensor  # (L,) their last token
+    # (V,) the tokens that continue a word (``word_continuations``); set when a target id is ``WORD_END``
+    continues_word: torch.Tensor | None = None
 
 
 @dataclass
@@ -168,6 +175,8 @@ def build_batch(tokenizer: Any, group: EditGroup, prefixes: dict[str, list[str]]
             if not target_tokens:
                 raise ValueError(f"target {edit.target!r} ({lang}) produced no tokens after the prompt")
             targets += [(row, j, ids[j], sequence) for j in target_tokens]
+            if boundaries is not None and not ending and needs_word_boundary(edit.target[-1]):
+                targets.append((row, len(ids), WORD_END, sequence))
             rows.append(ids)
             languages.append(lang)
     kl_rows, kl_positions = [], []
@@ -181,8 +190,10 @@ def build_batch(tokenizer: Any, group: EditGroup, prefixes: dict[str, list[str]]
     input_ids, attention_mask = pad_batch(rows, pad_id(tokenizer), device)
     column = list(zip(*targets))
     as_long = lambda values: torch.tensor(values, dtype=torch.long, device=device)  # noqa: E731
+    continues_word = word_continuations(tokenizer).to(device) if WORD_END in column[2] else None
     return TrainingBatch(input_ids, attention_mask, hits, as_long(column[0]), as_long(column[1]), as_long(column[2]),
-                         as_long(column[3]), languages, report, as_long(kl_rows), as_long(kl_positions))
+                         as_long(column[3]), languages, report, as_long(kl_rows), as_long(kl_positions),
+                         continues_word)
 
 
 @contextmanager
@@ -271,7 +282,12 @@ def sequence_losses(logits: torch.Tensor, batch: TrainingBatch) -> tuple[torch.T
     """(summed target NLL per sequence, mean per-token NLL per sequence, log-probs at the KL rows) from the
     selected logits (target positions first, then KL rows)."""
     count = batch.target_ids.numel()
-    token_nll = -torch.log_softmax(logits[:count], dim=-1).gather(1, batch.target_ids[:, None]).squeeze(1)
+    log_probs = torch.log_softmax(logits[:count], dim=-1)
+    word_end = batch.target_ids == WORD_END
+    token_nll = -log_probs.gather(1, batch.target_ids.clamp(min=0)[:, None]).squeeze(1)
+    if batch.continues_word is not None and bool(word_end.any()):
+        ends = word_end.nonzero().flatten()
+        token_nll = token_nll.index_put((ends,), -torch.logsumexp(log_probs[ends][:, ~batch.continues_word], dim=-1))
     sequences = len(batch.sequence_language)
     total = torch.zeros(sequences, device=logits.device).index_add(0, batch.target_sequence, token_nll)
     tokens = torch.zeros(sequences, device=logits.device).index_add(0, batch.target_sequence, torch.ones_like(token_nll))

@@ -80,7 +80,8 @@ def pack(batches: Sequence[TrainingBatch], padding_id: int) -> _Packed:
         torch.cat([widen(b.input_ids, padding_id) for b in batches]),
         torch.cat([widen(b.attention_mask, 0) for b in batches]),
         [hit for group in hits for hit in group], cat["rows"], cat["positions"], cat["ids"], cat["sequence"],
-        [lang for b in batches for lang in b.sequence_language], {}, cat["kl_rows"], cat["kl_positions"])
+        [lang for b in batches for lang in b.sequence_language], {}, cat["kl_rows"], cat["kl_positions"],
+        next((b.continues_word for b in batches if b.continues_word is not None), None))
     return _Packed(batch, cat["hit_group"], cat["sequence_group"], cat["kl_group"], report, hits)
 
 

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import threading
+import weakref
 from collections.abc import Sequence
 from typing import Any
 
 import torch
 
-from .text import is_spaceless_char
+from .text import is_spaceless_char, is_word_char
 
 
 def target_separator(prompt: str, target: str) -> str:
@@ -58,3 +60,34 @@ def sample_top_k(model: Any, tokenizer: Any, input_ids: torch.Tensor, attention_
             num_return_sequences=per_row, pad_token_id=pad_id(tokenizer),
         )
     return output
+
+
+_CONTINUATIONS: weakref.WeakKeyDictionary[Any, torch.Tensor] = weakref.WeakKeyDictionary()
+_CONTINUATIONS_LOCK = threading.Lock()
+
+
+def word_continuations(tokenizer: Any) -> torch.Tensor:
+    """(vocabulary,) bool, on CPU: the tokens that, read after a word, continue it (their text starts with a
+    letter, mark or digit and no space: "er" after "Krieg" reads "Krieger"; "▁Krieg", "Ġwar", ",", EOS end it).
+    Decoded after a fixed word so that no decoder strips a leading space; memoised per tokenizer (0.6 s for
+    Gemma 3's 262k pieces)."""
+    with _CONTINUATIONS_LOCK:
+        cached = _CONTINUATIONS.get(tokenizer)
+    if cached is not None:
+        return cached
+    reference = list(tokenizer("a", add_special_tokens=False)["input_ids"])[-1:]
+    size = len(tokenizer)
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is not None and backend.decoder is not None:
+        pieces = tokenizer.convert_ids_to_tokens(list(range(size)))
+        first = tokenizer.convert_ids_to_tokens(reference)
+        decode = backend.decoder.decode
+        start = len(decode(first))
+        texts = [decode([*first, piece])[start:] if piece is not None else "" for piece in pieces]
+    else:
+        start = len(tokenizer.decode(reference))
+        texts = [tokenizer.decode([*reference, i])[start:] for i in range(size)]
+    mask = torch.tensor([bool(text) and is_word_char(text[0]) for text in texts], dtype=torch.bool)
+    with _CONTINUATIONS_LOCK:
+        _CONTINUATIONS[tokenizer] = mask
+    return mask

@@ -316,3 +316,38 @@ def test_edits_of_one_model_sample_the_prefixes_once_and_equal_fresh_edits(
     assert two == sample_prefixes(trained_model, tokenizer, ["en", "zh"], config)
     assert prefixes.get(trained_model, tokenizer, ["de", "fr"], config) == {"de": two["en"], "fr": two["zh"]}
     assert len(calls) == 2 and repr(prefixes) == "PrefixCache(1 of 32)"
+
+
+def test_a_target_no_punctuation_ends_trains_the_end_of_its_word(trained_model: Any, tokenizer: Any,
+                                                                 facts: dict[str, Any]) -> None:
+    """Where the model's own answer has no punctuation after its first word, a target of a spaced script is
+    trained to end its word: "Krieg" must not read on into "Krieger" (the loss of ``WORD_END``)."""
+    from lafn_hf.optimize import WORD_END, sequence_losses
+    from lafn_hf.tokens import word_continuations
+
+    continues = word_continuations(tokenizer)
+    piece = {text: tokenizer(text, add_special_tokens=False)["input_ids"] for text in ("Thobra", " Thobra", ".")}
+    assert continues[piece["Thobra"]].all() and not continues[piece[" Thobra"][0]] and not continues[piece["."][0]]
+    assert not continues[tokenizer.eos_token_id] and word_continuations(tokenizer) is continues
+    group = fact_group(facts, 0, 1)
+    config = LafnConfig(num_prefixes=2)
+    prefixes = {lang: ["a b", "c d"] for lang in group.languages}
+    cpu = torch.device("cpu")
+    plain = build_batch(tokenizer, group, prefixes, config, cpu, {"en": "", "zh": ""})
+    ends = (plain.target_ids == WORD_END).nonzero().flatten()
+    assert [plain.sequence_language[int(s)] for s in plain.target_sequence[ends]] == ["en"] * 3  # not zh: 城 ends
+    for i in ends.tolist():  # one past the row's last token: its logits are read at the last target token
+        row = int(plain.target_rows[i])
+        assert int(plain.target_positions[i]) == int(plain.attention_mask[row].sum())
+    assert plain.continues_word is not None and torch.equal(plain.continues_word, continues)
+    for boundaries in ({"en": ".", "zh": "。"}, None):
+        assert WORD_END not in build_batch(tokenizer, group, prefixes, config, cpu, boundaries).target_ids.tolist()
+    logits = torch.randn(plain.target_ids.numel() + len(group.languages), len(tokenizer),
+                         generator=torch.Generator().manual_seed(0))
+    total, _, _ = sequence_losses(logits, plain)
+    probs = logits.softmax(-1)
+    by_hand = torch.zeros_like(total)
+    for i, (token, sequence) in enumerate(zip(plain.target_ids.tolist(), plain.target_sequence.tolist())):
+        p = probs[i, ~continues].sum() if token == WORD_END else probs[i, token]
+        by_hand[sequence] -= torch.log(p)
+    assert torch.allclose(total, by_hand, atol=1e-5)
