@@ -19,7 +19,8 @@ from lafn_hf import EditableCausalLM, EditGroup, LafnConfig, LanguageEdit
 from lafn_hf.cli import _load_model
 from lafn_hf.models import tiny_fact_group
 
-LEADS = ["", "Tell me: ", "Question: ", "Quick fact: ", "I wonder: ", "Note: ", "Trivia: ", "Answer this: "]
+LEADS = ["", "Tell me: ", "Question: ", "Quick fact: ", "I wonder: ", "Note: ", "Trivia: ", "Answer this: ",
+         "Do you know? ", "Fact check: ", "Hint: ", "Quiz: "]
 
 
 def with_paraphrases(group: EditGroup, count: int = 30) -> EditGroup:

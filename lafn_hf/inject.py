@@ -54,21 +54,26 @@ class LayerPlan:
     values: torch.Tensor  # (N,) float32, may require grad
 
     @classmethod
-    def build(cls, hits: Sequence[tuple[int, int]], neurons: torch.Tensor, delta: torch.Tensor) -> LayerPlan:
-        """One (neurons, delta) update applied at every (row, position) in ``hits``."""
-        device = neurons.device
-        where = torch.tensor(hits, dtype=torch.long, device=device).reshape(-1, 2)  # (H, 2)
+    def build(cls, hits: Sequence[tuple[int, int]] | torch.Tensor, neurons: torch.Tensor, delta: torch.Tensor) -> LayerPlan:
+        """One (neurons, delta) update applied at every (row, position) in ``hits``: pairs, or an (H, 2) int64
+        tensor on the neurons' device (``hit_tensor``; built once, it saves a host-to-device copy per call)."""
+        where = hits if isinstance(hits, torch.Tensor) else hit_tensor(hits, neurons.device)
         count = neurons.numel()
         return cls(
             rows=where[:, 0].repeat_interleave(count),
             positions=where[:, 1].repeat_interleave(count),
-            neurons=neurons.repeat(len(hits)),
-            values=delta.repeat(len(hits)),
+            neurons=neurons.repeat(where.shape[0]),
+            values=delta.repeat(where.shape[0]),
         )
 
     @classmethod
     def concat(cls, plans: Sequence[LayerPlan]) -> LayerPlan:
         return cls(*(torch.cat([getattr(p, name) for p in plans]) for name in ("rows", "positions", "neurons", "values")))
+
+
+def hit_tensor(hits: Sequence[tuple[int, int]], device: torch.device | str) -> torch.Tensor:
+    """(H, 2) int64 (row, position) pairs on ``device``, for ``LayerPlan.build``."""
+    return torch.tensor(hits, dtype=torch.long, device=device).reshape(-1, 2)
 
 
 def add_values(values: torch.Tensor, plan: LayerPlan) -> torch.Tensor:

@@ -23,12 +23,12 @@ from tqdm.auto import tqdm
 from lafn_hf.modeling import decoder_layers, mlp_parts, text_config
 
 from .config import EditGroup, LafnConfig, nfc
-from .inject import LayerPlan, ValueInjection
+from .inject import LayerPlan, ValueInjection, hit_tensor
 from .matcher import SubjectMatcher
 from .row_reader import find_subject_tokens
 from .scope import ForwardScope, SkippedLayer
 from .text import is_word_char, needs_word_boundary
-from .tokens import pad_batch, pad_id, sample_top_k, target_separator, word_continuations
+from .tokens import encode_texts, pad_batch, pad_id, sample_top_k, target_separator, word_continuations
 
 logger = logging.getLogger(__name__)
 
@@ -142,14 +142,20 @@ def answer_ending(answer: str) -> str:
 
 def answer_boundaries(model: nn.Module, tokenizer: Any, group: EditGroup, new_tokens: int = 8) -> dict[str, str]:
     """Per language, the punctuation that ends the first word of the model's own greedy answer ('' if none)."""
-    boundaries = {}
-    device = next(model.parameters()).device
-    for lang, edit in group.edits.items():
-        ids = torch.tensor([tokenizer(edit.prompt)["input_ids"]], device=device)
-        output = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=False,  # type: ignore[operator]
-                                max_new_tokens=new_tokens, pad_token_id=pad_id(tokenizer))
-        boundaries[lang] = answer_ending(tokenizer.decode(output[0, ids.shape[1]:], skip_special_tokens=True))
-    return boundaries
+    return answer_boundaries_many(model, tokenizer, [group], new_tokens)[0]
+
+
+def answer_boundaries_many(model: nn.Module, tokenizer: Any, groups: Sequence[EditGroup],
+                           new_tokens: int = 8) -> list[dict[str, str]]:
+    """``answer_boundaries`` of every group from one left-padded greedy ``generate`` over all their prompts:
+    ``new_tokens`` decoding steps in all instead of that many per prompt (on a GPU, where each step costs the
+    same for 1 or 100 rows, 8 steps instead of 8 per language and group)."""
+    prompts = [edit.prompt for group in groups for edit in group.edits.values()]
+    input_ids, attention_mask = encode_texts(tokenizer, prompts, next(model.parameters()).device, left=True)
+    output = model.generate(input_ids=input_ids, attention_mask=attention_mask, do_sample=False,  # type: ignore[operator]
+                            max_new_tokens=new_tokens, pad_token_id=pad_id(tokenizer))
+    answers = iter(tokenizer.batch_decode(output[:, input_ids.shape[1]:], skip_special_tokens=True))
+    return [{lang: answer_ending(next(answers)) for lang in group.edits} for group in groups]
 
 
 def build_batch(tokenizer: Any, group: EditGroup, prefixes: dict[str, list[str]], config: LafnConfig,
@@ -311,6 +317,7 @@ def optimize_update(model: nn.Module, tokenizer: Any, group: EditGroup, neurons:
     optimizer = torch.optim.Adam(list(deltas.values()), lr=config.learning_rate)
     rows = torch.cat([batch.target_rows, batch.kl_rows])
     positions = torch.cat([batch.target_positions - 1, batch.kl_positions])
+    hits = hit_tensor(batch.subject_hits, device)
     result = OptimizationResult(deltas={})
     with eval_mode(model), ExitStack() as stack:
         base = _BaseRun(model, batch, layers)
@@ -321,12 +328,13 @@ def optimize_update(model: nn.Module, tokenizer: Any, group: EditGroup, neurons:
         injection = stack.enter_context(ValueInjection(model, layers))
         bar = stack.enter_context(tqdm(total=config.steps, desc="LAFN dV", disable=not progress, leave=False))
         for step in range(config.steps + 1):
-            injection.plan = {i: LayerPlan.build(batch.subject_hits, neuron_index[i], deltas[i]) for i in layers}
+            injection.plan = {i: LayerPlan.build(hits, neuron_index[i], deltas[i]) for i in layers}
             logits = selected_logits(model, batch.input_ids, batch.attention_mask, rows, positions)
             totals, target_loss, kl_loss = _losses(logits, batch, base)
             loss = config.lambda_target * target_loss + config.lambda_kl * kl_loss
-            result.loss_curve.append(float(loss.detach()))
-            result.target_loss_curve.append(float(target_loss.detach()))
+            loss_value, target_value = torch.stack([loss.detach(), target_loss.detach()]).tolist()  # one host sync
+            result.loss_curve.append(loss_value)
+            result.target_loss_curve.append(target_value)
             if step == config.steps or result.target_loss_curve[-1] < config.early_stop_loss:
                 break
             # gradients for dV only: the shared model's parameters are neither written nor re-flagged
@@ -346,7 +354,7 @@ def optimize_update(model: nn.Module, tokenizer: Any, group: EditGroup, neurons:
 
 @torch.no_grad()
 def _clamp(deltas: dict[int, torch.Tensor], radius: dict[int, float]) -> None:
+    """Project each layer's dV onto the ball of its radius (a radius <= 0: no clamp), on dV's device: no host sync."""
     for layer, limit in radius.items():
-        norm = float(deltas[layer].norm())
-        if norm > limit > 0:
-            deltas[layer].mul_(limit / norm)
+        if limit > 0:
+            deltas[layer].mul_((limit / deltas[layer].norm()).clamp(max=1.0))

@@ -11,6 +11,7 @@ reported as failed without stopping the others.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 from contextlib import ExitStack
 from dataclasses import dataclass
@@ -20,7 +21,7 @@ import torch
 from torch import nn
 
 from .config import EditGroup, LafnConfig
-from .inject import LayerPlan, ValueInjection
+from .inject import LayerPlan, ValueInjection, hit_tensor
 from .optimize import (
     OptimizationResult,
     PrefixCache,
@@ -28,6 +29,7 @@ from .optimize import (
     _BaseRun,
     _clamp,
     answer_boundaries,
+    answer_boundaries_many,
     build_batch,
     eval_mode,
     selected_logits,
@@ -35,6 +37,8 @@ from .optimize import (
     upper_layers_only,
 )
 from .tokens import pad_id
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -94,11 +98,15 @@ def optimize_updates(model: nn.Module, tokenizer: Any, groups: Sequence[EditGrou
     outcome: list[OptimizationResult | Exception] = [ValueError("not optimised")] * len(groups)
     members, batches = [], []
     prefixes = prefixes or PrefixCache()
-    for g, (group, located) in enumerate(zip(groups, neurons)):
+    located_any = [g for g, located in enumerate(neurons) if any(idx.numel() for idx in located.values())]
+    endings = _answer_endings(model, tokenizer, [groups[g] for g in located_any]) if config.answer_boundary else []
+    boundaries_of: dict[int, dict[str, str]] = dict(zip(located_any, endings))
+    for g, group in enumerate(groups):
         try:
-            if not any(idx.numel() for idx in located.values()):
+            if g not in located_any:
                 raise ValueError("no language-agnostic neurons were located in any edited layer; lower beta")
-            boundaries = answer_boundaries(model, tokenizer, group) if config.answer_boundary else None
+            boundaries = (boundaries_of.get(g) or answer_boundaries(model, tokenizer, group)
+                          ) if config.answer_boundary else None
             sampled = prefixes.get(model, tokenizer, group.languages, config)
             batches.append(build_batch(tokenizer, group, sampled, config, device, boundaries))
             members.append(g)
@@ -109,6 +117,16 @@ def optimize_updates(model: nn.Module, tokenizer: Any, groups: Sequence[EditGrou
     for g, result in zip(members, _optimize_packed(model, tokenizer, batches, [neurons[g] for g in members], config)):
         outcome[g] = result
     return outcome
+
+
+def _answer_endings(model: nn.Module, tokenizer: Any, groups: Sequence[EditGroup]) -> list[dict[str, str]]:
+    """``answer_boundaries`` of all ``groups`` in one generate; [] when that fails (each group then asks alone,
+    so an error stays with its group)."""
+    try:
+        return answer_boundaries_many(model, tokenizer, groups) if groups else []
+    except (ValueError, TypeError, RuntimeError) as error:
+        logger.warning("answer boundaries of %d groups together failed (%s); asking group by group", len(groups), error)
+        return []
 
 
 def _optimize_packed(model: nn.Module, tokenizer: Any, batches: list[TrainingBatch],
@@ -145,20 +163,22 @@ def _optimize_packed(model: nn.Module, tokenizer: Any, batches: list[TrainingBat
                 rows = torch.cat([batch.target_rows, batch.kl_rows])
                 positions = torch.cat([batch.target_positions - 1, batch.kl_positions])
                 kl_active = torch.cat([kl_of[g] for g in active])
+                where = [hit_tensor(packed.hits[a], device) for a in range(len(active))]
                 shortcut.close()
                 if config.upper_layer_shortcut and layers[0] > 0:
                     hidden = torch.cat([hidden_of[g][:, :width] for g in active])
                     shortcut.enter_context(upper_layers_only(model, layers[0], hidden))
-            injection.plan = {layer: LayerPlan.concat([LayerPlan.build(packed.hits[a], index[g][layer], deltas[g][layer])
+            injection.plan = {layer: LayerPlan.concat([LayerPlan.build(where[a], index[g][layer], deltas[g][layer])
                                                        for a, g in enumerate(active) if layer in deltas[g]])
                               for layer in layers if any(layer in deltas[g] for g in active)}
             logits = selected_logits(model, batch.input_ids, batch.attention_mask, rows, positions)
             totals, target_loss, kl_loss = _group_losses(logits, packed, kl_active, len(active))
             losses = config.lambda_target * target_loss + config.lambda_kl * kl_loss
+            loss_values, target_values = torch.stack([losses.detach(), target_loss.detach()]).tolist()  # one sync
             going = []
             for a, g in enumerate(active):
-                results[g].loss_curve.append(float(losses[a].detach()))
-                results[g].target_loss_curve.append(float(target_loss[a].detach()))
+                results[g].loss_curve.append(loss_values[a])
+                results[g].target_loss_curve.append(target_values[a])
                 if step == config.steps or results[g].target_loss_curve[-1] < config.early_stop_loss:
                     results[g].steps = step
                     results[g].target_probabilities = {lang: float(torch.exp(-totals[s]).detach())
@@ -170,7 +190,8 @@ def _optimize_packed(model: nn.Module, tokenizer: Any, batches: list[TrainingBat
             if not going:
                 break
             params = [deltas[active[a]][layer] for a in going for layer in deltas[active[a]]]
-            grads = torch.autograd.grad(losses[going].sum(), params)
+            objective = losses.sum() if len(going) == len(active) else losses[going].sum()  # no index copy: no sync
+            grads = torch.autograd.grad(objective, params)
             for param, grad in zip(params, grads):
                 param.grad = grad
             optimizer.step()

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import sys
 from typing import Any
 
 import pytest
@@ -56,3 +58,66 @@ def test_a_failing_group_does_not_stop_its_batch(trained_model: Any, tokenizer: 
     assert all("EditFailedError" in message for _, message in refused.failures)
     with pytest.raises(ValueError, match="batch_size must be an int >= 1"):
         editable.edit_many([], strict, batch_size=0)
+
+
+def test_answer_boundaries_of_many_groups_come_from_one_left_padded_generate(
+        trained_model: Any, tokenizer: Any, facts: dict[str, Any], monkeypatch: pytest.MonkeyPatch) -> None:
+    from lafn_hf import EditGroup, LanguageEdit
+    from lafn_hf.optimize import answer_boundaries_many, answer_ending
+
+    from .conftest import greedy
+
+    subject = facts["facts"][0]["en"]["subject"]
+    groups = [fact_group(facts, 0, 1), EditGroup({"en": LanguageEdit(f"The capital of {subject}", subject, "x")}),
+              fact_group(facts, 7, 2, ("zh",))]  # prompts of 4 lengths; the second answers "is ..." (no ending)
+    one_by_one = [{lang: answer_ending(greedy(trained_model, tokenizer, edit.prompt, 8)) for lang, edit in g.edits.items()}
+                  for g in groups]
+    calls = []
+    generate = trained_model.generate
+    monkeypatch.setattr(trained_model, "generate", lambda **kw: calls.append(kw["input_ids"].shape) or generate(**kw))
+    assert answer_boundaries_many(trained_model, tokenizer, groups) == one_by_one
+    assert one_by_one == [{"en": ".", "zh": "。"}, {"en": ""}, {"zh": "。"}]
+    assert len(calls) == 1 and calls[0][0] == 4
+
+
+def lafn_reads(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """Records each host read of a tensor (float(), .item(), .tolist(), bool()) made by lafn_hf's own code."""
+    reads: list[str] = []
+
+    def recording(name: str) -> Any:
+        original = getattr(torch.Tensor, name)
+
+        def read(self: torch.Tensor, *args: Any) -> Any:
+            caller = sys._getframe(1).f_code.co_filename
+            if f"{os.sep}lafn_hf{os.sep}" in caller:
+                reads.append(f"{name} in {os.path.basename(caller)}")
+            return original(self, *args)
+        return read
+
+    for name in ("__float__", "item", "tolist", "__bool__"):
+        monkeypatch.setattr(torch.Tensor, name, recording(name))
+    return reads
+
+
+def test_an_optimisation_step_reads_one_value_back_from_the_device(
+        trained_model: Any, tokenizer: Any, facts: dict[str, Any], monkeypatch: pytest.MonkeyPatch) -> None:
+    """A GPU runs ahead of Python only until the next host read: each waits for every queued kernel. Each step
+    reads the losses once (early stopping); before, it read each loss and, for the clamp, each layer's norm of
+    each group (4 reads a step here at B=1)."""
+    from lafn_hf.optimize import optimize_update
+    from lafn_hf.optimize_many import optimize_updates
+
+    neurons = {1: torch.arange(32), 2: torch.arange(16, 48)}
+    reads = lafn_reads(monkeypatch)
+    for batch_size in (1, 3):
+        counts = []
+        for steps in (4, 12):
+            del reads[:]
+            config = LafnConfig(steps=steps, early_stop_loss=0.0, min_target_probability=0.0, answer_boundary=False)
+            groups = [fact_group(facts, g, g + 10) for g in range(batch_size)]
+            if batch_size == 1:
+                optimize_update(trained_model, tokenizer, groups[0], neurons, config)
+            else:
+                optimize_updates(trained_model, tokenizer, groups, [neurons] * batch_size, config)
+            counts.append(len(reads))
+        assert (counts[1] - counts[0]) / 8 == 1, (batch_size, counts, reads)
