@@ -4,7 +4,7 @@ Speed does not depend on the weights' values, so the model is built from a confi
 layers, hidden 4096, MLP 11008, 32 heads) with random weights, in bf16 or fp16, on one GPU. The tokenizer is
 SmolLM2's (49,152 pieces: the embedding and head are 2% larger than LLaMA-2's 32,000). Paper setting: edit
 layers 10-12 (the modeling default for 32 layers), M=4 prefixes, 30 paraphrases per language (the shipped toy's
-facts in en+zh, each written with 8 question leads as in edit_speed.py). A random model never reaches its
+facts in en+zh, each written with 12 question leads as in edit_speed.py). A random model never reaches its
 target, so every edit is accepted (min_target_probability 0) and timed at a fixed step count: 20 steps
 (MEMIT's count; Gemma-3-270M's dev edits stop after 11-15 on average) and 60 (this library's cap).
 
@@ -13,7 +13,8 @@ the rest), seconds per optimisation step, groups/s of edit_many at B = 1, 4, 16 
 peak GPU memory above the weights, and generate() tokens/s with banks of 0, 1 and 10,000 entries (routing
 keys on) against the plain model.
 
-    python benchmarks/gpu_edit_speed.py --tokenizer DIR [--dtype bfloat16] [--preset llama-7b|tiny]
+    python benchmarks/gpu_edit_speed.py [--tokenizer DIR] [--dtype bfloat16] [--preset llama-7b|tiny]
+        [--batch-sizes 1,4,16] [--batch-groups 16]
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig
 from lafn_hf import EditableCausalLM, LafnConfig
 from lafn_hf.config import EditGroup
 from lafn_hf.locate import locate_neurons
-from lafn_hf.models import tiny_fact_group
+from lafn_hf.models import materialize, tiny_fact_group
 from lafn_hf.routing.keys import calibrate_key_space
 
 PRESETS = {
@@ -125,7 +126,7 @@ def generate_speed(model: EditableCausalLM, device: str, counts: list[int], new_
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--tokenizer", required=True, help="a fast tokenizer's folder (SmolLM2's)")
+    parser.add_argument("--tokenizer", help="a fast tokenizer's folder (default: SmolLM2's, materialised)")
     parser.add_argument("--preset", choices=sorted(PRESETS), default="llama-7b")
     parser.add_argument("--dtype", choices=["bfloat16", "float16", "float32"], default="bfloat16")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -136,7 +137,7 @@ def main() -> None:
     parser.add_argument("--counts", default="0,1,10000", help="bank sizes for generate() speed")
     parser.add_argument("--skip", default="", help="comma-separated parts to skip: batched, generate")
     args = parser.parse_args()
-    tokenizer = AutoTokenizer.from_pretrained(args.tokenizer)
+    tokenizer = AutoTokenizer.from_pretrained(args.tokenizer or materialize("smollm2-135m"))
     started = time.perf_counter()
     model = build_model(args.preset, tokenizer, getattr(torch, args.dtype), args.device)
     weights = torch.cuda.memory_allocated() / 2**30 if args.device.startswith("cuda") else float("nan")
