@@ -275,7 +275,8 @@ class LafnConfig:
             early (Gemma-3-270M, MzsRE dev en+fr items 0-15: mean 11 steps, at most 19), so the cap only
             decides the hard ones; with 30, 6 of 100 en+zh dev edits were refused by
             ``min_target_probability``; with 60, all 6 took (37-60 steps; Rel 12/12, Gen 6/12).
-        early_stop_loss: stop once the target NLL (Eq. 7) falls below this value. 0.01 instead of 0.05 on
+        early_stop_loss: stop once the target NLL (Eq. 7, over the target's own tokens: not the answer's end
+            that ``answer_boundary`` trains) falls below this value. 0.01 instead of 0.05 on
             en+fr dev items 0-15 (Gemma-3-270M) changed 4 of 52 answers, 2 for the better and 2 for the worse.
         clamp_norm_factor: after each step each layer's dV is projected onto the ball of radius
             ``clamp_norm_factor * ||V||``, V the unedited value vector (all neurons of the layer)

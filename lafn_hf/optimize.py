@@ -55,6 +55,10 @@ class TrainingBatch:
     kl_positions: torch.Tensor  # (L,) their last token
     # (V,) the tokens that continue a word (``word_continuations``); set when a target id is ``WORD_END``
     continues_word: torch.Tensor | None = None
+    # (N,) bool: the token ends the answer after the target (trained punctuation, ``WORD_END``) rather than
+    # being part of the target; None: no such token. Early stopping looks at the target's own tokens only.
+    ending: torch.Tensor | None = None
+    word_ends: torch.Tensor | None = None  # (E,) indices of the ``WORD_END`` entries among the N target tokens
 
 
 @dataclass
@@ -163,6 +167,7 @@ def build_batch(tokenizer: Any, group: EditGroup, prefixes: dict[str, list[str]]
     rows: list[list[int]] = []
     hits: list[tuple[int, int]] = []
     targets: list[tuple[int, int, int, int]] = []  # (row, position, token, sequence)
+    endings: list[bool] = []  # per target token: after the target (punctuation, WORD_END)
     languages: list[str] = []
     report: dict[str, int] = {}
     for lang, edit in group.edits.items():
@@ -172,8 +177,8 @@ def build_batch(tokenizer: Any, group: EditGroup, prefixes: dict[str, list[str]]
         report[lang] = len(languages) + len(contexts) - 1
         for context in contexts:
             ending = (boundaries or {}).get(lang, "") if is_word_char(edit.target[-1]) else ""  # "伦夸城。" has one
-            full = context + target_separator(context, edit.target) + edit.target + ending
-            encoded = tokenizer(full, return_offsets_mapping=True)
+            answered = context + target_separator(context, edit.target) + edit.target
+            encoded = tokenizer(answered + ending, return_offsets_mapping=True)
             ids, offsets = list(encoded["input_ids"]), encoded["offset_mapping"]
             row, sequence = len(rows), len(languages)
             hits += [(row, p) for p in subject_positions(tokenizer, ids, edit.subject, context)]
@@ -181,8 +186,10 @@ def build_batch(tokenizer: Any, group: EditGroup, prefixes: dict[str, list[str]]
             if not target_tokens:
                 raise ValueError(f"target {edit.target!r} ({lang}) produced no tokens after the prompt")
             targets += [(row, j, ids[j], sequence) for j in target_tokens]
+            endings += [offsets[j][0] >= len(answered) for j in target_tokens]  # one holding the target's end is its
             if boundaries is not None and not ending and needs_word_boundary(edit.target[-1]):
                 targets.append((row, len(ids), WORD_END, sequence))
+                endings.append(True)
             rows.append(ids)
             languages.append(lang)
     kl_rows, kl_positions = [], []
@@ -197,9 +204,11 @@ def build_batch(tokenizer: Any, group: EditGroup, prefixes: dict[str, list[str]]
     column = list(zip(*targets))
     as_long = lambda values: torch.tensor(values, dtype=torch.long, device=device)  # noqa: E731
     continues_word = word_continuations(tokenizer).to(device) if WORD_END in column[2] else None
+    word_ends = [i for i, token in enumerate(column[2]) if token == WORD_END]
     return TrainingBatch(input_ids, attention_mask, hits, as_long(column[0]), as_long(column[1]), as_long(column[2]),
                          as_long(column[3]), languages, report, as_long(kl_rows), as_long(kl_positions),
-                         continues_word)
+                         continues_word, torch.tensor(endings, device=device) if any(endings) else None,
+                         as_long(word_ends) if word_ends else None)
 
 
 @contextmanager
@@ -274,30 +283,39 @@ class _BaseRun:
         self.value_norms = {layer: norms.mean() for layer, norms in hit_norms.items()}
 
 
-def _losses(logits: torch.Tensor, batch: TrainingBatch, base: _BaseRun) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(summed target NLL per sequence (S,), L_target (Eq. 7), L_kl (Eq. 8)) from the selected logits.
+def _losses(logits: torch.Tensor, batch: TrainingBatch,
+            base: _BaseRun) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(summed target NLL per sequence (S,), L_target (Eq. 7), L_kl (Eq. 8), the target's fit) from the
+    selected logits.
 
-    L_target averages each sequence's mean per-token NLL over sequences (languages x prefixes).
+    L_target averages each sequence's mean per-token NLL over sequences (languages x prefixes). The fit is the
+    same without the tokens that end the answer (``TrainingBatch.ending``): early stopping reads it.
     """
-    total, sequence_nll, edited = sequence_losses(logits, batch)
+    total, sequence_nll, edited, fit = sequence_losses(logits, batch)
     kl = (base.kl_log_probs.exp() * (base.kl_log_probs - edited)).sum(-1).mean()
-    return total, sequence_nll.mean(), kl
+    return total, sequence_nll.mean(), kl, fit.mean()
 
 
-def sequence_losses(logits: torch.Tensor, batch: TrainingBatch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(summed target NLL per sequence, mean per-token NLL per sequence, log-probs at the KL rows) from the
-    selected logits (target positions first, then KL rows)."""
+def sequence_losses(logits: torch.Tensor,
+                    batch: TrainingBatch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(summed target NLL per sequence, mean per-token NLL per sequence, log-probs at the KL rows, mean per-token
+    NLL per sequence over the target's own tokens) from the selected logits (target positions first, then KL
+    rows). No host read: the ``WORD_END`` entries are indexed by ``batch.word_ends``."""
     count = batch.target_ids.numel()
     log_probs = torch.log_softmax(logits[:count], dim=-1)
-    word_end = batch.target_ids == WORD_END
     token_nll = -log_probs.gather(1, batch.target_ids.clamp(min=0)[:, None]).squeeze(1)
-    if batch.continues_word is not None and bool(word_end.any()):
-        ends = word_end.nonzero().flatten()
+    if batch.continues_word is not None and batch.word_ends is not None:
+        ends = batch.word_ends
         token_nll = token_nll.index_put((ends,), -torch.logsumexp(log_probs[ends][:, ~batch.continues_word], dim=-1))
     sequences = len(batch.sequence_language)
     total = torch.zeros(sequences, device=logits.device).index_add(0, batch.target_sequence, token_nll)
     tokens = torch.zeros(sequences, device=logits.device).index_add(0, batch.target_sequence, torch.ones_like(token_nll))
-    return total, total / tokens, torch.log_softmax(logits[count:], dim=-1)
+    fit = total / tokens
+    if batch.ending is not None:
+        own = (~batch.ending).to(token_nll.dtype)
+        fit = torch.zeros_like(total).index_add(0, batch.target_sequence, token_nll * own) / torch.zeros_like(
+            total).index_add(0, batch.target_sequence, own).clamp_min(1)
+    return total, total / tokens, torch.log_softmax(logits[count:], dim=-1), fit
 
 
 def optimize_update(model: nn.Module, tokenizer: Any, group: EditGroup, neurons: dict[int, torch.Tensor],
@@ -330,9 +348,9 @@ def optimize_update(model: nn.Module, tokenizer: Any, group: EditGroup, neurons:
         for step in range(config.steps + 1):
             injection.plan = {i: LayerPlan.build(hits, neuron_index[i], deltas[i]) for i in layers}
             logits = selected_logits(model, batch.input_ids, batch.attention_mask, rows, positions)
-            totals, target_loss, kl_loss = _losses(logits, batch, base)
+            totals, target_loss, kl_loss, fit = _losses(logits, batch, base)
             loss = config.lambda_target * target_loss + config.lambda_kl * kl_loss
-            loss_value, target_value = torch.stack([loss.detach(), target_loss.detach()]).tolist()  # one host sync
+            loss_value, target_value = torch.stack([loss.detach(), fit.detach()]).tolist()  # one host sync
             result.loss_curve.append(loss_value)
             result.target_loss_curve.append(target_value)
             if step == config.steps or result.target_loss_curve[-1] < config.early_stop_loss:

@@ -61,8 +61,10 @@ def pack(batches: Sequence[TrainingBatch], padding_id: int) -> _Packed:
     def widen(tensor: torch.Tensor, value: int) -> torch.Tensor:
         return torch.nn.functional.pad(tensor, (0, width - tensor.shape[1]), value=value)
 
-    rows = sequences = 0
+    rows = sequences = targets = 0
     hits, report = [], []
+    endings: list[torch.Tensor] = []
+    word_ends: list[torch.Tensor] = []
     parts: dict[str, list[torch.Tensor]] = {k: [] for k in ("rows", "positions", "ids", "sequence", "kl_rows",
                                                               "kl_positions", "hit_group", "sequence_group", "kl_group")}
     for g, b in enumerate(batches):
@@ -77,15 +79,21 @@ def pack(batches: Sequence[TrainingBatch], padding_id: int) -> _Packed:
         parts["hit_group"].append(torch.full((len(b.subject_hits),), g, dtype=torch.long))
         parts["sequence_group"].append(torch.full((len(b.sequence_language),), g, dtype=torch.long))
         parts["kl_group"].append(torch.full((b.kl_rows.numel(),), g, dtype=torch.long))
+        endings.append(b.ending if b.ending is not None else torch.zeros_like(b.target_ids, dtype=torch.bool))
+        if b.word_ends is not None:
+            word_ends.append(b.word_ends + targets)
         rows += b.input_ids.shape[0]
         sequences += len(b.sequence_language)
+        targets += b.target_ids.numel()
     cat = {k: torch.cat(v).to(device) for k, v in parts.items()}
     batch = TrainingBatch(
         torch.cat([widen(b.input_ids, padding_id) for b in batches]),
         torch.cat([widen(b.attention_mask, 0) for b in batches]),
         [hit for group in hits for hit in group], cat["rows"], cat["positions"], cat["ids"], cat["sequence"],
         [lang for b in batches for lang in b.sequence_language], {}, cat["kl_rows"], cat["kl_positions"],
-        next((b.continues_word for b in batches if b.continues_word is not None), None))
+        next((b.continues_word for b in batches if b.continues_word is not None), None),
+        torch.cat(endings).to(device) if any(b.ending is not None for b in batches) else None,
+        torch.cat(word_ends).to(device) if word_ends else None)
     return _Packed(batch, cat["hit_group"], cat["sequence_group"], cat["kl_group"], report, hits)
 
 
@@ -172,9 +180,9 @@ def _optimize_packed(model: nn.Module, tokenizer: Any, batches: list[TrainingBat
                                                        for a, g in enumerate(active) if layer in deltas[g]])
                               for layer in layers if any(layer in deltas[g] for g in active)}
             logits = selected_logits(model, batch.input_ids, batch.attention_mask, rows, positions)
-            totals, target_loss, kl_loss = _group_losses(logits, packed, kl_active, len(active))
+            totals, target_loss, kl_loss, fit = _group_losses(logits, packed, kl_active, len(active))
             losses = config.lambda_target * target_loss + config.lambda_kl * kl_loss
-            loss_values, target_values = torch.stack([losses.detach(), target_loss.detach()]).tolist()  # one sync
+            loss_values, target_values = torch.stack([losses.detach(), fit.detach()]).tolist()  # one sync
             going = []
             for a, g in enumerate(active):
                 results[g].loss_curve.append(loss_values[a])
@@ -216,17 +224,20 @@ def _split(batches: Sequence[TrainingBatch], hidden_in: torch.Tensor,
 
 
 def _group_losses(logits: torch.Tensor, packed: _Packed, kl_base: torch.Tensor,
-                  groups: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(summed NLL per sequence, per group L_target (G,), per group L_kl (G,)), as ``optimize._losses`` per group."""
+                  groups: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(summed NLL per sequence, per group L_target (G,), per group L_kl (G,), per group fit (G,)), as
+    ``optimize._losses`` per group."""
     batch = packed.batch
-    total, sequence_nll, edited = sequence_losses(logits, batch)
+    total, sequence_nll, edited, fit = sequence_losses(logits, batch)
     sequences = len(batch.sequence_language)
     device = logits.device
-    per_group = torch.zeros(groups, device=device)
-    target = per_group.index_add(0, packed.sequence_group, sequence_nll)
-    target = target / torch.zeros(groups, device=device).index_add(
+    per_sequence = torch.zeros(groups, device=device).index_add(
         0, packed.sequence_group, torch.ones(sequences, device=device))
+
+    def group_mean(values: torch.Tensor) -> torch.Tensor:
+        return torch.zeros(groups, device=device).index_add(0, packed.sequence_group, values) / per_sequence
+
     kl_each = (kl_base.exp() * (kl_base - edited)).sum(-1)
     kl = torch.zeros(groups, device=device).index_add(0, packed.kl_group, kl_each)
     kl = kl / torch.zeros(groups, device=device).index_add(0, packed.kl_group, torch.ones_like(kl_each))
-    return total, target, kl
+    return total, group_mean(sequence_nll), kl, group_mean(fit)

@@ -102,18 +102,26 @@ def lafn_reads(monkeypatch: pytest.MonkeyPatch) -> list[str]:
 def test_an_optimisation_step_reads_one_value_back_from_the_device(
         trained_model: Any, tokenizer: Any, facts: dict[str, Any], monkeypatch: pytest.MonkeyPatch) -> None:
     """A GPU runs ahead of Python only until the next host read: each waits for every queued kernel. Each step
-    reads the losses once (early stopping); before, it read each loss and, for the clamp, each layer's norm of
-    each group (4 reads a step here at B=1)."""
+    reads the losses once (early stopping); before, it read each loss, for the clamp each layer's norm of each
+    group, and whether any target trains a word's end (5 reads a step here at B=1)."""
     from lafn_hf.optimize import optimize_update
     from lafn_hf.optimize_many import optimize_updates
 
+    import lafn_hf.optimize
+    import lafn_hf.optimize_many
+
+    def no_punctuation(model: Any, tokenizer: Any, groups: Any, new_tokens: int = 8) -> list[dict[str, str]]:
+        return [{lang: "" for lang in group.edits} for group in groups]  # so English targets train WORD_END
+
+    for module in (lafn_hf.optimize, lafn_hf.optimize_many):
+        monkeypatch.setattr(module, "answer_boundaries_many", no_punctuation)
     neurons = {1: torch.arange(32), 2: torch.arange(16, 48)}
     reads = lafn_reads(monkeypatch)
     for batch_size in (1, 3):
         counts = []
         for steps in (4, 12):
             del reads[:]
-            config = LafnConfig(steps=steps, early_stop_loss=0.0, min_target_probability=0.0, answer_boundary=False)
+            config = LafnConfig(steps=steps, early_stop_loss=0.0, min_target_probability=0.0)
             groups = [fact_group(facts, g, g + 10) for g in range(batch_size)]
             if batch_size == 1:
                 optimize_update(trained_model, tokenizer, groups[0], neurons, config)

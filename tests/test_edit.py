@@ -344,10 +344,39 @@ def test_a_target_no_punctuation_ends_trains_the_end_of_its_word(trained_model: 
         assert WORD_END not in build_batch(tokenizer, group, prefixes, config, cpu, boundaries).target_ids.tolist()
     logits = torch.randn(plain.target_ids.numel() + len(group.languages), len(tokenizer),
                          generator=torch.Generator().manual_seed(0))
-    total, _, _ = sequence_losses(logits, plain)
+    total, _, _, fit = sequence_losses(logits, plain)
     probs = logits.softmax(-1)
     by_hand = torch.zeros_like(total)
     for i, (token, sequence) in enumerate(zip(plain.target_ids.tolist(), plain.target_sequence.tolist())):
         p = probs[i, ~continues].sum() if token == WORD_END else probs[i, token]
         by_hand[sequence] -= torch.log(p)
     assert torch.allclose(total, by_hand, atol=1e-5)
+    own = [i for i, token in enumerate(plain.target_ids.tolist()) if token != WORD_END]
+    fit_by_hand = torch.stack([torch.stack([-torch.log(probs[i, plain.target_ids[i]]) for i in own
+                                            if int(plain.target_sequence[i]) == s]).mean()
+                               for s in range(len(plain.sequence_language))])
+    assert torch.allclose(fit, fit_by_hand, atol=1e-5)  # the target's own tokens: what early stopping reads
+
+
+def test_early_stopping_reads_the_targets_own_tokens_not_the_answers_end(
+        trained_model: Any, tokenizer: Any, facts: dict[str, Any]) -> None:
+    """An ending trained after the target (".", WORD_END) is nearly free to fit; averaged in, it let the target
+    loss pass ``early_stop_loss`` before the target itself did (en+fr dev items 0-39: 19 edits stopped earlier
+    with the word end than without, and 5 rephrasings that had answered right no longer did)."""
+    from lafn_hf.optimize import _BaseRun, _losses, optimize_update
+
+    group = fact_group(facts, 0, 1)
+    config = LafnConfig(num_prefixes=0, steps=1, early_stop_loss=0.0)
+    cpu = torch.device("cpu")
+    batch = build_batch(tokenizer, group, {}, config, cpu, {"en": ".", "zh": "。"})
+    assert batch.ending is not None
+    assert {tokenizer.decode([int(t)]) for t in batch.target_ids[batch.ending]} == {".", "。"}
+    rows = torch.cat([batch.target_rows, batch.kl_rows])
+    positions = torch.cat([batch.target_positions - 1, batch.kl_positions])
+    with torch.no_grad():
+        total, target_loss, _, fit = _losses(selected_logits(trained_model, batch.input_ids, batch.attention_mask,
+                                                             rows, positions), batch, _BaseRun(trained_model, batch, (2,)))
+    assert float(fit) > float(target_loss)  # the endings are easier than the target
+    neurons = {2: torch.arange(0, 256, 2)}
+    result = optimize_update(trained_model, tokenizer, group, neurons, config)
+    assert result.target_loss_curve[0] == pytest.approx(float(fit), rel=1e-5)
