@@ -104,11 +104,10 @@ def test_an_optimisation_step_reads_one_value_back_from_the_device(
     """A GPU runs ahead of Python only until the next host read: each waits for every queued kernel. Each step
     reads the losses once (early stopping); before, it read each loss, for the clamp each layer's norm of each
     group, and whether any target trains a word's end (5 reads a step here at B=1)."""
-    from lafn_hf.optimize import optimize_update
-    from lafn_hf.optimize_many import optimize_updates
-
     import lafn_hf.optimize
     import lafn_hf.optimize_many
+    from lafn_hf.optimize import optimize_update
+    from lafn_hf.optimize_many import optimize_updates
 
     def no_punctuation(model: Any, tokenizer: Any, groups: Any, new_tokens: int = 8) -> list[dict[str, str]]:
         return [{lang: "" for lang in group.edits} for group in groups]  # so English targets train WORD_END
