@@ -58,10 +58,11 @@ class TrainingBatch:
     # (N,) bool: the token ends the answer after the target (trained punctuation, ``WORD_END``) rather than
     # being part of the target; None: no such token. Early stopping looks at the target's own tokens only.
     ending: torch.Tensor | None = None
-    word_ends: torch.Tensor | None = None  # (E,) indices of the ``WORD_END`` entries among the N target tokens
+    # (E,) indices of the ``WORD_END`` entries among the N target tokens: found once here, so a step needs no host read
+    word_ends: torch.Tensor | None = field(init=False, default=None)
 
     def __post_init__(self) -> None:
-        if self.continues_word is not None and self.word_ends is None:  # a batch built by hand
+        if self.continues_word is not None:
             self.word_ends = (self.target_ids == WORD_END).nonzero().flatten()
 
 
@@ -210,11 +211,9 @@ def build_batch(tokenizer: Any, group: EditGroup, prefixes: dict[str, list[str]]
     column = list(zip(*targets))
     as_long = lambda values: torch.tensor(values, dtype=torch.long, device=device)  # noqa: E731
     continues_word = word_continuations(tokenizer).to(device) if WORD_END in column[2] else None
-    word_ends = [i for i, token in enumerate(column[2]) if token == WORD_END]
     return TrainingBatch(input_ids, attention_mask, hits, as_long(column[0]), as_long(column[1]), as_long(column[2]),
                          as_long(column[3]), languages, report, as_long(kl_rows), as_long(kl_positions),
-                         continues_word, torch.tensor(endings, device=device) if any(endings) else None,
-                         as_long(word_ends) if word_ends else None)
+                         continues_word, torch.tensor(endings, device=device) if any(endings) else None)
 
 
 @contextmanager

@@ -61,10 +61,9 @@ def pack(batches: Sequence[TrainingBatch], padding_id: int) -> _Packed:
     def widen(tensor: torch.Tensor, value: int) -> torch.Tensor:
         return torch.nn.functional.pad(tensor, (0, width - tensor.shape[1]), value=value)
 
-    rows = sequences = targets = 0
+    rows = sequences = 0
     hits, report = [], []
     endings: list[torch.Tensor] = []
-    word_ends: list[torch.Tensor] = []
     parts: dict[str, list[torch.Tensor]] = {k: [] for k in ("rows", "positions", "ids", "sequence", "kl_rows",
                                                               "kl_positions", "hit_group", "sequence_group", "kl_group")}
     for g, b in enumerate(batches):
@@ -80,11 +79,8 @@ def pack(batches: Sequence[TrainingBatch], padding_id: int) -> _Packed:
         parts["sequence_group"].append(torch.full((len(b.sequence_language),), g, dtype=torch.long))
         parts["kl_group"].append(torch.full((b.kl_rows.numel(),), g, dtype=torch.long))
         endings.append(b.ending if b.ending is not None else torch.zeros_like(b.target_ids, dtype=torch.bool))
-        if b.word_ends is not None:
-            word_ends.append(b.word_ends + targets)
         rows += b.input_ids.shape[0]
         sequences += len(b.sequence_language)
-        targets += b.target_ids.numel()
     cat = {k: torch.cat(v).to(device) for k, v in parts.items()}
     batch = TrainingBatch(
         torch.cat([widen(b.input_ids, padding_id) for b in batches]),
@@ -92,8 +88,7 @@ def pack(batches: Sequence[TrainingBatch], padding_id: int) -> _Packed:
         [hit for group in hits for hit in group], cat["rows"], cat["positions"], cat["ids"], cat["sequence"],
         [lang for b in batches for lang in b.sequence_language], {}, cat["kl_rows"], cat["kl_positions"],
         next((b.continues_word for b in batches if b.continues_word is not None), None),
-        torch.cat(endings).to(device) if any(b.ending is not None for b in batches) else None,
-        torch.cat(word_ends).to(device) if word_ends else None)
+        torch.cat(endings).to(device) if any(b.ending is not None for b in batches) else None)
     return _Packed(batch, cat["hit_group"], cat["sequence_group"], cat["kl_group"], report, hits)
 
 
