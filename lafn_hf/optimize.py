@@ -4,6 +4,10 @@ Eq. 6: F_(theta, V_D + dV_D)(x_l^e) = y_l^e, dV added at the last subject token 
 Eq. 7: L_target = 1/(|L| M) sum_l sum_m -log P_F'(y_l^e | p_l^m + x_l^e)
 Eq. 8: L_kl = 1/|L| sum_l KL[P_F(. | q_l) || P_F'(. | q_l)],  q_l = "{s_l} is a" in language l
 Eq. 9: L = lambda_1 L_target + lambda_2 L_kl
+
+Beyond the paper, L_target also averages over the bare prompt (``include_bare_prompt``) and over variants of it
+with one word left out (``question_variants``), and each answer is followed by its trained ending
+(``answer_boundary``).
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ from lafn_hf.modeling import decoder_layers, mlp_parts, text_config
 from .config import EditGroup, LafnConfig, nfc
 from .inject import LayerPlan, ValueInjection, hit_tensor
 from .matcher import SubjectMatcher
+from .paraphrase import word_dropped_variants
 from .row_reader import find_subject_tokens
 from .scope import ForwardScope, SkippedLayer
 from .text import is_word_char, needs_word_boundary
@@ -178,17 +183,23 @@ def build_batch(tokenizer: Any, group: EditGroup, prefixes: dict[str, list[str]]
     languages: list[str] = []
     report: dict[str, int] = {}
     for lang, edit in group.edits.items():
-        contexts = [f"{p} {edit.prompt}" if p else edit.prompt for p in prefixes.get(lang, [])]
+        variants = word_dropped_variants(edit.prompt, edit.subject, config.question_variants, config.seed
+                                         ) if config.question_variants else []
+        contexts = [*variants, *(f"{p} {edit.prompt}" if p else edit.prompt for p in prefixes.get(lang, []))]
         if config.include_bare_prompt:
             contexts.append(edit.prompt)
-        report[lang] = len(languages) + len(contexts) - 1
         for context in contexts:
             ending = (boundaries or {}).get(lang, "") if is_word_char(edit.target[-1]) else ""  # "伦夸城。" has one
             answered = context + target_separator(context, edit.target) + edit.target
             encoded = tokenizer(answered + ending, return_offsets_mapping=True)
             ids, offsets = list(encoded["input_ids"]), encoded["offset_mapping"]
             row, sequence = len(rows), len(languages)
-            hits += [(row, p) for p in subject_positions(tokenizer, ids, edit.subject, context)]
+            try:
+                hits += [(row, p) for p in subject_positions(tokenizer, ids, edit.subject, context)]
+            except ValueError:
+                if context in variants:  # a left-out word let the subject's last token merge: train without it
+                    continue
+                raise
             target_tokens = [j for j, (_, end) in enumerate(offsets) if end > len(context) and j > 0]
             if not target_tokens:
                 raise ValueError(f"target {edit.target!r} ({lang}) produced no tokens after the prompt")
@@ -199,6 +210,7 @@ def build_batch(tokenizer: Any, group: EditGroup, prefixes: dict[str, list[str]]
                 endings.append(True)
             rows.append(ids)
             languages.append(lang)
+        report[lang] = len(languages) - 1  # the last context: the bare prompt
     kl_rows, kl_positions = [], []
     for lang, edit in group.edits.items():
         prompt = config.kl_prompt(lang, edit.subject)

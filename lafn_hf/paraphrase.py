@@ -1,14 +1,18 @@
-"""Generate the paraphrase set P_l used as locating corpus (paper section 2.3 and Appendix A)."""
+"""The paraphrase set P_l used as locating corpus (paper section 2.3 and Appendix A), and word-dropped prompt variants."""
 
 from __future__ import annotations
 
+import random
 import re
 from typing import Any
 
+import regex
 import torch
 from torch import nn
 
 from .config import nfc
+from .matcher import SubjectMatcher
+from .text import SPACELESS_CLASS
 
 #: Appendix A, with the count and language filled in.
 INSTRUCTION = (
@@ -54,3 +58,36 @@ def generate_paraphrases(chat_model: nn.Module, tokenizer: Any, subject: str, qu
     )
     text = tokenizer.decode(output[0, input_ids.shape[1]:], skip_special_tokens=True)
     return parse_paraphrases(text, subject, question)[:n]
+
+
+# One letter of a script written without spaces, or a run of word characters of other scripts
+_WORD_UNIT = regex.compile(
+    rf"(?=[\p{{L}}\p{{N}}]){SPACELESS_CLASS}|(?:(?!{SPACELESS_CLASS})[\p{{L}}\p{{M}}\p{{N}}\p{{Pc}}'’-])+")
+
+
+def word_dropped_variants(prompt: str, subject: str, count: int, seed: int = 0) -> list[str]:
+    """Up to ``count`` rewrites of ``prompt``, each with one word outside ``subject`` left out (seeded choice).
+
+    The subject is found as inference finds it (``SubjectMatcher``: "la torpille Mark 19" holds "Torpille Mark
+    19"). A word is a run of word characters in spaced scripts and one letter in scripts written without
+    spaces (``text.SPACELESS_CLASS``); a prompt with one word besides the subject has none. Cheap,
+    deterministic question variants: training dV on them as well as on the prompt asks it to work when the
+    words around the subject change, as they do in rephrasings.
+    """
+    if isinstance(count, bool) or not isinstance(count, int) or count < 0:
+        raise ValueError(f"count must be an int >= 0, got {count!r}")
+    matcher = SubjectMatcher([subject])
+    mentions = [(found.start, found.end) for found in matcher.find(prompt)]
+    if not mentions:
+        raise ValueError(f"subject {subject!r} does not occur in prompt {prompt!r} as the matcher reads it")
+    spans = [word.span() for word in _WORD_UNIT.finditer(prompt)
+             if all(word.end() <= start or word.start() >= end for start, end in mentions)]
+    chosen = sorted(random.Random(seed).sample(spans, min(count, len(spans)))) if len(spans) > 1 else []
+    variants = []
+    for low, high in chosen:
+        if prompt[low - 1 : low] == " ":
+            low -= 1
+        elif prompt[high : high + 1] == " ":
+            high += 1
+        variants.append(prompt[:low] + prompt[high:])
+    return list(dict.fromkeys(v for v in variants if v != prompt and matcher.find(v)))

@@ -380,3 +380,25 @@ def test_early_stopping_reads_the_targets_own_tokens_not_the_answers_end(
     neurons = {2: torch.arange(0, 256, 2)}
     result = optimize_update(trained_model, tokenizer, group, neurons, config)
     assert result.target_loss_curve[0] == pytest.approx(float(fit), rel=1e-5)
+
+
+def test_question_variants_are_trained_beside_the_prompt(tokenizer: Any, facts: dict[str, Any]) -> None:
+    """``question_variants``: each language also trains its prompt with one word outside the subject left
+    out; the reported probability stays the bare prompt's and every row has its subject hit."""
+    group = fact_group(facts, 0, 1)
+    prefixes = {lang: ["a b"] for lang in group.languages}
+    cpu = torch.device("cpu")
+    plain = build_batch(tokenizer, group, prefixes, LafnConfig(num_prefixes=1, question_variants=0), cpu)
+    varied = build_batch(tokenizer, group, prefixes, LafnConfig(num_prefixes=1, question_variants=2), cpu)
+    assert varied.sequence_language == ["en"] * 4 + ["zh"] * 4 and plain.sequence_language == ["en"] * 2 + ["zh"] * 2
+    assert varied.report_sequence == {"en": 3, "zh": 7}
+    from lafn_hf.paraphrase import word_dropped_variants
+
+    texts = [tokenizer.decode(row[mask.bool()], skip_special_tokens=True)
+             for row, mask in zip(varied.input_ids, varied.attention_mask)]
+    variants = word_dropped_variants("The capital of Marbrafi is", "Marbrafi", 2)
+    assert len(variants) == 2 and texts[:2] == [f"{v} Notes" for v in variants]
+    assert texts[3].startswith("The capital of Marbrafi is") and texts[7].startswith("多塞里国的首都是")
+    assert len({row for row, _ in varied.subject_hits}) == varied.input_ids.shape[0]  # KL rows too
+    with pytest.raises(ValueError, match="question_variants must be >= 0"):
+        LafnConfig(question_variants=-1)

@@ -44,3 +44,27 @@ def test_generate_uses_the_chat_template_and_filters(tokenizer: Any) -> None:
                                                  question="Where is the Eiffel Tower located?")
     with pytest.raises(ValueError, match="does not occur in question"):
         generate_paraphrases(Model(), Chat(), "Louvre", "Where is the Eiffel Tower?")
+
+
+def test_word_dropped_variants_leave_out_one_word_outside_the_subject() -> None:
+    from lafn_hf.paraphrase import word_dropped_variants
+
+    prompt = "Which team did Veljko Simić play for?"
+    variants = word_dropped_variants(prompt, "Veljko Simić", 3, seed=0)
+    assert variants == word_dropped_variants(prompt, "Veljko Simić", 3, seed=0)  # seeded
+    assert len(variants) == 3 and all("Veljko Simić" in v and v != prompt for v in variants)
+    assert {len(v.split()) for v in variants} == {len(prompt.split()) - 1}  # one word out, no doubled space
+    assert set(variants) <= {prompt.replace(w + " ", "", 1) if w != "for?" else prompt.replace(" for", "")
+                             for w in ("Which", "team", "did", "play", "for?")}
+    french = word_dropped_variants("Qui est la mère de Béni Ferenczy ?", "Béni Ferenczy", 5)
+    assert "Qui est la mère Béni Ferenczy ?" in french and all(v.endswith("Ferenczy ?") for v in french)
+    chinese = word_dropped_variants("Li Jiji的死是意外还是自杀？", "Li Jiji", 12)  # one character at a time
+    assert len(chinese) == 9 and "Li Jiji的死是意外还是杀？" in chinese and all(v.endswith("？") for v in chinese)
+    assert word_dropped_variants("Where is Paris?", "Paris", 0) == []
+    assert word_dropped_variants("Paris?", "Paris", 2) == []  # nothing but the subject to leave out
+    folded = word_dropped_variants("Qui a conçu la torpille Mark 19 ?", "Torpille Mark 19", 5)  # as matched
+    assert len(folded) == 4 and all(v.endswith("torpille Mark 19 ?") for v in folded)
+    with pytest.raises(ValueError, match="count must be an int >= 0, got -1"):
+        word_dropped_variants("Where is Paris?", "Paris", -1)
+    with pytest.raises(ValueError, match="'Rome' does not occur"):
+        word_dropped_variants("Where is Paris?", "Rome", 2)
