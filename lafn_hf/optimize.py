@@ -328,13 +328,13 @@ def sequence_losses(logits: torch.Tensor,
     sequences = len(batch.sequence_language)
     total = torch.zeros(sequences, device=logits.device).index_add(0, batch.target_sequence, token_nll)
     tokens = torch.zeros(sequences, device=logits.device).index_add(0, batch.target_sequence, torch.ones_like(token_nll))
-    fit = total / tokens
+    mean = fit = total / tokens
     if batch.ending is not None:
         own = (~batch.ending).to(token_nll.dtype)
         own_tokens = torch.zeros_like(total).index_add(0, batch.target_sequence, own)
         own_nll = torch.zeros_like(total).index_add(0, batch.target_sequence, token_nll * own)
         fit = torch.where(own_tokens > 0, own_nll / own_tokens.clamp_min(1), fit)  # all ending: the whole answer
-    return total, total / tokens, torch.log_softmax(logits[count:], dim=-1), fit
+    return total, mean, torch.log_softmax(logits[count:], dim=-1), fit
 
 
 def optimize_update(model: nn.Module, tokenizer: Any, group: EditGroup, neurons: dict[int, torch.Tensor],

@@ -74,7 +74,9 @@ def word_dropped_variants(prompt: str, subject: str, count: int, seed: int = 0) 
     deterministic question variants: training dV on them as well as on the prompt asks it to work when the
     words around the subject change, as they do in rephrasings.
     """
-    if isinstance(count, bool) or not isinstance(count, int) or count < 0:
+    if isinstance(count, bool) or not isinstance(count, int):
+        raise TypeError(f"count must be an int, got {type(count).__name__} ({count!r})")
+    if count < 0:
         raise ValueError(f"count must be an int >= 0, got {count!r}")
     matcher = SubjectMatcher([subject])
     mentions = [(found.start, found.end) for found in matcher.find(prompt)]

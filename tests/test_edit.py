@@ -20,6 +20,7 @@ from lafn_hf.locate import (
 )
 from lafn_hf.model import EditFailedError
 from lafn_hf.optimize import _BaseRun, _losses, build_batch, sample_prefixes, selected_logits, upper_layers_only
+from lafn_hf.paraphrase import word_dropped_variants
 
 from .conftest import TINY_DIR, fact_group, greedy
 
@@ -392,8 +393,6 @@ def test_question_variants_are_trained_beside_the_prompt(tokenizer: Any, facts: 
     varied = build_batch(tokenizer, group, prefixes, LafnConfig(num_prefixes=1, question_variants=2), cpu)
     assert varied.sequence_language == ["en"] * 4 + ["zh"] * 4 and plain.sequence_language == ["en"] * 2 + ["zh"] * 2
     assert varied.report_sequence == {"en": 3, "zh": 7}
-    from lafn_hf.paraphrase import word_dropped_variants
-
     texts = [tokenizer.decode(row[mask.bool()], skip_special_tokens=True)
              for row, mask in zip(varied.input_ids, varied.attention_mask)]
     variants = word_dropped_variants("The capital of Marbrafi is", "Marbrafi", 2)

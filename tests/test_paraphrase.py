@@ -64,6 +64,8 @@ def test_word_dropped_variants_leave_out_one_word_outside_the_subject() -> None:
     assert word_dropped_variants("Paris?", "Paris", 2) == []  # nothing but the subject to leave out
     folded = word_dropped_variants("Qui a conçu la torpille Mark 19 ?", "Torpille Mark 19", 5)  # as matched
     assert len(folded) == 4 and all(v.endswith("torpille Mark 19 ?") for v in folded)
+    with pytest.raises(TypeError, match="count must be an int, got str"):
+        word_dropped_variants("Where is Paris?", "Paris", "2")  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="count must be an int >= 0, got -1"):
         word_dropped_variants("Where is Paris?", "Paris", -1)
     with pytest.raises(ValueError, match="'Rome' does not occur"):
