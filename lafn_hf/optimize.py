@@ -300,8 +300,8 @@ class _BaseRun:
         self.value_norms = {layer: norms.mean() for layer, norms in hit_norms.items()}
 
 
-def _losses(logits: torch.Tensor, batch: TrainingBatch,
-            base: _BaseRun) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+def _losses(logits: torch.Tensor, batch: TrainingBatch, base: _BaseRun,
+            worst: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """(summed target NLL per sequence (S,), L_target (Eq. 7), L_kl (Eq. 8), the target's fit) from the
     selected logits.
 
@@ -310,7 +310,7 @@ def _losses(logits: torch.Tensor, batch: TrainingBatch,
     """
     total, sequence_nll, edited, fit = sequence_losses(logits, batch)
     kl = (base.kl_log_probs.exp() * (base.kl_log_probs - edited)).sum(-1).mean()
-    return total, sequence_nll.mean(), kl, fit.mean()
+    return total, sequence_nll.mean(), kl, fit.max() if worst else fit.mean()
 
 
 def sequence_losses(logits: torch.Tensor,
@@ -367,7 +367,7 @@ def optimize_update(model: nn.Module, tokenizer: Any, group: EditGroup, neurons:
         for step in range(config.steps + 1):
             injection.plan = {i: LayerPlan.build(hits, neuron_index[i], deltas[i]) for i in layers}
             logits = selected_logits(model, batch.input_ids, batch.attention_mask, rows, positions)
-            totals, target_loss, kl_loss, fit = _losses(logits, batch, base)
+            totals, target_loss, kl_loss, fit = _losses(logits, batch, base, config.early_stop_on == "worst")
             loss = config.lambda_target * target_loss + config.lambda_kl * kl_loss
             loss_value, target_value = torch.stack([loss.detach(), fit.detach()]).tolist()  # one host sync
             result.loss_curve.append(loss_value)

@@ -175,7 +175,8 @@ def _optimize_packed(model: nn.Module, tokenizer: Any, batches: list[TrainingBat
                                                        for a, g in enumerate(active) if layer in deltas[g]])
                               for layer in layers if any(layer in deltas[g] for g in active)}
             logits = selected_logits(model, batch.input_ids, batch.attention_mask, rows, positions)
-            totals, target_loss, kl_loss, fit = _group_losses(logits, packed, kl_active, len(active))
+            totals, target_loss, kl_loss, fit = _group_losses(logits, packed, kl_active, len(active),
+                                                               config.early_stop_on == "worst")
             losses = config.lambda_target * target_loss + config.lambda_kl * kl_loss
             loss_values, target_values = torch.stack([losses.detach(), fit.detach()]).tolist()  # one sync
             going = []
@@ -218,10 +219,10 @@ def _split(batches: Sequence[TrainingBatch], hidden_in: torch.Tensor,
     return hidden, kl
 
 
-def _group_losses(logits: torch.Tensor, packed: _Packed, kl_base: torch.Tensor,
-                  groups: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+def _group_losses(logits: torch.Tensor, packed: _Packed, kl_base: torch.Tensor, groups: int,
+                  worst: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """(summed NLL per sequence, per group L_target (G,), per group L_kl (G,), per group fit (G,)), as
-    ``optimize._losses`` per group."""
+    ``optimize._losses`` per group (``worst``: the fit is the group's worst sequence, not their mean)."""
     batch = packed.batch
     total, sequence_nll, edited, fit = sequence_losses(logits, batch)
     sequences = len(batch.sequence_language)
@@ -235,4 +236,6 @@ def _group_losses(logits: torch.Tensor, packed: _Packed, kl_base: torch.Tensor,
     kl_each = (kl_base.exp() * (kl_base - edited)).sum(-1)
     kl = torch.zeros(groups, device=device).index_add(0, packed.kl_group, kl_each)
     kl = kl / torch.zeros(groups, device=device).index_add(0, packed.kl_group, torch.ones_like(kl_each))
-    return total, group_mean(sequence_nll), kl, group_mean(fit)
+    group_fit = torch.zeros(groups, device=device).scatter_reduce(
+        0, packed.sequence_group, fit, "amax", include_self=False) if worst else group_mean(fit)
+    return total, group_mean(sequence_nll), kl, group_fit

@@ -21,13 +21,16 @@ def banks_of(trained_model: Any, tokenizer: Any, groups: list[Any], config: Lafn
     return outcome, editable.bank
 
 
-def test_batched_edits_equal_one_at_a_time(tokenizer: Any, facts: dict[str, Any]) -> None:
+@pytest.mark.parametrize(("early_stop_on", "early_stop_loss"), [("mean", 2.0), ("worst", 3.0)])
+def test_batched_edits_equal_one_at_a_time(tokenizer: Any, facts: dict[str, Any], early_stop_on: str,
+                                           early_stop_loss: float) -> None:
     from transformers import AutoModelForCausalLM
 
     from .conftest import TINY_DIR
 
     groups = [fact_group(facts, source, source + 20) for source in range(5)]
-    config = LafnConfig(steps=12, early_stop_loss=2.0, min_target_probability=0.0)  # groups stop at steps 4-12
+    config = LafnConfig(steps=12, early_stop_loss=early_stop_loss, early_stop_on=early_stop_on,
+                        min_target_probability=0.0)  # groups stop at steps 4-12
     model = AutoModelForCausalLM.from_pretrained(TINY_DIR).eval()
     single, single_bank = banks_of(model, tokenizer, groups, config, 1)
     packed, packed_bank = banks_of(model, tokenizer, groups, config, 4)  # a batch of 4, then one of 1

@@ -383,6 +383,28 @@ def test_early_stopping_reads_the_targets_own_tokens_not_the_answers_end(
     assert result.target_loss_curve[0] == pytest.approx(float(fit), rel=1e-5)
 
 
+def test_early_stop_on_worst_waits_until_every_language_fits(
+        trained_model: Any, tokenizer: Any, facts: dict[str, Any]) -> None:
+    """``early_stop_on="worst"``: optimisation stops once the worst training sequence's NLL is below
+    ``early_stop_loss``; the mean lets one language stop the edit while another is still above it."""
+    from lafn_hf.optimize import optimize_update
+
+    group = fact_group(facts, 4, 5)
+    neurons = {0: torch.arange(0, 256), 1: torch.arange(0, 256)}
+
+    def run(on: str, steps: int = 60) -> Any:
+        config = LafnConfig(num_prefixes=0, steps=steps, early_stop_loss=1.0, early_stop_on=on)
+        return optimize_update(trained_model, tokenizer, group, neurons, config)
+
+    mean, worst = run("mean"), run("worst")
+    assert worst.target_loss_curve[0] > mean.target_loss_curve[0]  # dV = 0 in both: the max over the mean
+    assert mean.steps < worst.steps < 60 and worst.target_loss_curve[-1] < 1.0
+    where_mean_stopped = run("worst", steps=mean.steps)  # the same trajectory, read by its worst sequence
+    assert where_mean_stopped.target_loss_curve[-1] > 1.0 > mean.target_loss_curve[-1]
+    with pytest.raises(ValueError, match="early_stop_on must be one of"):
+        LafnConfig(early_stop_on="max")
+
+
 def test_question_variants_are_trained_beside_the_prompt(tokenizer: Any, facts: dict[str, Any]) -> None:
     """``question_variants``: each language also trains its prompt with one word outside the subject left
     out; the reported probability stays the bare prompt's and every row has its subject hit."""
