@@ -97,7 +97,7 @@ def main() -> None:
         lines.append(f"| {name} | " + " | ".join(cells) + f" | {shared or '-'} | {edits['errors']} | "
                      f"{edits.get('mean_steps', 0):.1f} | {seconds:.1f} |")
         print(lines[-1], flush=True)
-    header = " | ".join(f"{lang} Rel / Gen found, Loc-Hard" for lang in languages)
+    header = " | ".join(f"{lang} Rel / Gen found, Loc-Hard" for lang in summary["languages"])  # the cells' order
     print(f"\n{args.model}, {args.set}, {len(items)} items ({args.items}), answer hit x100\n")
     print(f"| variant | {header} | shared neurons % per layer | refused | mean steps | s / item |")
     print("| --- |" + " --- |" * len(languages) + " ---: | ---: | ---: | ---: |")
