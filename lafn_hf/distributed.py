@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from .bank import BankEntry, EditBank
-from .config import EditGroup, LafnConfig
+from .config import EditGroup, LafnConfig, config_with_defaults
 from .hub import BaseModelRef, is_bank_dir, load_bank, save_bank
 from .routing.keys import separate_all
 
@@ -93,7 +93,8 @@ def _check_resumed(entry_metadata: dict[str, Any], group: EditGroup, config: Laf
     """A checkpointed entry must come from the same group and config; else the shard is stale."""
     same = (entry_metadata.get("prompts") == {lang: e.prompt for lang, e in group.edits.items()}
             and entry_metadata.get("targets") == {lang: e.target for lang, e in group.edits.items()}
-            and entry_metadata.get("config") == json.loads(json.dumps(config.to_dict())))
+            and isinstance(entry_metadata.get("config"), dict)
+            and config_with_defaults(entry_metadata["config"]) == json.loads(json.dumps(config.to_dict())))
     if not same:
         raise ValueError(f"{where} was made from another group or config than this run's; delete it (or pass "
                          "another --out) to start over")

@@ -23,7 +23,7 @@ import torch
 from tqdm.auto import tqdm
 from transformers import StoppingCriteria, StoppingCriteriaList
 
-from .config import LafnConfig
+from .config import LafnConfig, config_with_defaults
 from .hub import load_bank
 from .model import EditableCausalLM
 from .tokens import pad_batch, pad_id, target_separator
@@ -265,6 +265,8 @@ def _check_resume(path: Path, settings_path: Path, current: dict[str, Any], has_
     if not isinstance(stored, dict) or not isinstance(stored.get("config", {}), dict):
         raise ValueError(f"{settings_path} is not a settings object with a 'config' object; delete it and {path} "
                          "to start fresh")
+    if isinstance(stored.get("config"), dict):
+        stored["config"] = config_with_defaults(stored["config"])  # keys added since default to the old behaviour
     differences = []
     for key in sorted(set(stored) | set(current)):
         if stored.get(key) == current.get(key):

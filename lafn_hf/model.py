@@ -49,7 +49,7 @@ class EditResult:
     neuron_counts: dict[str, dict[int, int]]  # language -> layer -> |D_l^i|
     shared_counts: dict[int, int]  # layer -> |D^i| (Eq. 5)
     loss_curve: list[float]
-    target_loss_curve: list[float]  # NLL of the target's own tokens (what early stopping reads; no trained ending)
+    target_loss_curve: list[float]  # the target's own tokens' NLL, mean or worst sequence (what early stopping reads)
     target_probabilities: dict[str, float]
     steps: int
     wall_time_s: float

@@ -305,8 +305,9 @@ def _losses(logits: torch.Tensor, batch: TrainingBatch, base: _BaseRun,
     """(summed target NLL per sequence (S,), L_target (Eq. 7), L_kl (Eq. 8), the target's fit) from the
     selected logits.
 
-    L_target averages each sequence's mean per-token NLL over sequences (languages x prefixes). The fit is the
-    same without the tokens that end the answer (``TrainingBatch.ending``): early stopping reads it.
+    L_target averages each sequence's mean per-token NLL over sequences (languages x contexts). The fit is the
+    same without the tokens that end the answer (``TrainingBatch.ending``), its mean over sequences or, with
+    ``worst``, its highest (``LafnConfig.early_stop_on``): early stopping reads it.
     """
     total, sequence_nll, edited, fit = sequence_losses(logits, batch)
     kl = (base.kl_log_probs.exp() * (base.kl_log_probs - edited)).sum(-1).mean()
@@ -340,7 +341,7 @@ def sequence_losses(logits: torch.Tensor,
 def optimize_update(model: nn.Module, tokenizer: Any, group: EditGroup, neurons: dict[int, torch.Tensor],
                     config: LafnConfig, progress: bool = False, prefixes: PrefixCache | None = None,
                     ) -> OptimizationResult:
-    """Adam on dV (zero init, float32) minimising Eq. 9; early stop on L_target; norm clamp per layer.
+    """Adam on dV (zero init, float32) minimising Eq. 9; early stop on the target's fit (``_losses``); norm clamp per layer.
     ``prefixes``: a cache of the sampled prefixes shared by the edits of one model (sampled anew without)."""
     layers = sorted(layer for layer, idx in neurons.items() if idx.numel())
     if not layers:
@@ -367,7 +368,7 @@ def optimize_update(model: nn.Module, tokenizer: Any, group: EditGroup, neurons:
         for step in range(config.steps + 1):
             injection.plan = {i: LayerPlan.build(hits, neuron_index[i], deltas[i]) for i in layers}
             logits = selected_logits(model, batch.input_ids, batch.attention_mask, rows, positions)
-            totals, target_loss, kl_loss, fit = _losses(logits, batch, base, config.early_stop_on == "worst")
+            totals, target_loss, kl_loss, fit = _losses(logits, batch, base, worst=config.early_stop_on == "worst")
             loss = config.lambda_target * target_loss + config.lambda_kl * kl_loss
             loss_value, target_value = torch.stack([loss.detach(), fit.detach()]).tolist()  # one host sync
             result.loss_curve.append(loss_value)

@@ -176,7 +176,7 @@ def _optimize_packed(model: nn.Module, tokenizer: Any, batches: list[TrainingBat
                               for layer in layers if any(layer in deltas[g] for g in active)}
             logits = selected_logits(model, batch.input_ids, batch.attention_mask, rows, positions)
             totals, target_loss, kl_loss, fit = _group_losses(logits, packed, kl_active, len(active),
-                                                               config.early_stop_on == "worst")
+                                                               worst=config.early_stop_on == "worst")
             losses = config.lambda_target * target_loss + config.lambda_kl * kl_loss
             loss_values, target_values = torch.stack([losses.detach(), fit.detach()]).tolist()  # one sync
             going = []

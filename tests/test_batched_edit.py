@@ -38,6 +38,7 @@ def test_batched_edits_equal_one_at_a_time(tokenizer: Any, facts: dict[str, Any]
     assert len({result.steps for result in single.results}) > 1  # the batch was packed again as groups stopped
     for a, b in zip(single.results, packed.results):
         assert a.steps == b.steps and a.shared_counts == b.shared_counts
+        assert b.target_loss_curve == pytest.approx(a.target_loss_curve, abs=2e-3)  # what early stopping read
         for lang, p in a.target_probabilities.items():
             assert b.target_probabilities[lang] == pytest.approx(p, abs=2e-3)
         first, second = single_bank.get(a.entry_id), packed_bank.get(b.entry_id)

@@ -98,6 +98,11 @@ def test_a_resumed_run_edits_only_the_unfinished_groups(tmp_path: Path, tiny: Ed
     assert edit_groups_sharded(tiny, groups, tmp_path / "out", config).resumed == [0, 1, 2] and calls == []
     with pytest.raises(ValueError, match="another group or config"):  # a stale shard is refused, not mixed in
         edit_groups_sharded(tiny, groups, tmp_path / "out", LafnConfig(steps=11, min_target_probability=0.0))
+    from lafn_hf.distributed import _check_resumed
+
+    metadata = dict(resumed.metadata, config={k: v for k, v in resumed.metadata["config"].items()
+                                              if k not in ("question_variants", "early_stop_on")})
+    _check_resumed(metadata, groups[0], config, "an older shard")  # keys added since: their defaults, resumes
 
 
 def test_failed_groups_are_recorded_and_retried(tmp_path: Path, tiny: EditableCausalLM) -> None:

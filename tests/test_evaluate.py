@@ -127,6 +127,16 @@ def test_resume_refuses_results_written_with_other_settings(tmp_path: Path, caps
     assert len((tmp_path / "results.jsonl").read_text().splitlines()) == 2
     assert json.loads((tmp_path / "results.jsonl.settings.json").read_text())["mode"] == "teacher_forced"
     assert main([*run, "--mode", "generate", "--results", str(tmp_path / "generate.jsonl")]) == 0
+    settings_path = tmp_path / "results.jsonl.settings.json"
+    older = json.loads(settings_path.read_text())
+    for key in ("question_variants", "early_stop_on"):  # written before these keys existed: still resumes
+        del older["config"][key]
+    settings_path.write_text(json.dumps(older))
+    assert main([*run, "--mode", "teacher_forced", "--limit", "2"]) == 0
+    older["config"]["early_stop_on"] = "worst"  # a key it has is compared as it is
+    settings_path.write_text(json.dumps(older))
+    assert main([*run, "--mode", "teacher_forced", "--limit", "2"]) == 2
+    assert "config (early_stop_on) differs" in capsys.readouterr().err
 
 
 def test_results_without_settings_are_refused(tokenizer: Any, trained_model: Any, tmp_path: Path) -> None:
