@@ -322,6 +322,18 @@ class LafnConfig:
             to English questions), fr 92.3 both; en+zh items 0-99 en 94 -> 92, zh 95 -> 97; en+de items 0-39
             unchanged (95.0, 96.7); en+zh+de items 0-19 en 90 -> 100, zh 100 -> 90, de 100 -> 93.3. Answers
             move both ways outside en+fr, so 0 (off) stays the default. 3 costs ~1.3x a CPU edit.
+        write_paraphrases: when a language's edit brings no paraphrases, the model writes up to this many
+            itself (``self_paraphrase``: a three-example "same question in other words" prompt in the
+            language, seeded top-k sampling, kept where the subject occurs and half the prompt's other words
+            stay; languages without examples in ``REWRITE_SHOTS`` get none). They join the locating corpus
+            as the paper's chat-model paraphrases do, and the entry's metadata names them. 0 (default): none.
+        train_paraphrases: also train dV on up to this many of each language's paraphrases (given or
+            written), without a prefix, like ``question_variants``. Both at 3 against 0, Gemma-3-270M,
+            MzsRE dev, answer hit on found rephrasings: en+fr items 0-39 en 85.0 -> 92.5, fr 92.3 -> 96.2;
+            en+de items 0-39 en 95.0 -> 97.5, de 96.7 both; en+zh+de items 0-29 en 90.0 -> 93.3, zh 100 ->
+            96.7, de 100 both; en+zh items 0-39 unchanged (en 97.5, zh 95.0): 9 answers won and 4 lost,
+            most of the gain English answers that had given the French target. ~1.3x a CPU edit, so 0
+            (off) stays the default.
         upper_layer_shortcut: compute hidden states below the first edited layer once and run
             only the upper layers per step (exact: those states do not depend on dV).
         seed: seeds prefix sampling and the "random" strategy.
@@ -347,6 +359,8 @@ class LafnConfig:
     min_target_probability: float = 0.01
     answer_boundary: bool = True
     question_variants: int = 0
+    write_paraphrases: int = 0
+    train_paraphrases: int = 0
     upper_layer_shortcut: bool = True
     seed: int = 0
 
@@ -360,6 +374,8 @@ class LafnConfig:
         _require_int("locate_sample_tokens", self.locate_sample_tokens, minimum=1)
         _require_int("seed", self.seed, minimum=0)
         _require_int("question_variants", self.question_variants, minimum=0)
+        _require_int("write_paraphrases", self.write_paraphrases, minimum=0)
+        _require_int("train_paraphrases", self.train_paraphrases, minimum=0)
         if self.num_prefixes == 0 and not self.include_bare_prompt:
             raise ValueError("num_prefixes=0 with include_bare_prompt=False leaves nothing to train on")
         for name in ("lambda_target", "lambda_kl", "early_stop_loss"):

@@ -26,7 +26,7 @@ from transformers import StoppingCriteria, StoppingCriteriaList
 from .config import LafnConfig, config_with_defaults
 from .hub import load_bank
 from .model import EditableCausalLM
-from .tokens import pad_batch, pad_id, target_separator
+from .tokens import pad_batch, pad_id, stop_ids, target_separator
 from .zsre import Item, edit_group, matchability
 
 logger = logging.getLogger(__name__)
@@ -76,15 +76,6 @@ class EvalSettings:
 def answer_ids(tokenizer: Any, prompt: str, answer: str) -> list[int]:
     """Gold tokens of ``answer`` as it follows ``prompt`` (same separator rule as editing)."""
     return list(tokenizer(target_separator(prompt, answer) + answer, add_special_tokens=False)["input_ids"])
-
-
-def stop_ids(tokenizer: Any, generation_config: Any = None) -> frozenset[int]:
-    """Token ids that end an answer: the tokenizer's EOS and every EOS of the generation config (Gemma-3 and
-    instruct models list several; ``generate()`` stops at each of them)."""
-    ids = [tokenizer.eos_token_id]
-    configured = getattr(generation_config, "eos_token_id", None)
-    ids += configured if isinstance(configured, list) else [configured]
-    return frozenset(int(i) for i in ids if i is not None)
 
 
 class _AnswerScan:

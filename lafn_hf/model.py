@@ -34,6 +34,7 @@ from .optimize_many import optimize_updates
 from .preflight import check_context, warn_if_slow_dtype
 from .routing.config import RoutingConfig
 from .routing.keys import calibrate_key_space, entry_key, separate
+from .self_paraphrase import write_paraphrases
 from .stopwords import STOP_WORDS
 from .text import check_aliases
 
@@ -302,12 +303,22 @@ class EditableCausalLM(nn.Module):
         warn_if_slow_dtype(self.model)
         started = time.perf_counter()
         with self._edit_lock, self.edits_disabled():  # edits of one model run one at a time; inference never waits
+            group, metadata = self._with_written_paraphrases(group, config, metadata)
             located = locate_neurons(self.model, self.tokenizer, group, layers, config)
             optimized = optimize_update(self.model, self.tokenizer, group, located.shared, config,
                                         _show_progress(progress), self._prefixes)
             key = self._routing_key(group, layers, config)
             # stored under the lock: a concurrent edit's key calibration sees this entry, and this one its
             return self._store(group, config, layers, located, optimized, key, metadata, entry_id, started)
+
+    def _with_written_paraphrases(self, group: EditGroup, config: LafnConfig, metadata: dict[str, Any] | None
+                                  ) -> tuple[EditGroup, dict[str, Any] | None]:
+        """``group`` with the paraphrases the model writes (``LafnConfig.write_paraphrases``), and ``metadata``
+        naming them under "written_paraphrases" (unchanged when none were written)."""
+        written = write_paraphrases(self.model, self.tokenizer, group, config)
+        new = {lang: list(edit.paraphrases) for lang, edit in written.edits.items()
+               if edit.paraphrases != group.edits[lang].paraphrases}
+        return written, ({**(metadata or {}), "written_paraphrases": new} if new else metadata)
 
     def _store(self, group: EditGroup, config: LafnConfig, layers: tuple[int, ...], located: LocatedNeurons,
                optimized: OptimizationResult, key: RoutingKey | None, metadata: dict[str, Any] | None,
@@ -388,7 +399,7 @@ class EditableCausalLM(nn.Module):
         warn_if_slow_dtype(self.model)
         started = time.perf_counter()
         outcome: list[EditResult | Exception] = []
-        ready: list[tuple[int, EditGroup, LocatedNeurons]] = []
+        ready: list[tuple[int, EditGroup, LocatedNeurons, dict[str, Any] | None]] = []
         with self._edit_lock, self.edits_disabled():
             for position, group in enumerate(groups):
                 outcome.append(ValueError("not edited"))
@@ -396,17 +407,20 @@ class EditableCausalLM(nn.Module):
                     if not isinstance(group, EditGroup):
                         raise TypeError(f"edit expects an EditGroup, got {type(group).__name__}")
                     check_context(self.model, self.tokenizer, group, config)
-                    ready.append((position, group, locate_neurons(self.model, self.tokenizer, group, layers, config)))
+                    group, metadata = self._with_written_paraphrases(group, config, None)
+                    located = locate_neurons(self.model, self.tokenizer, group, layers, config)
+                    ready.append((position, group, located, metadata))
                 except (ValueError, TypeError, RuntimeError) as error:
                     outcome[position] = error
-            optimized = optimize_updates(self.model, self.tokenizer, [g for _, g, _ in ready],
-                                         [located.shared for _, _, located in ready], config, self._prefixes)
-            for (position, group, located), result in zip(ready, optimized):
+            optimized = optimize_updates(self.model, self.tokenizer, [g for _, g, _, _ in ready],
+                                         [located.shared for _, _, located, _ in ready], config, self._prefixes)
+            for (position, group, located, metadata), result in zip(ready, optimized):
                 try:
                     if isinstance(result, Exception):
                         raise result
                     key = self._routing_key(group, layers, config)
-                    outcome[position] = self._store(group, config, layers, located, result, key, None, None, started)
+                    outcome[position] = self._store(group, config, layers, located, result, key, metadata, None,
+                                                    started)
                 except (ValueError, TypeError, RuntimeError) as error:
                     outcome[position] = error
         return outcome

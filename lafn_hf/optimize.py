@@ -185,6 +185,7 @@ def build_batch(tokenizer: Any, group: EditGroup, prefixes: dict[str, list[str]]
     for lang, edit in group.edits.items():
         variants = word_dropped_variants(edit.prompt, edit.subject, config.question_variants, config.seed
                                          ) if config.question_variants else []
+        variants += [p for p in edit.paraphrases[: config.train_paraphrases] if p not in variants]
         contexts = [*variants, *(f"{p} {edit.prompt}" if p else edit.prompt for p in prefixes.get(lang, []))]
         if config.include_bare_prompt:
             contexts.append(edit.prompt)

@@ -61,7 +61,7 @@ def generate_paraphrases(chat_model: nn.Module, tokenizer: Any, subject: str, qu
 
 
 # One letter of a script written without spaces, or a run of word characters of other scripts
-_WORD_UNIT = regex.compile(
+WORD_UNIT = regex.compile(
     rf"(?=[\p{{L}}\p{{N}}]){SPACELESS_CLASS}|(?:(?!{SPACELESS_CLASS})[\p{{L}}\p{{M}}\p{{N}}\p{{Pc}}'’-])+")
 
 
@@ -82,7 +82,7 @@ def word_dropped_variants(prompt: str, subject: str, count: int, seed: int = 0) 
     mentions = [(found.start, found.end) for found in matcher.find(prompt)]
     if not mentions:
         raise ValueError(f"subject {subject!r} does not occur in prompt {prompt!r} as the matcher reads it")
-    spans = [word.span() for word in _WORD_UNIT.finditer(prompt)
+    spans = [word.span() for word in WORD_UNIT.finditer(prompt)
              if all(word.end() <= start or word.start() >= end for start, end in mentions)]
     chosen = sorted(random.Random(seed).sample(spans, min(count, len(spans)))) if len(spans) > 1 else []
     variants = []

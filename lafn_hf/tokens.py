@@ -47,10 +47,21 @@ def encode_texts(tokenizer: Any, texts: Sequence[str], device: torch.device | st
     return pad_batch(rows, pad_id(tokenizer), device, left=left)
 
 
+def stop_ids(tokenizer: Any, generation_config: Any = None) -> frozenset[int]:
+    """Token ids that end an answer: the tokenizer's EOS and every EOS of the generation config (Gemma-3 and
+    instruct models list several; ``generate()`` stops at each of them)."""
+    ids = [tokenizer.eos_token_id]
+    configured = getattr(generation_config, "eos_token_id", None)
+    ids += configured if isinstance(configured, list) else [configured]
+    return frozenset(int(i) for i in ids if i is not None)
+
+
 def sample_top_k(model: Any, tokenizer: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor, seed: int,
-                 new_tokens: int, exact_length: bool = False, per_row: int = 1) -> torch.Tensor:
+                 new_tokens: int, exact_length: bool = False, per_row: int = 1,
+                 stops: Sequence[int] | None = None) -> torch.Tensor:
     """The model's own seeded top-k 5 continuations of each row (``per_row`` each; ``exact_length``: never
-    shorter than ``new_tokens``), prompt included; the global RNG is left as it was."""
+    shorter than ``new_tokens``; ``stops``: the tokens that end a row, default the model's EOS), prompt
+    included; the global RNG is left as it was."""
     device = input_ids.device
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         torch.manual_seed(seed)
@@ -58,6 +69,7 @@ def sample_top_k(model: Any, tokenizer: Any, input_ids: torch.Tensor, attention_
             input_ids=input_ids, attention_mask=attention_mask, do_sample=True, top_k=5, top_p=1.0, temperature=1.0,
             max_new_tokens=new_tokens, min_new_tokens=new_tokens if exact_length else None,
             num_return_sequences=per_row, pad_token_id=pad_id(tokenizer),
+            **({"eos_token_id": list(stops)} if stops is not None else {}),
         )
     return output
 
