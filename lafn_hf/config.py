@@ -326,7 +326,8 @@ class LafnConfig:
             itself (``self_paraphrase``: a three-example "same question in other words" prompt in the
             language, seeded top-k sampling, kept where the subject occurs and half the prompt's other words
             stay; languages without examples in ``REWRITE_SHOTS`` get none). They join the locating corpus
-            as the paper's chat-model paraphrases do, and the entry's metadata names them. 0 (default): none.
+            as the paper's chat-model paraphrases do (and the prompts a representation routing key is read
+            from), and the entry's metadata names them. 0 (default): none.
         train_paraphrases: also train dV on up to this many of each language's paraphrases (given or
             written), without a prefix, like ``question_variants``. Both at 3 against 0, Gemma-3-270M,
             MzsRE dev, answer hit on found rephrasings: en+fr items 0-39 en 85.0 -> 92.5, fr 92.3 -> 96.2;

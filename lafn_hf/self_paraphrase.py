@@ -90,7 +90,8 @@ def newline_ids(tokenizer: Any) -> list[int]:
 @torch.no_grad()
 def write_paraphrases(model: nn.Module, tokenizer: Any, group: EditGroup, config: LafnConfig) -> EditGroup:
     """``group`` with ``config.write_paraphrases`` model-written paraphrases given to each language's edit that
-    has none and has shots in ``REWRITE_SHOTS`` (fewer where fewer candidates qualify); unchanged otherwise."""
+    has none and has shots in ``REWRITE_SHOTS`` (fewer where fewer candidates qualify); unchanged otherwise.
+    Written whatever the locate strategy: a representation routing key reads them too."""
     wanted = [lang for lang, edit in group.edits.items() if not edit.paraphrases and lang in REWRITE_SHOTS]
     if config.write_paraphrases == 0 or not wanted:
         return group
