@@ -61,8 +61,16 @@ def generate_paraphrases(chat_model: nn.Module, tokenizer: Any, subject: str, qu
 
 
 # One letter of a script written without spaces, or a run of word characters of other scripts
-WORD_UNIT = regex.compile(
+_WORD_UNIT = regex.compile(
     rf"(?=[\p{{L}}\p{{N}}]){SPACELESS_CLASS}|(?:(?!{SPACELESS_CLASS})[\p{{L}}\p{{M}}\p{{N}}\p{{Pc}}'’-])+")
+
+
+def words_outside(text: str, matcher: SubjectMatcher) -> list[regex.Match[str]]:
+    """The words of ``text`` (letters in scripts written without spaces) outside every mention
+    that ``matcher`` finds."""
+    mentions = [(found.start, found.end) for found in matcher.find(text)]
+    return [word for word in _WORD_UNIT.finditer(text)
+            if all(word.end() <= start or word.start() >= end for start, end in mentions)]
 
 
 def word_dropped_variants(prompt: str, subject: str, count: int, seed: int = 0) -> list[str]:
@@ -79,11 +87,9 @@ def word_dropped_variants(prompt: str, subject: str, count: int, seed: int = 0) 
     if count < 0:
         raise ValueError(f"count must be an int >= 0, got {count!r}")
     matcher = SubjectMatcher([subject])
-    mentions = [(found.start, found.end) for found in matcher.find(prompt)]
-    if not mentions:
+    if not matcher.find(prompt):
         raise ValueError(f"subject {subject!r} does not occur in prompt {prompt!r} as the matcher reads it")
-    spans = [word.span() for word in WORD_UNIT.finditer(prompt)
-             if all(word.end() <= start or word.start() >= end for start, end in mentions)]
+    spans = [word.span() for word in words_outside(prompt, matcher)]
     chosen = sorted(random.Random(seed).sample(spans, min(count, len(spans)))) if len(spans) > 1 else []
     variants = []
     for low, high in chosen:

@@ -13,7 +13,7 @@ from torch import nn
 
 from .config import EditGroup, LafnConfig, nfc
 from .matcher import SubjectMatcher
-from .paraphrase import WORD_UNIT
+from .paraphrase import words_outside
 from .tokens import encode_texts, sample_top_k, stop_ids
 
 logger = logging.getLogger(__name__)
@@ -56,9 +56,7 @@ def rewrite_prompt(language: str, question: str) -> str:
 
 def _other_words(text: str, matcher: SubjectMatcher) -> set[str]:
     """The casefolded words of ``text`` outside the subject's mentions (letters in scripts without spaces)."""
-    mentions = [(found.start, found.end) for found in matcher.find(text)]
-    return {word.group().casefold() for word in WORD_UNIT.finditer(text)
-            if all(word.end() <= start or word.start() >= end for start, end in mentions)}
+    return {word.group().casefold() for word in words_outside(text, matcher)}
 
 
 def pick_paraphrases(candidates: list[str], prompt: str, subject: str, count: int) -> list[str]:
@@ -101,8 +99,7 @@ def write_paraphrases(model: nn.Module, tokenizer: Any, group: EditGroup, config
     longest = max(len(tokenizer(group.edits[lang].prompt)["input_ids"]) for lang in wanted)
     per_row = CANDIDATES_PER_PARAPHRASE * config.write_paraphrases
     output = sample_top_k(model, tokenizer, input_ids, attention_mask, config.seed, 2 * longest + 8, per_row=per_row,
-                          stops=[*stop_ids(tokenizer, getattr(model, "generation_config", None)),
-                                    *newline_ids(tokenizer)])
+                          stops=[*stop_ids(tokenizer, getattr(model, "generation_config", None)), *newline_ids(tokenizer)])
     new = tokenizer.batch_decode(output[:, input_ids.shape[1]:], skip_special_tokens=True)
     edits = dict(group.edits)
     for i, lang in enumerate(wanted):
