@@ -40,6 +40,9 @@ from .text import check_aliases
 
 logger = logging.getLogger(__name__)
 
+#: Metadata keys edit() writes into each entry itself; a caller's metadata may not use them.
+_RESERVED_METADATA = frozenset({"prompts", "targets", "config", "target_probabilities", "written_paraphrases"})
+
 
 @dataclass
 class EditResult:
@@ -285,7 +288,9 @@ class EditableCausalLM(nn.Module):
         """Locate D_G (Eq. 3-5), optimise dV (Eq. 6-9) against the base model, add one bank entry.
 
         ``progress`` shows a bar over the optimisation steps (default: when stderr is a terminal);
-        ``metadata`` (JSON-serialisable) is stored with the entry beside the prompts, targets and config;
+        ``metadata`` (JSON-serialisable) is stored with the entry beside the prompts, targets and config
+        (its keys must differ from those edit() writes: prompts, targets, config, target_probabilities,
+        written_paraphrases);
         ``entry_id`` names the new entry (default: a random ``edit-...`` id).
         A prompt that cannot fit the model's positions raises ``ValueError`` before any work; an edit whose
         final p(target) stays below ``config.min_target_probability`` in any language raises
@@ -297,6 +302,11 @@ class EditableCausalLM(nn.Module):
             raise ValueError(f"entry_id must match {_ENTRY_ID.pattern}, got {entry_id!r}")
         if entry_id is not None and entry_id in self.bank:
             raise ValueError(f"entry id {entry_id!r} is already in the bank")
+        if metadata is not None and not isinstance(metadata, dict):
+            raise TypeError(f"metadata must be a dict, got {type(metadata).__name__}")
+        if reserved := sorted(_RESERVED_METADATA & set(metadata or {})):
+            raise ValueError(f"metadata keys {reserved} are written by edit() itself; "
+                             f"use other names (reserved: {sorted(_RESERVED_METADATA)})")
         config = config or self.lafn_config
         layers = self.edit_layers(config)
         check_context(self.model, self.tokenizer, group, config)

@@ -16,10 +16,11 @@ from .tokens import target_separator
 logger = logging.getLogger(__name__)
 
 
-def _context_limit(model: nn.Module, tokenizer: Any) -> tuple[int, str] | None:
+def context_limit(model: nn.Module, tokenizer: Any) -> tuple[int, str] | None:
     """(positions the model handles, where that number comes from), or None when neither says."""
     limits = []
-    positions = getattr(text_config(model.config), "max_position_embeddings", None)
+    config = getattr(model, "config", None)
+    positions = getattr(text_config(config), "max_position_embeddings", None) if config is not None else None
     if isinstance(positions, int) and positions > 0:
         limits.append((positions, "max_position_embeddings"))
     length = getattr(tokenizer, "model_max_length", None)
@@ -28,25 +29,34 @@ def _context_limit(model: nn.Module, tokenizer: Any) -> tuple[int, str] | None:
     return min(limits) if limits else None
 
 
+def answered_length(tokenizer: Any, context: str, target: str) -> int:
+    """Tokens of ``context`` followed by ``target`` as a training row writes them."""
+    return len(tokenizer(context + target_separator(context, target) + target)["input_ids"])
+
+
 def check_context(model: nn.Module, tokenizer: Any, group: EditGroup, config: LafnConfig) -> None:
-    """Refuse, before any work, an edit whose training or locating sequences exceed the model's positions."""
-    found = _context_limit(model, tokenizer)
+    """Refuse, before any work, an edit whose training or locating sequences exceed the model's positions:
+    the prompt with its target and a prefix, each located paraphrase, each trained paraphrase with its target."""
+    found = context_limit(model, tokenizer)
     if found is None:
         return
     limit, source = found
     prefix = config.prefix_length if config.num_prefixes else 0
     for lang, edit in group.edits.items():
-        full = edit.prompt + target_separator(edit.prompt, edit.target) + edit.target
-        length = len(tokenizer(full)["input_ids"]) + prefix
+        length = answered_length(tokenizer, edit.prompt, edit.target) + prefix
         if length > limit:
             what = f"the prompt, its target and a {prefix}-token prefix take" if prefix else "the prompt and its target take"
             raise ValueError(f"language {lang!r}: {what} {length} tokens; the model handles at most {limit} positions "
                              f"({source}). Shorten the prompt")
-        for number, paraphrase in enumerate(edit.paraphrases[: config.num_paraphrases]):
-            length = len(tokenizer(paraphrase)["input_ids"])
+        used = edit.paraphrases[: max(config.num_paraphrases, config.train_paraphrases)]
+        for number, paraphrase in enumerate(used):
+            trained = number < config.train_paraphrases
+            length = (answered_length(tokenizer, paraphrase, edit.target) if trained
+                      else len(tokenizer(paraphrase)["input_ids"]))
             if length > limit:
-                raise ValueError(f"language {lang!r}: paraphrase {number} takes {length} tokens; the model handles "
-                                 f"at most {limit} positions ({source})")
+                what = f"paraphrase {number} and its target take" if trained else f"paraphrase {number} takes"
+                raise ValueError(f"language {lang!r}: {what} {length} tokens; the model handles at most {limit} "
+                                 f"positions ({source})")
 
 
 _SLOW_ON_CPU = (torch.bfloat16, torch.float16)

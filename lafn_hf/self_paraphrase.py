@@ -14,6 +14,7 @@ from torch import nn
 from .config import EditGroup, LafnConfig, nfc
 from .matcher import SubjectMatcher
 from .paraphrase import words_outside
+from .preflight import answered_length, context_limit
 from .tokens import encode_texts, sample_top_k, stop_ids
 
 logger = logging.getLogger(__name__)
@@ -89,23 +90,32 @@ def newline_ids(tokenizer: Any) -> list[int]:
 def write_paraphrases(model: nn.Module, tokenizer: Any, group: EditGroup, config: LafnConfig) -> EditGroup:
     """``group`` with ``config.write_paraphrases`` model-written paraphrases given to each language's edit that
     has none and has shots in ``REWRITE_SHOTS`` (fewer where fewer candidates qualify); unchanged otherwise.
-    Written whatever the locate strategy: a representation routing key reads them too."""
+    Written whatever the locate strategy: a representation routing key reads them too. Nothing is written
+    where the rewrite request cannot fit the model's positions, and no paraphrase is kept that cannot be
+    trained with its target (``train_paraphrases``)."""
     wanted = [lang for lang, edit in group.edits.items() if not edit.paraphrases and lang in REWRITE_SHOTS]
     if config.write_paraphrases == 0 or not wanted:
         return group
-    device = next(model.parameters()).device
-    texts = [rewrite_prompt(lang, group.edits[lang].prompt) for lang in wanted]
-    input_ids, attention_mask = encode_texts(tokenizer, texts, device, left=True)
+    limit = (context_limit(model, tokenizer) or (None, ""))[0]
     longest = max(len(tokenizer(group.edits[lang].prompt)["input_ids"]) for lang in wanted)
+    new_tokens = 2 * longest + 8
+    texts = {lang: rewrite_prompt(lang, group.edits[lang].prompt) for lang in wanted}
+    if limit is not None:
+        wanted = [lang for lang in wanted if len(tokenizer(texts[lang])["input_ids"]) + new_tokens <= limit]
+        if not wanted:
+            logger.info("no paraphrases written: the rewrite request does not fit %d positions", limit)
+            return group
+    device = next(model.parameters()).device
+    input_ids, attention_mask = encode_texts(tokenizer, [texts[lang] for lang in wanted], device, left=True)
     per_row = CANDIDATES_PER_PARAPHRASE * config.write_paraphrases
-    output = sample_top_k(model, tokenizer, input_ids, attention_mask, config.seed, 2 * longest + 8, per_row=per_row,
+    output = sample_top_k(model, tokenizer, input_ids, attention_mask, config.seed, new_tokens, per_row=per_row,
                           stops=[*stop_ids(tokenizer, getattr(model, "generation_config", None)), *newline_ids(tokenizer)])
     new = tokenizer.batch_decode(output[:, input_ids.shape[1]:], skip_special_tokens=True)
     edits = dict(group.edits)
     for i, lang in enumerate(wanted):
         edit = group.edits[lang]
-        picked = pick_paraphrases(new[i * per_row : (i + 1) * per_row], edit.prompt, edit.subject,
-                                  config.write_paraphrases)
+        picked = [p for p in pick_paraphrases(new[i * per_row : (i + 1) * per_row], edit.prompt, edit.subject, per_row)
+                  if limit is None or answered_length(tokenizer, p, edit.target) <= limit][: config.write_paraphrases]
         logger.debug("paraphrases written for %s (%s): %r", edit.subject, lang, picked)
         edits[lang] = dataclasses.replace(edit, paraphrases=tuple(picked))
     return dataclasses.replace(group, edits=edits)

@@ -210,6 +210,44 @@ def test_a_prompt_longer_than_the_context_is_refused_before_locating(
     assert len(editable.bank) == 0
 
 
+
+def test_a_trained_paraphrase_must_fit_with_its_target(trained_model: Any, tokenizer: Any, facts: dict[str, Any],
+                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    """A paraphrase that fits alone but not followed by its target is refused once it is trained, even past
+    num_paraphrases (a training row that long would run past the model's positions)."""
+    editable = EditableCausalLM(trained_model, tokenizer)
+    subject = facts["facts"][0]["en"]["subject"]
+    target = "Notes on the travel of the year"
+    paraphrase = facts["templates"]["en"][0].format(s=subject)
+    while len(tokenizer(paraphrase + " " + target)["input_ids"]) <= 64:
+        paraphrase = "Notes on travel. " + paraphrase
+    assert len(tokenizer(paraphrase)["input_ids"]) <= 64
+    group = EditGroup({"en": LanguageEdit(f"{subject} is in", subject, target, ("x " + subject, paraphrase))})
+    monkeypatch.setattr("lafn_hf.model.locate_neurons", lambda *args: pytest.fail("located a row that cannot fit"))
+    for config in (LafnConfig(layers=(0, 1), train_paraphrases=2),
+                   LafnConfig(layers=(0, 1), train_paraphrases=2, num_paraphrases=1)):
+        with pytest.raises(ValueError, match=r"language 'en': paraphrase 1 and its target take \d+ tokens; the model "
+                                             r"handles at most 64 positions"):
+            editable.edit(group, config)
+    monkeypatch.undo()
+    editable.edit(group, LafnConfig(layers=(0, 1), steps=2, train_paraphrases=1, min_target_probability=0.0))
+    assert len(editable.bank) == 1
+
+
+def test_metadata_may_not_overwrite_what_edit_records(trained_model: Any, tokenizer: Any,
+                                                      facts: dict[str, Any]) -> None:
+    editable = EditableCausalLM(trained_model, tokenizer)
+    for metadata in ({"written_paraphrases": {"en": ["mine"]}}, {"note": 1, "targets": {}}):
+        with pytest.raises(ValueError, match=r"metadata keys \['(written_paraphrases|targets)'\] are written by "
+                                             r"edit\(\) itself"):
+            editable.edit(fact_group(facts, 0, 1), TINY, metadata=metadata)
+    with pytest.raises(TypeError, match="metadata must be a dict, got list"):
+        editable.edit(fact_group(facts, 0, 1), TINY, metadata=[("note", 1)])  # type: ignore[arg-type]
+    assert len(editable.bank) == 0
+    result = editable.edit(fact_group(facts, 0, 1), LafnConfig(layers=(0, 1), steps=2, min_target_probability=0.0),
+                           metadata={"note": 1})
+    assert editable.bank.get(result.entry_id).metadata["note"] == 1
+
 class _Terminal(io.StringIO):
     def isatty(self) -> bool:
         return True

@@ -133,3 +133,24 @@ def test_edit_locates_on_written_paraphrases_and_records_them(trained_model: Any
     batched = editable.edit_many([other], config, batch_size=2)
     assert editable.bank.get(batched.results[0].entry_id).metadata["written_paraphrases"] == {
         "en": [f"{other.edits['en'].subject}'s capital is"]}
+
+
+def test_written_paraphrases_fit_the_model_with_their_target(tokenizer: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A rewrite that could not be trained followed by its target is not kept; where the rewrite request itself
+    cannot fit, nothing is asked."""
+    from lafn_hf.preflight import answered_length
+
+    long, short = "Who was the director of the film Casablanca?", "Who directed Casablanca?"
+    target = " ".join(["Orson Welles"] * 40)
+    edit = LanguageEdit("Who directed the film Casablanca?", "Casablanca", target)
+    group = EditGroup({"en": edit})
+    limit = answered_length(tokenizer, long, target) - 1
+    asked = len(tokenizer(rewrite_prompt("en", edit.prompt))["input_ids"]) + 2 * len(tokenizer(edit.prompt)["input_ids"])
+    assert answered_length(tokenizer, short, target) <= limit and asked + 8 <= limit
+    monkeypatch.setattr(tokenizer, "model_max_length", limit)
+    model = ScriptedModel(tokenizer, [f" {long}\n", f" {short}\n"])
+    written = write_paraphrases(model, tokenizer, group, LafnConfig(write_paraphrases=1))
+    assert written.edits["en"].paraphrases == (short,)
+    monkeypatch.setattr(tokenizer, "model_max_length", asked + 7)
+    assert write_paraphrases(model, tokenizer, group, LafnConfig(write_paraphrases=1)) is group
+    assert len(model.calls) == 1
