@@ -333,8 +333,10 @@ class LafnConfig:
             MzsRE dev, answer hit on found rephrasings: en+fr items 0-39 en 85.0 -> 92.5, fr 92.3 -> 96.2;
             en+de items 0-39 en 95.0 -> 97.5, de 96.7 both; en+zh+de items 0-29 en 90.0 -> 93.3, zh 100 ->
             96.7, de 100 both; en+zh items 0-39 unchanged (en 97.5, zh 95.0): 9 answers won and 4 lost,
-            most of the gain English answers that had given the French target. ~1.3x a CPU edit, so 0
-            (off) stays the default.
+            most of the gain English answers that had given the French target. On en+fr items 40-99 it
+            did not hold (en 88.3 -> 86.7, fr 81.6 -> 84.2; 4 won, 5 lost), so over en+fr's 100 items en
+            87 -> 89, fr 85.9 -> 89.1: within one run's spread, at ~1.3x a CPU edit. 0 (off) stays the
+            default.
         upper_layer_shortcut: compute hidden states below the first edited layer once and run
             only the upper layers per step (exact: those states do not depend on dV).
         seed: seeds prefix sampling and the "random" strategy.
