@@ -96,14 +96,18 @@ def write_paraphrases(model: nn.Module, tokenizer: Any, group: EditGroup, config
     wanted = [lang for lang, edit in group.edits.items() if not edit.paraphrases and lang in REWRITE_SHOTS]
     if config.write_paraphrases == 0 or not wanted:
         return group
-    limit = (context_limit(model, tokenizer) or (None, ""))[0]
+    found = context_limit(model, tokenizer)
+    limit = found[0] if found else None
     longest = max(len(tokenizer(group.edits[lang].prompt)["input_ids"]) for lang in wanted)
     new_tokens = 2 * longest + 8
     texts = {lang: rewrite_prompt(lang, group.edits[lang].prompt) for lang in wanted}
     if limit is not None:
-        wanted = [lang for lang in wanted if len(tokenizer(texts[lang])["input_ids"]) + new_tokens <= limit]
+        fitting = [lang for lang in wanted if len(tokenizer(texts[lang])["input_ids"]) + new_tokens <= limit]
+        if len(fitting) < len(wanted):
+            logger.info("no paraphrases written for %s: the rewrite request does not fit %d positions",
+                        [lang for lang in wanted if lang not in fitting], limit)
+        wanted = fitting
         if not wanted:
-            logger.info("no paraphrases written: the rewrite request does not fit %d positions", limit)
             return group
     device = next(model.parameters()).device
     input_ids, attention_mask = encode_texts(tokenizer, [texts[lang] for lang in wanted], device, left=True)
