@@ -147,12 +147,102 @@ class RoutingKey:
 
 
 @dataclass(frozen=True)
+class ScopeSpace:
+    """Where question scopes of one layer live (``lafn_hf.routing.scope``): a question's states entering decoder
+    layer ``layer``, pooled over the words around a subject, are compared as unit vectors of (h - mean) / scale
+    with ``templates``: built-in questions about a stand-in subject in other relations, row ``r`` asking
+    relation ``relations[r]``. Measured on the model itself; entries made together share one object."""
+
+    layer: int
+    mean: torch.Tensor  # (hidden_size,) float32
+    scale: torch.Tensor  # (hidden_size,) float32, > 0
+    templates: torch.Tensor  # (R, hidden_size) float32 unit vectors
+    relations: torch.Tensor  # (R,) int64 relation of each template row
+
+    def __post_init__(self) -> None:
+        if isinstance(self.layer, bool) or not isinstance(self.layer, int) or self.layer < 0:
+            raise ValueError(f"scope space layer must be an int >= 0, got {self.layer!r}")
+        for name, dims in (("mean", 1), ("scale", 1), ("templates", 2)):
+            value = getattr(self, name)
+            if not isinstance(value, torch.Tensor) or value.dtype != torch.float32 or value.dim() != dims:
+                raise TypeError(f"scope space {name} must be a {dims}-D float32 tensor, got {_describe(value)}")
+            if not bool(torch.isfinite(value).all()):
+                raise ValueError(f"scope space {name} must be finite")
+        size = self.mean.numel()
+        if self.scale.shape != self.mean.shape or self.templates.shape[1:] != (size,):
+            raise ValueError(f"scope space mean {tuple(self.mean.shape)}, scale {tuple(self.scale.shape)} and "
+                             f"templates {tuple(self.templates.shape)} must share the hidden size")
+        if not bool((self.scale > 0).all()):
+            raise ValueError("scope space scale must be > 0")
+        relations = self.relations
+        if not isinstance(relations, torch.Tensor) or relations.dtype != torch.int64 or relations.shape != (
+                self.templates.shape[0],):
+            raise TypeError(f"scope space relations must be a ({self.templates.shape[0]},) int64 tensor, "
+                            f"got {_describe(relations)}")
+        if relations.numel() and int(relations.min()) < 0:
+            raise ValueError("scope space relations must be >= 0")
+
+    def project(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Unit vectors of (hidden - mean) / scale along the last dimension (float32)."""
+        z = (hidden.float() - self.mean.to(hidden.device)) / self.scale.to(hidden.device)
+        return z / z.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+
+    def same_as(self, other: ScopeSpace) -> bool:
+        return (self.layer == other.layer and self.templates.shape == other.templates.shape
+                and torch.equal(self.relations, other.relations)
+                and all(bool(torch.allclose(getattr(self, name), getattr(other, name), rtol=1e-3, atol=1e-4))
+                        for name in ("mean", "scale", "templates")))
+
+    def __repr__(self) -> str:
+        return f"ScopeSpace(layer={self.layer}, size={self.mean.numel()}, templates={self.templates.shape[0]})"
+
+
+@dataclass(frozen=True)
+class QuestionScope:
+    """Which questions an entry answers (``lafn_hf.routing.scope``): a question whose pooled state (see
+    ``ScopeSpace``) is closer to ``vectors`` (the entry's own prompts) or to the templates of ``relation`` (the
+    built-in relation nearest to its prompts; -1: none) than to every other relation's templates, by at least
+    ``margin`` (a cosine difference; negative lets nearer misses through), is in scope."""
+
+    space: ScopeSpace
+    vectors: torch.Tensor  # (P, hidden_size) float32 unit vectors
+    relation: int
+    margin: float
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.space, ScopeSpace):
+            raise TypeError(f"question scope space must be a ScopeSpace, got {type(self.space).__name__}")
+        vectors = self.vectors
+        if not isinstance(vectors, torch.Tensor) or vectors.dtype != torch.float32 or vectors.dim() != 2 or (
+                vectors.shape[1] != self.space.mean.numel() or not vectors.shape[0]):
+            raise TypeError(f"question scope vectors must be a (P >= 1, {self.space.mean.numel()}) float32 tensor, "
+                            f"got {_describe(vectors)}")
+        norms = vectors.norm(dim=1)
+        if not bool(torch.isfinite(vectors).all()) or not bool(((norms - 1).abs() <= 1e-3).all()):
+            raise ValueError("question scope vectors must be finite unit vectors")
+        if isinstance(self.relation, bool) or not isinstance(self.relation, int) or self.relation < -1:
+            raise ValueError(f"question scope relation must be an int >= -1, got {self.relation!r}")
+        if isinstance(self.margin, bool) or not isinstance(self.margin, (int, float)) or not -2.0 <= self.margin <= 2.0:
+            raise ValueError(f"question scope margin must be a number in [-2, 2], got {self.margin!r}")
+        object.__setattr__(self, "margin", float(self.margin))
+
+    @property
+    def layer(self) -> int:
+        return self.space.layer
+
+    def __repr__(self) -> str:
+        return (f"QuestionScope(layer={self.layer}, vectors={self.vectors.shape[0]}, relation={self.relation}, "
+                f"margin={self.margin:+.3f})")
+
+
+@dataclass(frozen=True)
 class BankEntry:
     """One edit: aligned subjects per language, the per-layer updates and free-form metadata.
 
     ``metadata`` holds what produced the edit (prompts, targets, config, result summary);
     it is saved as JSON and must be JSON-serialisable. ``aliases`` are further surface forms that route to
-    the entry (any language); ``key`` its representation key (``None``: lexical routing only).
+    the entry (any language); ``key`` its representation key (``None``: lexical routing only); ``scope`` the
+    questions it answers (``None``: every question that names its subject, as banks made before scopes).
     """
 
     subjects: dict[str, str]
@@ -161,6 +251,7 @@ class BankEntry:
     id: str = field(default_factory=lambda: f"edit-{uuid.uuid4().hex[:12]}")
     aliases: tuple[str, ...] = ()
     key: RoutingKey | None = None
+    scope: QuestionScope | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.id, str) or not _ENTRY_ID.match(self.id):
@@ -177,6 +268,11 @@ class BankEntry:
         if self.key is not None and self.updates and self.key.layer > min(self.updates):
             raise ValueError(f"entry {self.id!r}: its routing key (layer {self.key.layer}) must be read at or below its "
                              f"first edited layer {min(self.updates)}")
+        if self.scope is not None and not isinstance(self.scope, QuestionScope):
+            raise TypeError(f"entry {self.id!r}: scope must be a QuestionScope or None, got {type(self.scope).__name__}")
+        if self.scope is not None and self.updates and self.scope.layer > min(self.updates):
+            raise ValueError(f"entry {self.id!r}: its question scope (layer {self.scope.layer}) must be read at or "
+                             f"below its first edited layer {min(self.updates)}")
         if not isinstance(self.updates, dict) or not self.updates:
             raise ValueError(f"entry {self.id!r} needs at least one layer update")
         for layer, update in self.updates.items():
@@ -187,11 +283,12 @@ class BankEntry:
 
     @classmethod
     def _from_checked(cls, subjects: dict[str, str], updates: dict[int, LayerUpdate], metadata: dict[str, Any],
-                      entry_id: str, aliases: tuple[str, ...] = (), key: RoutingKey | None = None) -> BankEntry:
+                      entry_id: str, aliases: tuple[str, ...] = (), key: RoutingKey | None = None,
+                      scope: QuestionScope | None = None) -> BankEntry:
         """Skip ``__post_init__``: only for fields already checked (and subjects NFC-normalised) in bulk."""
         entry = object.__new__(cls)
         entry.__dict__.update(subjects=subjects, updates=updates, metadata=metadata, id=entry_id, aliases=aliases,
-                              key=key)
+                              key=key, scope=scope)
         return entry
 
     @property
@@ -207,6 +304,7 @@ class BankEntry:
         neurons = {layer: int(self.updates[layer].neurons.numel()) for layer in self.layers}
         extra = f", aliases={list(self.aliases)!r}" if self.aliases else ""
         extra += f", key@{self.key.layer}>{self.key.threshold:.3f}" if self.key is not None else ""
+        extra += f", scope@{self.scope.layer}{self.scope.margin:+.2f}" if self.scope is not None else ""
         return (f"BankEntry(id={self.id!r}, subjects={self.subjects!r}, layers={list(self.layers)}, "
                 f"neurons={neurons!r}{extra})")
 
@@ -377,6 +475,12 @@ def _same_entry(a: BankEntry, b: BankEntry) -> bool:
     if a.key is not None and b.key is not None and not (
             a.key.space.same_as(b.key.space) and a.key.threshold == b.key.threshold
             and torch.equal(a.key.vector, b.key.vector)):
+        return False
+    if (a.scope is None) != (b.scope is None):
+        return False
+    if a.scope is not None and b.scope is not None and not (
+            a.scope.space.same_as(b.scope.space) and (a.scope.relation, a.scope.margin) == (b.scope.relation, b.scope.margin)
+            and torch.equal(a.scope.vectors, b.scope.vectors)):
         return False
     return all(
         torch.equal(a.updates[k].neurons, b.updates[k].neurons) and torch.equal(a.updates[k].delta, b.updates[k].delta)

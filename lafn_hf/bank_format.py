@@ -46,7 +46,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load as load_safetensors
 
-from .bank import _ENTRY_ID, BankEntry, EditBank, KeySpace, LayerUpdate, RoutingKey
+from .bank import _ENTRY_ID, BankEntry, EditBank, KeySpace, LayerUpdate, QuestionScope, RoutingKey, ScopeSpace
 from .config import nfc
 from .text import check_aliases
 
@@ -57,6 +57,15 @@ NEURONS, DELTAS, LAYER_OFFSETS, SEGMENT_LAYERS, ENTRY_OFFSETS = (
 KEY_ENTRIES, KEY_SPACES, KEY_VECTORS, KEY_THRESHOLDS, SPACE_LAYERS, SPACE_MEANS, SPACE_SCALES = (
     "key_entries", "key_spaces", "key_vectors", "key_thresholds", "space_layers", "space_means", "space_scales")
 _ROUTING = (KEY_ENTRIES, KEY_SPACES, KEY_VECTORS, KEY_THRESHOLDS, SPACE_LAYERS, SPACE_MEANS, SPACE_SCALES)
+# Optional (question scopes, ``lafn_hf.routing.scope``): Q scopes (entry index, space index, relation, margin, and
+# rows scope_offsets[q]:scope_offsets[q+1] of scope_vectors) and the D scope spaces they use (layer, mean, scale,
+# and rows template_offsets[d]:template_offsets[d+1] of scope_templates / template_relations).
+SCOPE_TENSORS = (SCOPE_ENTRIES, SCOPE_SPACES, SCOPE_RELATIONS, SCOPE_MARGINS, SCOPE_OFFSETS, SCOPE_VECTORS,
+                 SCOPE_SPACE_LAYERS, SCOPE_SPACE_MEANS, SCOPE_SPACE_SCALES, TEMPLATE_OFFSETS, SCOPE_TEMPLATES,
+                 TEMPLATE_RELATIONS) = (
+    "scope_entries", "scope_spaces", "scope_relations", "scope_margins", "scope_offsets", "scope_vectors",
+    "scope_space_layers", "scope_space_means", "scope_space_scales", "template_offsets", "scope_templates",
+    "template_relations")
 _DTYPES = {NEURONS: (torch.int32, torch.int64), DELTAS: (torch.float32,), LAYER_OFFSETS: (torch.int64,),
            SEGMENT_LAYERS: (torch.int32,), ENTRY_OFFSETS: (torch.int64,)}
 _INT32_MAX = 2**31 - 1
@@ -180,6 +189,7 @@ def encode(bank: EditBank) -> tuple[dict[str, torch.Tensor], list[dict[str, Any]
         ENTRY_OFFSETS: torch.tensor(firsts, dtype=torch.int64),
     }
     tensors.update(_encode_routing(bank))
+    tensors.update(_encode_scopes(bank))
     return {name: tensor.contiguous() for name, tensor in tensors.items()}, rows
 
 
@@ -201,6 +211,76 @@ def _encode_routing(bank: EditBank) -> dict[str, torch.Tensor]:
         SPACE_MEANS: torch.stack([space.mean.detach().cpu() for space in ordered]),
         SPACE_SCALES: torch.stack([space.scale.detach().cpu() for space in ordered]),
     }
+
+
+def _encode_scopes(bank: EditBank) -> dict[str, torch.Tensor]:
+    """The question-scope tensors (none when no entry has a scope); shared spaces are stored once."""
+    scoped = [(index, entry.scope) for index, entry in enumerate(bank) if entry.scope is not None]
+    if not scoped:
+        return {}
+    spaces: dict[int, tuple[int, ScopeSpace]] = {}
+    for _, scope in scoped:
+        spaces.setdefault(id(scope.space), (len(spaces), scope.space))
+    ordered = [space for _, space in spaces.values()]
+    return {
+        SCOPE_ENTRIES: torch.tensor([index for index, _ in scoped], dtype=torch.int64),
+        SCOPE_SPACES: torch.tensor([spaces[id(scope.space)][0] for _, scope in scoped], dtype=torch.int64),
+        SCOPE_RELATIONS: torch.tensor([scope.relation for _, scope in scoped], dtype=torch.int64),
+        SCOPE_MARGINS: torch.tensor([scope.margin for _, scope in scoped], dtype=torch.float64),
+        SCOPE_OFFSETS: _offsets([scope.vectors.shape[0] for _, scope in scoped]),
+        SCOPE_VECTORS: torch.cat([scope.vectors.detach().cpu() for _, scope in scoped]),
+        SCOPE_SPACE_LAYERS: torch.tensor([space.layer for space in ordered], dtype=torch.int32),
+        SCOPE_SPACE_MEANS: torch.stack([space.mean.detach().cpu() for space in ordered]),
+        SCOPE_SPACE_SCALES: torch.stack([space.scale.detach().cpu() for space in ordered]),
+        TEMPLATE_OFFSETS: _offsets([space.templates.shape[0] for space in ordered]),
+        SCOPE_TEMPLATES: torch.cat([space.templates.detach().cpu() for space in ordered]),
+        TEMPLATE_RELATIONS: torch.cat([space.relations.detach().cpu() for space in ordered]),
+    }
+
+
+def _offsets(counts: Sequence[int]) -> torch.Tensor:
+    return torch.tensor([0, *counts], dtype=torch.int64).cumsum(0)
+
+
+def _rows(tensors: dict[str, torch.Tensor], offsets_name: str, rows_name: str, count: int) -> list[torch.Tensor]:
+    """``count`` slices of ``tensors[rows_name]`` cut at ``tensors[offsets_name]`` (checked)."""
+    offsets, rows = tensors[offsets_name], tensors[rows_name]
+    if offsets.dtype != torch.int64 or offsets.shape != (count + 1,):
+        raise ValueError(f"{offsets_name} must be a ({count + 1},) int64 tensor, got {offsets.dtype} {tuple(offsets.shape)}")
+    bounds = offsets.tolist()
+    if bounds[0] != 0 or bounds[-1] != rows.shape[0] or any(b > a for a, b in zip(bounds[1:], bounds)):
+        raise ValueError(f"{offsets_name} must rise from 0 to the {rows.shape[0]} rows of {rows_name}")
+    return [rows[a:b] for a, b in zip(bounds, bounds[1:])]
+
+
+def _decode_scopes(tensors: dict[str, torch.Tensor], count: int) -> dict[int, QuestionScope]:
+    """Entry index -> question scope, from the scope tensors (absent: none); ``ValueError`` naming the tensor."""
+    present = [name for name in SCOPE_TENSORS if name in tensors]
+    if not present:
+        return {}
+    if len(present) != len(SCOPE_TENSORS):
+        raise ValueError(f"scope tensor {sorted(set(SCOPE_TENSORS) - set(present))[0]!r} is missing")
+    try:
+        layers = tensors[SCOPE_SPACE_LAYERS].tolist()
+        templates = _rows(tensors, TEMPLATE_OFFSETS, SCOPE_TEMPLATES, len(layers))
+        relations = _rows(tensors, TEMPLATE_OFFSETS, TEMPLATE_RELATIONS, len(layers))
+        spaces = [ScopeSpace(int(layer), mean.float().clone(), scale.float().clone(), rows.float().clone(),
+                             kinds.clone()) for layer, mean, scale, rows, kinds in
+                  zip(layers, tensors[SCOPE_SPACE_MEANS], tensors[SCOPE_SPACE_SCALES], templates, relations, strict=True)]
+        entries = tensors[SCOPE_ENTRIES].tolist()
+        vectors = _rows(tensors, SCOPE_OFFSETS, SCOPE_VECTORS, len(entries))
+        scopes: dict[int, QuestionScope] = {}
+        for index, space, relation, margin, rows in zip(entries, tensors[SCOPE_SPACES].tolist(),
+                                                        tensors[SCOPE_RELATIONS].tolist(),
+                                                        tensors[SCOPE_MARGINS].tolist(), vectors, strict=True):
+            if not 0 <= index < count or index in scopes:
+                raise ValueError(f"{SCOPE_ENTRIES} holds {index}: not one entry index of {count} (or given twice)")
+            if not 0 <= space < len(spaces):
+                raise ValueError(f"{SCOPE_SPACES} holds {space}: there are {len(spaces)} scope spaces")
+            scopes[index] = QuestionScope(spaces[space], rows.float().clone(), int(relation), float(margin))
+    except (TypeError, RuntimeError) as error:
+        raise ValueError(f"scope tensors are malformed: {error}") from None
+    return scopes
 
 
 def _decode_routing(tensors: dict[str, torch.Tensor], count: int) -> dict[int, RoutingKey]:
@@ -239,11 +319,12 @@ def decode(entries: Sequence[dict[str, Any]], tensors: dict[str, torch.Tensor], 
            intermediate_size: int) -> EditBank:
     """The bank of ``entries`` (checked config entries: id, subjects, metadata) and format-3 ``tensors``; any
     inconsistency is a ``ValueError`` naming the tensor (and the entry and layer where there is one)."""
-    unexpected = sorted(set(tensors) - set(_DTYPES) - set(_ROUTING))
+    unexpected = sorted(set(tensors) - set(_DTYPES) - set(_ROUTING) - set(SCOPE_TENSORS))
     if unexpected:
-        raise ValueError(f"unexpected tensor {unexpected[0]!r} (format 3 stores {', '.join(_DTYPES)}, and for "
-                         f"routing {', '.join(_ROUTING)})")
+        raise ValueError(f"unexpected tensor {unexpected[0]!r} (format 3 stores {', '.join(_DTYPES)}, for "
+                         f"routing {', '.join(_ROUTING)}, and for question scopes {', '.join(SCOPE_TENSORS)})")
     keys = _decode_routing(tensors, len(entries))
+    scopes = _decode_scopes(tensors, len(entries))
     neurons, deltas, layer_offsets, segment_layers, entry_offsets = (_vector(tensors, name) for name in _DTYPES)
     count, segments = neurons.numel(), segment_layers.numel()
     if deltas.numel() != count:
@@ -277,7 +358,10 @@ def decode(entries: Sequence[dict[str, Any]], tensors: dict[str, torch.Tensor], 
         key = keys.get(index)
         if key is not None and key.layer > layers[start]:
             raise ValueError(f"entries[{index}]: routing key layer {key.layer} is above its first edited layer")
-        built.append(entry(subjects, updates, raw["metadata"], raw["id"], aliases, key))
+        scope = scopes.get(index)
+        if scope is not None and scope.layer > layers[start]:
+            raise ValueError(f"entries[{index}]: question scope layer {scope.layer} is above its first edited layer")
+        built.append(entry(subjects, updates, raw["metadata"], raw["id"], aliases, key, scope))
     bank = EditBank._from_checked(built)
     return bank
 

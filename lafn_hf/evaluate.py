@@ -155,13 +155,8 @@ def predict_batch(model: EditableCausalLM, texts: Sequence[str], mode: str = "ge
         answers: list[list[int]] = [[] for _ in texts]
         rows = [i for i, gold in enumerate(gold_rows) if gold]
         if rows:
-            ids, mask = pad_batch([prompts[i] + gold_rows[i] for i in rows], pad_id(tokenizer), model.device, left=True)
-            keep = max(len(gold_rows[i]) for i in rows) + 1  # every gold ends at the right edge
-            positions = (mask.cumsum(-1) - 1).clamp(min=0)  # as generate() counts them under left padding
-            argmax = model(input_ids=ids, attention_mask=mask, position_ids=positions,
-                           logits_to_keep=keep).logits.argmax(-1)
-            for row, i in enumerate(rows):
-                answers[i] = argmax[row, keep - len(gold_rows[i]) - 1: keep - 1].tolist()
+            for i, predicted in zip(rows, _forced_argmax(model, [prompts[i] for i in rows], [gold_rows[i] for i in rows])):
+                answers[i] = predicted
         return answers
     ids, mask = pad_batch(prompts, pad_id(tokenizer), model.device, left=True)
     stops = stop_ids(tokenizer, getattr(model.model, "generation_config", None))
@@ -173,6 +168,25 @@ def predict_batch(model: EditableCausalLM, texts: Sequence[str], mode: str = "ge
         generated = output[row, ids.shape[1]: ids.shape[1] + budget].tolist()
         answers.append(generated[: answer_end(tokenizer, generated, stops)])
     return answers
+
+
+def _forced_argmax(model: EditableCausalLM, prompts: Sequence[list[int]], golds: Sequence[list[int]]) -> list[list[int]]:
+    """The argmax at each gold position given the gold prefix. The prompts are read first (left-padded, one
+    forward) and the golds after them through the KV cache, as ``generate()`` reads a prompt and its answer, so
+    routing judges each prompt as it would when generating (``lafn_hf.routing.scope``: a prompt read whole)."""
+    ids, mask = pad_batch(prompts, pad_id(model.tokenizer), model.device, left=True)
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)  # as generate() counts them under left padding
+    first = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True, logits_to_keep=1)
+    logits = first.logits[:, -1:]
+    width = max(len(gold) for gold in golds)
+    if width > 1:  # the last gold token is predicted by the one before it
+        gold_ids, gold_mask = pad_batch([gold[:-1] for gold in golds], pad_id(model.tokenizer), model.device)
+        gold_positions = positions[:, -1:] + 1 + torch.arange(width - 1, device=model.device)
+        second = model(input_ids=gold_ids, attention_mask=torch.cat([mask, gold_mask], dim=1),
+                       position_ids=gold_positions, past_key_values=first.past_key_values, use_cache=True)
+        logits = torch.cat([logits, second.logits], dim=1)
+    argmax = logits.argmax(-1)
+    return [argmax[row, : len(gold)].tolist() for row, gold in enumerate(golds)]
 
 
 def predict(model: EditableCausalLM, prompt: str, gold: Sequence[int], settings: EvalSettings) -> list[int]:

@@ -29,11 +29,12 @@ from torch.utils.hooks import RemovableHandle
 
 from lafn_hf.modeling import decoder_layers, mlp_parts
 
-from .bank import BankEntry, EditBank, KeySpace, RoutingKey
+from .bank import BankEntry, EditBank, KeySpace, QuestionScope, RoutingKey
 from .cache_rows import cache_argument, cache_length, keep_readers, readers_for, returned_cache
 from .matcher import SubjectMatcher
 from .routing.config import RoutingConfig
-from .routing.fire import KeyIndex, KeyWork, Pending
+from .routing.fire import Gated, KeyIndex, KeyWork, Pending
+from .routing.scope import ScopeIndex
 from .routing.trace import Route, record, tracing_active
 from .row_reader import RowReader, decoder_for
 from .scope import ForwardScope, unwrapped
@@ -161,7 +162,9 @@ class CompiledBank:
     # subject -> the entries for which it is a subject in an inflecting language (``RoutingConfig.inflects``):
     # only they fire where it is found inflected
     inflected: dict[str, tuple[str, ...]] = field(default_factory=dict)
+    scopes: dict[str, QuestionScope] = field(default_factory=dict)  # entry -> question scope (scope stage on)
     _indices: dict[int, list[KeyIndex]] = field(default_factory=dict, compare=False, repr=False)
+    _scope_indices: dict[str, ScopeIndex] = field(default_factory=dict, compare=False, repr=False)
 
     @property
     def layers(self) -> tuple[int, ...]:
@@ -174,6 +177,19 @@ class CompiledBank:
     @property
     def key_layers(self) -> tuple[int, ...]:
         return tuple(sorted({key.layer for key in self.keys.values()}))
+
+    @property
+    def hook_layers(self) -> tuple[int, ...]:
+        """The layers whose input the routing reads: keys' and question scopes'."""
+        return tuple(sorted({key.layer for key in self.keys.values()} | {s.layer for s in self.scopes.values()}))
+
+    def scope_index(self, entry_id: str) -> ScopeIndex:
+        """The entry's question scope on the device (built once per compiled version)."""
+        index = self._scope_indices.get(entry_id)
+        if index is None:
+            index = self._scope_indices[entry_id] = ScopeIndex(self.scopes[entry_id], self.version[2],
+                                                               self.routing.scope_margin_override)
+        return index
 
     def key_indices(self, layer: int) -> list[KeyIndex]:
         """The keys of ``layer`` on the device, one index per key space (built once per compiled version)."""
@@ -196,7 +212,7 @@ class CompiledBank:
         compiled = empty._apply([("add", entry) for entry in entries], number, grow_matcher=False)
         matcher = SubjectMatcher(compiled.entries_of, fold=routing.normalize, inflected=compiled.inflected,
                                  spellings=spellings)
-        return replace(compiled, matcher=matcher, _indices={})
+        return replace(compiled, matcher=matcher, _indices={}, _scope_indices={})
 
     def updated(self, bank: EditBank) -> CompiledBank | None:
         """The bank's current version from this one by replaying its changes (``None``: rebuild instead)."""
@@ -212,7 +228,7 @@ class CompiledBank:
     def _apply(self, changes: Sequence[tuple[str, BankEntry]], number: int, grow_matcher: bool) -> CompiledBank:
         device, routing = self.version[2], self.routing
         entries_of, updates, layer_entries = dict(self.entries_of), dict(self.updates), dict(self.layer_entries)
-        keys = dict(self.keys)
+        keys, scopes = dict(self.keys), dict(self.scopes)
         added: list[str] = []
         inflected, newly_inflected = dict(self.inflected), []
         for op, entry in changes:
@@ -230,6 +246,7 @@ class CompiledBank:
                 else:
                     entries_of.pop(subject, None)
             keys.pop(entry.id, None)
+            scopes.pop(entry.id, None)
             for subject in {s for lang, s in entry.subjects.items() if routing.inflects(lang)}:
                 ids = tuple(i for i in inflected.get(subject, ()) if i != entry.id)
                 ids = (*ids, entry.id) if step > 0 else ids
@@ -243,27 +260,32 @@ class CompiledBank:
                 updates[entry.id] = {layer: (u.neurons.to(device), u.delta.to(device)) for layer, u in entry.updates.items()}
                 if routing.representation and entry.key is not None:
                     keys[entry.id] = entry.key
+                if routing.scope and entry.scope is not None:
+                    scopes[entry.id] = entry.scope
             else:
                 updates.pop(entry.id, None)
         matcher = self.matcher.with_subjects(added, newly_inflected) if grow_matcher else self.matcher
         return CompiledBank((self.version[0], number, device, routing), matcher, entries_of, updates, layer_entries,
-                            keys, inflected)
+                            keys, inflected, scopes)
 
     def add_entry_plan(self, per_layer: dict[int, list[LayerPlan]], entry_id: str, row: int, position: int) -> None:
         for layer, (neurons, delta) in self.updates[entry_id].items():
             per_layer.setdefault(layer, []).append(LayerPlan.build([(row, position)], neurons, delta))
 
     def lexical_plan(self, rows: Sequence[RowReader], first: int, selected: Container[str] | None = None,
-                     ) -> tuple[dict[int, list[LayerPlan]], list[dict[str, int]], list[Pending]]:
-        """(per-layer plans, per row the first relative position of each entry fired, choices left to the keys)
-        for positions >= ``first`` of ``rows``; ``selected``: only entries whose id is in it (``None``: all).
+                     ) -> tuple[dict[int, list[LayerPlan]], list[dict[str, int]], list[Pending], list[Gated]]:
+        """(per-layer plans, per row the first relative position of each entry found, choices left to the keys,
+        finds left to their entries' question scopes) for positions >= ``first`` of ``rows``; ``selected``: only
+        entries whose id is in it (``None``: all).
 
         A subject listed by several selected entries that all have keys at one layer is left to that layer's
-        key index (``Pending``: the entry whose key is closest fires); otherwise every such entry fires.
+        key index (``Pending``: the entry whose key is closest fires); otherwise every such entry fires, or, when
+        it has a question scope, is judged by it in the forward (``Gated``).
         """
         per_layer: dict[int, list[LayerPlan]] = {}
         lexical: list[dict[str, int]] = [{} for _ in rows]
         pending: list[Pending] = []
+        gated: list[Gated] = []
         trace = tracing_active()
         for row, reader in enumerate(rows):
             planned: set[tuple[int, tuple[str, ...]]] = set()  # an entry found twice at one token fires once
@@ -272,20 +294,23 @@ class CompiledBank:
                 position = hit.position - first
                 ids = tuple(i for i in owners.get(hit.subject, ()) if (selected is None or i in selected)
                             and (position, (i,)) not in planned)
-                if len(ids) > 1 and self._one_key_layer(ids):
+                if len(ids) > 1 and self._one_key_layer(ids) and not all(i in self.scopes for i in ids):
                     if (position, ids) not in planned:
                         planned.add((position, ids))
-                        pending.append((row, position, ids))
+                        pending.append((row, position, ids, len(hit.subject)))
                     for entry_id in ids:
                         lexical[row].setdefault(entry_id, position)
                     continue
                 for entry_id in ids:
                     planned.add((position, (entry_id,)))
                     lexical[row].setdefault(entry_id, position)
+                    if entry_id in self.scopes:
+                        gated.append((row, position, entry_id, len(hit.subject), "lexical"))
+                        continue
                     self.add_entry_plan(per_layer, entry_id, row, position)
                     if trace:
                         record(Route(row, hit.position, entry_id, "lexical"))
-        return per_layer, lexical, pending
+        return per_layer, lexical, pending, gated
 
     def _one_key_layer(self, ids: Sequence[str]) -> bool:
         """Whether every entry of ``ids`` has a routing key, all read at one layer."""
@@ -390,7 +415,7 @@ class BankInjector:
                     or (fresh := compiled.updated(self.bank)) is None):
                 fresh = CompiledBank.build(self.bank, device, routing)
             self._sync_value_hooks(fresh.layers)
-            self._sync_key_hooks(fresh.key_layers)
+            self._sync_key_hooks(fresh.hook_layers)
             self._compiled = fresh
         return fresh
 
@@ -430,13 +455,13 @@ class BankInjector:
         for row, reader in enumerate(readers):
             reader.read([t if mask is None or mask[row][i] else None for i, t in enumerate(ids[row])])
         selected = _SELECTED.get()
-        per_layer, lexical, pending = compiled.lexical_plan(readers, past, selected)
+        per_layer, lexical, pending, gated = compiled.lexical_plan(readers, past, selected)
         state = _Forward(plan=_concat(per_layer), readers=readers)
-        if compiled.keys:
+        if compiled.keys or compiled.scopes:
             valid = ~torch.isin(input_ids, self._special_ids_on(input_ids.device))
             if mask is not None:
                 valid &= torch.tensor(mask, dtype=torch.bool, device=input_ids.device)
-            state.keys = KeyWork(compiled, readers, past, valid, lexical, pending, selected)
+            state.keys = KeyWork(compiled, readers, past, valid, lexical, pending, selected, gated)
         return state
 
     def _special_ids_on(self, device: torch.device) -> torch.Tensor:

@@ -24,7 +24,7 @@ from tqdm.auto import tqdm
 
 from lafn_hf.modeling import decoder_layers, default_edit_layers, get_spec, mlp_parts
 
-from .bank import _ENTRY_ID, BankEntry, BankLimits, EditBank, KeySpace, LayerUpdate, RoutingKey
+from .bank import _ENTRY_ID, BankEntry, BankLimits, EditBank, KeySpace, LayerUpdate, QuestionScope, RoutingKey, ScopeSpace
 from .config import EditGroup, LafnConfig, subject_problem
 from .hub import BaseModelRef, is_bank_dir, load_bank, parse_base_model, push_bank, resolve_bank_dir, save_bank
 from .inject import BankInjector, bank_disabled
@@ -34,6 +34,7 @@ from .optimize_many import optimize_updates
 from .preflight import check_context, warn_if_slow_dtype
 from .routing.config import RoutingConfig
 from .routing.keys import calibrate_key_space, entry_key, separate
+from .routing.scope import calibrate_scope_space, entry_scope
 from .self_paraphrase import write_paraphrases
 from .stopwords import STOP_WORDS
 from .text import check_aliases
@@ -111,6 +112,7 @@ class EditableCausalLM(nn.Module):
         if routing is not None and not isinstance(routing, RoutingConfig):
             raise TypeError(f"routing must be a RoutingConfig, got {type(routing).__name__}")
         self._key_spaces: dict[int, tuple[KeySpace, torch.Tensor]] = {}  # layer -> (space, projected negatives)
+        self._scope_spaces: dict[int, ScopeSpace] = {}  # layer -> the scope space measured there
         if not isinstance(model, nn.Module) or not hasattr(model, "config"):
             raise TypeError(f"model must be a transformers causal LM, got {type(model).__name__}")
         if tokenizer is None or not getattr(tokenizer, "is_fast", False):
@@ -227,6 +229,16 @@ class EditableCausalLM(nn.Module):
         return entry_key(self.model, self.tokenizer, group, calibrated[0], calibrated[1], self.routing,
                          config.num_paraphrases)
 
+    def _question_scope(self, group: EditGroup, layers: Sequence[int], config: LafnConfig) -> QuestionScope | None:
+        """The group's question scope at the input of its first edited layer (``None`` when off)."""
+        if not self.routing.scope:
+            return None
+        layer = min(layers)
+        space = self._scope_spaces.get(layer)
+        if space is None:  # once per layer: a forward over the built-in relation questions
+            space = self._scope_spaces[layer] = calibrate_scope_space(self.model, self.tokenizer, layer)
+        return entry_scope(self.model, self.tokenizer, group, space, self.routing.scope_margin, config.num_paraphrases)
+
     def set_bank(self, bank: EditBank) -> None:
         """Use ``bank``: its entries, and those added to it later, must fit this model's layers and
         intermediate size (``ValueError`` naming the entry; nothing changes)."""
@@ -317,9 +329,9 @@ class EditableCausalLM(nn.Module):
             located = locate_neurons(self.model, self.tokenizer, group, layers, config)
             optimized = optimize_update(self.model, self.tokenizer, group, located.shared, config,
                                         _show_progress(progress), self._prefixes)
-            key = self._routing_key(group, layers, config)
-            # stored under the lock: a concurrent edit's key calibration sees this entry, and this one its
-            return self._store(group, config, layers, located, optimized, key, metadata, entry_id, started)
+            routed = self._routing_key(group, layers, config), self._question_scope(group, layers, config)
+            # stored under the lock: a concurrent edit's key calibration sees this entry, and this one its own
+            return self._store(group, config, layers, located, optimized, routed, metadata, entry_id, started)
 
     def _with_written_paraphrases(self, group: EditGroup, config: LafnConfig, metadata: dict[str, Any] | None
                                   ) -> tuple[EditGroup, dict[str, Any] | None]:
@@ -331,7 +343,8 @@ class EditableCausalLM(nn.Module):
         return written, ({**(metadata or {}), "written_paraphrases": new} if new else metadata)
 
     def _store(self, group: EditGroup, config: LafnConfig, layers: tuple[int, ...], located: LocatedNeurons,
-               optimized: OptimizationResult, key: RoutingKey | None, metadata: dict[str, Any] | None,
+               optimized: OptimizationResult, routed: tuple[RoutingKey | None, QuestionScope | None],
+               metadata: dict[str, Any] | None,
                entry_id: str | None, started: float) -> EditResult:
         """Check that the edit took, then add its entry (its key calibrated against the bank's keys)."""
         probabilities = optimized.target_probabilities
@@ -356,7 +369,8 @@ class EditableCausalLM(nn.Module):
             },
             **({"id": entry_id} if entry_id is not None else {}),
             aliases=group.aliases,
-            key=key,
+            key=routed[0],
+            scope=routed[1],
         )
         self._check_entry(entry)
         entry, raised = separate(self.bank, entry, self.routing.threshold_margin)
@@ -428,8 +442,8 @@ class EditableCausalLM(nn.Module):
                 try:
                     if isinstance(result, Exception):
                         raise result
-                    key = self._routing_key(group, layers, config)
-                    outcome[position] = self._store(group, config, layers, located, result, key, metadata, None,
+                    routed = self._routing_key(group, layers, config), self._question_scope(group, layers, config)
+                    outcome[position] = self._store(group, config, layers, located, result, routed, metadata, None,
                                                     started)
                 except (ValueError, TypeError, RuntimeError) as error:
                     outcome[position] = error

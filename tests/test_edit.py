@@ -282,7 +282,7 @@ def test_results_bank_entries_and_banks_have_short_reprs(trained_model: Any, tok
     counts = {layer: int(update.neurons.numel()) for layer, update in entry.updates.items()}
     assert entry.key is not None
     assert repr(entry) == (f"BankEntry(id={entry.id!r}, subjects={subjects!r}, layers=[0, 1], neurons={counts!r}, "
-                           f"key@0>{entry.key.threshold:.3f})")
+                           f"key@0>{entry.key.threshold:.3f}, scope@0-0.10)")
     assert repr(result).startswith(f"EditResult(entry_id={entry.id!r}, subjects={subjects!r}, layers=(0, 1), "
                                    f"shared_neurons={result.shared_counts!r}, steps=2, p(target)=")
     assert repr(editable.bank) == f"EditBank(1 entry, layers=[0, 1]: {entry.id} {subjects!r})"

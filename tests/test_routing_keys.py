@@ -219,8 +219,9 @@ def test_incremental_updates_with_keys_equal_a_rebuild(tokenizer: Any) -> None:
 def test_a_chinese_question_reaches_an_english_only_edit_through_its_key(
         trained_model: Any, tokenizer: Any, facts: dict[str, Any]) -> None:
     """The toy's layer 0 (an MLP without attention) maps each country's English and Chinese names to close
-    states, so keys read at layer 1 are shared across the two languages (16 of its first 20 facts)."""
-    editable = EditableCausalLM(trained_model, tokenizer)
+    states, so keys read at layer 1 are shared across the two languages (16 of its first 20 facts). The key
+    stage alone: the toy's question scopes are read from its embeddings, which do not carry the relation."""
+    editable = EditableCausalLM(trained_model, tokenizer, routing=RoutingConfig(scope=False))
     config = LafnConfig(layers=(1, 2), steps=2, min_target_probability=0.0)
     reached = []
     for source in range(4):

@@ -3,19 +3,22 @@
 A ``KeyIndex`` holds one layer's keys on the model's device. ``candidates`` finds, per token, the entry whose
 key is closest to the token's projected hidden state, and keeps the tokens where that cosine passes the
 entry's threshold; ``choose`` picks, among entries that share a matched subject, the one whose key is
-closest (relation-aware routing: the words read before the subject decide).
+closest (relation-aware routing: the words read before the subject decide). ``KeyWork`` does both in the
+forward, then lets each entry with a question scope (``lafn_hf.routing.scope``) fire only where its scope
+admits the sentence around the token.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Container, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import torch
 
-from ..bank import KeySpace, RoutingKey
+from ..bank import KeySpace, QuestionScope, RoutingKey
+from .scope import ScopeIndex, sentence_window, visible_last
 from .trace import Route, record, tracing_active
 
 _CHUNK = 256  # token states compared at once (bounds the (tokens x keys) similarity block)
@@ -23,7 +26,11 @@ SCREEN_FROM = 4096  # keys from which an index screens in half precision before 
 # bounds on |half - float32| cosine of unit vectors: 2.5x the input rounding (2 * 2^-11, 2 * 2^-8) with
 # float32 accumulation; measured at most 5e-4 (float16) and 2.2e-3 (bfloat16) at hidden size 640
 _SCREEN_ERROR = {torch.float16: 0.005, torch.bfloat16: 0.02}
-Pending = tuple[int, int, tuple[str, ...]]  # (row, relative position, entries sharing the matched subject)
+# (row, relative position, entries sharing the matched subject, the subject's length in characters)
+Pending = tuple[int, int, tuple[str, ...], int]
+# (row, relative position, entry, length of the text that fired it (0: a single token's state), stage) of a find
+# left to the entry's question scope
+Gated = tuple[int, int, str, int, str]
 
 
 @dataclass(frozen=True)
@@ -129,7 +136,12 @@ class RoutedBank(Protocol):
     @property
     def keys(self) -> dict[str, RoutingKey]: ...
 
+    @property
+    def scopes(self) -> dict[str, QuestionScope]: ...
+
     def key_indices(self, layer: int) -> list[KeyIndex]: ...
+
+    def scope_index(self, entry_id: str) -> ScopeIndex: ...
 
     def add_entry_plan(self, per_layer: dict[int, list[Any]], entry_id: str, row: int, position: int) -> None: ...
 
@@ -159,20 +171,60 @@ class KeyWork:
     lexical: list[dict[str, int]]
     pending: list[Pending]
     selected: Container[str] | None
+    gated: list[Gated] = field(default_factory=list)
 
     def route(self, layer: int, hidden: torch.Tensor) -> dict[int, list[Any]]:
-        """Plans for the pending choices and the representation hits of the keys at ``layer``."""
-        indices = self.compiled.key_indices(layer)
+        """Plans for the pending choices and the representation hits of the keys at ``layer``, then for the
+        finds whose question scope is read at ``layer`` (or below it, when found by a key only now)."""
         per_layer: dict[int, list[Any]] = {}
-        if not indices:
-            return per_layer
+        self._route_keys(layer, hidden, per_layer)
+        self._judge_scopes(layer, hidden, per_layer)
+        return per_layer
+
+    def _fire(self, per_layer: dict[int, list[Any]], entry_id: str, row: int, position: int, length: int,
+              stage: str) -> None:
+        if entry_id in self.compiled.scopes:
+            self.gated.append((row, position, entry_id, length, stage))
+            return
+        self.compiled.add_entry_plan(per_layer, entry_id, row, position)
+        if tracing_active():
+            record(Route(row, self.first + position, entry_id, stage))
+
+    def _judge_scopes(self, layer: int, hidden: torch.Tensor, per_layer: dict[int, list[Any]]) -> None:
+        """Fire each gated find whose scope admits the sentence around it (see ``lafn_hf.routing.scope``); of
+        several entries admitted at one token (facts of one subject), the one with the widest margin."""
+        waiting: list[Gated] = []
+        best: dict[tuple[int, int], tuple[float, str, str]] = {}
+        last = self.first + self.valid.shape[1] - 1
+        for row, position, entry_id, length, stage in self.gated:
+            if self.compiled.scopes[entry_id].layer > layer:
+                waiting.append((row, position, entry_id, length, stage))
+                continue
+            reader = self.readers[row]
+            at = self.first + position
+            window = sentence_window(reader, at, length, self.first, visible_last(reader, at, last))
+            if not window:
+                continue
+            index = self.compiled.scope_index(entry_id)
+            pooled = hidden[row, [p - self.first for p in window]].float().mean(dim=0, keepdim=True)
+            excess = float(index.margins(pooled)[0]) - index.margin
+            if excess >= 0 and excess > best.get((row, position), (-1.0, "", ""))[0]:
+                best[(row, position)] = (excess, entry_id, stage)
         trace = tracing_active()
-        for row, position, ids in self.pending:
+        for (row, position), (_, entry_id, stage) in sorted(best.items()):
+            self.compiled.add_entry_plan(per_layer, entry_id, row, position)
+            if trace:
+                record(Route(row, self.first + position, entry_id, stage))
+        self.gated = waiting
+
+    def _route_keys(self, layer: int, hidden: torch.Tensor, per_layer: dict[int, list[Any]]) -> None:
+        indices = self.compiled.key_indices(layer)
+        if not indices:
+            return
+        for row, position, ids, length in self.pending:
             if self.compiled.keys[ids[0]].layer == layer:
                 chosen = choose_among(indices, hidden, row, position, ids)
-                self.compiled.add_entry_plan(per_layer, chosen, row, position)
-                if trace:
-                    record(Route(row, self.first + position, chosen, "relation"))
+                self._fire(per_layer, chosen, row, position, length, "relation")
         fired: list[set[str]] = [set(reader.fired) for reader in self.readers]
         found = sorted(hit for index in indices for hit in index.candidates(hidden, self.valid, self.selected))
         for row, position, entry_id in found:
@@ -180,9 +232,6 @@ class KeyWork:
             if entry_id in fired[row] or (first_lexical is not None and first_lexical <= position):
                 continue
             fired[row].add(entry_id)
-            self.compiled.add_entry_plan(per_layer, entry_id, row, position)
-            if trace:
-                record(Route(row, self.first + position, entry_id, "representation"))
+            self._fire(per_layer, entry_id, row, position, 0, "representation")
         for reader, done, lexical in zip(self.readers, fired, self.lexical):
             reader.fired = done | set(lexical)
-        return per_layer

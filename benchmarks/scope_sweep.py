@@ -1,0 +1,138 @@
+"""Question scopes on MzsRE dev: Generality against Locality-Hard, swept over the scope margin, in one run.
+
+Each item of the shipped dev Locality-Hard set is edited once (LAFN, today's defaults, scopes stored), then its
+Reliability (src), Generality (rephrase) and Locality-Hard questions are answered greedily with the scope off
+(the paper's subject-only rule) and at each margin of ``--margins`` (``RoutingConfig.scope_margin_override``),
+and unedited. Per language and margin it prints:
+
+- Rel, Gen: answer hit (the target starts the answer), over questions whose subject the matcher finds;
+- Loc-Hard kept: the answer equals the unedited one (normalised);
+- hijacked: the edit's target occurs in the answer and not in the unedited one;
+- F1: token F1 of the answer against the unedited answer (the paper's Locality-Hard metric).
+
+Resumable: answers are appended to ``--out`` (JSON lines, one per item) and reused for the same settings.
+
+    python benchmarks/scope_sweep.py --data ../shared/data/mzsre-dev/mzsre_dev_enzh.json --limit 50 \\
+        --out scope-sweep-enzh.jsonl
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+from lafn_hf import EditableCausalLM
+from lafn_hf.bench.metrics import answer_hit, contains, same_answer, token_f1
+from lafn_hf.bench.runner import load_locality_hard
+from lafn_hf.cli import _load_model
+from lafn_hf.evaluate import predict_batch
+from lafn_hf.routing import RoutingConfig
+from lafn_hf.zsre import edit_group, load_files
+
+OFF = "off"
+
+
+def answers(model: EditableCausalLM, questions: list[str], tokens: int) -> list[list[int]]:
+    return predict_batch(model, questions, "generate", None, [tokens] * len(questions))
+
+
+def run_item(model: EditableCausalLM, item: Any, hard: dict[str, tuple[str, list[str]]], margins: list[float],
+             tokens: int) -> dict[str, Any]:
+    """One item: its questions, the unedited answers, and the answers per setting (``OFF`` and each margin)."""
+    questions = []
+    for lang, record in item.items():
+        questions += [(lang, "rel", record.src, record.alt), (lang, "gen", record.rephrase, record.alt)]
+        if lang in hard and hard[lang][0] == record.subject:
+            questions += [(lang, "loc_hard", question, record.alt) for question in hard[lang][1]]
+    texts = [q[2] for q in questions]
+    with model.edits_disabled():
+        unedited = answers(model, texts, tokens)
+    group = edit_group(item)
+    record: dict[str, Any] = {"questions": questions, "unedited": unedited, "answers": {}, "error": None}
+    if group is None:
+        record["error"] = "no subject found"
+        return record
+    base = model.routing
+    started = time.perf_counter()
+    try:
+        result = model.edit(group)
+    except ValueError as error:
+        record["error"] = f"{type(error).__name__}: {error}"
+        return record
+    record["edit_s"] = time.perf_counter() - started
+    try:
+        for setting in [OFF, *margins]:
+            model.routing = (RoutingConfig(scope=False) if setting == OFF
+                             else RoutingConfig(scope_margin_override=float(setting)))
+            record["answers"][str(setting)] = answers(model, texts, tokens)
+    finally:
+        model.routing = base
+        model.remove_edit(result.entry_id)
+    return record
+
+
+def summarize(model: EditableCausalLM, records: list[dict[str, Any]], settings: list[str]) -> None:
+    decode = model.tokenizer.decode
+    for lang in sorted({q[0] for r in records for q in r["questions"]}):
+        print(f"\n{lang}: setting | Rel | Gen | Loc-Hard kept | hijacked | Loc-Hard F1 | n(LH)")
+        for setting in settings:
+            counts: dict[str, list[float]] = {"rel": [], "gen": [], "kept": [], "hijacked": [], "f1": []}
+            for record in records:
+                if setting not in record["answers"]:
+                    continue
+                for (q_lang, kind, _, target), ids, base_ids in zip(record["questions"], record["answers"][setting],
+                                                                   record["unedited"]):
+                    if q_lang != lang:
+                        continue
+                    answer, base = decode(ids, skip_special_tokens=True), decode(base_ids, skip_special_tokens=True)
+                    if kind in ("rel", "gen"):
+                        counts[kind].append(answer_hit(answer, target))
+                    else:
+                        counts["kept"].append(same_answer(answer, base))
+                        counts["hijacked"].append(contains(answer, target) and not contains(base, target))
+                        counts["f1"].append(token_f1(list(ids), list(base_ids)))
+            row = " | ".join(f"{100 * sum(v) / len(v):5.1f}" if v else "  -  " for v in counts.values())
+            print(f"{setting:>7} | {row} | {len(counts['kept'])}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--model", default="gemma-3-270m")
+    parser.add_argument("--data", required=True)
+    parser.add_argument("--limit", type=int, default=50)
+    parser.add_argument("--margins", default="-0.2,-0.15,-0.1,-0.05,0.0")
+    parser.add_argument("--tokens", type=int, default=16)
+    parser.add_argument("--out", type=Path, required=True)
+    args = parser.parse_args()
+    margins = [float(m) for m in args.margins.split(",")]
+    model = _load_model(args.model)
+    items = load_files([args.data])
+    hard = load_locality_hard()
+    settings = {"model": args.model, "data": Path(args.data).name, "margins": margins, "tokens": args.tokens}
+    done: dict[int, dict[str, Any]] = {}
+    if args.out.exists():
+        lines = args.out.read_text("utf-8").splitlines()
+        if lines and json.loads(lines[0]) == settings:
+            done = {json.loads(line)["index"]: json.loads(line) for line in lines[1:]}
+        else:
+            raise SystemExit(f"{args.out} holds other settings; choose another --out")
+    else:
+        args.out.write_text(json.dumps(settings) + "\n", encoding="utf-8")
+    indices = sorted(hard)[: args.limit]
+    for index in indices:
+        if index in done:
+            continue
+        record = run_item(model, items[index], hard[index], margins, args.tokens)
+        record["index"] = index
+        with args.out.open("a", encoding="utf-8") as handle:
+            handle.write(json.dumps(record, ensure_ascii=False) + "\n")
+        done[index] = record
+        print(f"item {index}: edit {record.get('edit_s', 0):.1f} s {record['error'] or ''}", flush=True)
+    summarize(model, [done[i] for i in indices if i in done], [OFF, *[str(m) for m in margins]])
+
+
+if __name__ == "__main__":
+    main()
