@@ -13,7 +13,7 @@ and unedited. Per language and margin it prints:
 Resumable: answers are appended to ``--out`` (JSON lines, one per item) and reused for the same settings.
 
     python benchmarks/scope_sweep.py --data ../shared/data/mzsre-dev/mzsre_dev_enzh.json --limit 50 \\
-        --out scope-sweep-enzh.jsonl
+        --out scope-sweep-enzh.jsonl [--neighbour-kl 4]
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from lafn_hf import EditableCausalLM
+from lafn_hf import EditableCausalLM, LafnConfig
 from lafn_hf.bench.metrics import answer_hit, contains, same_answer, token_f1
 from lafn_hf.bench.runner import load_locality_hard
 from lafn_hf.cli import _load_model
@@ -40,7 +40,7 @@ def answers(model: EditableCausalLM, questions: list[str], tokens: int) -> list[
 
 
 def run_item(model: EditableCausalLM, item: Any, hard: dict[str, tuple[str, list[str]]], margins: list[float],
-             tokens: int) -> dict[str, Any]:
+             tokens: int, config: LafnConfig) -> dict[str, Any]:
     """One item: its questions, the unedited answers, and the answers per setting (``OFF`` and each margin)."""
     questions = []
     for lang, record in item.items():
@@ -58,7 +58,7 @@ def run_item(model: EditableCausalLM, item: Any, hard: dict[str, tuple[str, list
     base = model.routing
     started = time.perf_counter()
     try:
-        result = model.edit(group)
+        result = model.edit(group, config)
     except ValueError as error:
         record["error"] = f"{type(error).__name__}: {error}"
         return record
@@ -105,13 +105,16 @@ def main() -> None:
     parser.add_argument("--limit", type=int, default=50)
     parser.add_argument("--margins", default="-0.2,-0.15,-0.1,-0.05,0.0")
     parser.add_argument("--tokens", type=int, default=16)
+    parser.add_argument("--neighbour-kl", type=int, default=0, help="LafnConfig.neighbour_kl for the edits")
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
     margins = [float(m) for m in args.margins.split(",")]
     model = _load_model(args.model)
     items = load_files([args.data])
     hard = load_locality_hard()
-    settings = {"model": args.model, "data": Path(args.data).name, "margins": margins, "tokens": args.tokens}
+    config = LafnConfig(neighbour_kl=args.neighbour_kl)
+    settings = {"model": args.model, "data": Path(args.data).name, "margins": margins, "tokens": args.tokens,
+                "config": config.to_dict()}
     done: dict[int, dict[str, Any]] = {}
     if args.out.exists():
         lines = args.out.read_text("utf-8").splitlines()
@@ -125,7 +128,7 @@ def main() -> None:
     for index in indices:
         if index in done:
             continue
-        record = run_item(model, items[index], hard[index], margins, args.tokens)
+        record = run_item(model, items[index], hard[index], margins, args.tokens, config)
         record["index"] = index
         with args.out.open("a", encoding="utf-8") as handle:
             handle.write(json.dumps(record, ensure_ascii=False) + "\n")

@@ -408,8 +408,9 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--locality-hard", help="Locality-Hard JSON (default: the set shipped for the MzsRE dev split)")
     bench.add_argument("--locate-strategy", choices=["paraphrases", "single", "all", "random"],
                        help="LAFN's locating (paper Table 4; default: the config's, paraphrases)")
-    bench.add_argument("--routing", choices=["exact", "lexical", "full"], default="full",
-                       help="routing stages for lafn: the exact matcher, + normalised matching and aliases, + keys")
+    bench.add_argument("--routing", choices=["exact", "lexical", "unscoped", "full"], default="full",
+                       help="routing stages for lafn: the exact matcher, + normalised matching and aliases, "
+                            "+ keys (unscoped), + question scopes (full)")
     bench.add_argument("--out", required=True, help="directory: results.jsonl, summary.json, tables.md, plot.png")
     bench.add_argument("--fresh", action="store_true", help="start a new results file (the old one is kept renamed)")
     _add_config_options(bench)

@@ -298,6 +298,10 @@ class LafnConfig:
             "paraphrases" locates; seeded) -- the ablation of Table 4.
         kl_templates: per-language template for Eq. 8's q_l, with a ``{subject}`` field. Languages
             missing here use ``DEFAULT_KL_TEMPLATES`` and then English (with a warning, once per language).
+        neighbour_kl: Eq. 8 also over this many statements about the subject in other relations per language
+            ("{subject} was designed by", ``lafn_hf.routing.scope.neighbour_prompts``: the built-in relations
+            other than the one nearest to the edit's prompts; languages en, zh, de, fr, es, ru), so dV learns
+            to leave other facts of its subject alone. 0 (off) by default; see README Locality-Hard.
         min_target_probability: ``edit()`` raises ``lafn_hf.EditFailedError`` and stores nothing
             when any language's final p(target | prompt) is below this (0 disables the check). Measured
             (p of the whole target after the bare prompt): language-edits whose prompt then answers the
@@ -360,6 +364,7 @@ class LafnConfig:
     layers: tuple[int, ...] | None = None
     locate_strategy: str = "paraphrases"
     kl_templates: dict[str, str] = field(default_factory=dict)
+    neighbour_kl: int = 0
     min_target_probability: float = 0.01
     answer_boundary: bool = True
     question_variants: int = 0
@@ -378,6 +383,7 @@ class LafnConfig:
         _require_int("locate_sample_tokens", self.locate_sample_tokens, minimum=1)
         _require_int("seed", self.seed, minimum=0)
         _require_int("question_variants", self.question_variants, minimum=0)
+        _require_int("neighbour_kl", self.neighbour_kl, minimum=0)
         _require_int("write_paraphrases", self.write_paraphrases, minimum=0)
         _require_int("train_paraphrases", self.train_paraphrases, minimum=0)
         if self.num_prefixes == 0 and not self.include_bare_prompt:

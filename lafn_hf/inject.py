@@ -165,6 +165,7 @@ class CompiledBank:
     scopes: dict[str, QuestionScope] = field(default_factory=dict)  # entry -> question scope (scope stage on)
     _indices: dict[int, list[KeyIndex]] = field(default_factory=dict, compare=False, repr=False)
     _scope_indices: dict[str, ScopeIndex] = field(default_factory=dict, compare=False, repr=False)
+    _scope_templates: dict[int, torch.Tensor] = field(default_factory=dict, compare=False, repr=False)
 
     @property
     def layers(self) -> tuple[int, ...]:
@@ -187,8 +188,11 @@ class CompiledBank:
         """The entry's question scope on the device (built once per compiled version)."""
         index = self._scope_indices.get(entry_id)
         if index is None:
-            index = self._scope_indices[entry_id] = ScopeIndex(self.scopes[entry_id], self.version[2],
-                                                               self.routing.scope_margin_override)
+            scope = self.scopes[entry_id]
+            templates = self._scope_templates.get(id(scope.space))
+            if templates is None:  # once per space: entries made together share it
+                templates = self._scope_templates[id(scope.space)] = scope.space.templates.to(self.version[2])
+            index = self._scope_indices[entry_id] = ScopeIndex(scope, templates, self.routing.scope_margin_override)
         return index
 
     def key_indices(self, layer: int) -> list[KeyIndex]:
@@ -212,7 +216,7 @@ class CompiledBank:
         compiled = empty._apply([("add", entry) for entry in entries], number, grow_matcher=False)
         matcher = SubjectMatcher(compiled.entries_of, fold=routing.normalize, inflected=compiled.inflected,
                                  spellings=spellings)
-        return replace(compiled, matcher=matcher, _indices={}, _scope_indices={})
+        return replace(compiled, matcher=matcher, _indices={}, _scope_indices={}, _scope_templates={})
 
     def updated(self, bank: EditBank) -> CompiledBank | None:
         """The bank's current version from this one by replaying its changes (``None``: rebuild instead)."""

@@ -34,7 +34,7 @@ from .optimize_many import optimize_updates
 from .preflight import check_context, warn_if_slow_dtype
 from .routing.config import RoutingConfig
 from .routing.keys import calibrate_key_space, entry_key, separate
-from .routing.scope import calibrate_scope_space, entry_scope
+from .routing.scope import calibrate_scope_space, entry_scope, neighbour_prompts
 from .self_paraphrase import write_paraphrases
 from .stopwords import STOP_WORDS
 from .text import check_aliases
@@ -229,15 +229,29 @@ class EditableCausalLM(nn.Module):
         return entry_key(self.model, self.tokenizer, group, calibrated[0], calibrated[1], self.routing,
                          config.num_paraphrases)
 
-    def _question_scope(self, group: EditGroup, layers: Sequence[int], config: LafnConfig) -> QuestionScope | None:
-        """The group's question scope at the input of its first edited layer (``None`` when off)."""
-        if not self.routing.scope:
-            return None
-        layer = min(layers)
+    def _scope_space(self, layer: int) -> ScopeSpace:
         space = self._scope_spaces.get(layer)
-        if space is None:  # once per layer: a forward over the built-in relation questions
+        if space is None:  # once per layer: a forward over the built-in relation prompts
             space = self._scope_spaces[layer] = calibrate_scope_space(self.model, self.tokenizer, layer)
-        return entry_scope(self.model, self.tokenizer, group, space, self.routing.scope_margin, config.num_paraphrases)
+        return space
+
+    def _question_scope(self, group: EditGroup, layers: Sequence[int], config: LafnConfig,
+                        always: bool = False) -> QuestionScope | None:
+        """The group's question scope at the input of its first edited layer (``None`` when off, unless
+        ``always``)."""
+        if not (self.routing.scope or always):
+            return None
+        return entry_scope(self.model, self.tokenizer, group, self._scope_space(min(layers)), self.routing.scope_margin,
+                           config.num_paraphrases)
+
+    def _neighbours(self, group: EditGroup, layers: Sequence[int], config: LafnConfig,
+                    scope: QuestionScope | None) -> dict[str, list[str]] | None:
+        """``LafnConfig.neighbour_kl`` KL prompts per language: other relations than the scope's own."""
+        if not config.neighbour_kl:
+            return None
+        scope = scope or self._question_scope(group, layers, config, always=True)
+        relation = scope.relation if scope is not None else -1
+        return neighbour_prompts(group, relation, config.neighbour_kl, config.seed)
 
     def set_bank(self, bank: EditBank) -> None:
         """Use ``bank``: its entries, and those added to it later, must fit this model's layers and
@@ -327,9 +341,11 @@ class EditableCausalLM(nn.Module):
         with self._edit_lock, self.edits_disabled():  # edits of one model run one at a time; inference never waits
             group, metadata = self._with_written_paraphrases(group, config, metadata)
             located = locate_neurons(self.model, self.tokenizer, group, layers, config)
+            scope = self._question_scope(group, layers, config)
             optimized = optimize_update(self.model, self.tokenizer, group, located.shared, config,
-                                        _show_progress(progress), self._prefixes)
-            routed = self._routing_key(group, layers, config), self._question_scope(group, layers, config)
+                                        _show_progress(progress), self._prefixes,
+                                        self._neighbours(group, layers, config, scope))
+            routed = self._routing_key(group, layers, config), scope
             # stored under the lock: a concurrent edit's key calibration sees this entry, and this one its own
             return self._store(group, config, layers, located, optimized, routed, metadata, entry_id, started)
 
@@ -423,7 +439,7 @@ class EditableCausalLM(nn.Module):
         warn_if_slow_dtype(self.model)
         started = time.perf_counter()
         outcome: list[EditResult | Exception] = []
-        ready: list[tuple[int, EditGroup, LocatedNeurons, dict[str, Any] | None]] = []
+        ready: list[tuple[int, EditGroup, LocatedNeurons, dict[str, Any] | None, QuestionScope | None]] = []
         with self._edit_lock, self.edits_disabled():
             for position, group in enumerate(groups):
                 outcome.append(ValueError("not edited"))
@@ -433,16 +449,18 @@ class EditableCausalLM(nn.Module):
                     check_context(self.model, self.tokenizer, group, config)
                     group, metadata = self._with_written_paraphrases(group, config, None)
                     located = locate_neurons(self.model, self.tokenizer, group, layers, config)
-                    ready.append((position, group, located, metadata))
+                    scope = self._question_scope(group, layers, config)
+                    ready.append((position, group, located, metadata, scope))
                 except (ValueError, TypeError, RuntimeError) as error:
                     outcome[position] = error
-            optimized = optimize_updates(self.model, self.tokenizer, [g for _, g, _, _ in ready],
-                                         [located.shared for _, _, located, _ in ready], config, self._prefixes)
-            for (position, group, located, metadata), result in zip(ready, optimized):
+            optimized = optimize_updates(self.model, self.tokenizer, [r[1] for r in ready], [r[2].shared for r in ready],
+                                         config, self._prefixes,
+                                         [self._neighbours(r[1], layers, config, r[4]) for r in ready])
+            for (position, group, located, metadata, scope), result in zip(ready, optimized):
                 try:
                     if isinstance(result, Exception):
                         raise result
-                    routed = self._routing_key(group, layers, config), self._question_scope(group, layers, config)
+                    routed = self._routing_key(group, layers, config), scope
                     outcome[position] = self._store(group, config, layers, located, result, routed, metadata, None,
                                                     started)
                 except (ValueError, TypeError, RuntimeError) as error:

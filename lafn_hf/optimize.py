@@ -175,7 +175,10 @@ def answer_boundaries_many(model: nn.Module, tokenizer: Any, groups: Sequence[Ed
 
 
 def build_batch(tokenizer: Any, group: EditGroup, prefixes: dict[str, list[str]], config: LafnConfig,
-                device: torch.device, boundaries: dict[str, str] | None = None) -> TrainingBatch:
+                device: torch.device, boundaries: dict[str, str] | None = None,
+                neighbours: dict[str, list[str]] | None = None) -> TrainingBatch:
+    """The training sequences of ``group``; ``neighbours``: more KL prompts per language (other relations of the
+    subject, ``LafnConfig.neighbour_kl``), each read at its last token like "{subject} is a"."""
     rows: list[list[int]] = []
     hits: list[tuple[int, int]] = []
     targets: list[tuple[int, int, int, int]] = []  # (row, position, token, sequence)
@@ -214,12 +217,12 @@ def build_batch(tokenizer: Any, group: EditGroup, prefixes: dict[str, list[str]]
         report[lang] = len(languages) - 1  # the last context: the bare prompt
     kl_rows, kl_positions = [], []
     for lang, edit in group.edits.items():
-        prompt = config.kl_prompt(lang, edit.subject)
-        encoded = tokenizer(prompt, return_offsets_mapping=True)
-        hits += [(len(rows), p) for p in subject_positions(tokenizer, encoded["input_ids"], edit.subject, prompt)]
-        kl_rows.append(len(rows))
-        kl_positions.append(len(encoded["input_ids"]) - 1)
-        rows.append(list(encoded["input_ids"]))
+        for prompt in (config.kl_prompt(lang, edit.subject), *(neighbours or {}).get(lang, [])):
+            encoded = tokenizer(prompt, return_offsets_mapping=True)
+            hits += [(len(rows), p) for p in subject_positions(tokenizer, encoded["input_ids"], edit.subject, prompt)]
+            kl_rows.append(len(rows))
+            kl_positions.append(len(encoded["input_ids"]) - 1)
+            rows.append(list(encoded["input_ids"]))
     input_ids, attention_mask = pad_batch(rows, pad_id(tokenizer), device)
     column = list(zip(*targets))
     as_long = lambda values: torch.tensor(values, dtype=torch.long, device=device)  # noqa: E731
@@ -341,16 +344,17 @@ def sequence_losses(logits: torch.Tensor,
 
 def optimize_update(model: nn.Module, tokenizer: Any, group: EditGroup, neurons: dict[int, torch.Tensor],
                     config: LafnConfig, progress: bool = False, prefixes: PrefixCache | None = None,
-                    ) -> OptimizationResult:
+                    neighbours: dict[str, list[str]] | None = None) -> OptimizationResult:
     """Adam on dV (zero init, float32) minimising Eq. 9; early stop on the target's fit (``_losses``); norm clamp per layer.
-    ``prefixes``: a cache of the sampled prefixes shared by the edits of one model (sampled anew without)."""
+    ``prefixes``: a cache of the sampled prefixes shared by the edits of one model (sampled anew without);
+    ``neighbours``: more KL prompts per language (``build_batch``)."""
     layers = sorted(layer for layer, idx in neurons.items() if idx.numel())
     if not layers:
         raise ValueError("no language-agnostic neurons were located in any edited layer; lower beta")
     device = next(model.parameters()).device
     boundaries = answer_boundaries(model, tokenizer, group) if config.answer_boundary else None
     sampled = (prefixes or PrefixCache()).get(model, tokenizer, group.languages, config)
-    batch = build_batch(tokenizer, group, sampled, config, device, boundaries)
+    batch = build_batch(tokenizer, group, sampled, config, device, boundaries, neighbours)
     neuron_index = {layer: neurons[layer].to(device) for layer in layers}
     deltas = {layer: torch.zeros(neuron_index[layer].numel(), device=device, requires_grad=True) for layer in layers}
     optimizer = torch.optim.Adam(list(deltas.values()), lr=config.learning_rate)

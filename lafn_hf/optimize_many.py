@@ -94,9 +94,11 @@ def pack(batches: Sequence[TrainingBatch], padding_id: int) -> _Packed:
 
 def optimize_updates(model: nn.Module, tokenizer: Any, groups: Sequence[EditGroup],
                      neurons: Sequence[dict[int, torch.Tensor]], config: LafnConfig,
-                     prefixes: PrefixCache | None = None) -> list[OptimizationResult | Exception]:
+                     prefixes: PrefixCache | None = None,
+                     neighbours: Sequence[dict[str, list[str]] | None] | None = None,
+                     ) -> list[OptimizationResult | Exception]:
     """``optimize_update`` for several groups at once (see the module docstring); per group its result or the
-    error that kept it out (e.g. a target that produces no tokens)."""
+    error that kept it out (e.g. a target that produces no tokens); ``neighbours``: each group's KL prompts."""
     device = next(model.parameters()).device
     outcome: list[OptimizationResult | Exception] = [ValueError("not optimised")] * len(groups)
     members, batches = [], []
@@ -111,7 +113,8 @@ def optimize_updates(model: nn.Module, tokenizer: Any, groups: Sequence[EditGrou
             boundaries = (boundaries_of.get(g) or answer_boundaries(model, tokenizer, group)
                           ) if config.answer_boundary else None
             sampled = prefixes.get(model, tokenizer, group.languages, config)
-            batches.append(build_batch(tokenizer, group, sampled, config, device, boundaries))
+            batches.append(build_batch(tokenizer, group, sampled, config, device, boundaries,
+                                       neighbours[g] if neighbours is not None else None))
             members.append(g)
         except (ValueError, TypeError, RuntimeError) as error:
             outcome[g] = error

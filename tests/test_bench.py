@@ -146,6 +146,22 @@ def test_questions_and_subject_not_found_counts() -> None:
     assert [q.subject_found for q in de if q.kind == "reliability"] == [False]  # "Lunvalfiland" is absent
 
 
+def test_a_locality_hard_answer_naming_the_edits_target_is_counted_as_hijacked() -> None:
+    from lafn_hf.bench.runner import score
+
+    items = load_files([ENZH])
+    (question,) = [q for q in item_questions(0, items[0], HARD) if q.kind == "locality_hard" and q.lang == "en"]
+    target = items[0]["en"].alt
+    assert question.target == target
+    reference = {"gold": [[]], "ids": [[5, 6]], "answers": ["Some city"]}
+    hijacked = score(question, [7], f"{target} again", reference, 0, "generate")
+    kept = score(question, [5, 6], "Some city", reference, 0, "generate")
+    assert (hijacked["hijacked"], hijacked["hit"]) == (True, False)
+    assert (kept["hijacked"], kept["hit"], kept["f1"]) == (False, True, 1.0)
+    named_before = {"gold": [[]], "ids": [[5]], "answers": [f"{target}?"]}
+    assert score(question, [7], f"{target}.", named_before, 0, "generate")["hijacked"] is False
+
+
 def test_shipped_locality_hard_set() -> None:
     hard = load_locality_hard()
     for lang in ("en", "zh"):

@@ -15,7 +15,7 @@ from lafn_hf.bank import QuestionScope, ScopeSpace
 from lafn_hf.hub import load_bank, save_bank
 from lafn_hf.routing import RoutingConfig, routes
 from lafn_hf.routing.keys import layer_inputs
-from lafn_hf.routing.scope import occurrence_states, relation_templates, sentence_window
+from lafn_hf.routing.scope import occurrence_states, relation_names, relation_templates, sentence_window
 
 from .conftest import SMALL_BASE, fact_group, make_entry, random_model
 
@@ -169,7 +169,7 @@ def test_edit_stores_a_scope_read_from_every_languages_prompts(trained_model: An
     entry = editable.bank.get(editable.edit(fact_group(facts, 0, 1), config).entry_id)
     assert entry.scope is not None and entry.scope.layer == 0
     assert entry.scope.vectors.shape == (6, 64)  # en and zh: prompt and two paraphrases each
-    assert 0 <= entry.scope.relation < len(relation_templates()["en"])
+    assert 0 <= entry.scope.relation < len(relation_names())
     assert entry.scope.margin == RoutingConfig().scope_margin
     editable.routing = RoutingConfig(scope=False)
     assert editable.bank.get(editable.edit(fact_group(facts, 2, 3), config).entry_id).scope is None
@@ -178,7 +178,7 @@ def test_edit_stores_a_scope_read_from_every_languages_prompts(trained_model: An
 def test_relation_templates_ask_the_same_relations_in_every_language() -> None:
     templates = relation_templates()
     assert {"en", "zh", "de", "fr", "es", "ru"} <= set(templates)
-    assert len({len(questions) for questions in templates.values()}) == 1
+    assert {len(prompts) for prompts in templates.values()} == {2 * len(relation_names())}
     assert all(question.count("{s}") == 1 for questions in templates.values() for question in questions)
 
 
@@ -210,3 +210,38 @@ def test_malformed_scope_tensors_are_refused_at_load(tokenizer: Any, tmp_path: P
     tensors[SCOPE_OFFSETS] = torch.tensor([0, 5], dtype=torch.int64)
     with pytest.raises(ValueError, match=SCOPE_OFFSETS):
         decode(rows, tensors, 3, 64)
+
+
+def test_neighbour_prompts_ask_other_relations_of_the_subject(facts: dict[str, Any]) -> None:
+    from lafn_hf.routing.scope import neighbour_prompts
+
+    group = fact_group(facts, 0, 1)
+    statements = {lang: prompts[len(relation_names()):] for lang, prompts in relation_templates().items()}
+    own = 4
+    chosen = neighbour_prompts(group, own, 3, seed=0)
+    assert set(chosen) == {"en", "zh"} and all(len(prompts) == 3 for prompts in chosen.values())
+    for lang, prompts in chosen.items():
+        subject = group.edits[lang].subject
+        picked = [statements[lang].index(p.replace(subject, "{s}")) for p in prompts]
+        assert own not in picked and picked == sorted(picked)
+    same = [[statements[lang].index(p.replace(group.edits[lang].subject, "{s}")) for p in chosen[lang]]
+            for lang in ("en", "zh")]
+    assert same[0] == same[1]  # the same relations in every language
+    assert neighbour_prompts(group, own, 3, seed=0) == chosen
+
+
+def test_neighbour_kl_adds_the_neighbours_to_the_kl_rows(trained_model: Any, tokenizer: Any,
+                                                         facts: dict[str, Any]) -> None:
+    from lafn_hf.optimize import build_batch
+    from lafn_hf.routing.scope import neighbour_prompts
+
+    group = fact_group(facts, 0, 1)
+    config = LafnConfig(num_prefixes=0)
+    plain = build_batch(tokenizer, group, {}, config, torch.device("cpu"))
+    wider = build_batch(tokenizer, group, {}, config, torch.device("cpu"), neighbours=neighbour_prompts(group, 0, 2, 0))
+    assert (plain.kl_rows.numel(), wider.kl_rows.numel()) == (2, 6)
+    editable = EditableCausalLM(trained_model, tokenizer)
+    result = editable.edit(group, LafnConfig(layers=(0, 1), steps=3, neighbour_kl=2, min_target_probability=0.0))
+    assert editable.bank.get(result.entry_id).metadata["config"]["neighbour_kl"] == 2
+    with pytest.raises(ValueError, match="neighbour_kl"):
+        LafnConfig(neighbour_kl=-1)

@@ -55,6 +55,11 @@ def summarize(records: Sequence[dict[str, Any]], questions_of: Sequence[Sequence
             counts[q.lang][q.kind] = counts[q.lang].get(q.kind, 0) + 1
             if q.kind != "locality":  # an unrelated question: its subject is not the edited one
                 not_found[q.lang][q.kind] = not_found[q.lang].get(q.kind, 0) + (not q.subject_found)
+    hijacked: dict[str, dict[str, float]] = {}  # method -> language -> % of Locality-Hard answers hijacked
+    for method in methods:
+        rows = [s for r in records if r["method"] == method for s in r["scores"] if "hijacked" in s]
+        hijacked[method] = {lang: _mean([float(s["hijacked"]) for s in rows if s["lang"] == lang])
+                            for lang in languages if any(s["lang"] == lang for s in rows)}
     edits: dict[str, dict[str, Any]] = {}
     for method in methods:
         mine = [r for r in records if r["method"] == method]
@@ -73,7 +78,7 @@ def summarize(records: Sequence[dict[str, Any]], questions_of: Sequence[Sequence
     return {"settings": asdict(settings), "items": len(questions_of), "languages": languages,
             "methods": list(methods), "score_definitions": SCORES, "scores": scores, "questions": counts,
             "subject_not_found": not_found, "hit_by_reach": hit_by_reach(records, questions_of, methods),
-            "edits": edits}
+            "edits": edits, "hijacked": hijacked}
 
 
 def hit_by_reach(records: Sequence[dict[str, Any]], questions_of: Sequence[Sequence[Question]],
@@ -129,6 +134,11 @@ def markdown_table(summary: dict[str, Any], score: str = "hit") -> str:
         missing = summary["subject_not_found"][lang]
         shown = ", ".join(f"{LABELS[k]} {missing[k]}/{summary['questions'][lang][k]}" for k in KINDS if k in missing)
         lines.append(f"- {lang}: subject not found in the question (the edit cannot reach it): {shown}")
+    for method, by_lang in summary.get("hijacked", {}).items():
+        if by_lang and method != "unedited":
+            shown = ", ".join(f"{lang} {value:.1f}" for lang, value in by_lang.items())
+            lines.append(f"- {method}: Loc-Hard answers hijacked (the edit's target in the answer, not in the "
+                         f"unedited one) x100: {shown}")
     for method, info in summary["edits"].items():
         if method == "unedited":
             continue

@@ -74,7 +74,8 @@ class BenchSettings:
 
 @dataclass(frozen=True)
 class Question:
-    """One question of an item: ``gold`` is the expected answer (None for Locality-Hard)."""
+    """One question of an item: ``gold`` is the expected answer (None for Locality-Hard); ``target``, of a
+    Locality-Hard question, the edit's new answer in its language (an answer naming it was hijacked)."""
 
     kind: str
     lang: str
@@ -82,6 +83,7 @@ class Question:
     subject: str
     gold: str | None
     subject_found: bool
+    target: str | None = None
 
 
 def load_locality_hard(path: str | os.PathLike[str] | None = None) -> LocalityHard:
@@ -114,7 +116,8 @@ def item_questions(index: int, item: Item, hard: LocalityHard) -> list[Question]
         if record.portability_question and record.portability_answer:
             asked.append(("portability", record.portability_question, record.portability_answer))
         matcher = SubjectMatcher([record.subject])
-        questions += [Question(kind, lang, text, record.subject, gold, bool(matcher.find(text)))
+        questions += [Question(kind, lang, text, record.subject, gold, bool(matcher.find(text)),
+                               record.alt if kind == "locality_hard" else None)
                       for kind, text, gold in asked]
     return questions
 
@@ -244,15 +247,20 @@ def _budget(gold: Sequence[int], question: Question, settings: BenchSettings) ->
 
 def score(question: Question, ids: Sequence[int], answer: str, reference: dict[str, Any], position: int,
           mode: str) -> dict[str, Any]:
-    """hit / contains / F1 of one answer; for Locality(-Hard) hit = contains = "same as unedited"."""
+    """hit / contains / F1 of one answer; for Locality(-Hard) hit = contains = "same as unedited", and for
+    Locality-Hard also ``hijacked``: the edit's target occurs in the answer but not in the unedited one."""
     gold, ref_ids = reference["gold"][position], reference["ids"][position]
     if question.kind in LOCALITY_KINDS:
         if mode == "teacher_forced":
             local = list(ids) == list(ref_ids)
         else:
             local = same_answer(answer, reference["answers"][position])
-        return {"kind": question.kind, "lang": question.lang, "answer": answer, "hit": local, "contains": local,
-                "f1": token_f1(list(ids), list(ref_ids))}
+        scored = {"kind": question.kind, "lang": question.lang, "answer": answer, "hit": local, "contains": local,
+                  "f1": token_f1(list(ids), list(ref_ids))}
+        if question.target:
+            scored["hijacked"] = contains(answer, question.target) and not contains(reference["answers"][position],
+                                                                                    question.target)
+        return scored
     target = question.gold or ""
     return {"kind": question.kind, "lang": question.lang, "answer": answer, "hit": answer_hit(answer, target),
             "contains": contains(answer, target), "f1": token_f1(list(ids), list(gold))}

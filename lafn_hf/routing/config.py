@@ -93,10 +93,12 @@ class RoutingConfig:
                 raise ValueError(f"RoutingConfig.{name} must be a cosine difference in [-2, 2], got {value!r}")
 
 
-#: Named stage sets (``lafn bench --routing``): the exact matcher alone, the lexical stages, every stage.
+#: Named stage sets (``lafn bench --routing``): the exact matcher alone (the paper's rule), the lexical stages,
+#: every stage but question scopes (an entry fires on every question naming its subject), every stage.
 ROUTING_PRESETS: dict[str, RoutingConfig] = {
     "exact": RoutingConfig(normalize=False, aliases=False, inflections=False, spellings=False, representation=False,
                            scope=False),
     "lexical": RoutingConfig(representation=False),
+    "unscoped": RoutingConfig(scope=False),
     "full": RoutingConfig(),
 }

@@ -3,8 +3,9 @@
 A subject names an entity; the words around it name the relation asked. An entry's scope is read from the
 hidden states entering its first edited layer, pooled (mean) over the tokens of the subject's sentence that
 lie outside the subject ("Who designed | the Eiffel Tower | ?"), and projected as in a ``ScopeSpace``: unit
-vectors of (h - mean) / scale, measured on the built-in relation questions (``data/relations.json``, 46
-relations in en, zh, de, fr, es, ru) filled with stand-in subjects.
+vectors of (h - mean) / scale, measured on the built-in relation prompts (``data/relations.json``: 46
+relations, each as a question and as a statement to complete, in en, zh, de, fr, es, ru) filled with
+stand-in subjects.
 
 The entry keeps its own prompts' vectors (every language, paraphrases and question variants) and the
 relation whose built-in questions lie nearest to them (``QuestionScope.relation``). A question is in scope
@@ -28,6 +29,7 @@ otherwise.
 from __future__ import annotations
 
 import json
+import random
 from collections.abc import Sequence
 from functools import cache
 from importlib import resources
@@ -49,9 +51,17 @@ _ENDS = ("?", "\uff1f", "!", "\uff01", "\u3002")  # ? ？ ! ！ 。
 
 @cache
 def relation_templates() -> dict[str, tuple[str, ...]]:
-    """The built-in relation questions: language -> one question with ``{s}`` per relation, in one order."""
+    """The built-in relation prompts with ``{s}``: language -> the questions, then the statements to complete,
+    each in the order of the relations (prompt ``i`` asks relation ``i % len(relation_names())``)."""
     raw = json.loads(resources.files("lafn_hf.routing").joinpath("data/relations.json").read_text("utf-8"))
-    return {lang: tuple(texts) for lang, texts in raw.items() if not lang.startswith("_")}
+    return {lang: (*questions, *raw["statements"][lang]) for lang, questions in raw["questions"].items()}
+
+
+@cache
+def relation_names() -> tuple[str, ...]:
+    """The built-in relations, by Wikidata property ("P57 director", ...)."""
+    raw = json.loads(resources.files("lafn_hf.routing").joinpath("data/relations.json").read_text("utf-8"))
+    return tuple(raw["_relations"])
 
 
 def ends_sentence(piece: str) -> bool:
@@ -102,14 +112,14 @@ def occurrence_states(tokenizer: Any, texts: Sequence[str], subjects: Sequence[S
 
 def calibrate_scope_space(model: nn.Module, tokenizer: Any, layer: int) -> ScopeSpace:
     """The scope space of ``layer``: the built-in relation questions, each the mean over ``STAND_INS``."""
-    templates = relation_templates()
+    count = len(relation_names())
     texts, forms, rows = [], [], []
-    for questions in templates.values():
-        for relation, question in enumerate(questions):
+    for prompts in relation_templates().values():
+        for index, prompt in enumerate(prompts):
             for stand_in in STAND_INS:
-                texts.append(question.format(s=stand_in))
+                texts.append(prompt.format(s=stand_in))
                 forms.append((stand_in,))
-            rows.append(relation)
+            rows.append(index % count)
     pooled = occurrence_states(tokenizer, texts, forms, layer_inputs(model, tokenizer, texts, layer))
     if len(pooled) != len(texts):
         raise RuntimeError(f"{len(texts) - len(pooled)} built-in relation questions show no stand-in subject")
@@ -148,6 +158,18 @@ def entry_scope(model: nn.Module, tokenizer: Any, group: EditGroup, space: Scope
     return QuestionScope(space, vectors.contiguous(), nearest_relation(space, vectors), margin)
 
 
+def neighbour_prompts(group: EditGroup, relation: int, count: int, seed: int) -> dict[str, list[str]]:
+    """Per language of ``group`` with built-in prompts, ``count`` statements to complete about its subject in
+    other relations than ``relation`` (seeded; the same relations in every language): the neighbourhood whose
+    next-token distribution an edit should leave alone (``LafnConfig.neighbour_kl``)."""
+    templates = relation_templates()
+    total = len(relation_names())
+    others = [r for r in range(total) if r != relation]
+    chosen = sorted(random.Random(seed).sample(others, min(count, len(others))))
+    return {lang: [templates[lang][total + r].format(s=edit.subject) for r in chosen]
+            for lang, edit in group.edits.items() if lang in templates}
+
+
 def nearest_relation(space: ScopeSpace, vectors: torch.Tensor) -> int:
     """The relation whose built-in questions are nearest to ``vectors`` (mean over them of the best cosine)."""
     if not space.templates.numel():
@@ -160,21 +182,22 @@ def nearest_relation(space: ScopeSpace, vectors: torch.Tensor) -> int:
 
 
 class ScopeIndex:
-    """One entry's scope on the model's device, ready to judge pooled states."""
+    """One entry's scope on the model's device, ready to judge pooled states. ``templates``: its space's
+    templates on that device, shared by every entry of the space (not copied per entry)."""
 
-    def __init__(self, scope: QuestionScope, device: torch.device, margin: float | None) -> None:
-        space = scope.space
-        own = space.relations == scope.relation
-        templates = space.templates.to(device)
-        self.space = space
-        self.positives = torch.cat([scope.vectors.to(device), templates[own.to(device)]])
-        self.negatives = templates[(~own).to(device)]
+    def __init__(self, scope: QuestionScope, templates: torch.Tensor, margin: float | None) -> None:
+        self.space = scope.space
+        self.vectors = scope.vectors.to(templates.device)
+        self.templates = templates
+        self.own = (scope.space.relations == scope.relation).to(templates.device)
         self.margin = scope.margin if margin is None else margin
 
     def margins(self, pooled: torch.Tensor) -> torch.Tensor:
         """(nearest own cosine) - (nearest other relation's cosine) of each pooled state (n, hidden)."""
         states = self.space.project(pooled)
-        own = (states @ self.positives.T).max(dim=1).values
-        if not self.negatives.shape[0]:
+        own = (states @ self.vectors.T).max(dim=1).values
+        if not self.templates.shape[0]:
             return own + 2.0
-        return own - (states @ self.negatives.T).max(dim=1).values
+        cosines = states @ self.templates.T  # (n, R)
+        own = torch.maximum(own, cosines.masked_fill(~self.own, -2.0).max(dim=1).values)
+        return own - cosines.masked_fill(self.own, -2.0).max(dim=1).values
