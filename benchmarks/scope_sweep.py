@@ -8,7 +8,9 @@ and unedited. Per language and margin it prints:
 - Rel, Gen: answer hit (the target starts the answer), over questions whose subject the matcher finds;
 - Loc-Hard kept: the answer equals the unedited one (normalised);
 - hijacked: the edit's target occurs in the answer and not in the unedited one;
-- F1: token F1 of the answer against the unedited answer (the paper's Locality-Hard metric).
+- F1: token F1 of the answer against the unedited answer (the paper's Locality-Hard metric);
+- degenerate, over every question of the language: answers holding a special token (Gemma's
+  ``<start_of_image>``) or naming the target twice or more, where the unedited answer does neither.
 
 Resumable: answers are appended to ``--out`` (JSON lines, one per item) and reused for the same settings.
 
@@ -25,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from lafn_hf import EditableCausalLM, LafnConfig
-from lafn_hf.bench.metrics import answer_hit, contains, same_answer, token_f1
+from lafn_hf.bench.metrics import answer_hit, contains, normalize_answer, same_answer, token_f1
 from lafn_hf.bench.runner import load_locality_hard
 from lafn_hf.cli import _load_model
 from lafn_hf.evaluate import predict_batch
@@ -74,12 +76,22 @@ def run_item(model: EditableCausalLM, item: Any, hard: dict[str, tuple[str, list
     return record
 
 
+def degenerate(ids: list[int], answer: str, target: str, special: set[int]) -> bool:
+    """A special token in the answer, or the target named twice or more."""
+    folded = normalize_answer(answer)
+    return any(i in special for i in ids) or bool(target) and folded.count(normalize_answer(target)) >= 2
+
+
 def summarize(model: EditableCausalLM, records: list[dict[str, Any]], settings: list[str]) -> None:
     decode = model.tokenizer.decode
+    tokenizer = model.tokenizer
+    special = {int(i) for i in tokenizer.all_special_ids} | {
+        int(i) for i, token in getattr(tokenizer, "added_tokens_decoder", {}).items() if token.special}
     for lang in sorted({q[0] for r in records for q in r["questions"]}):
-        print(f"\n{lang}: setting | Rel | Gen | Loc-Hard kept | hijacked | Loc-Hard F1 | n(LH)")
+        print(f"\n{lang}: setting | Rel | Gen | Loc-Hard kept | hijacked | Loc-Hard F1 | degenerate | n(LH)")
         for setting in settings:
-            counts: dict[str, list[float]] = {"rel": [], "gen": [], "kept": [], "hijacked": [], "f1": []}
+            counts: dict[str, list[float]] = {"rel": [], "gen": [], "kept": [], "hijacked": [], "f1": [],
+                                              "degenerate": []}
             for record in records:
                 if setting not in record["answers"]:
                     continue
@@ -88,6 +100,8 @@ def summarize(model: EditableCausalLM, records: list[dict[str, Any]], settings: 
                     if q_lang != lang:
                         continue
                     answer, base = decode(ids, skip_special_tokens=True), decode(base_ids, skip_special_tokens=True)
+                    counts["degenerate"].append(degenerate(ids, answer, target, special)
+                                                and not degenerate(base_ids, base, target, special))
                     if kind in ("rel", "gen"):
                         counts[kind].append(answer_hit(answer, target))
                     else:
