@@ -12,6 +12,10 @@ Stages, in order (each can be turned off in ``RoutingConfig``):
    state entering the entry's first edited layer is compared with the entry's key, and the entry fires at
    the first token of a sequence whose cosine passes the entry's calibrated threshold, when the lexical
    stage has not found it there. The same keys pick one entry when several share a matched subject.
+4. question scope (``scope``): an entry fires, by any stage, only where the sentence around the find asks
+   its own relation (states pooled outside the subject, compared with the entry's prompts and the built-in
+   relation prompts of ``data/relations.json``); of several entries of one subject admitted at one token,
+   the nearest fires.
 
 ``trace.routes`` reports what fired where, for debugging and for the routing benchmark.
 """
