@@ -1,7 +1,8 @@
 """Tokens/s of EditableCausalLM.generate vs plain generate, in one process (Gemma-3-270M by default).
 
 Banks with 0, 1 and 10,000 entries (``--counts``), each with a routing key (the representation stage compares
-every token's hidden state with all keys; ``--no-keys`` for lexical routing only); a prompt that matches a bank
+every token's hidden state with all keys; ``--no-keys`` for lexical routing only) and a question scope
+(``--no-scopes`` without); a prompt that matches a bank
 subject and one that does not. Edited and plain runs alternate; prints the median of the paired time ratios
 edited/plain (targets: <= 1.02 without a match, <= 1.05 with one; routing: <= 1.05 at 10k entries) and the
 best-of ratio. The empty bank runs no routing at all: its spread is this machine's noise.
@@ -22,9 +23,10 @@ from typing import Any
 import torch
 
 from lafn_hf import BankEntry, EditableCausalLM, EditBank, LayerUpdate
-from lafn_hf.bank import KeySpace, RoutingKey
+from lafn_hf.bank import KeySpace, QuestionScope, RoutingKey, ScopeSpace
 from lafn_hf.cli import _load_model
 from lafn_hf.routing.keys import calibrate_key_space
+from lafn_hf.routing.scope import calibrate_scope_space
 
 
 def run_once(model: Any, encoded: Any, new_tokens: int) -> float:
@@ -60,8 +62,9 @@ def hook_share(model: EditableCausalLM, encoded: Any, new_tokens: int) -> float:
 
 
 def synthetic_bank(count: int, layers: tuple[int, ...], size: int, subject: str | None,
-                   space: KeySpace | None) -> EditBank:
-    """``count`` entries; with ``space``, each has a random unit key (threshold 0.7: random keys never fire)."""
+                   space: KeySpace | None, scopes: ScopeSpace | None = None) -> EditBank:
+    """``count`` entries; with ``space``, each has a random unit key (threshold 0.7: random keys never fire); with
+    ``scopes``, a question scope of one random vector (the first entry's admits every question, margin -2)."""
     generator = torch.Generator().manual_seed(0)
     entries = []
     for i in range(count):
@@ -72,7 +75,11 @@ def synthetic_bank(count: int, layers: tuple[int, ...], size: int, subject: str 
         if space is not None:
             vector = torch.randn(space.mean.numel(), generator=generator)
             key = RoutingKey(space, vector / vector.norm(), 0.7)
-        entries.append(BankEntry(subjects={"en": name}, updates=updates, key=key))
+        scope = None
+        if scopes is not None:
+            vector = torch.randn(1, scopes.mean.numel(), generator=generator)
+            scope = QuestionScope(scopes, vector / vector.norm(), i % 46, -2.0 if i == 0 else -0.1)
+        entries.append(BankEntry(subjects={"en": name}, updates=updates, key=key, scope=scope))
     return EditBank(entries)
 
 
@@ -83,20 +90,23 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--counts", default="0,1,10000", help="bank sizes, comma-separated")
     parser.add_argument("--no-keys", action="store_true", help="entries without routing keys (lexical routing only)")
+    parser.add_argument("--no-scopes", action="store_true", help="entries without question scopes")
     args = parser.parse_args()
     torch.set_num_threads(2)
     model: EditableCausalLM = _load_model(args.model)
     layers = model.edit_layers()
     size = model.base_ref.intermediate_size
     space = None if args.no_keys else calibrate_key_space(model.model, model.tokenizer, min(layers))[0]
+    scopes = None if args.no_scopes else calibrate_scope_space(model.model, model.tokenizer, min(layers))
     prompts = {"match": "The Eiffel Tower is located in the city of", "no match": "The capital of Japan is a city that"}
     print(f"model {args.model}, {args.new_tokens} new tokens, {args.repeats} alternating runs each, "
-          f"{'no routing keys' if space is None else 'every entry with a routing key'}")
+          f"{'no routing keys' if space is None else 'every entry with a routing key'}, "
+          f"{'no question scopes' if scopes is None else 'every entry with a question scope'}")
     print("| bank entries | prompt | plain tok/s | edited tok/s | ratio edited/plain (median of pairs) | best/best "
           "| lafn_hf hooks' share (profiled) |")
     print("| --- | --- | --- | --- | --- | --- | --- |")
     for count in (int(c) for c in args.counts.split(",")):
-        model.set_bank(synthetic_bank(count, layers, size, "Eiffel Tower", space))
+        model.set_bank(synthetic_bank(count, layers, size, "Eiffel Tower", space, scopes))
         for label, prompt in prompts.items():
             encoded = model.tokenizer(prompt, return_tensors="pt")
             run_once(model, encoded, 2)  # warm-up (and matcher build)

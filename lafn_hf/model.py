@@ -24,7 +24,7 @@ from tqdm.auto import tqdm
 
 from lafn_hf.modeling import decoder_layers, default_edit_layers, get_spec, mlp_parts
 
-from .bank import _ENTRY_ID, BankEntry, BankLimits, EditBank, KeySpace, LayerUpdate, QuestionScope, RoutingKey, ScopeSpace
+from .bank import _ENTRY_ID, BankEntry, BankLimits, EditBank, LayerUpdate, QuestionScope, RoutingKey
 from .config import EditGroup, LafnConfig, subject_problem
 from .hub import BaseModelRef, is_bank_dir, load_bank, parse_base_model, push_bank, resolve_bank_dir, save_bank
 from .inject import BankInjector, bank_disabled
@@ -32,9 +32,9 @@ from .locate import LocatedNeurons, locate_neurons
 from .optimize import OptimizationResult, PrefixCache, optimize_update
 from .optimize_many import optimize_updates
 from .preflight import check_context, warn_if_slow_dtype
+from .routing.calibration import EditRouting
 from .routing.config import RoutingConfig
-from .routing.keys import calibrate_key_space, entry_key, separate
-from .routing.scope import calibrate_scope_space, entry_scope, neighbour_prompts
+from .routing.keys import separate
 from .self_paraphrase import write_paraphrases
 from .stopwords import STOP_WORDS
 from .text import check_aliases
@@ -111,8 +111,6 @@ class EditableCausalLM(nn.Module):
         self._prefixes = PrefixCache()  # the random prefixes of Eq. 7, shared by this model's edits
         if routing is not None and not isinstance(routing, RoutingConfig):
             raise TypeError(f"routing must be a RoutingConfig, got {type(routing).__name__}")
-        self._key_spaces: dict[int, tuple[KeySpace, torch.Tensor]] = {}  # layer -> (space, projected negatives)
-        self._scope_spaces: dict[int, ScopeSpace] = {}  # layer -> the scope space measured there
         if not isinstance(model, nn.Module) or not hasattr(model, "config"):
             raise TypeError(f"model must be a transformers causal LM, got {type(model).__name__}")
         if tokenizer is None or not getattr(tokenizer, "is_fast", False):
@@ -129,6 +127,7 @@ class EditableCausalLM(nn.Module):
         for entry in bank:
             self._check_entry(entry)
         self._injector = BankInjector(model, tokenizer, bank, routing)
+        self._edit_routing = EditRouting(model, tokenizer)  # key and scope spaces, measured on first use
         self._injector.attach()
         bank.limits = self._limits  # later ``bank.add`` calls are checked too
 
@@ -218,40 +217,16 @@ class EditableCausalLM(nn.Module):
         self.bank.replace(updated)
         return updated
 
-    def _routing_key(self, group: EditGroup, layers: Sequence[int], config: LafnConfig) -> RoutingKey | None:
-        """The group's representation key at the input of its first edited layer (``None`` when off)."""
-        if not self.routing.representation:
-            return None
-        layer = min(layers)
-        calibrated = self._key_spaces.get(layer)
-        if calibrated is None:  # once per layer: a forward over the built-in negatives
-            calibrated = self._key_spaces[layer] = calibrate_key_space(self.model, self.tokenizer, layer)
-        return entry_key(self.model, self.tokenizer, group, calibrated[0], calibrated[1], self.routing,
-                         config.num_paraphrases)
-
-    def _scope_space(self, layer: int) -> ScopeSpace:
-        space = self._scope_spaces.get(layer)
-        if space is None:  # once per layer: a forward over the built-in relation prompts
-            space = self._scope_spaces[layer] = calibrate_scope_space(self.model, self.tokenizer, layer)
-        return space
-
-    def _question_scope(self, group: EditGroup, layers: Sequence[int], config: LafnConfig,
-                        always: bool = False) -> QuestionScope | None:
-        """The group's question scope at the input of its first edited layer (``None`` when off, unless
-        ``always``)."""
-        if not (self.routing.scope or always):
-            return None
-        return entry_scope(self.model, self.tokenizer, group, self._scope_space(min(layers)), self.routing.scope_margin,
-                           config.num_paraphrases)
-
-    def _neighbours(self, group: EditGroup, layers: Sequence[int], config: LafnConfig,
-                    scope: QuestionScope | None) -> dict[str, list[str]] | None:
-        """``LafnConfig.neighbour_kl`` KL prompts per language: other relations than the scope's own."""
-        if not config.neighbour_kl:
-            return None
-        scope = scope or self._question_scope(group, layers, config, always=True)
-        relation = scope.relation if scope is not None else -1
-        return neighbour_prompts(group, relation, config.neighbour_kl, config.seed)
+    def set_scope_margin(self, entry_id: str, margin: float) -> BankEntry:
+        """Override the margin of one entry's question scope (lower: more questions in scope; stored with the
+        bank); returns the entry."""
+        entry = self.bank.get(entry_id)
+        if entry.scope is None:
+            raise ValueError(f"entry {entry_id!r} has no question scope (made with RoutingConfig(scope=False), or "
+                             "before scopes)")
+        updated = dataclasses.replace(entry, scope=dataclasses.replace(entry.scope, margin=margin))
+        self.bank.replace(updated)
+        return updated
 
     def set_bank(self, bank: EditBank) -> None:
         """Use ``bank``: its entries, and those added to it later, must fit this model's layers and
@@ -341,11 +316,11 @@ class EditableCausalLM(nn.Module):
         with self._edit_lock, self.edits_disabled():  # edits of one model run one at a time; inference never waits
             group, metadata = self._with_written_paraphrases(group, config, metadata)
             located = locate_neurons(self.model, self.tokenizer, group, layers, config)
-            scope = self._question_scope(group, layers, config)
+            scope = self._edit_routing.scope(group, layers, config, self.routing)
             optimized = optimize_update(self.model, self.tokenizer, group, located.shared, config,
                                         _show_progress(progress), self._prefixes,
-                                        self._neighbours(group, layers, config, scope))
-            routed = self._routing_key(group, layers, config), scope
+                                        self._edit_routing.neighbours(group, layers, config, self.routing, scope))
+            routed = self._edit_routing.key(group, layers, config, self.routing), scope
             # stored under the lock: a concurrent edit's key calibration sees this entry, and this one its own
             return self._store(group, config, layers, located, optimized, routed, metadata, entry_id, started)
 
@@ -449,18 +424,19 @@ class EditableCausalLM(nn.Module):
                     check_context(self.model, self.tokenizer, group, config)
                     group, metadata = self._with_written_paraphrases(group, config, None)
                     located = locate_neurons(self.model, self.tokenizer, group, layers, config)
-                    scope = self._question_scope(group, layers, config)
+                    scope = self._edit_routing.scope(group, layers, config, self.routing)
                     ready.append((position, group, located, metadata, scope))
                 except (ValueError, TypeError, RuntimeError) as error:
                     outcome[position] = error
             optimized = optimize_updates(self.model, self.tokenizer, [r[1] for r in ready], [r[2].shared for r in ready],
                                          config, self._prefixes,
-                                         [self._neighbours(r[1], layers, config, r[4]) for r in ready])
+                                         [self._edit_routing.neighbours(r[1], layers, config, self.routing, r[4])
+                                          for r in ready])
             for (position, group, located, metadata, scope), result in zip(ready, optimized):
                 try:
                     if isinstance(result, Exception):
                         raise result
-                    routed = self._routing_key(group, layers, config), scope
+                    routed = self._edit_routing.key(group, layers, config, self.routing), scope
                     outcome[position] = self._store(group, config, layers, located, result, routed, metadata, None,
                                                     started)
                 except (ValueError, TypeError, RuntimeError) as error:

@@ -42,11 +42,17 @@ def test_gemma_edit_in_three_languages() -> None:
     unrelated = data["unrelated"]
     romeo = "The Romeo and Juliet balcony is in the city of"
     before = [tokens(model, p) for p in [*unrelated, romeo]]
+    # other facts of the same subject (question scopes): they keep the base model's answers exactly
+    others = ["Who designed the Eiffel Tower?", "The Eiffel Tower was designed by", "埃菲尔铁塔是谁设计的？",
+              "Wann wurde der Eiffelturm gebaut?"]
+    before_others = [tokens(model, p) for p in others]
     assert answer(model, group.edits["en"].prompt).startswith("Paris")
     result = model.edit(group)
     assert result.layers == (3, 4, 5)
     for lang, edit in group.edits.items():
         assert answer(model, edit.prompt).startswith(edit.target), lang
+    assert [tokens(model, p) for p in others] == before_others
+    assert answer(model, "Where is the Eiffel Tower?").startswith("Rome")  # the edited relation, asked anew
     held_out = [(lang, p) for lang, prompts in data["held_out"].items() for p in prompts]
     passed = [lang for lang, p in held_out if answer(model, p).startswith(group.edits[lang].target)]
     assert len(passed) >= 2, passed

@@ -245,3 +245,19 @@ def test_neighbour_kl_adds_the_neighbours_to_the_kl_rows(trained_model: Any, tok
     assert editable.bank.get(result.entry_id).metadata["config"]["neighbour_kl"] == 2
     with pytest.raises(ValueError, match="neighbour_kl"):
         LafnConfig(neighbour_kl=-1)
+
+
+def test_one_entrys_scope_margin_can_be_overridden_and_is_saved(tokenizer: Any, tmp_path: Path) -> None:
+    editable = scoped_model(tokenizer)
+    (entry,) = list(editable.bank)
+    with editable.edits_disabled():
+        plain = logits(editable, tokenizer, FOUNDER)
+    updated = editable.set_scope_margin(entry.id, -2.0)
+    assert updated.scope is not None and updated.scope.margin == -2.0
+    assert not torch.allclose(logits(editable, tokenizer, FOUNDER), plain, atol=1e-3)
+    save_bank(tmp_path / "bank", editable.bank, SMALL_BASE)
+    (loaded,), _ = load_bank(tmp_path / "bank")
+    assert loaded.scope is not None and loaded.scope.margin == -2.0
+    editable.add_entry(make_entry({"en": "Dorzotho"}, layers=(1, 2), seed=3))
+    with pytest.raises(ValueError, match="no question scope"):
+        editable.set_scope_margin(list(editable.bank)[-1].id, 0.0)
