@@ -213,6 +213,13 @@ def _encode_routing(bank: EditBank) -> dict[str, torch.Tensor]:
     }
 
 
+_SCOPE_KINDS = {  # name -> (dtype, dimensions) of each scope tensor
+    SCOPE_ENTRIES: (torch.int64, 1), SCOPE_SPACES: (torch.int64, 1), SCOPE_RELATIONS: (torch.int64, 1),
+    SCOPE_MARGINS: (torch.float64, 1), SCOPE_OFFSETS: (torch.int64, 1), SCOPE_VECTORS: (torch.float32, 2),
+    SCOPE_SPACE_LAYERS: (torch.int32, 1), SCOPE_SPACE_MEANS: (torch.float32, 2), SCOPE_SPACE_SCALES: (torch.float32, 2),
+    TEMPLATE_OFFSETS: (torch.int64, 1), SCOPE_TEMPLATES: (torch.float32, 2), TEMPLATE_RELATIONS: (torch.int64, 1)}
+
+
 def _encode_scopes(bank: EditBank) -> dict[str, torch.Tensor]:
     """The question-scope tensors (none when no entry has a scope); shared spaces are stored once."""
     scoped = [(index, entry.scope) for index, entry in enumerate(bank) if entry.scope is not None]
@@ -260,6 +267,10 @@ def _decode_scopes(tensors: dict[str, torch.Tensor], count: int) -> dict[int, Qu
         return {}
     if len(present) != len(SCOPE_TENSORS):
         raise ValueError(f"scope tensor {sorted(set(SCOPE_TENSORS) - set(present))[0]!r} is missing")
+    for name, (dtype, dims) in _SCOPE_KINDS.items():
+        if tensors[name].dtype != dtype or tensors[name].dim() != dims:
+            raise ValueError(f"{name} must be a {dims}-D {str(dtype).removeprefix('torch.')} tensor, got "
+                             f"{str(tensors[name].dtype).removeprefix('torch.')} of shape {tuple(tensors[name].shape)}")
     try:
         layers = tensors[SCOPE_SPACE_LAYERS].tolist()
         templates = _rows(tensors, TEMPLATE_OFFSETS, SCOPE_TEMPLATES, len(layers))
@@ -278,7 +289,7 @@ def _decode_scopes(tensors: dict[str, torch.Tensor], count: int) -> dict[int, Qu
             if not 0 <= space < len(spaces):
                 raise ValueError(f"{SCOPE_SPACES} holds {space}: there are {len(spaces)} scope spaces")
             scopes[index] = QuestionScope(spaces[space], rows.float().clone(), int(relation), float(margin))
-    except (TypeError, RuntimeError) as error:
+    except (TypeError, RuntimeError, IndexError, OverflowError) as error:
         raise ValueError(f"scope tensors are malformed: {error}") from None
     return scopes
 

@@ -172,20 +172,19 @@ def predict_batch(model: EditableCausalLM, texts: Sequence[str], mode: str = "ge
 
 def _forced_argmax(model: EditableCausalLM, prompts: Sequence[list[int]], golds: Sequence[list[int]]) -> list[list[int]]:
     """The argmax at each gold position given the gold prefix. The prompts are read first (left-padded, one
-    forward) and the golds after them through the KV cache, as ``generate()`` reads a prompt and its answer, so
-    routing judges each prompt as it would when generating (``lafn_hf.routing.scope``: a prompt read whole)."""
+    forward), then the golds one token per forward through the KV cache, as ``generate()`` reads a prompt and its
+    answer, so routing judges every token as it would when generating (``lafn_hf.routing.scope``)."""
     ids, mask = pad_batch(prompts, pad_id(model.tokenizer), model.device, left=True)
     positions = (mask.cumsum(-1) - 1).clamp(min=0)  # as generate() counts them under left padding
-    first = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True, logits_to_keep=1)
-    logits = first.logits[:, -1:]
-    width = max(len(gold) for gold in golds)
-    if width > 1:  # the last gold token is predicted by the one before it
-        gold_ids, gold_mask = pad_batch([gold[:-1] for gold in golds], pad_id(model.tokenizer), model.device)
-        gold_positions = positions[:, -1:] + 1 + torch.arange(width - 1, device=model.device)
-        second = model(input_ids=gold_ids, attention_mask=torch.cat([mask, gold_mask], dim=1),
-                       position_ids=gold_positions, past_key_values=first.past_key_values, use_cache=True)
-        logits = torch.cat([logits, second.logits], dim=1)
-    argmax = logits.argmax(-1)
+    output = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True, logits_to_keep=1)
+    steps = [output.logits[:, -1]]
+    gold_ids, gold_mask = pad_batch(golds, pad_id(model.tokenizer), model.device)  # right-padded: pads come last
+    for j in range(max(len(gold) for gold in golds) - 1):  # the last gold token is predicted by the one before it
+        mask = torch.cat([mask, gold_mask[:, j : j + 1]], dim=1)
+        output = model(input_ids=gold_ids[:, j : j + 1], attention_mask=mask, position_ids=positions[:, -1:] + 1 + j,
+                       past_key_values=output.past_key_values, use_cache=True)
+        steps.append(output.logits[:, -1])
+    argmax = torch.stack(steps, dim=1).argmax(-1)
     return [argmax[row, : len(gold)].tolist() for row, gold in enumerate(golds)]
 
 

@@ -301,7 +301,7 @@ class CompiledBank:
                 if len(ids) > 1 and self._one_key_layer(ids) and not all(i in self.scopes for i in ids):
                     if (position, ids) not in planned:
                         planned.add((position, ids))
-                        pending.append((row, position, ids, len(hit.subject)))
+                        pending.append((row, position, ids, hit.subject))
                     for entry_id in ids:
                         lexical[row].setdefault(entry_id, position)
                     continue
@@ -309,7 +309,7 @@ class CompiledBank:
                     planned.add((position, (entry_id,)))
                     lexical[row].setdefault(entry_id, position)
                     if entry_id in self.scopes:
-                        gated.append((row, position, entry_id, len(hit.subject), "lexical"))
+                        gated.append((row, position, entry_id, hit.subject, "lexical"))
                         continue
                     self.add_entry_plan(per_layer, entry_id, row, position)
                     if trace:
@@ -322,7 +322,8 @@ class CompiledBank:
 
     def plan(self, rows: Sequence[RowReader], first: int,
              selected: Container[str] | None = None) -> dict[int, LayerPlan] | None:
-        """The lexical per-layer plan for positions >= ``first`` of ``rows`` (positions relative to ``first``)."""
+        """The lexical per-layer plan for positions >= ``first`` of ``rows`` (positions relative to ``first``),
+        without the finds left to question scopes (they are judged inside a forward)."""
         return _concat(self.lexical_plan(rows, first, selected)[0])
 
 

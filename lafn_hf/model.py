@@ -414,7 +414,8 @@ class EditableCausalLM(nn.Module):
         warn_if_slow_dtype(self.model)
         started = time.perf_counter()
         outcome: list[EditResult | Exception] = []
-        ready: list[tuple[int, EditGroup, LocatedNeurons, dict[str, Any] | None, QuestionScope | None]] = []
+        ready: list[tuple[int, EditGroup, LocatedNeurons, dict[str, Any] | None, QuestionScope | None,
+                          dict[str, list[str]] | None]] = []
         with self._edit_lock, self.edits_disabled():
             for position, group in enumerate(groups):
                 outcome.append(ValueError("not edited"))
@@ -425,14 +426,13 @@ class EditableCausalLM(nn.Module):
                     group, metadata = self._with_written_paraphrases(group, config, None)
                     located = locate_neurons(self.model, self.tokenizer, group, layers, config)
                     scope = self._edit_routing.scope(group, layers, config, self.routing)
-                    ready.append((position, group, located, metadata, scope))
+                    neighbours = self._edit_routing.neighbours(group, layers, config, self.routing, scope)
+                    ready.append((position, group, located, metadata, scope, neighbours))
                 except (ValueError, TypeError, RuntimeError) as error:
                     outcome[position] = error
             optimized = optimize_updates(self.model, self.tokenizer, [r[1] for r in ready], [r[2].shared for r in ready],
-                                         config, self._prefixes,
-                                         [self._edit_routing.neighbours(r[1], layers, config, self.routing, r[4])
-                                          for r in ready])
-            for (position, group, located, metadata, scope), result in zip(ready, optimized):
+                                         config, self._prefixes, [r[5] for r in ready])
+            for (position, group, located, metadata, scope, _), result in zip(ready, optimized):
                 try:
                     if isinstance(result, Exception):
                         raise result

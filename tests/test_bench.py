@@ -168,11 +168,17 @@ def test_shipped_locality_hard_set() -> None:
         questions = [(s, q) for sides in hard.values() if lang in sides for s in [sides[lang][0]] for q in sides[lang][1]]
         assert len(questions) >= 40
         assert all(SubjectMatcher([s]).find(q) for s, q in questions), lang
-    if DEV_ENZH.is_file():  # the dev split lives outside the repository
-        dev = load_items(DEV_ENZH)
+    assert sum(len(sides["de"][1]) for sides in hard.values() if "de" in sides) >= 30
+    assert sum(len(sides["fr"][1]) for sides in hard.values() if "fr" in sides) >= 20
+    for pair in ("zh", "de", "fr"):
+        path = DEV_ENZH.with_name(f"mzsre_dev_en{pair}.json")
+        if not path.is_file():  # the dev split lives outside the repository
+            continue
+        dev = load_items(path)
         for index, sides in hard.items():
             for lang, (subject, questions) in sides.items():
-                assert dev[index][lang].subject == subject and dev[index][lang].src not in questions
+                if lang in ("en", pair):
+                    assert dev[index][lang].subject == subject and dev[index][lang].src not in questions, (index, lang)
 
 
 def test_resume_is_keyed_on_settings(model: EditableCausalLM, tmp_path: Path,

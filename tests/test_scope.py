@@ -97,13 +97,19 @@ def test_two_facts_of_one_subject_each_answer_their_own_question(tokenizer: Any)
     assert [r.entry_id for r in routes(editable, [CAPITAL, FOUNDER])[0]] == [capital.id]
 
 
-def test_a_chat_turn_through_the_cache_is_scoped_like_a_fresh_forward(tokenizer: Any) -> None:
+@pytest.mark.parametrize(("own", "other"), [
+    (CAPITAL, FOUNDER),  # the relation's words before the subject
+    (f"{SUBJECT} has which capital?", f"{SUBJECT} was founded by whom?"),  # after it: the turn is read whole
+])
+def test_a_chat_turn_through_the_cache_is_scoped_like_a_fresh_forward(tokenizer: Any, own: str, other: str) -> None:
+    from lafn_hf.cache_rows import _readers
+
     first = "Hello there.\n"
     editable = EditableCausalLM(random_model("llama", len(tokenizer)), tokenizer)
     entry = make_entry({"en": SUBJECT}, layers=(1, 2), scale=10.0)
-    scope = scope_of(editable, tokenizer, [first + CAPITAL], [first + FOUNDER])
+    scope = scope_of(editable, tokenizer, [first + own], [first + other])
     editable.add_entry(dataclasses.replace(entry, scope=scope))
-    for second, fires in ((CAPITAL, True), (FOUNDER, False)):
+    for second, fires in ((own, True), (other, False)):
         full = logits(editable, tokenizer, first + second)
         cache = DynamicCache()
         ids = tokenizer(first, return_tensors="pt")["input_ids"]
@@ -115,6 +121,7 @@ def test_a_chat_turn_through_the_cache_is_scoped_like_a_fresh_forward(tokenizer:
         with editable.edits_disabled():
             plain = logits(editable, tokenizer, first + second)
         assert torch.equal(full, plain) is not fires, second
+        assert (entry.id in _readers(cache)[0].fired) is fires  # a find turned down is not recorded as fired
 
 
 def test_generation_with_and_without_the_cache_agree_under_a_scope(tokenizer: Any) -> None:

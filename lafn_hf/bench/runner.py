@@ -38,7 +38,7 @@ from .methods import EditMethod, UneditedMethod
 from .metrics import answer_hit, contains, same_answer, token_f1
 
 logger = logging.getLogger(__name__)
-FORMAT = 2
+FORMAT = 3  # 3: teacher-forced golds read through the KV cache; Locality-Hard "hijacked" scores
 KINDS = ("reliability", "generality", "locality", "locality_hard", "portability")
 LOCALITY_KINDS = ("locality", "locality_hard")
 REFERENCE = "_unedited_reference"

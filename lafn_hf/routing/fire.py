@@ -26,11 +26,11 @@ SCREEN_FROM = 4096  # keys from which an index screens in half precision before 
 # bounds on |half - float32| cosine of unit vectors: 2.5x the input rounding (2 * 2^-11, 2 * 2^-8) with
 # float32 accumulation; measured at most 5e-4 (float16) and 2.2e-3 (bfloat16) at hidden size 640
 _SCREEN_ERROR = {torch.float16: 0.005, torch.bfloat16: 0.02}
-# (row, relative position, entries sharing the matched subject, the subject's length in characters)
-Pending = tuple[int, int, tuple[str, ...], int]
-# (row, relative position, entry, length of the text that fired it (0: a single token's state), stage) of a find
-# left to the entry's question scope
-Gated = tuple[int, int, str, int, str]
+# (row, relative position, entries sharing the matched subject, that subject)
+Pending = tuple[int, int, tuple[str, ...], str]
+# (row, relative position, entry, the subject found ("": a key's find at one token's state), stage) of a find left
+# to the entry's question scope
+Gated = tuple[int, int, str, str, str]
 
 
 @dataclass(frozen=True)
@@ -172,66 +172,85 @@ class KeyWork:
     pending: list[Pending]
     selected: Container[str] | None
     gated: list[Gated] = field(default_factory=list)
+    states: dict[int, torch.Tensor] = field(default_factory=dict)  # scope layer -> its input in this forward
 
     def route(self, layer: int, hidden: torch.Tensor) -> dict[int, list[Any]]:
         """Plans for the pending choices and the representation hits of the keys at ``layer``, then for the
-        finds whose question scope is read at ``layer`` (or below it, when found by a key only now)."""
+        finds whose question scope is read at ``layer`` (or below it, when a key found them only now). Each
+        row's reader then records what fired (a find its scope turned down does not count)."""
         per_layer: dict[int, list[Any]] = {}
-        self._route_keys(layer, hidden, per_layer)
-        self._judge_scopes(layer, hidden, per_layer)
+        self.states[layer] = hidden
+        fired = self._route_keys(layer, hidden, per_layer)
+        admitted = self._judge_scopes(layer, per_layer)
+        scoped = self.compiled.scopes
+        for row, reader in enumerate(self.readers):
+            reader.fired = (set(reader.fired) | fired[row] | admitted[row]
+                            | {entry_id for entry_id in self.lexical[row] if entry_id not in scoped})
         return per_layer
 
-    def _fire(self, per_layer: dict[int, list[Any]], entry_id: str, row: int, position: int, length: int,
-              stage: str) -> None:
+    def _fire(self, per_layer: dict[int, list[Any]], entry_id: str, row: int, position: int, subject: str,
+              stage: str) -> bool:
+        """Plan ``entry_id`` there now, or leave it to its scope (``False``)."""
         if entry_id in self.compiled.scopes:
-            self.gated.append((row, position, entry_id, length, stage))
-            return
+            self.gated.append((row, position, entry_id, subject, stage))
+            return False
         self.compiled.add_entry_plan(per_layer, entry_id, row, position)
         if tracing_active():
             record(Route(row, self.first + position, entry_id, stage))
+        return True
 
-    def _judge_scopes(self, layer: int, hidden: torch.Tensor, per_layer: dict[int, list[Any]]) -> None:
-        """Fire each gated find whose scope admits the sentence around it (see ``lafn_hf.routing.scope``); of
-        several entries admitted at one token (facts of one subject), the one with the widest margin."""
+    def _judge_scopes(self, layer: int, per_layer: dict[int, list[Any]]) -> list[set[str]]:
+        """Fire each gated find whose scope admits the sentence around it (see ``lafn_hf.routing.scope``), judged
+        on the states entering its scope's layer; of several entries of one subject admitted at one token (facts
+        of one subject), the one with the widest margin. Returns per row the entries fired."""
         waiting: list[Gated] = []
-        best: dict[tuple[int, int], tuple[float, str, str]] = {}
+        best: dict[tuple[int, int, str], tuple[float, str, str]] = {}
         last = self.first + self.valid.shape[1] - 1
-        for row, position, entry_id, length, stage in self.gated:
-            if self.compiled.scopes[entry_id].layer > layer:
-                waiting.append((row, position, entry_id, length, stage))
+        for row, position, entry_id, subject, stage in self.gated:
+            hidden = self.states.get(self.compiled.scopes[entry_id].layer)
+            if hidden is None:  # its layer comes later in this forward
+                waiting.append((row, position, entry_id, subject, stage))
                 continue
             reader = self.readers[row]
             at = self.first + position
-            window = sentence_window(reader, at, length, self.first, visible_last(reader, at, last))
+            window = sentence_window(reader, at, len(subject), self.first, visible_last(reader, at, last))
             if not window:
                 continue
             index = self.compiled.scope_index(entry_id)
             pooled = hidden[row, [p - self.first for p in window]].float().mean(dim=0, keepdim=True)
             excess = float(index.margins(pooled)[0]) - index.margin
-            if excess >= 0 and excess > best.get((row, position), (-1.0, "", ""))[0]:
-                best[(row, position)] = (excess, entry_id, stage)
+            contest = (row, position, subject or entry_id)  # only entries found as one subject compete
+            if excess >= 0 and excess > best.get(contest, (-1.0, "", ""))[0]:
+                best[contest] = (excess, entry_id, stage)
+        self.gated = waiting
+        admitted: list[set[str]] = [set() for _ in self.readers]
         trace = tracing_active()
-        for (row, position), (_, entry_id, stage) in sorted(best.items()):
+        for (row, position, _), (_, entry_id, stage) in sorted(best.items()):
             self.compiled.add_entry_plan(per_layer, entry_id, row, position)
+            admitted[row].add(entry_id)
             if trace:
                 record(Route(row, self.first + position, entry_id, stage))
-        self.gated = waiting
+        return admitted
 
-    def _route_keys(self, layer: int, hidden: torch.Tensor, per_layer: dict[int, list[Any]]) -> None:
+    def _route_keys(self, layer: int, hidden: torch.Tensor, per_layer: dict[int, list[Any]]) -> list[set[str]]:
+        """Plans of the key stage at ``layer`` (finds of entries with scopes are left to them); per row the
+        entries it fired."""
+        fired: list[set[str]] = [set() for _ in self.readers]
         indices = self.compiled.key_indices(layer)
         if not indices:
-            return
-        for row, position, ids, length in self.pending:
+            return fired
+        for row, position, ids, subject in self.pending:
             if self.compiled.keys[ids[0]].layer == layer:
                 chosen = choose_among(indices, hidden, row, position, ids)
-                self._fire(per_layer, chosen, row, position, length, "relation")
-        fired: list[set[str]] = [set(reader.fired) for reader in self.readers]
+                if self._fire(per_layer, chosen, row, position, subject, "relation"):
+                    fired[row].add(chosen)
         found = sorted(hit for index in indices for hit in index.candidates(hidden, self.valid, self.selected))
+        seen: list[set[str]] = [set(reader.fired) for reader in self.readers]
         for row, position, entry_id in found:
             first_lexical = self.lexical[row].get(entry_id)
-            if entry_id in fired[row] or (first_lexical is not None and first_lexical <= position):
+            if entry_id in seen[row] or (first_lexical is not None and first_lexical <= position):
                 continue
-            fired[row].add(entry_id)
-            self._fire(per_layer, entry_id, row, position, 0, "representation")
-        for reader, done, lexical in zip(self.readers, fired, self.lexical):
-            reader.fired = done | set(lexical)
+            seen[row].add(entry_id)
+            if self._fire(per_layer, entry_id, row, position, "", "representation"):
+                fired[row].add(entry_id)
+        return fired

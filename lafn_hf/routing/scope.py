@@ -7,7 +7,7 @@ vectors of (h - mean) / scale, measured on the built-in relation prompts (``data
 relations, each as a question and as a statement to complete, in en, zh, de, fr, es, ru) filled with
 stand-in subjects.
 
-The entry keeps its own prompts' vectors (every language, paraphrases and question variants) and the
+The entry keeps its own prompts' vectors (every language and paraphrase) and the
 relation whose built-in questions lie nearest to them (``QuestionScope.relation``). A question is in scope
 when its vector is nearer to those (the nearest cosine) than to any other relation's built-in questions, by
 at least the entry's margin: a nearest-neighbour rule between "this fact" and "other facts of a subject".
@@ -16,14 +16,15 @@ questions 5% at margin -0.1; a single cosine threshold on the prompts alone (the
 of other-relation questions through at 95% of rephrasings.
 
 The causal rule: the sentence is bounded by the tokens that end one ("?", "!", "。", a line break or a special
-token such as a chat-turn marker) and read as far as the subject's forward can see, by the matcher's rule
-(``lafn_hf.row_reader``): a prompt read in one forward is seen whole, a token read later (generation, a later
-chat turn) sees only what precedes it and its own forward's tokens. Tokens read by earlier forwards (the KV
-cache) do not count. A subject with no word of its sentence beside it in that span is out of scope, so a
-subject the model generates token by token does not fire its entry. Decoding with a KV cache equals full
-forwards over the same tokens whenever each subject's sentence ends inside the forward that reads the subject
-(a question, a chat turn); a prompt cut mid-sentence read again together with generated tokens can decide
-otherwise.
+token such as a chat-turn marker; not ".", which abbreviations use) and read within the forward that reads the
+subject, up to that forward's end: a prompt or a later chat turn is seen whole, a token generated one at a
+time sees what precedes it in its own forward, i.e. nothing. Tokens read by earlier forwards (the KV cache) do
+not count. A subject with no word of its sentence beside it in that span is out of scope, so a subject the
+model generates token by token does not fire its entry. Decoding with a KV cache equals full forwards over the
+same tokens whenever each subject's sentence ends inside the forward that reads the subject (a question, a
+chat turn: tested); a prompt cut mid-sentence, read again together with generated tokens
+(``generate(use_cache=False)``), and assisted decoding, whose rolled-back drafts were read in the subject's
+forward, can decide otherwise.
 """
 
 from __future__ import annotations
@@ -89,8 +90,9 @@ def sentence_window(reader: RowReader, position: int, subject_length: int, first
 
 
 def visible_last(reader: RowReader, position: int, forward_end: int) -> int:
-    """The last position the occurrence completed at ``position`` may read (see the module docstring)."""
-    return min(forward_end, reader.whole_until - 1) if position < reader.whole_until else position
+    """The last position the occurrence completed at ``position`` may read: the end of the forward that reads it
+    (of the first forward's prompt, for a position in it). See the module docstring."""
+    return min(forward_end, reader.whole_until - 1) if position < reader.whole_until else forward_end
 
 
 def occurrence_states(tokenizer: Any, texts: Sequence[str], subjects: Sequence[Sequence[str]],
@@ -186,7 +188,8 @@ class ScopeIndex:
     templates on that device, shared by every entry of the space (not copied per entry)."""
 
     def __init__(self, scope: QuestionScope, templates: torch.Tensor, margin: float | None) -> None:
-        self.space = scope.space
+        self.mean = scope.space.mean.to(templates.device)
+        self.scale = scope.space.scale.to(templates.device)
         self.vectors = scope.vectors.to(templates.device)
         self.templates = templates
         self.own = (scope.space.relations == scope.relation).to(templates.device)
@@ -194,7 +197,8 @@ class ScopeIndex:
 
     def margins(self, pooled: torch.Tensor) -> torch.Tensor:
         """(nearest own cosine) - (nearest other relation's cosine) of each pooled state (n, hidden)."""
-        states = self.space.project(pooled)
+        z = (pooled.float() - self.mean) / self.scale
+        states = z / z.norm(dim=-1, keepdim=True).clamp_min(1e-12)
         own = (states @ self.vectors.T).max(dim=1).values
         if not self.templates.shape[0]:
             return own + 2.0
