@@ -193,18 +193,27 @@ def encode(bank: EditBank) -> tuple[dict[str, torch.Tensor], list[dict[str, Any]
     return {name: tensor.contiguous() for name, tensor in tensors.items()}, rows
 
 
+def _spaces_once(spaces: Sequence[Any]) -> tuple[list[Any], list[int]]:
+    """(the distinct space objects in first-use order, each given space's index among them): entries made
+    together share one space object, stored once."""
+    index: dict[int, int] = {}
+    ordered: list[Any] = []
+    for space in spaces:
+        if id(space) not in index:
+            index[id(space)] = len(ordered)
+            ordered.append(space)
+    return ordered, [index[id(space)] for space in spaces]
+
+
 def _encode_routing(bank: EditBank) -> dict[str, torch.Tensor]:
     """The routing tensors (none when no entry has a key); spaces shared by several keys are stored once."""
     keyed = [(index, entry.key) for index, entry in enumerate(bank) if entry.key is not None]
     if not keyed:
         return {}
-    spaces: dict[int, tuple[int, KeySpace]] = {}  # id(space) -> (its index, space)
-    for _, key in keyed:
-        spaces.setdefault(id(key.space), (len(spaces), key.space))
-    ordered = [space for _, space in spaces.values()]
+    ordered, space_of = _spaces_once([key.space for _, key in keyed])
     return {
         KEY_ENTRIES: torch.tensor([index for index, _ in keyed], dtype=torch.int64),
-        KEY_SPACES: torch.tensor([spaces[id(key.space)][0] for _, key in keyed], dtype=torch.int64),
+        KEY_SPACES: torch.tensor(space_of, dtype=torch.int64),
         KEY_VECTORS: torch.stack([key.vector.detach().cpu() for _, key in keyed]),
         KEY_THRESHOLDS: torch.tensor([key.threshold for _, key in keyed], dtype=torch.float64),  # exact floats
         SPACE_LAYERS: torch.tensor([space.layer for space in ordered], dtype=torch.int32),
@@ -225,13 +234,10 @@ def _encode_scopes(bank: EditBank) -> dict[str, torch.Tensor]:
     scoped = [(index, entry.scope) for index, entry in enumerate(bank) if entry.scope is not None]
     if not scoped:
         return {}
-    spaces: dict[int, tuple[int, ScopeSpace]] = {}
-    for _, scope in scoped:
-        spaces.setdefault(id(scope.space), (len(spaces), scope.space))
-    ordered = [space for _, space in spaces.values()]
+    ordered, space_of = _spaces_once([scope.space for _, scope in scoped])
     return {
         SCOPE_ENTRIES: torch.tensor([index for index, _ in scoped], dtype=torch.int64),
-        SCOPE_SPACES: torch.tensor([spaces[id(scope.space)][0] for _, scope in scoped], dtype=torch.int64),
+        SCOPE_SPACES: torch.tensor(space_of, dtype=torch.int64),
         SCOPE_RELATIONS: torch.tensor([scope.relation for _, scope in scoped], dtype=torch.int64),
         SCOPE_MARGINS: torch.tensor([scope.margin for _, scope in scoped], dtype=torch.float64),
         SCOPE_OFFSETS: _offsets([scope.vectors.shape[0] for _, scope in scoped]),
@@ -260,13 +266,18 @@ def _rows(tensors: dict[str, torch.Tensor], offsets_name: str, rows_name: str, c
     return [rows[a:b] for a, b in zip(bounds, bounds[1:])]
 
 
+def _stored(tensors: dict[str, torch.Tensor], names: Sequence[str], what: str) -> bool:
+    """Whether the optional tensors ``names`` are stored: all of them, or none (else ``ValueError``)."""
+    present = [name for name in names if name in tensors]
+    if present and len(present) != len(names):
+        raise ValueError(f"{what} tensor {sorted(set(names) - set(present))[0]!r} is missing")
+    return bool(present)
+
+
 def _decode_scopes(tensors: dict[str, torch.Tensor], count: int) -> dict[int, QuestionScope]:
     """Entry index -> question scope, from the scope tensors (absent: none); ``ValueError`` naming the tensor."""
-    present = [name for name in SCOPE_TENSORS if name in tensors]
-    if not present:
+    if not _stored(tensors, SCOPE_TENSORS, "scope"):
         return {}
-    if len(present) != len(SCOPE_TENSORS):
-        raise ValueError(f"scope tensor {sorted(set(SCOPE_TENSORS) - set(present))[0]!r} is missing")
     for name, (dtype, dims) in _SCOPE_KINDS.items():
         if tensors[name].dtype != dtype or tensors[name].dim() != dims:
             raise ValueError(f"{name} must be a {dims}-D {str(dtype).removeprefix('torch.')} tensor, got "
@@ -296,11 +307,8 @@ def _decode_scopes(tensors: dict[str, torch.Tensor], count: int) -> dict[int, Qu
 
 def _decode_routing(tensors: dict[str, torch.Tensor], count: int) -> dict[int, RoutingKey]:
     """Entry index -> routing key, from the routing tensors (absent: none); ``ValueError`` naming the tensor."""
-    present = [name for name in _ROUTING if name in tensors]
-    if not present:
+    if not _stored(tensors, _ROUTING, "routing"):
         return {}
-    if len(present) != len(_ROUTING):
-        raise ValueError(f"routing tensor {sorted(set(_ROUTING) - set(present))[0]!r} is missing")
     try:
         spaces = [KeySpace(int(layer), mean.float().clone(), scale.float().clone()) for layer, mean, scale in
                   zip(tensors[SPACE_LAYERS].tolist(), tensors[SPACE_MEANS], tensors[SPACE_SCALES], strict=True)]
