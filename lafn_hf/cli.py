@@ -62,16 +62,20 @@ def _tiny_demo_edit() -> tuple[EditGroup, dict[str, list[str]], list[str]]:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
+    other_facts: dict[str, list[str]] = {}  # same subject, another relation: keeps its answer (question scope)
     if args.model == TINY_MODEL:
         group, held_out, unrelated = _tiny_demo_edit()
         config = LafnConfig(steps=60)  # layers: the toy's config pins 0, 1
     else:
         data = json.loads((resources.files("lafn_hf") / "assets" / "demo_eiffel.json").read_text("utf-8"))
         group, held_out, unrelated = EditGroup.from_dict(data["group"]), data["held_out"], data["unrelated"]
+        other_facts = data["other_facts"]
         config = LafnConfig()
     model = _load_model(args.model, args.dtype, args.device)
     prompts = [(lang, e.prompt) for lang, e in group.edits.items()]
-    prompts += [(lang, p) for lang, ps in held_out.items() for p in ps] + [("unrelated", p) for p in unrelated]
+    prompts += [(lang, p) for lang, ps in held_out.items() for p in ps]
+    prompts += [(f"{lang}, other fact", p) for lang, ps in other_facts.items() for p in ps]
+    prompts += [("unrelated", p) for p in unrelated]
     before = [_generate(model, p) for _, p in prompts]
     print(f"Editing {args.model}: " + ", ".join(f"{lang}: {e.subject} -> {e.target}" for lang, e in group.edits.items()))
     result = model.edit(group, config)  # a progress bar when stderr is a terminal
