@@ -147,51 +147,34 @@ class RoutingKey:
 
 
 @dataclass(frozen=True)
-class ScopeSpace:
-    """Where question scopes of one layer live (``lafn_hf.routing.scope``): a question's states entering decoder
-    layer ``layer``, pooled over the words around a subject, are compared as unit vectors of (h - mean) / scale
-    with ``templates``: built-in questions about a stand-in subject in other relations, row ``r`` asking
+class ScopeSpace(KeySpace):
+    """Where question scopes of one layer live (``lafn_hf.routing.scope``): a key space (``mean``, ``scale``,
+    ``project``) in which a question's states entering decoder layer ``layer``, pooled over the words around a
+    subject, are compared with ``templates``: built-in prompts about a stand-in subject, row ``r`` asking
     relation ``relations[r]``. Measured on the model itself; entries made together share one object."""
 
-    layer: int
-    mean: torch.Tensor  # (hidden_size,) float32
-    scale: torch.Tensor  # (hidden_size,) float32, > 0
     templates: torch.Tensor  # (R, hidden_size) float32 unit vectors
     relations: torch.Tensor  # (R,) int64 relation of each template row
 
     def __post_init__(self) -> None:
-        if isinstance(self.layer, bool) or not isinstance(self.layer, int) or self.layer < 0:
-            raise ValueError(f"scope space layer must be an int >= 0, got {self.layer!r}")
-        for name, dims in (("mean", 1), ("scale", 1), ("templates", 2)):
-            value = getattr(self, name)
-            if not isinstance(value, torch.Tensor) or value.dtype != torch.float32 or value.dim() != dims:
-                raise TypeError(f"scope space {name} must be a {dims}-D float32 tensor, got {_describe(value)}")
-            if not bool(torch.isfinite(value).all()):
-                raise ValueError(f"scope space {name} must be finite")
-        size = self.mean.numel()
-        if self.scale.shape != self.mean.shape or self.templates.shape[1:] != (size,):
-            raise ValueError(f"scope space mean {tuple(self.mean.shape)}, scale {tuple(self.scale.shape)} and "
-                             f"templates {tuple(self.templates.shape)} must share the hidden size")
-        if not bool((self.scale > 0).all()):
-            raise ValueError("scope space scale must be > 0")
-        relations = self.relations
+        super().__post_init__()
+        templates, relations = self.templates, self.relations
+        if not isinstance(templates, torch.Tensor) or templates.dtype != torch.float32 or templates.dim() != 2:
+            raise TypeError(f"scope space templates must be a 2-D float32 tensor, got {_describe(templates)}")
+        if templates.shape[1] != self.mean.numel() or not bool(torch.isfinite(templates).all()):
+            raise ValueError(f"scope space templates {tuple(templates.shape)} must be finite, of the hidden size "
+                             f"{self.mean.numel()}")
         if not isinstance(relations, torch.Tensor) or relations.dtype != torch.int64 or relations.shape != (
-                self.templates.shape[0],):
-            raise TypeError(f"scope space relations must be a ({self.templates.shape[0]},) int64 tensor, "
+                templates.shape[0],):
+            raise TypeError(f"scope space relations must be a ({templates.shape[0]},) int64 tensor, "
                             f"got {_describe(relations)}")
         if relations.numel() and int(relations.min()) < 0:
             raise ValueError("scope space relations must be >= 0")
 
-    def project(self, hidden: torch.Tensor) -> torch.Tensor:
-        """Unit vectors of (hidden - mean) / scale along the last dimension (float32)."""
-        z = (hidden.float() - self.mean.to(hidden.device)) / self.scale.to(hidden.device)
-        return z / z.norm(dim=-1, keepdim=True).clamp_min(1e-12)
-
-    def same_as(self, other: ScopeSpace) -> bool:
-        return (self.layer == other.layer and self.templates.shape == other.templates.shape
-                and torch.equal(self.relations, other.relations)
-                and all(bool(torch.allclose(getattr(self, name), getattr(other, name), rtol=1e-3, atol=1e-4))
-                        for name in ("mean", "scale", "templates")))
+    def same_as(self, other: KeySpace) -> bool:
+        return (isinstance(other, ScopeSpace) and super().same_as(other)
+                and self.templates.shape == other.templates.shape and torch.equal(self.relations, other.relations)
+                and bool(torch.allclose(self.templates, other.templates, rtol=1e-3, atol=1e-4)))
 
     def __repr__(self) -> str:
         return f"ScopeSpace(layer={self.layer}, size={self.mean.numel()}, templates={self.templates.shape[0]})"

@@ -182,7 +182,7 @@ class CompiledBank:
     @property
     def hook_layers(self) -> tuple[int, ...]:
         """The layers whose input the routing reads: keys' and question scopes'."""
-        return tuple(sorted({key.layer for key in self.keys.values()} | {s.layer for s in self.scopes.values()}))
+        return tuple(sorted({*self.key_layers, *(scope.layer for scope in self.scopes.values())}))
 
     def scope_index(self, entry_id: str) -> ScopeIndex:
         """The entry's question scope on the device (built once per compiled version)."""

@@ -39,11 +39,11 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..bank import QuestionScope, ScopeSpace
+from ..bank import KeySpace, QuestionScope, ScopeSpace
 from ..config import EditGroup
 from ..matcher import SubjectMatcher
 from ..row_reader import RowReader, decoder_for
-from .keys import layer_inputs
+from .keys import key_space, layer_inputs
 
 #: Stand-in subjects the built-in relation questions are filled with (their vectors are averaged).
 STAND_INS = ("Marie Curie", "Toyota", "Hamlet")
@@ -51,18 +51,22 @@ _ENDS = ("?", "\uff1f", "!", "\uff01", "\u3002")  # ? ？ ! ！ 。
 
 
 @cache
+def _relations_file() -> dict[str, Any]:
+    return json.loads(resources.files("lafn_hf.routing").joinpath("data/relations.json").read_text("utf-8"))
+
+
+@cache
 def relation_templates() -> dict[str, tuple[str, ...]]:
     """The built-in relation prompts with ``{s}``: language -> the questions, then the statements to complete,
     each in the order of the relations (prompt ``i`` asks relation ``i % len(relation_names())``)."""
-    raw = json.loads(resources.files("lafn_hf.routing").joinpath("data/relations.json").read_text("utf-8"))
+    raw = _relations_file()
     return {lang: (*questions, *raw["statements"][lang]) for lang, questions in raw["questions"].items()}
 
 
 @cache
 def relation_names() -> tuple[str, ...]:
     """The built-in relations, by Wikidata property ("P57 director", ...)."""
-    raw = json.loads(resources.files("lafn_hf.routing").joinpath("data/relations.json").read_text("utf-8"))
-    return tuple(raw["_relations"])
+    return tuple(_relations_file()["_relations"])
 
 
 def ends_sentence(piece: str) -> bool:
@@ -126,10 +130,7 @@ def calibrate_scope_space(model: nn.Module, tokenizer: Any, layer: int) -> Scope
     if len(pooled) != len(texts):
         raise RuntimeError(f"{len(texts) - len(pooled)} built-in relation questions show no stand-in subject")
     vectors = torch.stack(pooled).reshape(len(rows), len(STAND_INS), -1).mean(dim=1)
-    mean, std = vectors.mean(dim=0), vectors.std(dim=0)
-    scale = torch.maximum(std, std.mean() * 1e-3).clamp_min(1e-12)
-    space = ScopeSpace(layer, mean.contiguous(), scale.contiguous(), torch.zeros(0, mean.numel()),
-                       torch.zeros(0, dtype=torch.int64))
+    space = key_space(layer, vectors)
     return ScopeSpace(layer, space.mean, space.scale, space.project(vectors).contiguous(),
                       torch.tensor(rows, dtype=torch.int64))
 
@@ -146,13 +147,9 @@ def group_texts(group: EditGroup, max_paraphrases: int) -> tuple[list[str], list
 
 
 def entry_scope(model: nn.Module, tokenizer: Any, group: EditGroup, space: ScopeSpace, margin: float,
-                max_paraphrases: int = 30, extra_texts: Sequence[str] = ()) -> QuestionScope | None:
-    """The group's question scope in ``space`` (``None`` when no text shows its subject with words beside it).
-    ``extra_texts``: more texts asking the fact (question variants), each naming one of the group's subjects."""
+                max_paraphrases: int = 30) -> QuestionScope | None:
+    """The group's question scope in ``space`` (``None`` when no text shows its subject with words beside it)."""
     texts, forms = group_texts(group, max_paraphrases)
-    names = tuple(dict.fromkeys(name for names in forms for name in names))
-    texts += list(extra_texts)
-    forms += [names] * len(extra_texts)
     pooled = occurrence_states(tokenizer, texts, forms, layer_inputs(model, tokenizer, texts, space.layer))
     if not pooled:
         return None
@@ -188,8 +185,8 @@ class ScopeIndex:
     templates on that device, shared by every entry of the space (not copied per entry)."""
 
     def __init__(self, scope: QuestionScope, templates: torch.Tensor, margin: float | None) -> None:
-        self.mean = scope.space.mean.to(templates.device)
-        self.scale = scope.space.scale.to(templates.device)
+        space, device = scope.space, templates.device
+        self.space = KeySpace(space.layer, space.mean.to(device), space.scale.to(device))  # projects on the device
         self.vectors = scope.vectors.to(templates.device)
         self.templates = templates
         self.own = (scope.space.relations == scope.relation).to(templates.device)
@@ -197,8 +194,7 @@ class ScopeIndex:
 
     def margins(self, pooled: torch.Tensor) -> torch.Tensor:
         """(nearest own cosine) - (nearest other relation's cosine) of each pooled state (n, hidden)."""
-        z = (pooled.float() - self.mean) / self.scale
-        states = z / z.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+        states = self.space.project(pooled)
         own = (states @ self.vectors.T).max(dim=1).values
         if not self.templates.shape[0]:
             return own + 2.0
