@@ -64,7 +64,9 @@ def summarize(records: Sequence[dict[str, Any]], questions_of: Sequence[Sequence
     for method in methods:
         mine = [r for r in records if r["method"] == method]
         info: dict[str, Any] = {"errors": sum(r["error"] is not None for r in mine),
-                                "edited": {lang: sum(lang in r["edited"] for r in mine) for lang in languages}}
+                                "edited": {lang: sum(lang in r["edited"] for r in mine) for lang in languages},
+                                "skipped": {lang: sum(lang in r.get("skipped", {}) for r in mine) for lang in languages},
+                                "found_by": _found_by(mine, languages)}
         steps = [r["info"]["steps"] for r in mine if "steps" in r["info"]]
         if steps:
             info["mean_steps"] = sum(steps) / len(steps)
@@ -79,6 +81,15 @@ def summarize(records: Sequence[dict[str, Any]], questions_of: Sequence[Sequence
             "methods": list(methods), "score_definitions": SCORES, "scores": scores, "questions": counts,
             "subject_not_found": not_found, "hit_by_reach": hit_by_reach(records, questions_of, methods),
             "edits": edits, "hijacked": hijacked}
+
+
+def _found_by(records: Sequence[dict[str, Any]], languages: Sequence[str]) -> dict[str, dict[str, int]]:
+    """Per language, how many items' subjects were found other than as given, by stage ("other", "aligned"...)."""
+    found: dict[str, dict[str, int]] = {lang: {} for lang in languages}
+    for record in records:
+        for lang, span in record.get("spans", {}).items():
+            found[lang][span["how"]] = found[lang].get(span["how"], 0) + 1
+    return found
 
 
 def hit_by_reach(records: Sequence[dict[str, Any]], questions_of: Sequence[Sequence[Question]],
@@ -146,6 +157,12 @@ def markdown_table(summary: dict[str, Any], score: str = "hit") -> str:
         extra = f", mean steps {info['mean_steps']:.1f}" if "mean_steps" in info else ""
         extra += f", reached its target NLL {info['reached_target']}" if "reached_target" in info else ""
         lines.append(f"- {method}: edits made {edited}; failed or not made {info['errors']}{extra}")
+        skipped = ", ".join(f"{lang} {n}" for lang, n in info.get("skipped", {}).items() if n)
+        found = "; ".join(f"{lang} " + ", ".join(f"{how} {n}" for how, n in sorted(by.items()))
+                          for lang, by in info.get("found_by", {}).items() if by)
+        if skipped or found:
+            lines.append(f"  - {method}: languages skipped (subject not found in the question) {skipped or 'none'}; "
+                         f"subjects found other than as given: {found or 'none'}")
     return "\n".join(lines)
 
 
