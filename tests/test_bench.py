@@ -281,7 +281,7 @@ def test_failed_edits_and_unreachable_subjects_are_counted(model: EditableCausal
     summary = run_bench(model, items, [UneditedMethod(model)], tmp_path / "u.jsonl", locality_hard=HARD, progress=False)
     table = markdown_table(summary).splitlines()
     assert table[2].startswith("| method | de Rel | de Gen | de Loc | de Port | en Rel |")
-    assert "- de: subject not found in the question (the edit cannot reach it): Rel 1/3, Gen 1/3, Port 1/3" in table
+    assert "- de: no form of the subject in the question (the edit cannot reach it): Rel 1/3, Gen 1/3, Port 1/3" in table
     missed = summary["hit_by_reach"]["not_found"]["unedited"]
     assert set(missed) == {"de"} and set(missed["de"]) == {"reliability", "generality", "portability"}
     rows = [json.loads(line) for line in (tmp_path / "u.jsonl").read_text().splitlines()[1:]]

@@ -94,7 +94,8 @@ def _found_by(records: Sequence[dict[str, Any]], languages: Sequence[str]) -> di
 
 def hit_by_reach(records: Sequence[dict[str, Any]], questions_of: Sequence[Sequence[Question]],
                  methods: Sequence[str]) -> dict[str, dict[str, dict[str, dict[str, float]]]]:
-    """Answer hit x100 on Rel/Gen/Port questions split by whether the exact matcher finds the subject in them:
+    """Answer hit x100 on Rel/Gen/Port questions split by whether they write a form of the subject the item's edit
+    routes on (``zsre.subject_forms``, exact matcher):
     ``{"found" | "not_found": {method: {lang: {metric: mean}}}}`` (cells without questions are left out)."""
     split: dict[str, dict[str, dict[str, dict[str, list[float]]]]] = {"found": {}, "not_found": {}}
     for record in records:
@@ -110,11 +111,11 @@ def hit_by_reach(records: Sequence[dict[str, Any]], questions_of: Sequence[Seque
 
 
 def reach_table(summary: dict[str, Any]) -> str:
-    """Answer hit on Rel/Gen where the subject is found / not found (exact matcher), methods as rows."""
+    """Answer hit on Rel/Gen where a form of the subject is found / not found (exact matcher), methods as rows."""
     languages, split = summary["languages"], summary["hit_by_reach"]
     columns = [(lang, kind) for lang in languages for kind in ("reliability", "generality")]
-    lines = [f"{'+'.join(languages)}: answer hit x100 on questions whose subject the exact matcher finds / does "
-             f"not find (- where there are none), {summary['items']} items", "",
+    lines = [f"{'+'.join(languages)}: answer hit x100 on questions that write a form of the subject (exact matcher) / do "
+             f"not (- where there are none), {summary['items']} items", "",
              "| method | " + " | ".join(f"{lang} {LABELS[kind]}" for lang, kind in columns) + " |",
              "| --- |" + " ---: |" * len(columns)]
 
@@ -144,7 +145,7 @@ def markdown_table(summary: dict[str, Any], score: str = "hit") -> str:
     for lang in languages:
         missing = summary["subject_not_found"][lang]
         shown = ", ".join(f"{LABELS[k]} {missing[k]}/{summary['questions'][lang][k]}" for k in KINDS if k in missing)
-        lines.append(f"- {lang}: subject not found in the question (the edit cannot reach it): {shown}")
+        lines.append(f"- {lang}: no form of the subject in the question (the edit cannot reach it): {shown}")
     for method, by_lang in summary.get("hijacked", {}).items():
         if by_lang and method != "unedited":
             shown = ", ".join(f"{lang} {value:.1f}" for lang, value in by_lang.items())
