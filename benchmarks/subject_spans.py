@@ -25,7 +25,7 @@ from pathlib import Path
 from rapidfuzz.distance import Indel
 
 from lafn_hf.matcher import SubjectMatcher
-from lafn_hf.subject_span import SubjectSpan, _key
+from lafn_hf.subject_span import SubjectSpan, alignment_key
 from lafn_hf.zsre import Item, load_files, resolve_item, subject_forms
 
 DATA_DIR = Path(__file__).resolve().parents[2] / "shared" / "data" / "mzsre-dev"
@@ -40,7 +40,7 @@ def load(data_dir: Path, languages: list[str]) -> list[Item]:
 
 def unlike(span: SubjectSpan, item: Item) -> bool:
     names = (item["en"].subject, item[span.language].subject)
-    return max(Indel.normalized_similarity(_key(span.text), _key(name)) for name in names) < 0.5
+    return max(Indel.normalized_similarity(alignment_key(span.text), alignment_key(name)) for name in names) < 0.5
 
 
 def measure(items: list[Item]) -> tuple[dict[str, dict[str, object]], list[tuple[SubjectSpan, Item]], float, int]:

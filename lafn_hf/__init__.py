@@ -3,6 +3,7 @@
 from .bank import BankEntry, EditBank, LayerUpdate
 from .config import EditGroup, LafnConfig, LanguageEdit
 from .model import EditableCausalLM, EditFailedError, EditManyResult, EditResult
+from .subject_span import SubjectNotFoundError, SubjectSpan
 
 __all__ = [
     "BankEntry",
@@ -15,4 +16,6 @@ __all__ = [
     "LafnConfig",
     "LanguageEdit",
     "LayerUpdate",
+    "SubjectNotFoundError",
+    "SubjectSpan",
 ]

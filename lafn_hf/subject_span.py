@@ -81,14 +81,14 @@ class SubjectNotFoundError(ValueError):
         self.closest = closest
 
 
-def _key(text: str) -> str:
+def alignment_key(text: str) -> str:
     """What alignment compares: Latin transliteration, case-folded, letters and digits only."""
     return "".join(char for char in anyascii(nfc(text)).casefold() if char.isalnum())
 
 
 @functools.lru_cache(maxsize=4096)
 def _cached_key(text: str) -> str:
-    return _key(text)
+    return alignment_key(text)
 
 
 def _tokens(prompt: str) -> list[tuple[int, int]]:
