@@ -23,24 +23,22 @@ from lafn_hf import LafnConfig
 from lafn_hf.bench import BenchSettings, build_methods, markdown_table, reach_table, run_benchmark
 from lafn_hf.cli import _load_model
 from lafn_hf.routing.config import ROUTING_PRESETS
-from lafn_hf.zsre import load_files
+from lafn_hf.zsre import MZSRE_LANGUAGES, load_files, pair_file_code
 
 DATA_DIR = Path(__file__).resolve().parents[2] / "shared" / "data" / "mzsre-dev"
 SETS = ("en+zh", "en+de", "en+fr", "en+zh+de")
-LANGUAGES = ("en", "cs", "de", "es", "fr", "nl", "pt", "ru", "th", "tr", "vi", "zh")
-FILE_CODES = {"cs": "cz", "nl": "du"}  # MzsRE's file names use cz and du
 
 
 def expand(sets: str) -> list[str]:
     """``pairs`` -> every en+X pair, ``all`` -> the twelve languages; other names as given."""
     names: list[str] = []
     for name in sets.split(","):
-        names += [f"en+{lang}" for lang in LANGUAGES[1:]] if name == "pairs" else [name]
+        names += [f"en+{lang}" for lang in MZSRE_LANGUAGES[1:]] if name == "pairs" else [name]
     return names
 
 
 def languages_of(name: str) -> list[str]:
-    return list(LANGUAGES) if name == "all" else name.split("+")
+    return list(MZSRE_LANGUAGES) if name == "all" else name.split("+")
 
 
 def main() -> None:
@@ -73,7 +71,7 @@ def main() -> None:
     started = time.perf_counter()
     for name in expand(args.sets):
         languages = languages_of(name)
-        files = [args.data_dir / f"mzsre_dev_en{FILE_CODES.get(lang, lang)}.json" for lang in languages if lang != "en"]
+        files = [args.data_dir / f"mzsre_dev_en{pair_file_code(lang)}.json" for lang in languages if lang != "en"]
         items = load_files(files, languages)
         begun = time.perf_counter()
         summary = run_benchmark(model, items, methods, args.out / name, settings, fresh=args.fresh)

@@ -26,15 +26,14 @@ from rapidfuzz.distance import Indel
 
 from lafn_hf.matcher import SubjectMatcher
 from lafn_hf.subject_span import SubjectSpan, alignment_key
-from lafn_hf.zsre import Item, load_files, resolve_item, subject_forms
+from lafn_hf.zsre import MZSRE_LANGUAGES, Item, load_files, pair_file_code, resolve_item, subject_forms
 
 DATA_DIR = Path(__file__).resolve().parents[2] / "shared" / "data" / "mzsre-dev"
-FILE_CODES = {"cs": "cz", "nl": "du"}  # MzsRE's file names use cz and du
-LANGUAGES = ("cs", "de", "es", "fr", "nl", "pt", "ru", "th", "tr", "vi", "zh")
+LANGUAGES = MZSRE_LANGUAGES[1:]
 
 
 def load(data_dir: Path, languages: list[str]) -> list[Item]:
-    files = [data_dir / f"mzsre_dev_en{FILE_CODES.get(lang, lang)}.json" for lang in languages if lang != "en"]
+    files = [data_dir / f"mzsre_dev_en{pair_file_code(lang)}.json" for lang in languages if lang != "en"]
     return load_files(files, languages)
 
 

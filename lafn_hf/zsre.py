@@ -21,6 +21,13 @@ from .matcher import SubjectMatcher
 from .subject_span import DEFAULT_THRESHOLD, SubjectSpan, resolve_languages
 
 LANGUAGE_ALIASES = {"cz": "cs", "du": "nl"}
+#: MzsRE's languages: English and the eleven its pair files ``..._en{xx}.json`` join it with
+MZSRE_LANGUAGES = ("en", "cs", "de", "es", "fr", "nl", "pt", "ru", "th", "tr", "vi", "zh")
+
+
+def pair_file_code(language: str) -> str:
+    """The code MzsRE's file names use for ``language`` ("cs" -> "cz", "nl" -> "du", others as they are)."""
+    return {iso: code for code, iso in LANGUAGE_ALIASES.items()}.get(language, language)
 _FIELDS = ("subject", "src", "rephrase", "alt", "loc", "loc_ans")
 
 

@@ -11,7 +11,7 @@ import pytest
 from lafn_hf import EditableCausalLM, EditGroup, LafnConfig, LanguageEdit
 from lafn_hf.routing.trace import routes
 from lafn_hf.subject_span import SubjectNotFoundError, find_span, resolve_group
-from lafn_hf.zsre import ZsreRecord, resolve_item
+from lafn_hf.zsre import MZSRE_LANGUAGES, ZsreRecord, pair_file_code, resolve_item
 
 from .conftest import greedy
 
@@ -131,3 +131,8 @@ def test_an_item_counts_each_skipped_language_with_its_reason() -> None:
     assert "subject 'el' is refused" in skipped["es"]
     written, _, skipped = resolve_item(item, "written")
     assert written is not None and sorted(written.edits) == ["en"] and "fr" in skipped
+
+
+def test_mzsre_file_codes_map_to_iso_languages() -> None:
+    assert [pair_file_code(lang) for lang in ("cs", "nl", "fr")] == ["cz", "du", "fr"]
+    assert len(MZSRE_LANGUAGES) == 12 and MZSRE_LANGUAGES[0] == "en"
