@@ -497,7 +497,7 @@ class BankInjector:
     def _packed_plan(self, input_ids: torch.Tensor, kwargs: dict[str, Any]) -> _Forward:
         """A packed forward's plan, per request of its ``packed_batch`` description (none: unedited)."""
         sequences = current_packed_batch()
-        problem = "no lafn_hf.packed.packed_batch describes its requests"
+        problem: str | None = "no lafn_hf.packed.packed_batch describes its requests"
         if sequences is not None:
             problem = layout_problem(sequences, kwargs["cu_seq_lens_q"], kwargs.get("position_ids"), input_ids.shape[1])
         if sequences is None or problem is not None:

@@ -137,9 +137,11 @@ class RequestReaders:
         self._readers: dict[Hashable, RowReader] = {}
         self._lock = threading.Lock()
 
-    def reader(self, key: Hashable, past: int, tokens: Callable[[], Sequence[int]] | None = None) -> RowReader:
+    def reader(self, key: Hashable, past: int, tokens: Callable[[], Sequence[int]] | None = None,
+               keep: bool = True) -> RowReader:
         """The reader of request ``key`` having read its first ``past`` positions: the one kept, or one that
-        reads them from ``tokens()`` (the request's tokens so far; unknown positions read as nothing)."""
+        reads them from ``tokens()`` (the request's tokens so far; unknown positions read as nothing), kept
+        for the request's next forward unless ``keep`` is false."""
         with self._lock:
             reader = self._readers.get(key)
         if reader is not None and len(reader) == past:
@@ -150,8 +152,9 @@ class RequestReaders:
             reader.read(history[:past])
         else:
             reader = RowReader.unread(self._decode, self._special_ids, past)
-        with self._lock:
-            self._readers[key] = reader
+        if keep:
+            with self._lock:
+                self._readers[key] = reader
         return reader
 
     def drop(self, key: Hashable) -> None:
