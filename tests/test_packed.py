@@ -3,12 +3,13 @@
 
 from __future__ import annotations
 
+import inspect
 import logging
 from collections.abc import Sequence
 
 import pytest
 import torch
-from transformers import DynamicCache
+from transformers import DynamicCache, LlamaForCausalLM
 
 from lafn_hf import EditableCausalLM, LafnConfig
 from lafn_hf.inject import entries_selected
@@ -18,6 +19,8 @@ from lafn_hf.packed import PackedSequence, RequestReaders, layout_problem, packe
 FACTS = tiny_facts()["facts"]
 TEMPLATE = tiny_facts()["templates"]["en"][0]  # "The capital of {s} is"
 PROMPTS = [TEMPLATE.format(s=FACTS[i]["en"]["subject"]) for i in (0, 2, 5)]  # edited, edited, unrelated
+# the forward's KV cache keyword: ``cache`` since transformers 5.21-5.24, ``past_key_values`` before
+CACHE = "cache" if "cache" in inspect.signature(LlamaForCausalLM.forward).parameters else "past_key_values"
 
 
 @pytest.fixture(scope="module")
@@ -90,7 +93,7 @@ def test_a_request_read_over_two_forwards_fires_where_one_forward_does(edited: E
         sequence = PackedSequence(readers.reader("r", first), 0, len(chunk))
         with packed_batch([sequence]):
             logits = edited(input_ids=torch.tensor([chunk]), position_ids=torch.arange(first, last)[None],
-                            cu_seq_lens_q=torch.tensor([0, len(chunk)]), cache=cache, use_cache=True).logits
+                            cu_seq_lens_q=torch.tensor([0, len(chunk)]), use_cache=True, **{CACHE: cache}).logits
     torch.testing.assert_close(logits[0, -1], single(edited, ids)[-1], atol=2e-4, rtol=0)
     assert readers.reader("r", len(ids)).text.endswith(FACTS[0]["en"]["subject"] + " is")
 
