@@ -1,12 +1,14 @@
-"""Load test of ``lafn serve``: requests/s and p50/p95 latency under concurrent OpenAI clients, with and
-without a bank (and, with ``--continuous-batching``, transformers' continuous batching without a bank).
+"""Load test of ``lafn serve``: requests/s and p50/p95 latency under concurrent OpenAI clients, with a bank and
+without, with transformers' continuous batching (CB) and without, for each number of clients in ``--clients``.
 
-Each configuration starts its own server process on 127.0.0.1 (so the clients do not share its GIL), warms
-it up, then ``--clients`` threads send ``--requests`` completions in all, half of them naming an edited
-subject and half not, always to the base model name (every bank). One run; prints a table and the ratios.
+Each configuration starts its own server (``lafn serve``: an API server process and the model's process) on
+127.0.0.1 (so the clients do not share their GIL), warms it up, then for each client count ``--requests``
+completions are sent in all, half of them naming an edited subject and half not, always to the base model name
+(every bank). It also checks that the edited answers are the same with and without CB. One run; prints a table
+and the ratios.
 
-    python benchmarks/serve_load.py [--model tiny-bilingual] [--bank DIR] [--clients 8] [--requests 200]
-                                    [--max-tokens 8] [--continuous-batching] [--threads 1]
+    python benchmarks/serve_load.py [--model tiny-bilingual] [--bank DIR] [--clients 8,32] [--requests 200]
+                                    [--max-tokens 8] [--threads 1] [--no-baseline]
 
 Without ``--bank`` on the tiny model, a bank editing two of its facts (en + zh) is made first (seconds).
 """
@@ -66,8 +68,8 @@ def free_port() -> int:
 
 def start_server(model: str, bank: Path | None, continuous_batching: bool,
                  threads: int = 1) -> tuple[subprocess.Popen[bytes], str]:
-    """``lafn serve`` in a child process with ``threads`` torch threads (1: no OpenMP stragglers on a shared
-    CPU, and the tiny model gains nothing from more)."""
+    """``lafn serve`` in a child process (which starts the model's process) with ``threads`` torch threads each
+    (1: no OpenMP stragglers on a shared CPU, and the tiny model gains nothing from more)."""
     port = free_port()
     command = [sys.executable, "-m", "lafn_hf.cli", "serve", "--model", model, "--port", str(port)]
     command += ["--bank", f"demo={bank}"] if bank else []
@@ -127,12 +129,13 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default=TINY_MODEL)
     parser.add_argument("--bank", help="bank directory (default on the tiny model: made here)")
-    parser.add_argument("--clients", type=int, default=8)
-    parser.add_argument("--requests", type=int, default=200, help="per configuration")
+    parser.add_argument("--clients", default="8,32", help="concurrent clients, comma-separated (default 8,32)")
+    parser.add_argument("--requests", type=int, default=200, help="per configuration and client count")
     parser.add_argument("--max-tokens", type=int, default=8)
-    parser.add_argument("--continuous-batching", action="store_true", help="also measure CB without a bank")
-    parser.add_argument("--threads", type=int, default=1, help="torch threads of the server process")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads of each server process")
+    parser.add_argument("--no-baseline", action="store_true", help="only the configurations with the bank")
     args = parser.parse_args()
+    client_counts = [int(count) for count in args.clients.split(",")]
     if args.bank:
         bank, matched, unmatched = Path(args.bank), bank_prompts(Path(args.bank)), UNRELATED
     elif args.model == TINY_MODEL:
@@ -140,33 +143,44 @@ def main() -> None:
     else:
         raise SystemExit("--bank is required for models other than tiny-bilingual")
     prompts = [p for pair in zip(matched, unmatched) for p in pair]  # half matched, half not
-    configurations = [("no bank", None, False), ("bank", bank, False)]
-    if args.continuous_batching:
-        configurations.append(("no bank, continuous batching", None, True))
-    results, outputs = {}, {}
+    configurations = [("bank", bank, False), ("bank, CB", bank, True)]
+    if not args.no_baseline:
+        configurations = [("no bank", None, False), ("no bank, CB", None, True), *configurations]
+    results: dict[tuple[str, int], dict[str, float]] = {}
+    outputs = {}
     load_before = os.getloadavg()[0]
     for label, bank_dir, cb in configurations:
         process, url = start_server(args.model, bank_dir, cb, args.threads)
         try:
-            answers(url, args.model, prompts[:4], args.max_tokens)  # warm-up (CB initialises here)
+            answers(url, args.model, prompts[:4], args.max_tokens)  # warm-up (CB sizes its cache here)
             outputs[label] = answers(url, args.model, matched, args.max_tokens)
-            results[label] = load(url, args.model, prompts, args.clients, args.requests, args.max_tokens)
+            for clients in client_counts:
+                results[label, clients] = load(url, args.model, prompts, clients, args.requests, args.max_tokens)
         finally:
             process.terminate()
             process.wait(timeout=30)
-    changed = sum(a != b for a, b in zip(outputs["bank"], outputs["no bank"]))
-    print(f"model {args.model}, {args.clients} concurrent clients, {args.requests} completions of {args.max_tokens} "
-          f"tokens per configuration, half naming an edited subject; edited answers changed by the bank: "
-          f"{changed}/{len(matched)}; load average {load_before:.2f} before, {os.getloadavg()[0]:.2f} after "
-          f"({os.cpu_count()} cores, {args.threads} server thread(s))")
-    print("\n| configuration | requests/s | p50 latency (s) | p95 latency (s) |\n| --- | --- | --- | --- |")
-    for label, r in results.items():
-        print(f"| {label} | {r['rps']:.1f} | {r['p50']:.3f} | {r['p95']:.3f} |")
-    base = results["no bank"]
-    for label, r in results.items():
-        if label != "no bank":
-            print(f"\n{label} / no bank: requests/s x{r['rps'] / base['rps']:.2f}, p50 x{r['p50'] / base['p50']:.2f}, "
-                  f"p95 x{r['p95'] / base['p95']:.2f}")
+    report(args, results, outputs, client_counts, load_before, len(matched))
+
+
+def report(args: argparse.Namespace, results: dict[tuple[str, int], dict[str, float]], outputs: dict[str, list[str]],
+           client_counts: list[int], load_before: float, matched: int) -> None:
+    same = sum(a == b for a, b in zip(outputs["bank, CB"], outputs["bank"]))
+    changed = f"{sum(a != b for a, b in zip(outputs['bank'], outputs['no bank']))}/{matched}" if "no bank" in outputs \
+        else "not measured"
+    print(f"model {args.model}, {args.requests} completions of {args.max_tokens} tokens per configuration and client "
+          f"count, half naming an edited subject; edited answers changed by the bank: {changed}, the same with and "
+          f"without CB: {same}/{matched}; load average {load_before:.2f} before, {os.getloadavg()[0]:.2f} after "
+          f"({os.cpu_count()} cores, {args.threads} torch thread(s) per server process)")
+    print("\n| configuration | clients | requests/s | p50 latency (s) | p95 latency (s) |\n| --- | --- | --- | --- | --- |")
+    for (label, clients), r in results.items():
+        print(f"| {label} | {clients} | {r['rps']:.1f} | {r['p50']:.3f} | {r['p95']:.3f} |")
+    print()
+    pairs = [("bank, CB", "bank")] + ([("bank", "no bank"), ("bank, CB", "no bank, CB")] if "no bank" in outputs else [])
+    for clients in client_counts:
+        for label, base in pairs:
+            r, b = results[label, clients], results[base, clients]
+            print(f"{clients} clients, {label} / {base}: requests/s x{r['rps'] / b['rps']:.2f}, "
+                  f"p50 x{r['p50'] / b['p50']:.2f}, p95 x{r['p95'] / b['p95']:.2f}")
 
 
 if __name__ == "__main__":

@@ -32,6 +32,7 @@ from lafn_hf.modeling import decoder_layers, mlp_parts
 from .bank import BankEntry, EditBank, KeySpace, QuestionScope, RoutingKey
 from .cache_rows import cache_argument, cache_length, keep_readers, readers_for, returned_cache
 from .matcher import SubjectMatcher
+from .packed import current_packed_batch, layout_problem, plan_packed, read_packed, shifted
 from .routing.config import RoutingConfig
 from .routing.fire import Gated, KeyIndex, KeyWork, Pending
 from .routing.scope import ScopeIndex
@@ -338,6 +339,7 @@ class _Forward:
     plan: dict[int, LayerPlan] | None = None
     readers: list[RowReader] | None = None
     keys: KeyWork | None = None
+    packed_keys: list[tuple[int, int, KeyWork]] | None = None  # packed forward: (start, length, work) per request
     token: Token[_Forward | None] | None = field(default=None, repr=False)
 
     def add(self, per_layer: dict[int, list[LayerPlan]]) -> None:
@@ -357,8 +359,9 @@ class BankInjector:
     A model pre-hook reads each row's new tokens (continuing the readers kept on the KV cache), finds
     completed subjects and puts the plan in the forward's context; pre-hooks on ``down_proj`` of the
     bank's layers add it; a forward hook (``always_call``) stores the readers on the returned cache and
-    clears the context. Forwards given ``inputs_embeds`` instead of ``input_ids``, and packed forwards (several
-    sequences in one row, ``cu_seq_lens_q``: continuous batching), run unedited.
+    clears the context. Forwards given ``inputs_embeds`` instead of ``input_ids`` run unedited, and so do packed
+    forwards (several sequences in one row, ``cu_seq_lens_q``: continuous batching) unless the engine describes
+    them with ``lafn_hf.packed.packed_batch`` (each request's reader, span and entries).
     """
 
     def __init__(self, model: nn.Module, tokenizer: Any, bank: EditBank, routing: RoutingConfig | None = None) -> None:
@@ -373,7 +376,7 @@ class BankInjector:
         self._key_handles: dict[int, RemovableHandle] = {}
         self._compiled: CompiledBank | None = None
         self._lock = threading.Lock()  # guards compiling and (re)attaching value hooks
-        self._warned_packed = False
+        self._warned_packed: set[str] = set()
 
     @property
     def attached(self) -> bool:
@@ -480,17 +483,36 @@ class BankInjector:
         state = _Forward()
         input_ids = kwargs.get("input_ids", args[0] if args else None)
         packed = kwargs.get("cu_seq_lens_q") is not None  # several sequences flattened into one row
-        if packed and not self._warned_packed and len(self.bank):
-            self._warned_packed = True
-            logger.warning("forwards of packed sequences (cu_seq_lens_q: continuous batching, generate_batch, "
-                           "flattened collators) run without the edit bank: one row holds several sequences")
-        if (not _BANK_OFF.get() and not packed and isinstance(input_ids, torch.Tensor) and input_ids.dim() == 2
+        if (not _BANK_OFF.get() and isinstance(input_ids, torch.Tensor) and input_ids.dim() == 2
                 and input_ids.shape[1]):
-            compiled = self.compiled(input_ids.device)
-            if compiled.entries_of:
-                state = self.readers_and_plan(compiled, input_ids, kwargs.get("attention_mask"),
-                                              cache_argument(kwargs))
+            if packed:
+                state = self._packed_plan(input_ids, kwargs)
+            else:
+                compiled = self.compiled(input_ids.device)
+                if compiled.entries_of:
+                    state = self.readers_and_plan(compiled, input_ids, kwargs.get("attention_mask"),
+                                                  cache_argument(kwargs))
         state.token = _CURRENT.set(state)
+
+    def _packed_plan(self, input_ids: torch.Tensor, kwargs: dict[str, Any]) -> _Forward:
+        """A packed forward's plan, per request of its ``packed_batch`` description (none: unedited)."""
+        sequences = current_packed_batch()
+        problem: str | None = "no lafn_hf.packed.packed_batch describes its requests"
+        if sequences is not None:
+            problem = layout_problem(sequences, kwargs["cu_seq_lens_q"], kwargs.get("position_ids"), input_ids.shape[1])
+        if sequences is None or problem is not None:
+            kind = "undescribed" if sequences is None else "mismatch"  # warned once each, then at debug level
+            level = logging.DEBUG if kind in self._warned_packed or not len(self.bank) else logging.WARNING
+            self._warned_packed.add(kind)
+            logger.log(level, "a forward of packed sequences (cu_seq_lens_q: continuous batching, generate_batch, "
+                       "flattened collators) runs without the edit bank: %s", problem)
+            return _Forward()
+        compiled = self.compiled(input_ids.device)
+        if not compiled.entries_of:
+            read_packed(input_ids, sequences)
+            return _Forward()
+        per_layer, work = plan_packed(compiled, input_ids, sequences, self._special_ids_on(input_ids.device))
+        return _Forward(plan=_concat(per_layer), packed_keys=work or None)
 
     def _after_forward(self, module: nn.Module, args: tuple[Any, ...], output: Any) -> None:
         state = _CURRENT.get()
@@ -514,9 +536,14 @@ def _key_hook_for(layer: int) -> Any:
     def hook(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
         state = _CURRENT.get()
         work = state.keys if state is not None else None
+        hidden = kwargs.get("hidden_states", args[0] if args else None)
+        if state is not None and state.packed_keys and isinstance(hidden, torch.Tensor) and hidden.dim() == 3:
+            for start, length, request in state.packed_keys:  # one request's tokens of the packed row
+                added = request.route(layer, hidden[:, start : start + length])
+                if added:
+                    state.add(shifted(added, start))
         if work is None:
             return
-        hidden = kwargs.get("hidden_states", args[0] if args else None)
         if isinstance(hidden, torch.Tensor) and hidden.dim() == 3 and tuple(hidden.shape[:2]) == tuple(work.valid.shape):
             added = work.route(layer, hidden)
             if added and state is not None:

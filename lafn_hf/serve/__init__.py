@@ -1,12 +1,15 @@
-"""``lafn serve``: edit banks behind transformers' OpenAI-compatible server (``pip install 'lafn-hf[serve]'``).
+"""``lafn serve``: edit banks behind transformers' OpenAI-compatible server (``pip install 'lafn-hf[serve]'``,
+transformers 5.25 or later, which runs each served model in a process of its own).
 
 - ``banks.py``: the named banks one server holds, merged into the model's bank with per-entry owners, and
   the live selection a request applies (``<base>+<bank>``); load / reload / remove, all or nothing.
-- ``manager.py``: the plug into ``transformers.cli.serving``: a ``ModelManager`` that serves one
-  ``EditableCausalLM`` by name, the ``BankView`` its handlers call ``generate`` on, and the generation state
-  that keeps continuous batching away from edited requests.
+- ``engine.py``: the model's process: ``LafnLoader`` builds the ``EditableCausalLM`` and its banks there, and
+  ``ServedModel`` generates with each request's banks; ``bank_command`` runs the admin changes there.
+- ``batching.py``: continuous batching in the model's process, each packed request with its own banks.
+- ``manager.py``: the API server's side: the ``ModelManager`` that starts the model's process and answers
+  every served name with an ``EngineView`` that sends the request's banks along.
 - ``app.py``: ``build_app`` (transformers' ``build_server`` + ``/lafn/banks`` admin routes), ``ServerThread``
-  (in-process server for tests and benchmarks) and ``serve`` (the command).
+  (in-process API server for tests and benchmarks) and ``serve`` (the command).
 
 Nothing outside this package imports it; the core library never needs fastapi, uvicorn or openai.
 """
@@ -22,15 +25,18 @@ if _missing:
 
 from .app import LafnServer, ServerThread, build_app, load_editable, serve  # noqa: E402
 from .banks import BankSelection, BankSet, parse_bank_spec  # noqa: E402
-from .manager import BankView, EditableModelManager, EditAwareGenerationState  # noqa: E402
+from .engine import LafnLoader, SelectedPrompt, ServedModel  # noqa: E402
+from .manager import EditableModelManager, EngineView  # noqa: E402
 
 __all__ = [
     "BankSelection",
     "BankSet",
-    "BankView",
-    "EditAwareGenerationState",
     "EditableModelManager",
+    "EngineView",
+    "LafnLoader",
     "LafnServer",
+    "SelectedPrompt",
+    "ServedModel",
     "ServerThread",
     "build_app",
     "load_editable",

@@ -1,13 +1,13 @@
-"""Build the OpenAI-compatible app: transformers' own server and handlers around an ``EditableCausalLM``.
+"""Build the OpenAI-compatible app: transformers' own server and handlers around an edited model's process.
 
-``build_server`` and the handlers come from ``transformers.cli.serving`` unchanged (request validation, chat
-templates, SSE streaming, tool-call parsing); lafn adds the model manager of ``manager.py`` and admin routes
-under ``/lafn`` to list, load, reload and drop banks while the server runs.
+``build_server`` and the handlers come from ``transformers.cli.serving`` (5.25+) unchanged (request validation,
+chat templates, SSE streaming, tool-call parsing, prompt length checks); lafn adds the model manager of
+``manager.py`` (the model and its banks live in a process of their own, ``engine.py``) and admin routes under
+``/lafn`` to list, load, reload and drop banks while the server runs.
 """
 
 from __future__ import annotations
 
-import asyncio
 import hmac
 import logging
 import os
@@ -20,89 +20,59 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import torch
 from fastapi import Depends, HTTPException, Request
 from fastapi.responses import JSONResponse
 
-from lafn_hf.model import EditableCausalLM
-
-from .banks import BankSet, check_bank_name
-from .manager import EditableModelManager, EditAwareGenerationState, ModelNotServedError
+from .banks import check_bank_name
+from .engine import LafnLoader, load_editable, resolve_model
+from .manager import EditableModelManager, ModelNotServedError
 
 logger = logging.getLogger(__name__)
 
-# For models without a chat template (the shipped toy): the messages' text, one per line, after BOS.
-PLAIN_CHAT_TEMPLATE = ("{{ bos_token }}{% for message in messages %}{% if not loop.first %}\n{% endif %}"
-                       "{{ message['content'] }}{% endfor %}")
+__all__ = ["LafnServer", "ServerThread", "build_app", "check_serving_transformers", "load_editable", "serve"]
+
 LOOPBACK_HOSTS = frozenset({"127.0.0.1", "localhost", "::1"})
-# transformers 5.25 moved serving into a model process of its own (``EngineClient``): its handlers no longer
-# take the generation state, and generation no longer runs on the in-process model this package edits.
-SERVING_TRANSFORMERS_BELOW = (5, 25)
+# transformers 5.25 runs each served model in a process of its own (``EngineClient``/``ModelLoader``), which is
+# what ``lafn serve`` plugs into; the in-process serving classes of earlier releases are gone there.
+SERVING_TRANSFORMERS_FROM = (5, 25)
 
 
 def check_serving_transformers(version: str | None = None) -> None:
-    """Raise ``ImportError`` unless ``version`` (default: the installed transformers) has the in-process
-    serving classes ``lafn serve`` builds on (5.x before 5.25)."""
+    """Raise ``ImportError`` unless ``version`` (default: the installed transformers) serves each model in a process
+    of its own (5.25 or later), which ``lafn serve`` builds on."""
     import transformers
 
     version = transformers.__version__ if version is None else version
     release = tuple(int(part) for part in re.findall(r"\d+", version)[:2])
-    if release >= SERVING_TRANSFORMERS_BELOW:
-        below = ".".join(map(str, SERVING_TRANSFORMERS_BELOW))
-        raise ImportError(f"lafn serve needs transformers < {below} (its in-process serving classes), found "
+    if release < SERVING_TRANSFORMERS_FROM:
+        since = ".".join(map(str, SERVING_TRANSFORMERS_FROM))
+        raise ImportError(f"lafn serve needs transformers >= {since} (a process per served model), found "
                           f"{version}: pip install 'lafn-hf[serve]' installs a matching one")
-
-
-def resolve_model(name: str) -> str:
-    """``tiny-bilingual`` (shipped), ``gemma-3-270m``/``smollm2-135m`` (offline), else a path or Hub id."""
-    from lafn_hf.models import OFFLINE_MODELS, TINY_MODEL, materialize, tiny_model_path
-
-    if name == TINY_MODEL:
-        return str(tiny_model_path())
-    if name in OFFLINE_MODELS:
-        return str(materialize(name))
-    return name
-
-
-def load_editable(model: str, *, dtype: str = "auto", device: str = "auto") -> EditableCausalLM:
-    """Load ``model`` (see ``resolve_model``) as an ``EditableCausalLM`` on ``device`` (``auto``: CUDA when
-    available, else CPU) in ``dtype`` (``auto``: float32 on CPU, where bf16/fp16 are slow; the checkpoint's
-    dtype elsewhere)."""
-    target = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device)
-    if dtype == "auto":
-        torch_dtype: Any = torch.float32 if target.type == "cpu" else "auto"
-    else:
-        torch_dtype = getattr(torch, dtype, None)
-        if not isinstance(torch_dtype, torch.dtype):
-            raise ValueError(f"--dtype must be auto or a torch dtype such as float32 or bfloat16, got {dtype!r}")
-    editable = EditableCausalLM.from_pretrained(resolve_model(model), dtype=torch_dtype)
-    editable.model.to(target)
-    editable.model.eval()
-    return editable
 
 
 @dataclass
 class LafnServer:
-    """The FastAPI app and what it serves (kept for tests and admin calls)."""
+    """The FastAPI app and the manager of the model it serves (kept for tests and admin calls)."""
 
     app: Any
     manager: EditableModelManager
-    banks: BankSet
-    generation_state: EditAwareGenerationState
 
     def shutdown(self) -> None:
-        self.generation_state.shutdown()
+        """Stop the model's process (the app's shutdown does it too)."""
+        self.manager.shutdown()
 
 
-def build_app(editable: EditableCausalLM, base_name: str, banks: Sequence[tuple[str, Path]] = (), *,
-              continuous_batching: bool = False, admin: bool = True, admin_token: str | None = None,
-              chat_template: str | None = None, chat_template_kwargs: dict[str, Any] | None = None) -> LafnServer:
-    """transformers' OpenAI-compatible app serving ``editable`` as ``base_name`` (every bank) and
-    ``base_name+<bank>`` per bank in ``banks`` ((name, directory) pairs).
+def build_app(model: str, base_name: str, banks: Sequence[tuple[str, str | os.PathLike[str]]] = (), *,
+              dtype: str = "auto", device: str = "auto", continuous_batching: bool = False,
+              cb_config: Any = None, admin: bool = True, admin_token: str | None = None, chat_template: str | None = None,
+              chat_template_kwargs: dict[str, Any] | None = None) -> LafnServer:
+    """transformers' OpenAI-compatible app serving ``model`` (see ``engine.resolve_model``), loaded in a process
+    of its own, as ``base_name`` (every bank) and ``base_name+<bank>`` per bank in ``banks`` ((name, directory)
+    pairs). Returns once the model and banks are loaded (or raises what failed there).
 
-    ``chat_template`` replaces the tokenizer's (models without one get ``PLAIN_CHAT_TEMPLATE``);
-    ``admin`` adds the ``/lafn/banks`` routes, which need ``Authorization: Bearer <admin_token>`` when a
-    token is given.
+    ``cb_config``: transformers' ``ContinuousBatchingConfig`` for ``continuous_batching``; ``chat_template``
+    replaces the tokenizer's (models without one get ``engine.PLAIN_CHAT_TEMPLATE``); ``admin`` adds the
+    ``/lafn/banks`` routes, which need ``Authorization: Bearer <admin_token>`` when a token is given.
     """
     check_serving_transformers()
     from transformers.cli.serving.chat_completion import ChatCompletionHandler
@@ -111,32 +81,33 @@ def build_app(editable: EditableCausalLM, base_name: str, banks: Sequence[tuple[
     from transformers.cli.serving.server import build_server
     from transformers.cli.serving.systemone import SystemOneHandler
     from transformers.cli.serving.transcription import TranscriptionHandler
+    from transformers.cli.serving.utils import GenerationState
 
-    tokenizer = editable.tokenizer
-    if chat_template is not None:
-        tokenizer.chat_template = chat_template
-    elif getattr(tokenizer, "chat_template", None) is None:
-        logger.warning("%s has no chat template: chat requests are rendered as the messages' text, one per line "
-                       "(pass --chat-template FILE for another)", base_name)
-        tokenizer.chat_template = PLAIN_CHAT_TEMPLATE
-    bank_set = BankSet(editable)
-    bank_set.load_many(banks)
-    manager = EditableModelManager(editable, base_name, bank_set)
-    state = EditAwareGenerationState(continuous_batching=continuous_batching, cb_key=base_name)
-    template_kwargs = chat_template_kwargs or {}
-    app = build_server(
-        manager,
-        ChatCompletionHandler(manager, state, chat_template_kwargs=template_kwargs),
-        completion_handler=CompletionHandler(manager, state),
-        response_handler=ResponseHandler(manager, state, chat_template_kwargs=template_kwargs),
-        transcription_handler=TranscriptionHandler(manager, state),
-        systemone_handler=SystemOneHandler(manager, state, chat_template_kwargs=template_kwargs),
-        generation_state=state,
-    )
-    app.add_exception_handler(ModelNotServedError, _not_served)
-    if admin:
-        _add_admin_routes(app, manager, bank_set, admin_token)
-    return LafnServer(app, manager, bank_set, state)
+    specs = [(check_bank_name(name), str(path)) for name, path in banks]
+    loader = LafnLoader(resolve_model(model), specs, served_name=base_name, dtype=dtype, device=device,
+                        chat_template=chat_template, continuous_batching=continuous_batching)
+    state = GenerationState(continuous_batching=continuous_batching, cb_config=cb_config)
+    manager = EditableModelManager(loader, base_name, state, [name for name, _ in specs])
+    try:
+        kwargs = chat_template_kwargs or {}
+        app = build_server(
+            manager,
+            ChatCompletionHandler(manager, state, chat_template_kwargs=kwargs),
+            completion_handler=CompletionHandler(manager, state),
+            response_handler=ResponseHandler(manager, state, chat_template_kwargs=kwargs),
+            transcription_handler=TranscriptionHandler(manager),
+            systemone_handler=SystemOneHandler(manager, state, chat_template_kwargs=kwargs),
+        )
+        # ``/reset`` stops the model's process (transformers starts it again on the next request, without the
+        # banks loaded since): this server's one model lives as long as the server
+        app.router.routes[:] = [route for route in app.router.routes if getattr(route, "path", None) != "/reset"]
+        app.add_exception_handler(ModelNotServedError, _not_served)
+        if admin:
+            _add_admin_routes(app, manager, admin_token)
+    except BaseException:
+        manager.shutdown()
+        raise
+    return LafnServer(app, manager)
 
 
 async def _not_served(request: Request, error: Exception) -> JSONResponse:
@@ -144,10 +115,10 @@ async def _not_served(request: Request, error: Exception) -> JSONResponse:
                                    "code": "model_not_found"}}, status_code=404)
 
 
-def _add_admin_routes(app: Any, manager: EditableModelManager, banks: BankSet, token: str | None) -> None:
+def _add_admin_routes(app: Any, manager: EditableModelManager, token: str | None) -> None:
     """``GET /lafn/banks``; ``POST /lafn/banks`` {"path", "name"?}: load or replace; ``POST /lafn/banks/reload``
-    {"name"?}: read again from disk; ``DELETE /lafn/banks/{name}``. Requests already running keep going; each
-    forward from then on uses the new banks."""
+    {"name"?}: read again from disk; ``DELETE /lafn/banks/{name}``. They run in the model's process between
+    its requests (or beside them, with continuous batching); each forward from then on uses the new banks."""
 
     def authorize(request: Request) -> None:
         if token is not None:
@@ -155,22 +126,22 @@ def _add_admin_routes(app: Any, manager: EditableModelManager, banks: BankSet, t
             if not hmac.compare_digest(given.encode(), f"Bearer {token}".encode()):
                 raise HTTPException(status_code=401, detail="admin calls need 'Authorization: Bearer <admin token>'")
 
-    def listing() -> dict[str, Any]:
-        return {"base": manager.base_name, "models": manager.served_names(),
-                "banks": [{**loaded.describe(), "model": f"{manager.base_name}+{loaded.name}"} for loaded in banks]}
-
-    async def run(fn: Any, *args: Any) -> dict[str, Any]:
+    async def run(command: str, *args: Any) -> dict[str, Any]:
         try:
-            await asyncio.to_thread(fn, *args)
-        except KeyError as error:
-            raise HTTPException(status_code=404, detail=str(error.args[0])) from None
-        except (ValueError, TypeError, OSError) as error:
+            banks = await manager.bank_command(command, *args)
+        except ValueError as error:
             raise HTTPException(status_code=400, detail=str(error)) from None
-        return listing()
+        return {"base": manager.base_name, "models": manager.served_names(),
+                "banks": [{**bank, "model": f"{manager.base_name}+{bank['name']}"} for bank in banks]}
+
+    def loaded(name: Any) -> str:
+        if name not in manager.bank_names:
+            raise HTTPException(status_code=404, detail=f"no bank named {name!r}; loaded: {sorted(manager.bank_names)}")
+        return str(name)
 
     @app.get("/lafn/banks", dependencies=[Depends(authorize)])
-    def list_banks() -> dict[str, Any]:
-        return listing()
+    async def list_banks() -> dict[str, Any]:
+        return await run("list")
 
     @app.post("/lafn/banks", dependencies=[Depends(authorize)])
     async def load_bank(body: dict[str, Any]) -> dict[str, Any]:
@@ -182,16 +153,16 @@ def _add_admin_routes(app: Any, manager: EditableModelManager, banks: BankSet, t
             check_bank_name(name)
         except ValueError as error:
             raise HTTPException(status_code=422, detail=str(error)) from None
-        return await run(banks.load, name, path)
+        return await run("load", name, path)
 
     @app.post("/lafn/banks/reload", dependencies=[Depends(authorize)])
     async def reload_banks(body: dict[str, Any] | None = None) -> dict[str, Any]:
         name = (body or {}).get("name")
-        return await run(banks.reload, None if name is None else [name])
+        return await run("reload", None if name is None else [loaded(name)])
 
     @app.delete("/lafn/banks/{name}", dependencies=[Depends(authorize)])
     async def remove_bank(name: str) -> dict[str, Any]:
-        return await run(banks.remove, name)
+        return await run("remove", loaded(name))
 
 
 class ServerThread:
@@ -237,35 +208,50 @@ class ServerThread:
 def serve(model: str, banks: Sequence[str] = (), *, host: str = "127.0.0.1", port: int = 8000, dtype: str = "auto",
           device: str = "auto", continuous_batching: bool = False, chat_template: str | None = None,
           admin_token: str | None = None, log_level: str = "info") -> int:
-    """``lafn serve``: load ``model``, the banks (``DIR`` or ``NAME=DIR``), and serve until interrupted."""
+    """``lafn serve``: load ``model`` and the banks (``DIR`` or ``NAME=DIR``) in the model's process, and serve
+    until interrupted (or until that process dies)."""
     import uvicorn
 
     from .banks import parse_bank_spec
 
     check_serving_transformers()  # before the model loads
-
     specs = [parse_bank_spec(spec) for spec in banks]
+    names = [name for name, _ in specs]
+    duplicates = sorted({name for name in names if names.count(name) > 1})
+    if duplicates:
+        raise ValueError(f"two --bank options have the name(s) {duplicates}; name them with NAME=DIR")
     admin_token = admin_token or os.environ.get("LAFN_ADMIN_TOKEN") or None
     admin = admin_token is not None or host in LOOPBACK_HOSTS
     if not admin:
         logger.warning("admin routes (/lafn/banks) are off: the server listens on %s without --admin-token", host)
     if log_level not in ("debug", "info"):
-        logging.getLogger("transformers.cli.serving").setLevel(logging.ERROR)  # one warning line per request
+        logging.getLogger("transformers.cli").setLevel(logging.ERROR)  # one warning line per request
     template = Path(chat_template).read_text("utf-8") if chat_template else None
-    editable = load_editable(model, dtype=dtype, device=device)
-    server = build_app(editable, model, specs, continuous_batching=continuous_batching, admin=admin,
-                       admin_token=admin_token, chat_template=template)
-    parameter = next(editable.model.parameters())
-    entries = len(editable.bank)
-    print(f"lafn serve: {model} on {parameter.device} ({str(parameter.dtype).removeprefix('torch.')}), "
-          f"{len(server.banks)} bank(s), {entries} {'entry' if entries == 1 else 'entries'}")
+    server = build_app(model, model, specs, dtype=dtype, device=device, continuous_batching=continuous_batching,
+                       admin=admin, admin_token=admin_token, chat_template=template)
+    _print_banner(server, model, host, port, admin)
+
+    async def stop_if_the_model_died() -> None:
+        if server.manager.is_dead:
+            uvicorn_server.should_exit = True
+
+    config = uvicorn.Config(server.app, host=host, port=port, log_level=log_level,
+                            callback_notify=stop_if_the_model_died, timeout_notify=5)
+    uvicorn_server = uvicorn.Server(config)
+    try:
+        uvicorn_server.run()
+    finally:
+        server.shutdown()
+    if server.manager.is_dead:
+        raise RuntimeError(f"the model's process stopped: {server.manager.engine.fatal_error}")
+    return 0
+
+
+def _print_banner(server: LafnServer, model: str, host: str, port: int, admin: bool) -> None:
+    config = server.manager.engine.model_config
+    print(f"lafn serve: {model} ({config.model_type}) in its own process, {len(server.manager.bank_names)} bank(s)")
     for name in server.manager.served_names():
         selected = "every bank" if name == model else f"bank {name.rpartition('+')[2]!r} only"
         print(f"  model {name!r}: {selected}")
     shown = f"[{host}]" if ":" in host else host
     print(f"  OpenAI API: http://{shown}:{port}/v1" + ("  (admin: /lafn/banks)" if admin else ""), flush=True)
-    try:
-        uvicorn.Server(uvicorn.Config(server.app, host=host, port=port, log_level=log_level)).run()
-    finally:
-        server.shutdown()
-    return 0

@@ -1,103 +1,119 @@
-"""The plug into ``transformers serve``: a model manager that hands its handlers an editable model.
+"""The plug into ``transformers serve`` (5.25+), in the API server: model names -> the one served model.
 
-transformers' handlers (chat completions, completions, responses) ask the ``ModelManager`` for
-``(model, processor)`` by the request's model name, then call ``model.generate`` on one inference thread per
-model name. ``EditableModelManager`` answers with a ``BankView`` for the names it serves (``<base>`` and
-``<base>+<bank>``) and a 404 for any other name (it never downloads a model). ``EditAwareGenerationState``
-keeps continuous batching away from requests whose banks hold entries: CB packs every request into one row
-(``input_ids`` of shape (1, total tokens) with ``cu_seq_lens_q``) and its forwards carry no request ids, so
-the injector cannot tell which text belongs to which request (it runs packed forwards unedited).
+transformers' handlers ask the ``ModelManager`` for an engine by the request's model name, read its config
+and tokenizer, and send it ``generate`` calls that run in the model's own process. ``EditableModelManager``
+starts that process (``LafnLoader``) and answers every name it serves (``<base>``: every bank, ``<base>+<bank>``:
+that bank) with an ``EngineView`` of the one engine, which names the request's banks in what it sends
+(``lafn_hf.serve.engine``); any other name is a 404 (it never downloads a model). A request on the base name
+may choose its banks in its ``generation_config`` (``{"lafn_banks": ["a", "b"]}``, ``[]``: none). The bank
+names it serves follow the admin calls it forwards to the model's process (``bank_command``).
 """
 
 from __future__ import annotations
 
-import logging
 import time
-from collections.abc import Callable, Container
+from collections.abc import Sequence
 from typing import Any
 
-from transformers.cli.serving.model_manager import ModelManager
-from transformers.cli.serving.utils import GenerationState, Modality
+from transformers.cli.serving.model_manager import EngineClient, ModelManager
+from transformers.cli.serving.utils import GenerationState
 
-from lafn_hf.inject import entries_selected
-from lafn_hf.model import EditableCausalLM
+from .engine import BANKS_KEY, LafnLoader, SelectedPrompt, bank_command
 
-from .banks import BankSelection, BankSet
-
-logger = logging.getLogger(__name__)
+_ABSENT: Any = object()
 
 
 class ModelNotServedError(LookupError):
     """A request named a model this server does not serve (answered 404, OpenAI's error shape)."""
 
 
-class BankView:
-    """What the handlers get as "the model" for one served name: the base model's attributes, and ``generate``
-    run with only the selected entries (``selection`` ``None``: every loaded bank)."""
+class EngineView:
+    """The engine as handlers use it for one served name: the engine's config, tokenizer and modality, the
+    served name as ``model_id``, and each request sent with the names of its banks (``None``: every bank)."""
 
-    def __init__(self, editable: EditableCausalLM, name: str, selection: BankSelection | None) -> None:
-        self._editable = editable
-        self.served_name = name
-        self.selection = selection
+    def __init__(self, engine: EngineClient, name: str, banks: tuple[str, ...] | None,
+                 loaded: Sequence[str]) -> None:
+        self._engine = engine
+        self.model_id = name
+        self.banks = banks
+        self._loaded = tuple(loaded)
 
-    def generate(self, *args: Any, **kwargs: Any) -> Any:
-        selected: Container[str] | None = self.selection
-        with entries_selected(selected):
-            return self._editable.generate(*args, **kwargs)
+    async def generate_non_streaming(self, inputs: dict[str, Any], generation_kwargs: dict[str, Any]) -> Any:
+        return await self._engine.generate_non_streaming(*self._with_banks(inputs, generation_kwargs))
 
-    def applies_edits(self) -> bool:
-        """Whether a request started now may meet a bank entry."""
-        if self.selection is None:
-            return len(self._editable.bank) > 0
-        return self.selection.has_entries()
+    def generate_streaming(self, inputs: dict[str, Any], generation_kwargs: dict[str, Any],
+                           response_parser: Any = None) -> Any:
+        return self._engine.generate_streaming(*self._with_banks(inputs, generation_kwargs), response_parser)
 
-    def __getattr__(self, name: str) -> Any:  # device, config, generation_config, init_continuous_batching, ...
-        if name == "_editable":  # not set yet (copy, unpickling): do not recurse
+    def _with_banks(self, inputs: dict[str, Any], generation_kwargs: dict[str, Any]) -> tuple[dict[str, Any],
+                                                                                             dict[str, Any]]:
+        kwargs = dict(generation_kwargs)
+        banks = self._requested(kwargs.pop(BANKS_KEY, _ABSENT))
+        kwargs[BANKS_KEY] = banks  # None (every bank) is dropped on the way: generate() then applies every bank
+        if self._engine.use_cb:  # continuous batching hands its manager only the prompt: the banks go on it
+            inputs = {**inputs, "input_ids": SelectedPrompt(inputs["input_ids"], banks)}
+        return inputs, kwargs
+
+    def _requested(self, requested: Any) -> tuple[str, ...] | None:
+        """The banks a request applies: its model name's, or on the base name those its generation_config names."""
+        if requested is _ABSENT:
+            return self.banks
+        if self.banks is not None:
+            raise ValueError(f"generation_config {BANKS_KEY!r} chooses banks on the base model name only; "
+                             f"{self.model_id!r} applies bank {self.banks[0]!r}")
+        if not isinstance(requested, list) or not all(isinstance(name, str) for name in requested):
+            raise ValueError(f"generation_config {BANKS_KEY!r} must be a list of bank names, got {requested!r}")
+        unknown = sorted(set(requested) - set(self._loaded))
+        if unknown:
+            raise ValueError(f"generation_config {BANKS_KEY!r} names banks {unknown} that are not loaded; "
+                             f"loaded: {list(self._loaded)}")
+        return tuple(dict.fromkeys(requested))
+
+    def __getattr__(self, name: str) -> Any:  # processor, model_config, generation_config, modality, use_cb, submit
+        if name == "_engine":
             raise AttributeError(name)
-        return getattr(self._editable.model, name)
+        return getattr(self._engine, name)
 
     def __repr__(self) -> str:
-        return f"BankView({self.served_name!r}, {self.selection!r})"
+        return f"EngineView({self.model_id!r}, banks={self.banks!r})"
 
 
 class EditableModelManager(ModelManager):
-    """A ``ModelManager`` that serves one already-built ``EditableCausalLM`` under ``base_name`` and
-    ``base_name+<bank>`` for every bank in ``banks``; it never loads or unloads a model."""
+    """Serves one ``EditableCausalLM`` (loaded by ``loader`` in its own process, which starts here) under
+    ``base_name`` and ``base_name+<bank>`` for each loaded bank; it never loads another model."""
 
-    def __init__(self, editable: EditableCausalLM, base_name: str, banks: BankSet, processor: Any = None) -> None:
-        super().__init__(model_timeout=-1)  # no inactivity timer: the model is ours, not a cached download
-        self.editable = editable
+    def __init__(self, loader: LafnLoader, base_name: str, generation_state: GenerationState | None = None,
+                 bank_names: Sequence[str] = ()) -> None:
+        super().__init__(loader, generation_state, model_timeout=-1)
         self.base_name = base_name
-        self.banks = banks
-        self.processor = processor if processor is not None else editable.tokenizer
+        self.bank_names = tuple(bank_names)
         self.created = int(time.time())
+        self.engine = EngineClient(base_name, loader, self.generation_state)
+        self.engines[base_name] = self.engine
+        self.engine.start()  # the model's process: loads the model and its banks, or raises
 
     @staticmethod
     def process_model_name(model_id: str) -> str:
         """Names are served exactly as listed (no ``@main`` appended, so responses echo the request's name)."""
         return model_id
 
-    def view(self, name: str) -> BankView | None:
-        """The view for a served name, ``None`` for any other name."""
+    def view(self, name: str | None) -> EngineView | None:
+        """The engine for a served name, ``None`` for any other name."""
         if name == self.base_name:
-            return BankView(self.editable, name, None)
-        head, plus, bank = name.rpartition("+")
-        if plus and head == self.base_name and bank in self.banks.names():
-            return BankView(self.editable, name, self.banks.selection([bank]))
+            return EngineView(self.engine, name, None, self.bank_names)
+        head, plus, bank = (name or "").rpartition("+")
+        if plus and head == self.base_name and bank in self.bank_names:
+            return EngineView(self.engine, f"{head}+{bank}", (bank,), self.bank_names)
         return None
 
-    def served_names(self) -> list[str]:
-        return [self.base_name, *(f"{self.base_name}+{name}" for name in self.banks.names())]
-
-    def load_model_and_processor(self, model_id_and_revision: str, progress_callback: Callable[..., Any] | None = None,
-                                 tqdm_class: type | None = None, gguf_file: str | None = None) -> tuple[Any, Any]:
-        view = self.view(model_id_and_revision) if gguf_file is None else None
+    def get_engine(self, model: str | None) -> Any:
+        view = self.view(model)
         if view is None:
-            shown = model_id_and_revision + (f":{gguf_file}" if gguf_file else "")
-            raise ModelNotServedError(f"model {shown!r} is not served here; served: {self.served_names()}")
-        if progress_callback is not None:
-            progress_callback({"status": "ready", "model": model_id_and_revision, "cached": True})
-        return view, self.processor
+            raise ModelNotServedError(f"model {model!r} is not served here; served: {self.served_names()}")
+        return view
+
+    def served_names(self) -> list[str]:
+        return [self.base_name, *(f"{self.base_name}+{name}" for name in self.bank_names)]
 
     def list_models(self, cache_dir: str | None = None) -> list[dict[str, Any]]:
         """``/v1/models``: the base name (every bank) and one ``<base>+<bank>`` per loaded bank (never the
@@ -105,30 +121,9 @@ class EditableModelManager(ModelManager):
         return [{"id": name, "object": "model", "created": self.created, "owned_by": "lafn",
                  "status": {"value": "loaded"}} for name in self.served_names()]
 
-    get_gen_models = list_models  # the name transformers < 5.24 calls
-
-
-class EditAwareGenerationState(GenerationState):
-    """transformers' generation state, except that a request whose banks hold entries never takes the
-    continuous-batching path (decided when the request starts), and all CB requests share one CB manager."""
-
-    def __init__(self, continuous_batching: bool = False, cb_key: str = "lafn-base", **kwargs: Any) -> None:
-        super().__init__(continuous_batching=continuous_batching, **kwargs)
-        self._cb_key = cb_key
-        self._logged = False
-
-    def use_continuous_batching(self, model: Any, modality: Modality) -> bool:
-        if not super().use_continuous_batching(model, modality):
-            return False
-        if isinstance(model, BankView) and model.applies_edits():
-            if not self._logged:
-                self._logged = True
-                logger.warning("lafn serve: continuous batching is off for requests whose banks hold entries "
-                               "(they run through generate()): CB packs all requests into one row and its forwards "
-                               "carry no request ids, so subjects cannot be mapped per request")
-            return False
-        return True
-
-    def get_manager(self, model_id: str, use_cb: bool = False) -> Any:
-        # One CB manager for every served name: they all share one base model.
-        return super().get_manager(self._cb_key if use_cb else model_id, use_cb=use_cb)
+    async def bank_command(self, command: str, *args: Any) -> list[dict[str, Any]]:
+        """Run ``lafn_hf.serve.engine.bank_command`` in the model's process; returns the banks then loaded (and
+        serves their names). A ``ValueError`` (bad bank or path) changes nothing."""
+        banks: list[dict[str, Any]] = await self.engine.submit(bank_command, command, *args)
+        self.bank_names = tuple(bank["name"] for bank in banks)
+        return banks
