@@ -31,20 +31,14 @@ changing one by other means while a bank loaded from it is in use changes or bre
 from __future__ import annotations
 
 import gc
-import hashlib
 import json
-import os
 import re
-import sys
 import unicodedata
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import SafetensorError, safe_open
-from safetensors.torch import load as load_safetensors
 
 from .bank import _ENTRY_ID, BankEntry, EditBank, KeySpace, LayerUpdate, QuestionScope, RoutingKey, ScopeSpace
 from .config import nfc
@@ -83,47 +77,6 @@ def paused_gc() -> Iterator[None]:
     finally:
         if enabled:
             gc.enable()
-
-
-# -- the file --------------------------------------------------------------------------------------
-def read_weights(path: Path, sha256: str | None, config_name: str, mapped: bool) -> dict[str, torch.Tensor]:
-    """The tensors of ``path`` once its sha256 (when recorded) is checked; memory-mapped when ``mapped`` (not on
-    Windows). ``FileNotFoundError`` when the file is gone or was replaced meanwhile (a concurrent save)."""
-    with open(path, "rb") as handle:
-        if mapped and sys.platform != "win32":
-            if sha256 is not None:
-                _check_sha256(path, _file_sha256(handle), sha256, config_name)
-            try:
-                with safe_open(str(path), framework="pt") as reader:
-                    tensors = {key: reader.get_tensor(key) for key in reader.keys()}  # noqa: SIM118 (not a dict)
-            except (SafetensorError, OSError, ValueError, RuntimeError) as error:
-                if not path.exists():
-                    raise FileNotFoundError(path) from None
-                raise ValueError(f"{path} is corrupted or truncated: {error}") from error
-            hashed, now = os.fstat(handle.fileno()), os.stat(path)
-            if (hashed.st_ino, hashed.st_dev) != (now.st_ino, now.st_dev):
-                raise FileNotFoundError(path)  # not the file that was hashed
-            return tensors
-        data = handle.read()
-    if sha256 is not None:
-        _check_sha256(path, hashlib.sha256(data).hexdigest(), sha256, config_name)
-    try:
-        return load_safetensors(data)
-    except (SafetensorError, OSError, ValueError, RuntimeError) as error:
-        raise ValueError(f"{path} is corrupted or truncated: {error}") from error
-
-
-def _file_sha256(handle: Any) -> str:
-    digest = hashlib.sha256()
-    buffer = memoryview(bytearray(1 << 20))
-    while size := handle.readinto(buffer):
-        digest.update(buffer[:size])
-    return digest.hexdigest()
-
-
-def _check_sha256(path: Path, actual: str, recorded: str, config_name: str) -> None:
-    if actual != recorded:
-        raise ValueError(f"{path} is corrupted or truncated: its sha256 is {actual}, {config_name} records {recorded}")
 
 
 # -- the config's entries ----------------------------------------------------------------------------

@@ -28,12 +28,10 @@ import json
 import logging
 import os
 import re
-import secrets
 import shutil
-import sys
 import tempfile
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager, suppress
+from collections.abc import Callable
+from contextlib import suppress
 from dataclasses import asdict, dataclass, replace
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
@@ -45,7 +43,7 @@ from torch import nn
 
 from lafn_hf.modeling import decoder_layers, get_spec, text_config
 
-from . import bank_format
+from . import bank_file, bank_format
 from .bank import _ENTRY_ID, EditBank
 
 logger = logging.getLogger(__name__)
@@ -59,7 +57,6 @@ MODEL_CARD_ROWS = 1000  # entries listed in the model card; lafn_config.json lis
 BANK_DOWNLOAD_PATTERNS = (BANK_CONFIG_NAME, MODEL_CARD_NAME, BANK_WEIGHTS_NAME, "lafn_bank-*.safetensors")
 _WEIGHTS_FILE = re.compile(r"^lafn_bank-[0-9a-f]{16}\.safetensors$")
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
-_TEMP_PREFIX = ".lafn-tmp-"  # our temporary files inside a bank directory
 _REPO_PART = r"[A-Za-z0-9](?:[A-Za-z0-9_.-]{0,94}[A-Za-z0-9_])?"
 _REPO_ID = re.compile(rf"^(?:{_REPO_PART}/)?{_REPO_PART}$")
 
@@ -176,19 +173,19 @@ def save_bank(directory: str | os.PathLike[str], bank: EditBank, base: BaseModel
             "base_model": asdict(base), "weights_file": weights_file, "weights_sha256": sha}, entries)
     card = model_card(bank, base).encode("utf-8")
     target.mkdir(parents=True, exist_ok=True)
-    with _locked_directory(target) as sync:
+    with bank_file.locked_directory(target) as sync:
         existed = (target / weights_file).exists()
         try:
-            _write_atomic(target, weights_file, weights)
+            bank_file.write_atomic(target, weights_file, weights)
             sync()
-            _write_atomic(target, BANK_CONFIG_NAME, config)  # the commit point
+            bank_file.write_atomic(target, BANK_CONFIG_NAME, config)  # the commit point
             sync()
         except BaseException:
             if not existed and _referenced_weights(target) != weights_file:
                 with suppress(OSError):
                     (target / weights_file).unlink()
             raise
-        _write_atomic(target, MODEL_CARD_NAME, card)
+        bank_file.write_atomic(target, MODEL_CARD_NAME, card)
         _remove_leftovers(target, weights_file)
     return target
 
@@ -200,47 +197,6 @@ def _check_target(target: Path) -> None:
     if target.exists() and not target.is_dir():
         kind = "a regular file" if target.is_file() else "not a directory"
         raise ValueError(f"{target} is {kind}; an edit bank is a directory, refusing to replace it")
-
-
-@contextmanager
-def _locked_directory(target: Path) -> Iterator[Callable[[], None]]:
-    """Hold an exclusive lock on ``target`` (POSIX; concurrent saves wait) and yield its fsync."""
-    fd = -1
-    if sys.platform != "win32":  # Windows cannot open directories: no lock, no directory fsync
-        with suppress(OSError):
-            fd = os.open(target, os.O_RDONLY)
-    if fd < 0:
-        yield lambda: None
-        return
-    import fcntl
-
-    try:
-        with suppress(OSError):  # e.g. a file system without locks
-            fcntl.flock(fd, fcntl.LOCK_EX)
-        yield lambda: _fsync_quietly(fd)
-    finally:
-        os.close(fd)
-
-
-def _fsync_quietly(fd: int) -> None:
-    with suppress(OSError):  # some file systems refuse to fsync a directory; the renames still happened
-        os.fsync(fd)
-
-
-def _write_atomic(directory: Path, name: str, data: bytes) -> None:
-    """Write ``data`` to a temporary file in ``directory``, fsync it, then rename it over ``name``."""
-    temp = directory / f"{_TEMP_PREFIX}{secrets.token_hex(8)}-{name}"
-    fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666)  # umask applies
-    try:
-        with open(fd, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(temp, directory / name)
-    except BaseException:
-        with suppress(OSError):
-            os.unlink(temp)
-        raise
 
 
 def _referenced_weights(directory: Path) -> str | None:
@@ -255,7 +211,7 @@ def _remove_leftovers(target: Path, keep: str) -> None:
     directories that saves of lafn-hf <= 0.1 left when they crashed."""
     for path in target.iterdir():
         name = path.name
-        ours = name.startswith(_TEMP_PREFIX) or name == BANK_WEIGHTS_NAME or bool(_WEIGHTS_FILE.match(name))
+        ours = name.startswith(bank_file.TEMP_PREFIX) or name == BANK_WEIGHTS_NAME or bool(_WEIGHTS_FILE.match(name))
         if ours and name != keep and (path.is_symlink() or not path.is_dir()):
             with suppress(FileNotFoundError):
                 path.unlink()
@@ -317,7 +273,7 @@ def _load_bank(directory: Path) -> tuple[EditBank, BaseModelRef]:
         parsed = parse_bank_config(config_path.read_bytes(), str(config_path))
         weights_path = directory / parsed.weights_file
         try:
-            tensors = bank_format.read_weights(weights_path, parsed.weights_sha256, BANK_CONFIG_NAME,
+            tensors = bank_file.read_weights(weights_path, parsed.weights_sha256, BANK_CONFIG_NAME,
                                                mapped=parsed.format_version >= 3)
             break
         except FileNotFoundError:

@@ -17,7 +17,7 @@ import torch
 from safetensors.torch import load_file
 from safetensors.torch import save as save_safetensors
 
-from lafn_hf import BankEntry, EditBank, LayerUpdate
+from lafn_hf import BankEntry, EditBank, LayerUpdate, bank_file
 from lafn_hf import bank_format as fmt
 from lafn_hf.hub import BANK_CONFIG_NAME, BANK_WEIGHTS_NAME, FORMAT_VERSION, BaseModelRef, load_bank, save_bank, weights_name
 
@@ -145,7 +145,7 @@ def test_loaded_updates_are_views_that_pickle_alone_and_outlive_their_file(tmp_p
 def test_windows_reads_format_3_into_memory(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     bank = tricky_bank()
     save_bank(tmp_path / "bank", bank, SMALL_BASE)
-    monkeypatch.setattr(fmt.sys, "platform", "win32")  # a mapped file could not be deleted by the next save
+    monkeypatch.setattr(bank_file.sys, "platform", "win32")  # a mapped file could not be deleted by the next save
     loaded, _ = load_bank(tmp_path / "bank")
     monkeypatch.undo()
     assert_bit_exact(loaded, bank)
