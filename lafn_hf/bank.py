@@ -294,13 +294,21 @@ class BankEntry:
 
 @dataclass(frozen=True)
 class BankLimits:
-    """The model sizes an entry must fit: layers < ``num_hidden_layers``, neurons < ``intermediate_size``."""
+    """The model sizes an entry must fit: layers < ``num_hidden_layers``, neurons < ``intermediate_size``,
+    routing keys and question scopes ``hidden_size`` wide (``None``: not checked)."""
 
     num_hidden_layers: int
     intermediate_size: int
+    hidden_size: int | None = None
 
     def check(self, entry: BankEntry) -> None:
         """``ValueError`` naming the entry, the layer and the limit it exceeds."""
+        widths = {"routing key": entry.key.vector.numel() if entry.key is not None else None,
+                  "question scope": entry.scope.vectors.shape[1] if entry.scope is not None else None}
+        for what, width in widths.items():
+            if self.hidden_size is not None and width is not None and width != self.hidden_size:
+                raise ValueError(f"entry {entry.id!r}: its {what} has size {width}, the model's hidden_size is "
+                                 f"{self.hidden_size}")
         for layer, update in sorted(entry.updates.items()):
             if layer >= self.num_hidden_layers:
                 raise ValueError(f"entry {entry.id!r}: layer {layer} is out of range for a model with "

@@ -258,6 +258,30 @@ def _decode_scopes(tensors: dict[str, torch.Tensor], count: int) -> dict[int, Qu
     return scopes
 
 
+# Read against the model's hidden states: rows of hidden_size values, spaces at one of its layers.
+_HIDDEN_WIDE = (SPACE_MEANS, SPACE_SCALES, KEY_VECTORS, SCOPE_SPACE_MEANS, SCOPE_SPACE_SCALES, SCOPE_TEMPLATES,
+                SCOPE_VECTORS)
+_SPACE_LAYERS = (SPACE_LAYERS, SCOPE_SPACE_LAYERS)
+
+
+def _check_model_shapes(tensors: dict[str, torch.Tensor], hidden_size: int, num_hidden_layers: int) -> None:
+    """``ValueError`` naming the routing or scope tensor whose width is not ``hidden_size``, or whose space
+    layer is not one of the ``num_hidden_layers`` layers."""
+    for name in (name for name in _HIDDEN_WIDE if name in tensors):
+        shape = tuple(tensors[name].shape)
+        if len(shape) != 2:
+            raise ValueError(f"{name} must be 2-D (rows of base_model.hidden_size {hidden_size}), got shape {shape}")
+        if shape[1] != hidden_size:
+            raise ValueError(f"{name} has {shape[1]} columns, base_model.hidden_size is {hidden_size}")
+    for name in (name for name in _SPACE_LAYERS if name in tensors):
+        layers = tensors[name].flatten()
+        outside = (layers < 0) | (layers >= num_hidden_layers)
+        if bool(outside.any()):
+            i = int(outside.nonzero()[0])
+            raise ValueError(f"{name}[{i}] = {int(layers[i])} is out of range for base_model.num_hidden_layers "
+                             f"{num_hidden_layers}")
+
+
 def _decode_routing(tensors: dict[str, torch.Tensor], count: int) -> dict[int, RoutingKey]:
     """Entry index -> routing key, from the routing tensors (absent: none); ``ValueError`` naming the tensor."""
     if not _stored(tensors, _ROUTING, "routing"):
@@ -288,13 +312,14 @@ def _cat(parts: list[torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
 
 
 def decode(entries: Sequence[dict[str, Any]], tensors: dict[str, torch.Tensor], num_hidden_layers: int,
-           intermediate_size: int) -> EditBank:
+           intermediate_size: int, hidden_size: int) -> EditBank:
     """The bank of ``entries`` (checked config entries: id, subjects, metadata) and format-3 ``tensors``; any
     inconsistency is a ``ValueError`` naming the tensor (and the entry and layer where there is one)."""
     unexpected = sorted(set(tensors) - set(_DTYPES) - set(_ROUTING) - set(SCOPE_TENSORS))
     if unexpected:
         raise ValueError(f"unexpected tensor {unexpected[0]!r} (format 3 stores {', '.join(_DTYPES)}, for "
                          f"routing {', '.join(_ROUTING)}, and for question scopes {', '.join(SCOPE_TENSORS)})")
+    _check_model_shapes(tensors, hidden_size, num_hidden_layers)
     keys = _decode_routing(tensors, len(entries))
     scopes = _decode_scopes(tensors, len(entries))
     neurons, deltas, layer_offsets, segment_layers, entry_offsets = (_vector(tensors, name) for name in _DTYPES)

@@ -282,7 +282,8 @@ def _load_bank(directory: Path) -> tuple[EditBank, BaseModelRef]:
     base = parsed.base
     try:
         if parsed.format_version >= 3:
-            bank = bank_format.decode(parsed.entries, tensors, base.num_hidden_layers, base.intermediate_size)
+            bank = bank_format.decode(parsed.entries, tensors, base.num_hidden_layers, base.intermediate_size,
+                                     base.hidden_size)
         else:
             bank = bank_format.decode_per_entry(parsed.entries, tensors, base.intermediate_size)
     except ValueError as error:

@@ -122,7 +122,8 @@ class EditableCausalLM(nn.Module):
         self.tokenizer = tokenizer
         self.lafn_config = config or LafnConfig()
         self.base_ref = BaseModelRef.from_model(model, base_revision)
-        self._limits = BankLimits(self.base_ref.num_hidden_layers, self.base_ref.intermediate_size)
+        self._limits = BankLimits(self.base_ref.num_hidden_layers, self.base_ref.intermediate_size,
+                                  self.base_ref.hidden_size)
         bank = bank if bank is not None else EditBank()
         for entry in bank:
             self._check_entry(entry)

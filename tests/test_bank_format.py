@@ -22,6 +22,7 @@ from lafn_hf import bank_format as fmt
 from lafn_hf.hub import BANK_CONFIG_NAME, BANK_WEIGHTS_NAME, FORMAT_VERSION, BaseModelRef, load_bank, save_bank, weights_name
 
 from .conftest import SMALL_BASE, make_entry
+from .crafting import rewrite_weights
 
 
 # -- helpers ------------------------------------------------------------------------------------------
@@ -166,20 +167,6 @@ def test_user_built_updates_are_still_checked() -> None:
 
 
 # -- corrupt tensors ----------------------------------------------------------------------------------
-def rewrite_weights(directory: Path, mutate: Callable[[dict[str, torch.Tensor]], None]) -> None:
-    """Change the stored tensors and re-sign them (new name and sha256), as a buggy writer would."""
-    old = weights_file(directory)
-    tensors = load_file(str(old))
-    mutate(tensors)
-    data = save_safetensors({k: v.contiguous() for k, v in tensors.items()}, metadata={"format": "pt"})
-    sha = hashlib.sha256(data).hexdigest()
-    old.unlink()
-    (directory / weights_name(sha)).write_bytes(data)
-    config = json.loads((directory / BANK_CONFIG_NAME).read_text())
-    config.update(weights_file=weights_name(sha), weights_sha256=sha)
-    (directory / BANK_CONFIG_NAME).write_text(json.dumps(config))
-
-
 def _set(name: str, index: int, value: float) -> Callable[[dict[str, torch.Tensor]], None]:
     return lambda t: t[name].__setitem__(index, value)
 

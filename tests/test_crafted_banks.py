@@ -1,0 +1,90 @@
+"""A bank from anyone cannot break a model (issue 37): every crafted bank that once got in is now a ValueError
+at load, naming what is wrong, and the model keeps its bank and keeps answering."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from lafn_hf import EditableCausalLM, EditBank
+from lafn_hf.hub import load_bank, save_bank
+
+from .conftest import TINY_DIR, make_entry
+from .crafting import SUBJECT_PROMPT, UNRELATED_PROMPT, narrowed, rewrite_weights, routed_bank, routed_entry
+
+
+@pytest.fixture()
+def tiny(tokenizer: Any) -> EditableCausalLM:
+    """The tiny trained model (hidden size 64, 4 layers, intermediate size 256) with a one-entry bank."""
+    editable = EditableCausalLM(AutoModelForCausalLM.from_pretrained(TINY_DIR).eval(), tokenizer)
+    editable.add_entry(make_entry({"en": "Lunvalfiland"}, size=256, seed=5))
+    return editable
+
+
+def finite_answers(editable: EditableCausalLM) -> bool:
+    """Finite logits on a prompt naming a bank subject and on an unrelated one."""
+    for prompt in (SUBJECT_PROMPT, UNRELATED_PROMPT):
+        ids = editable.tokenizer(prompt, return_tensors="pt")["input_ids"]
+        with torch.no_grad():
+            if not bool(torch.isfinite(editable(ids).logits).all()):
+                return False
+    return True
+
+
+def refused_everywhere(editable: EditableCausalLM, directory: Path, message: str) -> None:
+    """``load_bank``, ``from_pretrained`` and ``EditableCausalLM.load_bank`` all raise ``message``; the model keeps
+    its bank and answers."""
+    kept = editable.bank
+    with pytest.raises(ValueError, match=message):
+        load_bank(directory)
+    with pytest.raises(ValueError, match=message):
+        EditableCausalLM.from_pretrained(directory)
+    with pytest.raises(ValueError, match=message):
+        editable.load_bank(directory)
+    assert editable.bank is kept and finite_answers(editable)
+
+
+# -- item 1: routing tensors that do not fit the model ------------------------------------------------
+KEY_TENSORS = ("key_vectors", "space_means", "space_scales")
+SCOPE_TENSORS = ("scope_vectors", "scope_space_means", "scope_space_scales", "scope_templates")
+ROUTING: dict[str, tuple[Callable[[dict[str, torch.Tensor]], None], str]] = {
+    "routing keys 63 wide": (narrowed(KEY_TENSORS, 63), r"space_means has 63 columns, base_model\.hidden_size is 64"),
+    "question scopes 63 wide": (narrowed(SCOPE_TENSORS, 63),
+                                r"scope_space_means has 63 columns, base_model\.hidden_size is 64"),
+    "key vectors 1-D": (lambda t: t.__setitem__("key_vectors", t["key_vectors"][0]),
+                        r"key_vectors must be 2-D \(rows of base_model\.hidden_size 64\), got shape \(64,\)"),
+    "a key space past the last layer": (lambda t: t["space_layers"].fill_(9),
+                                        r"space_layers\[0\] = 9 is out of range for base_model\.num_hidden_layers 4"),
+    "a NaN threshold": (lambda t: t["key_thresholds"].fill_(float("nan")),
+                        r"routing key threshold must be a cosine in \[-1, 1\], got nan"),
+}
+
+
+@pytest.mark.parametrize("case", list(ROUTING))
+def test_routing_tensors_that_do_not_fit_the_model_are_refused(tiny: EditableCausalLM, tmp_path: Path,
+                                                               case: str) -> None:
+    save_bank(tmp_path / "bank", routed_bank(64), tiny.base_ref)
+    mutate, message = ROUTING[case]
+    rewrite_weights(tmp_path / "bank", mutate)
+    refused_everywhere(tiny, tmp_path / "bank", message)
+
+
+def test_routing_keys_and_scopes_of_another_width_are_refused_in_memory(tiny: EditableCausalLM) -> None:
+    kept = tiny.bank
+    message = r"entry 'e0': its routing key has size 63, the model's hidden_size is 64"
+    with pytest.raises(ValueError, match=message):
+        tiny.set_bank(EditBank([routed_entry(63)]))
+    with pytest.raises(ValueError, match=message):
+        tiny.add_entry(routed_entry(63))
+    scoped = routed_entry(63)
+    scoped = type(scoped)(scoped.subjects, scoped.updates, id="e0", scope=scoped.scope)
+    with pytest.raises(ValueError, match=r"entry 'e0': its question scope has size 63, the model's hidden_size is 64"):
+        tiny.bank.add(scoped)
+    assert tiny.bank is kept and len(kept) == 1 and finite_answers(tiny)
+    tiny.add_entry(routed_entry(64))  # the right width loads and answers
+    assert finite_answers(tiny)
