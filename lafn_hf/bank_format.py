@@ -82,10 +82,24 @@ def paused_gc() -> Iterator[None]:
 # -- the config's entries ----------------------------------------------------------------------------
 def config_json(header: dict[str, Any], entries: list[dict[str, Any]]) -> bytes:
     """``header`` as indented JSON, then ``entries`` one line each: readable, and quick to write for 1M entries."""
-    head = json.dumps(header, indent=2, sort_keys=True, ensure_ascii=False)  # "{\n  ...\n}"
-    line = json.JSONEncoder(ensure_ascii=False, sort_keys=True).encode
-    rows = "[\n    " + ",\n    ".join(map(line, entries)) + "\n  ]" if entries else "[]"
+    head = json.dumps(header, indent=2, sort_keys=True, ensure_ascii=False, allow_nan=False)  # "{\n  ...\n}"
+    encoder = json.JSONEncoder(ensure_ascii=False, sort_keys=True, allow_nan=False)
+    try:
+        lines = list(map(encoder.encode, entries))
+    except ValueError:  # NaN or infinity, which strict JSON (and the loader) refuse
+        bad = next(row for row in entries if not _strict(encoder, row))
+        raise ValueError(f"entry {bad['id']!r}: its metadata is not strict JSON (NaN or infinity); nothing was "
+                         "saved") from None
+    rows = "[\n    " + ",\n    ".join(lines) + "\n  ]" if entries else "[]"
     return f'{head[:-2]},\n  "entries": {rows}\n}}\n'.encode()
+
+
+def _strict(encoder: json.JSONEncoder, row: dict[str, Any]) -> bool:
+    try:
+        encoder.encode(row)
+    except ValueError:
+        return False
+    return True
 
 
 def is_plain_entry(raw: Any) -> bool:

@@ -294,7 +294,9 @@ def _load_bank(directory: Path) -> tuple[EditBank, BaseModelRef]:
 def parse_bank_config(data: bytes | str, source: str = BANK_CONFIG_NAME) -> BankConfig:
     """Parse and check ``lafn_config.json``; any problem is a ``ValueError`` naming ``source`` and the field."""
     try:
-        raw = json.loads(data)
+        raw = json.loads(data, parse_constant=_refuse_constant)
+    except _NotStrict as error:
+        raise ValueError(f"{source} is not strict JSON: it holds {error.args[0]} (metadata must be plain JSON)") from None
     except RecursionError:
         raise ValueError(f"{source} is not valid JSON: nested too deeply") from None
     except ValueError as error:  # JSONDecodeError, UnicodeDecodeError, integers too long to convert
@@ -303,6 +305,14 @@ def parse_bank_config(data: bytes | str, source: str = BANK_CONFIG_NAME) -> Bank
         return _check_config(raw)
     except ValueError as error:
         raise ValueError(f"{source} is not a valid {BANK_CONFIG_NAME}: {error}") from None
+
+
+class _NotStrict(Exception):
+    """A NaN or Infinity literal, which Python's ``json`` accepts and strict JSON does not."""
+
+
+def _refuse_constant(literal: str) -> Any:
+    raise _NotStrict(literal)
 
 
 _REQUIRED: Any = object()

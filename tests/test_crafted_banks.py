@@ -12,9 +12,9 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from lafn_hf import EditableCausalLM, EditBank
-from lafn_hf.hub import load_bank, save_bank
+from lafn_hf.hub import BANK_CONFIG_NAME, load_bank, save_bank
 
-from .conftest import TINY_DIR, make_entry
+from .conftest import SMALL_BASE, TINY_DIR, make_entry
 from .crafting import SUBJECT_PROMPT, UNRELATED_PROMPT, narrowed, rewrite_weights, routed_bank, routed_entry
 
 
@@ -88,3 +88,20 @@ def test_routing_keys_and_scopes_of_another_width_are_refused_in_memory(tiny: Ed
     assert tiny.bank is kept and len(kept) == 1 and finite_answers(tiny)
     tiny.add_entry(routed_entry(64))  # the right width loads and answers
     assert finite_answers(tiny)
+
+
+# -- item 8: metadata must be strict JSON -------------------------------------------------------------
+@pytest.mark.parametrize("literal", ["NaN", "Infinity", "-Infinity"])
+def test_a_nan_or_infinity_literal_in_the_config_is_refused(tiny: EditableCausalLM, tmp_path: Path, literal: str) -> None:
+    save_bank(tmp_path / "bank", EditBank([make_entry({"en": "Marbrafi"}, size=256)]), tiny.base_ref)
+    path = tmp_path / "bank" / BANK_CONFIG_NAME
+    path.write_text(path.read_text().replace('"targets"', f'"score": {literal}, "targets"'))
+    refused_everywhere(tiny, tmp_path / "bank", rf"lafn_config\.json is not strict JSON: it holds {literal}")
+
+
+def test_a_bank_whose_metadata_is_not_strict_json_is_not_saved(tmp_path: Path) -> None:
+    entry = make_entry({"en": "Marbrafi"})
+    entry.metadata["score"] = float("nan")
+    with pytest.raises(ValueError, match=rf"entry '{entry.id}': its metadata is not strict JSON \(NaN or infinity\)"):
+        save_bank(tmp_path / "bank", EditBank([entry]), SMALL_BASE)
+    assert not (tmp_path / "bank" / BANK_CONFIG_NAME).exists()
