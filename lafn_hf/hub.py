@@ -268,9 +268,10 @@ def load_bank(directory: str | os.PathLike[str]) -> tuple[EditBank, BaseModelRef
 def _load_bank(directory: Path) -> tuple[EditBank, BaseModelRef]:
     config_path = directory / BANK_CONFIG_NAME
     for attempt in range(2):  # a save that commits meanwhile deletes the old weights: read its config then
-        if not config_path.is_file():
-            raise ValueError(f"{directory} is not an edit bank: {BANK_CONFIG_NAME} is missing")
-        parsed = parse_bank_config(config_path.read_bytes(), str(config_path))
+        try:
+            parsed = parse_bank_config(bank_file.read_regular(config_path), str(config_path))
+        except FileNotFoundError:
+            raise ValueError(f"{directory} is not an edit bank: {BANK_CONFIG_NAME} is missing") from None
         weights_path = directory / parsed.weights_file
         try:
             tensors = bank_file.read_weights(weights_path, parsed.weights_sha256, BANK_CONFIG_NAME,
@@ -435,7 +436,8 @@ def resolve_bank_dir(name_or_path: str | os.PathLike[str], revision: str | None 
 
 
 def is_bank_dir(path: str | os.PathLike[str]) -> bool:
-    return (Path(path) / BANK_CONFIG_NAME).is_file()
+    """Whether ``path`` holds a ``lafn_config.json`` (of any kind: loading refuses one that is not a regular file)."""
+    return os.path.lexists(Path(path) / BANK_CONFIG_NAME)
 
 
 def warn_if_local_base(base: BaseModelRef) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 from collections.abc import Callable
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -14,7 +15,7 @@ from safetensors.torch import save as save_safetensors
 
 from lafn_hf import BankEntry, EditBank, LayerUpdate
 from lafn_hf.bank import KeySpace, QuestionScope, RoutingKey, ScopeSpace
-from lafn_hf.hub import BANK_CONFIG_NAME, weights_name
+from lafn_hf.hub import BANK_CONFIG_NAME, BANK_WEIGHTS_NAME, BaseModelRef, weights_name
 
 from .conftest import weights_file
 
@@ -41,6 +42,25 @@ def routed_entry(hidden_size: int, entry_id: str = "e0", subject: str = "Marbraf
 
 def routed_bank(hidden_size: int) -> EditBank:
     return EditBank([routed_entry(hidden_size), routed_entry(hidden_size, "e1", "Lunvalfiland", seed=1)])
+
+
+def write_old_bank(directory: Path, bank: EditBank, base: BaseModelRef, version: int) -> Path:
+    """A bank as lafn-hf wrote formats 1 and 2: two tensors per entry and layer, each entry's layers listed."""
+    tensors = {f"{entry.id}/{layer}/{kind}": getattr(update, kind)
+               for entry in bank for layer, update in entry.updates.items() for kind in ("neurons", "delta")}
+    data = save_safetensors(tensors, metadata={"format": "pt"})
+    config: dict[str, Any] = {
+        "format_version": version, "library": "lafn-hf", "library_version": f"0.{version}.0", "base_model": asdict(base),
+        "entries": [{"id": e.id, "subjects": e.subjects, "layers": list(e.layers), "metadata": e.metadata} for e in bank]}
+    name = BANK_WEIGHTS_NAME
+    if version == 2:
+        sha = hashlib.sha256(data).hexdigest()
+        name = weights_name(sha)
+        config.update(weights_file=name, weights_sha256=sha)
+    directory.mkdir(parents=True)
+    (directory / name).write_bytes(data)
+    (directory / BANK_CONFIG_NAME).write_text(json.dumps(config, indent=2, sort_keys=True, ensure_ascii=False))
+    return directory
 
 
 def rewrite_weights(directory: Path, mutate: Callable[[dict[str, torch.Tensor]], None]) -> None:

@@ -3,7 +3,11 @@ at load, naming what is wrong, and the model keeps its bank and keeps answering.
 
 from __future__ import annotations
 
+import os
+import sys
+import threading
 from collections.abc import Callable
+from contextlib import suppress
 from pathlib import Path
 from typing import Any
 
@@ -14,8 +18,18 @@ from transformers import AutoModelForCausalLM
 from lafn_hf import EditableCausalLM, EditBank
 from lafn_hf.hub import BANK_CONFIG_NAME, load_bank, save_bank
 
-from .conftest import SMALL_BASE, TINY_DIR, make_entry
-from .crafting import SUBJECT_PROMPT, UNRELATED_PROMPT, narrowed, rewrite_weights, routed_bank, routed_entry
+from .conftest import SMALL_BASE, TINY_DIR, make_entry, weights_file
+from .crafting import (
+    SUBJECT_PROMPT,
+    UNRELATED_PROMPT,
+    narrowed,
+    rewrite_weights,
+    routed_bank,
+    routed_entry,
+    write_old_bank,
+)
+
+needs_fifo = pytest.mark.skipif(not hasattr(os, "mkfifo") or sys.platform == "win32", reason="needs FIFOs")
 
 
 @pytest.fixture()
@@ -105,3 +119,81 @@ def test_a_bank_whose_metadata_is_not_strict_json_is_not_saved(tmp_path: Path) -
     with pytest.raises(ValueError, match=rf"entry '{entry.id}': its metadata is not strict JSON \(NaN or infinity\)"):
         save_bank(tmp_path / "bank", EditBank([entry]), SMALL_BASE)
     assert not (tmp_path / "bank" / BANK_CONFIG_NAME).exists()
+
+
+# -- item 3: files that are not regular files, or longer than their header says ----------------------------
+def within(seconds: float, call: Callable[[], Any], unblock: Callable[[], None] = lambda: None) -> Any:
+    """``call()``'s result or exception, failing the test when it takes longer than ``seconds`` (a hang)."""
+    outcome: list[Any] = []
+
+    def run() -> None:
+        try:
+            outcome.append(("value", call()))
+        except BaseException as error:  # noqa: BLE001 (handed to the test)
+            outcome.append(("error", error))
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    thread.join(seconds)
+    if thread.is_alive():
+        unblock()
+        pytest.fail(f"still running after {seconds} s")
+    kind, value = outcome[0]
+    if kind == "error":
+        raise value
+    return value
+
+
+def open_fifo_for_writing(path: Path) -> None:
+    """Let a reader blocked opening the FIFO ``path`` go on (it then reads end of file)."""
+    with suppress(OSError):
+        os.close(os.open(path, os.O_WRONLY | os.O_NONBLOCK))
+
+
+@needs_fifo
+@pytest.mark.parametrize("version", [1, 3])
+def test_a_fifo_as_the_weights_file_is_refused_at_once(tiny: EditableCausalLM, tmp_path: Path, version: int) -> None:
+    directory = tmp_path / "bank"
+    if version == 3:
+        save_bank(directory, EditBank([make_entry({"en": "Marbrafi"}, size=256)]), tiny.base_ref)
+    else:
+        write_old_bank(directory, EditBank([make_entry({"en": "Marbrafi"}, size=256)]), tiny.base_ref, 1)
+    fifo = weights_file(directory)
+    fifo.unlink()
+    os.mkfifo(fifo)
+    message = rf"{fifo.name} is not a regular file \(a FIFO\)"
+    for load in (lambda: load_bank(directory), lambda: tiny.load_bank(directory)):
+        with pytest.raises(ValueError, match=message):
+            within(1.0, load, lambda: open_fifo_for_writing(fifo))
+    assert finite_answers(tiny)
+
+
+@needs_fifo
+def test_a_device_or_a_fifo_in_place_of_a_bank_file_is_refused_at_once(tiny: EditableCausalLM, tmp_path: Path) -> None:
+    directory = tmp_path / "bank"
+    save_bank(directory, EditBank([make_entry({"en": "Marbrafi"}, size=256)]), tiny.base_ref)
+    weights = weights_file(directory)
+    weights.unlink()
+    weights.symlink_to("/dev/zero")  # endless: hashing it never ends
+    with pytest.raises(ValueError, match=rf"{weights.name} is not a regular file \(a character device\)"):
+        within(1.0, lambda: load_bank(directory))
+    config = directory / BANK_CONFIG_NAME
+    config.unlink()
+    os.mkfifo(config)
+    with pytest.raises(ValueError, match=rf"{BANK_CONFIG_NAME} is not a regular file \(a FIFO\)"):
+        within(1.0, lambda: EditableCausalLM.from_pretrained(directory), lambda: open_fifo_for_writing(config))
+
+
+def test_a_weights_file_longer_than_its_header_declares_is_refused_before_hashing(tmp_path: Path) -> None:
+    save_bank(tmp_path / "bank", EditBank([make_entry({"en": "Marbrafi"})]), SMALL_BASE)
+    weights = weights_file(tmp_path / "bank")
+    size = weights.stat().st_size
+    with weights.open("ab") as handle:
+        handle.truncate(size + 2**40)  # a sparse terabyte: hashing it would take hours
+    message = rf"{weights.name} is corrupted or truncated: it has {size + 2**40} bytes, its header declares {size}"
+    with pytest.raises(ValueError, match=message):
+        within(1.0, lambda: load_bank(tmp_path / "bank"))
+    with weights.open("r+b") as handle:
+        handle.write((2**62).to_bytes(8, "little"))  # a header length beyond the file
+    with pytest.raises(ValueError, match=rf"{weights.name} is corrupted or truncated: its header length"):
+        within(1.0, lambda: load_bank(tmp_path / "bank"))
