@@ -152,15 +152,37 @@ def _fsync_quietly(fd: int) -> None:
         os.fsync(fd)
 
 
-def write_atomic(directory: Path, name: str, data: bytes) -> None:
-    """Write ``data`` to a temporary file in ``directory``, fsync it, then rename it over ``name``."""
+def write_temp(directory: Path, name: str, data: bytes) -> Path:
+    """``data`` in a new temporary file of ``directory`` named after ``name``, written and fsynced (removed again
+    when that fails, e.g. a full disk)."""
     temp = directory / f"{TEMP_PREFIX}{secrets.token_hex(8)}-{name}"
     fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666)  # umask applies
     try:
-        with open(fd, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
+        try:
+            _write_all(fd, data)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    except BaseException:
+        with suppress(OSError):
+            os.unlink(temp)
+        raise
+    return temp
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view[:_WRITE_CHUNK]) :]
+
+
+_WRITE_CHUNK = 1 << 24  # one write may be short, and some systems refuse 2 GiB at once
+
+
+def write_atomic(directory: Path, name: str, data: bytes) -> None:
+    """Write ``data`` to a temporary file in ``directory``, fsync it, then rename it over ``name``."""
+    temp = write_temp(directory, name, data)
+    try:
         os.replace(temp, directory / name)
     except BaseException:
         with suppress(OSError):

@@ -16,9 +16,11 @@ mapping, neuron indices an int64 copy (details in ``lafn_hf.bank_format``).
 
 Saving never removes the directory. Each file is written to a temporary file inside it, flushed, fsynced
 and renamed over its final name: first the weights (a new, content-addressed name, so the old bank's file
-is untouched), then ``lafn_config.json``, whose rename is the commit point, then the model card; last,
-weights no longer referenced and what crashed saves left behind are deleted. After a crash at any point
-the directory holds the old bank or the new one, complete.
+is untouched), then the model card (written, not yet renamed), then ``lafn_config.json``, whose rename is
+the commit point; after it only renames and deletions follow (the card renamed into place, weights no
+longer referenced and what crashed saves left behind deleted), which cannot fill a disk and, should they
+fail, are logged, not raised. After a crash at any point the directory holds the old bank or the new one;
+an error (a full disk) means the old bank, untouched; success means the new bank with its card.
 """
 
 from __future__ import annotations
@@ -175,19 +177,35 @@ def save_bank(directory: str | os.PathLike[str], bank: EditBank, base: BaseModel
     target.mkdir(parents=True, exist_ok=True)
     with bank_file.locked_directory(target) as sync:
         existed = (target / weights_file).exists()
+        card_file: Path | None = None
         try:
             bank_file.write_atomic(target, weights_file, weights)
+            card_file = bank_file.write_temp(target, MODEL_CARD_NAME, card)  # written before the commit point
             sync()
             bank_file.write_atomic(target, BANK_CONFIG_NAME, config)  # the commit point
-            sync()
         except BaseException:
+            if card_file is not None:
+                with suppress(OSError):
+                    card_file.unlink()
             if not existed and _referenced_weights(target) != weights_file:
                 with suppress(OSError):
                     (target / weights_file).unlink()
             raise
-        bank_file.write_atomic(target, MODEL_CARD_NAME, card)
-        _remove_leftovers(target, weights_file)
+        _after_commit(target, card_file, weights_file, sync)
     return target
+
+
+def _after_commit(target: Path, card_file: Path, weights_file: str, sync: Callable[[], None]) -> None:
+    """The new bank is saved: rename its card into place and delete what no longer belongs. Nothing here writes
+    data, and a failure is logged, not raised: an error from ``save_bank`` means the old bank is untouched."""
+    try:
+        sync()
+        os.replace(card_file, target / MODEL_CARD_NAME)
+        sync()
+        _remove_leftovers(target, weights_file)
+    except OSError as error:
+        logger.warning("%s: the new bank is saved, but tidying up after it failed (%s); the next save retries",
+                       target, error.strerror or error)
 
 
 def _check_target(target: Path) -> None:
