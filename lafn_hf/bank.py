@@ -24,7 +24,7 @@ from typing import Any
 import torch
 
 from .config import nfc
-from .text import check_aliases
+from .text import check_aliases, check_form_length
 
 _BANK_UIDS = itertools.count()
 _CHANGE_LOG = 4096  # bank changes kept for incremental updates of compiled banks
@@ -244,6 +244,7 @@ class BankEntry:
         for lang, subject in self.subjects.items():
             if not isinstance(subject, str) or not subject.strip():
                 raise ValueError(f"entry {self.id!r}: subject for {lang!r} must be a non-empty str, got {subject!r}")
+            check_form_length(subject, f"entry {self.id!r}: subject for {lang!r}")
         object.__setattr__(self, "subjects", {lang: nfc(s) for lang, s in self.subjects.items()})
         object.__setattr__(self, "aliases", check_aliases(self.aliases, f"entry {self.id!r}"))
         if self.key is not None and not isinstance(self.key, RoutingKey):

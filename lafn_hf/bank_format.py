@@ -42,7 +42,6 @@ import torch
 
 from .bank import _ENTRY_ID, BankEntry, EditBank, KeySpace, LayerUpdate, QuestionScope, RoutingKey, ScopeSpace
 from .config import nfc
-from .text import check_aliases
 
 NEURONS, DELTAS, LAYER_OFFSETS, SEGMENT_LAYERS, ENTRY_OFFSETS = (
     "neurons", "deltas", "layer_offsets", "segment_layers", "entry_offsets")
@@ -118,10 +117,9 @@ def is_plain_entry(raw: Any) -> bool:
 
 
 def _plain_aliases(aliases: Any) -> bool:
-    try:
-        return type(aliases) is list and check_aliases(aliases, "") == tuple(aliases)
-    except (TypeError, ValueError):
-        return False
+    """A list of distinct non-empty NFC strings (their length is checked with the subjects', ``bank_checks``)."""
+    return (type(aliases) is list and all(type(alias) is str and alias.strip() for alias in aliases)
+            and len(set(aliases)) == len(aliases) and all(unicodedata.is_normalized("NFC", alias) for alias in aliases))
 
 
 # -- format 3 ----------------------------------------------------------------------------------------

@@ -47,6 +47,7 @@ from lafn_hf.modeling import decoder_layers, get_spec, text_config
 
 from . import bank_file, bank_format
 from .bank import _ENTRY_ID, EditBank
+from .bank_checks import check_surface_forms
 
 logger = logging.getLogger(__name__)
 
@@ -277,19 +278,25 @@ class BankConfig:
     entries: tuple[dict[str, Any], ...]
 
 
-def load_bank(directory: str | os.PathLike[str]) -> tuple[EditBank, BaseModelRef]:
-    """Read a bank directory; any inconsistency raises ``ValueError`` naming the file and the field."""
+def load_bank(directory: str | os.PathLike[str], *, allow_common: bool = False) -> tuple[EditBank, BaseModelRef]:
+    """Read a bank directory; any inconsistency raises ``ValueError`` naming the file and the field. Subjects and
+    aliases pass the rule of ``edit()`` and ``add_aliases`` (``lafn_hf.bank_checks``): ``allow_common`` accepts
+    short and function-word ones, as ``allow_common_subject`` does for an edit."""
     with bank_format.paused_gc():
-        return _load_bank(Path(directory))
+        return _load_bank(Path(directory), allow_common)
 
 
-def _load_bank(directory: Path) -> tuple[EditBank, BaseModelRef]:
+def _load_bank(directory: Path, allow_common: bool) -> tuple[EditBank, BaseModelRef]:
     config_path = directory / BANK_CONFIG_NAME
     for attempt in range(2):  # a save that commits meanwhile deletes the old weights: read its config then
         try:
             parsed = parse_bank_config(bank_file.read_regular(config_path), str(config_path))
         except FileNotFoundError:
             raise ValueError(f"{directory} is not an edit bank: {BANK_CONFIG_NAME} is missing") from None
+        try:
+            check_surface_forms(parsed.entries, allow_common)
+        except ValueError as error:
+            raise ValueError(f"{config_path} is not a valid {BANK_CONFIG_NAME}: {error}") from None
         weights_path = directory / parsed.weights_file
         try:
             tensors = bank_file.read_weights(weights_path, parsed.weights_sha256, BANK_CONFIG_NAME,

@@ -25,7 +25,7 @@ from tqdm.auto import tqdm
 from lafn_hf.modeling import decoder_layers, default_edit_layers, get_spec, mlp_parts
 
 from .bank import _ENTRY_ID, BankEntry, BankLimits, EditBank, LayerUpdate, QuestionScope, RoutingKey
-from .config import EditGroup, LafnConfig, subject_problem
+from .config import EditGroup, LafnConfig, surface_form_problem
 from .hub import BaseModelRef, is_bank_dir, load_bank, parse_base_model, push_bank, resolve_bank_dir, save_bank
 from .inject import BankInjector, bank_disabled
 from .locate import LocatedNeurons, locate_neurons
@@ -36,7 +36,6 @@ from .routing.calibration import EditRouting
 from .routing.config import RoutingConfig
 from .routing.keys import separate
 from .self_paraphrase import write_paraphrases
-from .stopwords import STOP_WORDS
 from .text import check_aliases
 
 logger = logging.getLogger(__name__)
@@ -131,20 +130,22 @@ class EditableCausalLM(nn.Module):
         self._edit_routing = EditRouting(model, tokenizer)  # key and scope spaces, measured on first use
         self._injector.attach()
         bank.limits = self._limits  # later ``bank.add`` calls are checked too
+        self._compile()
 
     # -- construction -------------------------------------------------------------------------
     @classmethod
     def from_pretrained(cls, name_or_path: str | os.PathLike[str], tokenizer: Any = None, *,
                         revision: str | None = None, token: str | None = None, config: LafnConfig | None = None,
                         base_model: str | None = None, routing: RoutingConfig | None = None,
-                        **hf_kwargs: Any) -> EditableCausalLM:
+                        allow_common: bool = False, **hf_kwargs: Any) -> EditableCausalLM:
         """Load a base model (path or Hub id), or an edit bank together with the base model it names.
 
         ``base_model`` (``"org/name"``, ``"org/name@revision"`` or a local directory) loads a bank onto that
         base model instead of the one the bank names; the shapes must still match. ``hf_kwargs`` go to
         ``AutoModelForCausalLM.from_pretrained`` (e.g. ``dtype``). Without ``dtype`` or ``device_map``, a
         machine without CUDA loads float32 (half-precision matmuls are ~20x slower on CPU) and a CUDA machine
-        the checkpoint's dtype.
+        the checkpoint's dtype. ``allow_common`` accepts a bank's short and function-word subjects and aliases
+        (``lafn_hf.hub.load_bank``).
         """
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -160,7 +161,7 @@ class EditableCausalLM(nn.Module):
         if bank_dir is None and base_model is not None:
             raise ValueError(f"base_model= only applies when loading an edit bank; {name_or_path} is not one")
         if bank_dir is not None:
-            bank, ref = load_bank(bank_dir)
+            bank, ref = load_bank(bank_dir, allow_common=allow_common)
             if base_model is not None:
                 base_path, base_revision = parse_base_model(base_model)
             elif not ref.name_or_path:
@@ -193,7 +194,8 @@ class EditableCausalLM(nn.Module):
     def routing(self, routing: RoutingConfig) -> None:
         if not isinstance(routing, RoutingConfig):
             raise TypeError(f"routing must be a RoutingConfig, got {type(routing).__name__}")
-        self._injector.routing = routing  # the next forward compiles the bank under it
+        self._injector.routing = routing
+        self._compile()
 
     def add_aliases(self, entry_id: str, aliases: Sequence[str], allow_common: bool = False) -> BankEntry:
         """Give entry ``entry_id`` more surface forms that route to it, in any language; returns the updated
@@ -202,7 +204,7 @@ class EditableCausalLM(nn.Module):
         entry = self.bank.get(entry_id)
         added = check_aliases(list(aliases), f"entry {entry_id!r}")
         for alias in added if not allow_common else ():
-            problem = next(filter(None, (subject_problem(alias, lang) for lang in ("", *STOP_WORDS))), None)
+            problem = surface_form_problem(alias, None)
             if problem:
                 raise ValueError(f"alias {alias!r} is refused: {problem}; pass allow_common=True to add it anyway")
         updated = dataclasses.replace(entry, aliases=tuple(dict.fromkeys([*entry.aliases, *added])))
@@ -236,11 +238,21 @@ class EditableCausalLM(nn.Module):
             self._check_entry(entry)
         bank.limits = self._limits
         self._injector.bank = bank
+        self._compile()
+
+    def _compile(self) -> None:
+        """Build the bank's matcher and device tensors now (for the device forwards read their input on), not
+        at the next forward: a server's requests then never wait for a bank being set."""
+        embeddings = self.model.get_input_embeddings() if hasattr(self.model, "get_input_embeddings") else None
+        weight = getattr(embeddings, "weight", None)
+        if isinstance(weight, torch.Tensor) and weight.device.type != "meta":
+            self._injector.compiled(weight.device)
 
     def load_bank(self, name_or_path: str | os.PathLike[str], *, revision: str | None = None,
-                  token: str | None = None, merge: bool = False) -> EditBank:
-        """Load a bank (dir or Hub id) checked against this model; ``merge`` adds it to the current one."""
-        bank, ref = load_bank(resolve_bank_dir(name_or_path, revision, token))
+                  token: str | None = None, merge: bool = False, allow_common: bool = False) -> EditBank:
+        """Load a bank (dir or Hub id) checked against this model; ``merge`` adds it to the current one;
+        ``allow_common`` as in ``lafn_hf.hub.load_bank``."""
+        bank, ref = load_bank(resolve_bank_dir(name_or_path, revision, token), allow_common=allow_common)
         ref.check_compatible(self.base_ref)
         self.set_bank(self.bank.merge(bank) if merge else bank)
         return self.bank

@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import sys
 import threading
+import time
 from collections.abc import Callable
 from contextlib import suppress
 from pathlib import Path
@@ -15,14 +16,18 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from lafn_hf import EditableCausalLM, EditBank
+from lafn_hf import BankEntry, EditableCausalLM, EditBank, EditGroup, LanguageEdit
 from lafn_hf.hub import BANK_CONFIG_NAME, load_bank, save_bank
+from lafn_hf.inject import CompiledBank
+from lafn_hf.matcher import SubjectMatcher
+from lafn_hf.text import MAX_FORM_LENGTH
 
 from .conftest import SMALL_BASE, TINY_DIR, make_entry, weights_file
 from .crafting import (
     SUBJECT_PROMPT,
     UNRELATED_PROMPT,
     narrowed,
+    rewrite_config,
     rewrite_weights,
     routed_bank,
     routed_entry,
@@ -197,3 +202,100 @@ def test_a_weights_file_longer_than_its_header_declares_is_refused_before_hashin
         handle.write((2**62).to_bytes(8, "little"))  # a header length beyond the file
     with pytest.raises(ValueError, match=rf"{weights.name} is corrupted or truncated: its header length"):
         within(1.0, lambda: load_bank(tmp_path / "bank"))
+
+
+# -- items 2 and 5: one rule for subjects and aliases, however an entry is made -------------------------
+COMMON: dict[str, tuple[Callable[[dict[str, Any]], None], str]] = {
+    "subject 'the'": (lambda entry: entry.__setitem__("subjects", {"en": "the"}),
+                      r"entries\[0\]\.subjects\.en is refused: it is one of the most frequent function words of 'en'"),
+    "subject '的'": (lambda entry: entry.__setitem__("subjects", {"zh": "的"}),
+                    r"entries\[0\]\.subjects\.zh is refused: it is one of the most frequent function words of 'zh'"),
+    "alias 'a'": (lambda entry: entry.__setitem__("aliases", ["Marbrafi City", "a"]),
+                  r"entries\[0\]\.aliases\[1\] is refused: it has fewer than 2 letters or digits \(one character .*\)"),
+    "alias 'die'": (lambda entry: entry.__setitem__("aliases", ["die"]),
+                    r"entries\[0\]\.aliases\[0\] is refused: it is one of the most frequent function words of 'de'"),
+}
+
+
+@pytest.mark.parametrize("case", list(COMMON))
+def test_function_word_subjects_and_aliases_are_refused_at_load_unless_allowed(tiny: EditableCausalLM, tmp_path: Path,
+                                                                              case: str) -> None:
+    save_bank(tmp_path / "bank", EditBank([make_entry({"en": "Marbrafi"}, size=256)]), tiny.base_ref)
+    mutate, message = COMMON[case]
+    rewrite_config(tmp_path / "bank", lambda config: mutate(config["entries"][0]))
+    refused_everywhere(tiny, tmp_path / "bank", message + r"; a bank subject or alias edits every prompt it occurs in, "
+                                                          r"load with allow_common=True to accept it")
+    tiny.load_bank(tmp_path / "bank", allow_common=True)  # the caller's opt-in, as for edit() and add_aliases
+    assert len(load_bank(tmp_path / "bank", allow_common=True)[0]) == 1 and finite_answers(tiny)
+
+
+FORMS = ["the", "的", "a", "die", "Die Antwoord", "Marbrafi", "x" * 257]
+
+
+def test_edit_add_aliases_and_the_loader_refuse_the_same_forms(tiny: EditableCausalLM, tmp_path: Path) -> None:
+    """Every way an alias enters: ``LanguageEdit``/``EditGroup`` (``edit()``), ``add_aliases`` and the loader."""
+    entry_id = next(iter(tiny.bank)).id
+    verdicts: dict[str, list[bool]] = {}
+    for form in FORMS:
+        refused = []
+        try:
+            EditGroup({"en": LanguageEdit("The capital of Marbrafi is", "Marbrafi", "Paris", aliases=(form,))})
+            refused.append(False)
+        except ValueError:
+            refused.append(True)
+        try:
+            tiny.add_aliases(entry_id, [form])
+            refused.append(False)
+        except ValueError:
+            refused.append(True)
+        directory = tmp_path / f"form{len(verdicts)}"
+        save_bank(directory, EditBank([make_entry({"en": "Marbrafi"}, size=256)]), tiny.base_ref)
+        rewrite_config(directory, lambda config, form=form: config["entries"][0].__setitem__("aliases", [form]))
+        try:
+            load_bank(directory)
+            refused.append(False)
+        except ValueError:
+            refused.append(True)
+        verdicts[form] = refused
+    assert verdicts == {form: [form not in ("Die Antwoord", "Marbrafi")] * 3 for form in FORMS}
+
+
+LONG = "Marbrafi " * 3000  # 27,000 characters: the matcher of the day took 3-12 s to build, at the next forward
+
+
+def test_a_subject_or_alias_longer_than_the_limit_is_refused_wherever_it_enters(tiny: EditableCausalLM,
+                                                                               tmp_path: Path) -> None:
+    limit = rf"has {len(LONG)} characters; subjects and aliases may have at most {MAX_FORM_LENGTH}"
+    with pytest.raises(ValueError, match=rf"entry 'long': subject for 'en' {limit}"):
+        BankEntry({"en": LONG}, make_entry({"en": "x"}).updates, id="long")
+    with pytest.raises(ValueError, match=rf"subject {limit}"):
+        LanguageEdit(f"The capital of {LONG} is", LONG, "Paris")
+    with pytest.raises(ValueError, match=rf"entry '.*': aliases\[0\] {limit}"):
+        tiny.add_aliases(next(iter(tiny.bank)).id, [LONG], allow_common=True)
+    for where, mutate in ((r"entries\[0\]\.subjects\.en", lambda entry: entry.__setitem__("subjects", {"en": LONG})),
+                          (r"entries\[0\]\.aliases\[0\]", lambda entry: entry.__setitem__("aliases", [LONG]))):
+        directory = tmp_path / f"bank-{len(where)}"
+        save_bank(directory, EditBank([make_entry({"en": "Marbrafi"}, size=256)]), tiny.base_ref)
+        rewrite_config(directory, lambda config, mutate=mutate: mutate(config["entries"][0]))
+        refused_everywhere(tiny, directory, rf"{where} {limit}")
+        with pytest.raises(ValueError, match=rf"{where} {limit}"):
+            load_bank(directory, allow_common=True)  # not a matter of opting in
+    assert MAX_FORM_LENGTH >= 200  # the longest subjects of MzsRE have about 100 characters
+
+
+def test_the_matcher_is_built_when_the_bank_is_set_and_in_linear_time(tiny: EditableCausalLM,
+                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    started = time.perf_counter()
+    SubjectMatcher([LONG], inflected=[LONG], spellings=True)  # the matcher itself has no limit: built in linear time
+    assert time.perf_counter() - started < 0.5
+    builds: list[int] = []
+    real_build = CompiledBank.build.__func__  # type: ignore[attr-defined]
+    monkeypatch.setattr(CompiledBank, "build", classmethod(lambda cls, *args: builds.append(1) or real_build(cls, *args)))
+    forms = {lang: f"{word} {'Marbrafi ' * 27}"[:MAX_FORM_LENGTH] for lang, word in (("en", "Eins"), ("ru", "Два"))}
+    bank = EditBank([make_entry({lang: f"{i} {form}" for lang, form in forms.items()}, size=256, seed=i)
+                     for i in range(50)])
+    tiny.set_bank(bank)
+    assert builds == [1]  # at set_bank, not at the next forward
+    started = time.perf_counter()
+    assert finite_answers(tiny)
+    assert builds == [1] and time.perf_counter() - started < 1.0
