@@ -2,7 +2,8 @@
 
 from .bank import BankEntry, EditBank, LayerUpdate
 from .config import EditGroup, LafnConfig, LanguageEdit
-from .model import EditableCausalLM, EditFailedError, EditManyResult, EditResult
+from .model import EditableCausalLM
+from .results import EditFailedError, EditManyResult, EditResult
 
 __all__ = [
     "BankEntry",

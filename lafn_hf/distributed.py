@@ -27,7 +27,8 @@ from .hub import BaseModelRef, is_bank_dir, load_bank, save_bank
 from .routing.keys import separate_all
 
 if TYPE_CHECKING:
-    from .model import EditableCausalLM, EditResult
+    from .model import EditableCausalLM
+    from .results import EditResult
 
 logger = logging.getLogger(__name__)
 

@@ -15,7 +15,6 @@ import threading
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -32,6 +31,7 @@ from .locate import LocatedNeurons, locate_neurons
 from .optimize import OptimizationResult, PrefixCache, optimize_update
 from .optimize_many import optimize_updates
 from .preflight import check_context, warn_if_slow_dtype
+from .results import EditFailedError, EditManyResult, EditResult
 from .routing.calibration import EditRouting
 from .routing.config import RoutingConfig
 from .routing.keys import separate
@@ -42,46 +42,6 @@ logger = logging.getLogger(__name__)
 
 #: Metadata keys edit() writes into each entry itself; a caller's metadata may not use them.
 _RESERVED_METADATA = frozenset({"prompts", "targets", "config", "target_probabilities", "written_paraphrases"})
-
-
-@dataclass
-class EditResult:
-    """What ``edit`` did: located neuron counts, loss curve, final target probabilities, time."""
-
-    entry_id: str
-    layers: tuple[int, ...]
-    neuron_counts: dict[str, dict[int, int]]  # language -> layer -> |D_l^i|
-    shared_counts: dict[int, int]  # layer -> |D^i| (Eq. 5)
-    loss_curve: list[float]
-    target_loss_curve: list[float]  # the target's own tokens' NLL, mean or worst sequence (what early stopping reads)
-    target_probabilities: dict[str, float]
-    steps: int
-    wall_time_s: float
-    subjects: dict[str, str] = field(default_factory=dict)
-
-    def __repr__(self) -> str:
-        probabilities = {lang: float(f"{p:.3g}") for lang, p in self.target_probabilities.items()}
-        return (f"EditResult(entry_id={self.entry_id!r}, subjects={self.subjects!r}, layers={self.layers!r}, "
-                f"shared_neurons={self.shared_counts!r}, steps={self.steps}, p(target)={probabilities!r}, "
-                f"{self.wall_time_s:.1f}s)")
-
-
-class EditFailedError(ValueError):
-    """The optimised dV left p(target) below ``LafnConfig.min_target_probability`` in some language; the
-    edit was not stored. ``target_probabilities``: every language's final p(target | prompt)."""
-
-    def __init__(self, message: str, target_probabilities: dict[str, float], threshold: float) -> None:
-        super().__init__(message)
-        self.target_probabilities = target_probabilities
-        self.threshold = threshold
-
-
-@dataclass
-class EditManyResult:
-    """``edit_many`` outcome: results of the groups that worked and errors of those that did not."""
-
-    results: list[EditResult] = field(default_factory=list)
-    failures: list[tuple[int, str]] = field(default_factory=list)  # (group index, error)
 
 
 def _show_progress(progress: bool | None) -> bool:
@@ -243,8 +203,8 @@ class EditableCausalLM(nn.Module):
     def _compile(self) -> None:
         """Build the bank's matcher and device tensors now (for the device forwards read their input on), not
         at the next forward: a server's requests then never wait for a bank being set."""
-        embeddings = self.model.get_input_embeddings() if hasattr(self.model, "get_input_embeddings") else None
-        weight = getattr(embeddings, "weight", None)
+        get_embeddings = getattr(self.model, "get_input_embeddings", None)
+        weight = getattr(get_embeddings() if callable(get_embeddings) else None, "weight", None)
         if isinstance(weight, torch.Tensor) and weight.device.type != "meta":
             self._injector.compiled(weight.device)
 

@@ -18,9 +18,9 @@ from lafn_hf.locate import (
     sample_continuations,
     select_frequent,
 )
-from lafn_hf.model import EditFailedError
 from lafn_hf.optimize import _BaseRun, _losses, build_batch, sample_prefixes, selected_logits, upper_layers_only
 from lafn_hf.paraphrase import word_dropped_variants
+from lafn_hf.results import EditFailedError
 
 from .conftest import TINY_DIR, fact_group, greedy
 
