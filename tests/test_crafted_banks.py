@@ -16,7 +16,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from lafn_hf import BankEntry, EditableCausalLM, EditBank, EditGroup, LanguageEdit
+from lafn_hf import BankEntry, EditableCausalLM, EditBank, EditGroup, LanguageEdit, LayerUpdate
 from lafn_hf.hub import BANK_CONFIG_NAME, load_bank, save_bank
 from lafn_hf.inject import CompiledBank
 from lafn_hf.matcher import SubjectMatcher
@@ -299,3 +299,56 @@ def test_the_matcher_is_built_when_the_bank_is_set_and_in_linear_time(tiny: Edit
     started = time.perf_counter()
     assert finite_answers(tiny)
     assert builds == [1] and time.perf_counter() - started < 1.0
+
+
+# -- item 4: dV that the model's dtype cannot hold ----------------------------------------------------
+def half_model(tokenizer: Any) -> EditableCausalLM:
+    return EditableCausalLM(AutoModelForCausalLM.from_pretrained(TINY_DIR, dtype=torch.float16).eval(), tokenizer)
+
+
+@pytest.mark.parametrize("value", [1e6, 1e30, 3.4e38])
+def test_a_dv_float16_cannot_hold_is_refused_on_a_float16_model(tokenizer: Any, tmp_path: Path, value: float) -> None:
+    half = half_model(tokenizer)
+    half.add_entry(make_entry({"en": "Lunvalfiland"}, size=256, seed=5))
+    save_bank(tmp_path / "bank", EditBank([make_entry({"en": "Marbrafi"}, size=256)]), half.base_ref)
+    rewrite_weights(tmp_path / "bank", lambda t: t["deltas"].__setitem__(3, value))
+    message = (rf"entry 'edit-[0-9a-f]+' layer 1: dV \(largest \|dV\| {value:.3g}\) can change an output of down_proj by "
+               rf"up to [0-9.e+]+, more than float16 holds with headroom \(16376\)")
+    kept = half.bank
+    with pytest.raises(ValueError, match=message):
+        half.load_bank(tmp_path / "bank")
+    with pytest.raises(ValueError, match=message):
+        EditableCausalLM.from_pretrained(tmp_path / "bank", dtype=torch.float16)
+    assert half.bank is kept and finite_answers(half)
+    if value < 1e30:  # float32 holds it: the same bank loads there and answers
+        editable = EditableCausalLM.from_pretrained(tmp_path / "bank")
+        assert finite_answers(editable)
+
+
+def test_a_routing_space_float16_cannot_hold_is_refused_on_a_float16_model(tokenizer: Any, tmp_path: Path) -> None:
+    half = half_model(tokenizer)
+    save_bank(tmp_path / "bank", routed_bank(64), half.base_ref)
+    rewrite_weights(tmp_path / "bank", lambda t: t["space_means"].__setitem__((0, 5), 1e6))
+    with pytest.raises(ValueError, match=r"entry 'e0': its routing key's space mean reaches 1e\+06, more than float16 "
+                                         r"holds \(65504\)"):
+        half.load_bank(tmp_path / "bank")
+    assert finite_answers(EditableCausalLM.from_pretrained(tmp_path / "bank"))  # float32 holds it
+
+
+def test_casting_a_model_after_its_bank_was_set_checks_the_bank_again(tiny: EditableCausalLM) -> None:
+    entry = make_entry({"en": "Marbrafi"}, size=256)
+    update = entry.updates[1]
+    huge = BankEntry(entry.subjects, {1: LayerUpdate(update.neurons, update.delta * 0 + 1e6)}, id="huge")
+    tiny.add_entry(huge)  # float32 holds it
+    assert finite_answers(tiny)
+    message = r"entry 'huge' layer 1: dV \(largest \|dV\| 1e\+06\) .* more than float16 holds"
+    with pytest.raises(ValueError, match=message):
+        tiny.half()  # refused before anything is cast
+    assert next(tiny.parameters()).dtype == torch.float32 and finite_answers(tiny)
+    tiny.model.to(torch.float16)  # past the wrapper: the next forward refuses instead of answering NaN
+    with pytest.raises(ValueError, match=message):
+        finite_answers(tiny)
+    tiny.remove_edit("huge")
+    assert finite_answers(tiny)
+    with pytest.raises(ValueError, match=message):
+        tiny.add_entry(huge)

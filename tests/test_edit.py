@@ -10,7 +10,6 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from lafn_hf import EditableCausalLM, EditGroup, LafnConfig, LanguageEdit
-from lafn_hf.inject import LayerPlan, ValueInjection
 from lafn_hf.locate import (
     count_activations,
     locate_neurons,
@@ -21,6 +20,7 @@ from lafn_hf.locate import (
 from lafn_hf.optimize import _BaseRun, _losses, build_batch, sample_prefixes, selected_logits, upper_layers_only
 from lafn_hf.paraphrase import word_dropped_variants
 from lafn_hf.results import EditFailedError
+from lafn_hf.values import LayerPlan, ValueInjection
 
 from .conftest import TINY_DIR, fact_group, greedy
 
