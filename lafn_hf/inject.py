@@ -17,7 +17,7 @@ from __future__ import annotations
 import logging
 import threading
 import weakref
-from collections.abc import Container, Iterator, Sequence
+from collections.abc import Callable, Container, Iterator, Sequence
 from contextlib import contextmanager
 from contextvars import ContextVar, Token
 from dataclasses import dataclass, field, replace
@@ -299,6 +299,7 @@ class BankInjector:
         self._compiled: CompiledBank | None = None
         self._lock = threading.Lock()  # guards compiling and (re)attaching value hooks
         self._warned_packed = False
+        self.guard: Callable[[EditBank], None] | None = None  # called before each edited forward; may refuse
 
     @property
     def attached(self) -> bool:
@@ -411,6 +412,8 @@ class BankInjector:
                            "flattened collators) run without the edit bank: one row holds several sequences")
         if (not _BANK_OFF.get() and not packed and isinstance(input_ids, torch.Tensor) and input_ids.dim() == 2
                 and input_ids.shape[1]):
+            if self.guard is not None:
+                self.guard(self.bank)
             compiled = self.compiled(input_ids.device)
             if compiled.entries_of:
                 state = self.readers_and_plan(compiled, input_ids, kwargs.get("attention_mask"),

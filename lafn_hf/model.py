@@ -24,6 +24,7 @@ from tqdm.auto import tqdm
 from lafn_hf.modeling import decoder_layers, default_edit_layers, get_spec, mlp_parts
 
 from .bank import _ENTRY_ID, BankEntry, BankLimits, EditBank, LayerUpdate, QuestionScope, RoutingKey
+from .bank_checks import ValueRange
 from .config import EditGroup, LafnConfig, surface_form_problem
 from .hub import BaseModelRef, is_bank_dir, load_bank, parse_base_model, push_bank, resolve_bank_dir, save_bank
 from .inject import BankInjector, bank_disabled
@@ -83,10 +84,11 @@ class EditableCausalLM(nn.Module):
         self.base_ref = BaseModelRef.from_model(model, base_revision)
         self._limits = BankLimits(self.base_ref.num_hidden_layers, self.base_ref.intermediate_size,
                                   self.base_ref.hidden_size)
+        self._value_range = ValueRange(model)
         bank = bank if bank is not None else EditBank()
-        for entry in bank:
-            self._check_entry(entry)
+        self._check_entries(list(bank))
         self._injector = BankInjector(model, tokenizer, bank, routing)
+        self._injector.guard = self._value_range.ensure  # a model cast after its bank was set: checked again
         self._edit_routing = EditRouting(model, tokenizer)  # key and scope spaces, measured on first use
         self._injector.attach()
         bank.limits = self._limits  # later ``bank.add`` calls are checked too
@@ -192,10 +194,9 @@ class EditableCausalLM(nn.Module):
         return updated
 
     def set_bank(self, bank: EditBank) -> None:
-        """Use ``bank``: its entries, and those added to it later, must fit this model's layers and
-        intermediate size (``ValueError`` naming the entry; nothing changes)."""
-        for entry in bank:
-            self._check_entry(entry)
+        """Use ``bank``: its entries, and those added to it later, must fit this model's layers, intermediate
+        and hidden sizes and dtype (``ValueError`` naming the entry; nothing changes)."""
+        self._check_entries(list(bank))
         bank.limits = self._limits
         self._injector.bank = bank
         self._compile()
@@ -227,9 +228,26 @@ class EditableCausalLM(nn.Module):
         return self.bank.remove(entry_id)
 
     def _check_entry(self, entry: BankEntry) -> None:
-        if not isinstance(entry, BankEntry):
-            raise TypeError(f"expected a BankEntry, got {type(entry).__name__}")
-        self._limits.check(entry)
+        self._check_entries([entry])
+
+    def _check_entries(self, entries: list[BankEntry]) -> None:
+        for entry in entries:
+            if not isinstance(entry, BankEntry):
+                raise TypeError(f"expected a BankEntry, got {type(entry).__name__}")
+            self._limits.check(entry)
+        self._value_range.check(entries)
+
+    def _apply(self, fn: Any, recurse: bool = True) -> Any:
+        """A cast (``.half()``, ``.to(torch.float16)``, ...) first checks the bank against the new dtype
+        (``ValueError`` naming the entry; nothing is cast)."""
+        current = self._value_range.dtype()
+        try:
+            target = fn(torch.empty(0, dtype=current)).dtype if current is not None else None
+        except Exception:  # not a conversion a tensor shows: the next forward checks (``ValueRange.ensure``)
+            target = current
+        if target != current:
+            self._value_range.check(list(self.bank), target)
+        return super()._apply(fn, recurse)
 
     def save_pretrained(self, directory: str | os.PathLike[str], *, base_model: str | None = None) -> None:
         """Write the bank (not the base weights) crash-safely; see ``lafn_hf.hub``.

@@ -4,6 +4,7 @@ at load, naming what is wrong, and the model keeps its bank and keeps answering.
 from __future__ import annotations
 
 import os
+import re
 import sys
 import threading
 import time
@@ -312,7 +313,8 @@ def test_a_dv_float16_cannot_hold_is_refused_on_a_float16_model(tokenizer: Any, 
     half.add_entry(make_entry({"en": "Lunvalfiland"}, size=256, seed=5))
     save_bank(tmp_path / "bank", EditBank([make_entry({"en": "Marbrafi"}, size=256)]), half.base_ref)
     rewrite_weights(tmp_path / "bank", lambda t: t["deltas"].__setitem__(3, value))
-    message = (rf"entry 'edit-[0-9a-f]+' layer 1: dV \(largest \|dV\| {value:.3g}\) can change an output of down_proj by "
+    shown = re.escape(f"{value:.3g}")
+    message = (rf"entry 'edit-[0-9a-f]+' layer 1: dV \(largest \|dV\| {shown}\) can change an output of down_proj by "
                rf"up to [0-9.e+]+, more than float16 holds with headroom \(16376\)")
     kept = half.bank
     with pytest.raises(ValueError, match=message):
