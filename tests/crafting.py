@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import hashlib
 import json
+import threading
 from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
+import pytest
 import torch
 from safetensors.torch import load_file
 from safetensors.torch import save as save_safetensors
@@ -29,7 +31,7 @@ def unit_rows(generator: torch.Generator, rows: int, width: int) -> torch.Tensor
 
 
 def routed_entry(hidden_size: int, entry_id: str = "e0", subject: str = "Marbrafi", seed: int = 0,
-                 edit_layer: int = 1, neurons: int = 32) -> BankEntry:
+                 edit_layer: int = 1, neurons: int = 32, aliases: tuple[str, ...] = ()) -> BankEntry:
     """An entry with a routing key and a question scope read at layer 0 (hidden states of ``hidden_size``)."""
     generator = torch.Generator().manual_seed(seed)
     mean, scale = torch.randn(hidden_size, generator=generator), torch.rand(hidden_size, generator=generator) + 0.5
@@ -37,7 +39,8 @@ def routed_entry(hidden_size: int, entry_id: str = "e0", subject: str = "Marbraf
     space = ScopeSpace(0, mean.clone(), scale.clone(), unit_rows(generator, 5, hidden_size), torch.tensor([0, 0, 1, 1, 2]))
     scope = QuestionScope(space, unit_rows(generator, 2, hidden_size), 0, 0.0)
     update = LayerUpdate(torch.arange(0, 2 * neurons, 2), torch.randn(neurons, generator=generator))
-    return BankEntry({"en": subject}, {edit_layer: update}, {"targets": {"en": "x"}}, id=entry_id, key=key, scope=scope)
+    return BankEntry({"en": subject}, {edit_layer: update}, {"targets": {"en": "x"}}, id=entry_id, aliases=aliases,
+                     key=key, scope=scope)
 
 
 def routed_bank(hidden_size: int) -> EditBank:
@@ -65,12 +68,15 @@ def write_old_bank(directory: Path, bank: EditBank, base: BaseModelRef, version:
 
 def rewrite_weights(directory: Path, mutate: Callable[[dict[str, torch.Tensor]], None]) -> None:
     """Change the stored tensors and re-sign them (new name and sha256), as a buggy writer would."""
-    old = weights_file(directory)
-    tensors = load_file(str(old))
+    tensors = load_file(str(weights_file(directory)))
     mutate(tensors)
-    data = save_safetensors({k: v.contiguous() for k, v in tensors.items()}, metadata={"format": "pt"})
+    sign_weights(directory, save_safetensors({k: v.contiguous() for k, v in tensors.items()}, metadata={"format": "pt"}))
+
+
+def sign_weights(directory: Path, data: bytes) -> None:
+    """Make ``data`` the bank's weights file, under its content-addressed name, with its sha256 in the config."""
     sha = hashlib.sha256(data).hexdigest()
-    old.unlink()
+    weights_file(directory).unlink()
     (directory / weights_name(sha)).write_bytes(data)
     rewrite_config(directory, lambda config: config.update(weights_file=weights_name(sha), weights_sha256=sha))
 
@@ -90,3 +96,25 @@ def narrowed(names: tuple[str, ...], width: int) -> Callable[[dict[str, torch.Te
             unit = name in ("key_vectors", "scope_vectors", "scope_templates")
             tensors[name] = (cut / cut.norm(dim=1, keepdim=True) if unit else cut).contiguous()
     return mutate
+
+
+def within(seconds: float, call: Callable[[], Any], unblock: Callable[[], None] = lambda: None) -> Any:
+    """``call()``'s result or exception, failing the test when it takes longer than ``seconds`` (a hang)."""
+    outcome: list[Any] = []
+
+    def run() -> None:
+        try:
+            outcome.append(("value", call()))
+        except BaseException as error:  # noqa: BLE001 (handed to the test)
+            outcome.append(("error", error))
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    thread.join(seconds)
+    if thread.is_alive():
+        unblock()
+        pytest.fail(f"still running after {seconds} s")
+    kind, value = outcome[0]
+    if kind == "error":
+        raise value
+    return value

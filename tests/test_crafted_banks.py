@@ -6,7 +6,6 @@ from __future__ import annotations
 import os
 import re
 import sys
-import threading
 import time
 from collections.abc import Callable
 from contextlib import suppress
@@ -32,6 +31,7 @@ from .crafting import (
     rewrite_weights,
     routed_bank,
     routed_entry,
+    within,
     write_old_bank,
 )
 
@@ -128,28 +128,6 @@ def test_a_bank_whose_metadata_is_not_strict_json_is_not_saved(tmp_path: Path) -
 
 
 # -- item 3: files that are not regular files, or longer than their header says ----------------------------
-def within(seconds: float, call: Callable[[], Any], unblock: Callable[[], None] = lambda: None) -> Any:
-    """``call()``'s result or exception, failing the test when it takes longer than ``seconds`` (a hang)."""
-    outcome: list[Any] = []
-
-    def run() -> None:
-        try:
-            outcome.append(("value", call()))
-        except BaseException as error:  # noqa: BLE001 (handed to the test)
-            outcome.append(("error", error))
-
-    thread = threading.Thread(target=run, daemon=True)
-    thread.start()
-    thread.join(seconds)
-    if thread.is_alive():
-        unblock()
-        pytest.fail(f"still running after {seconds} s")
-    kind, value = outcome[0]
-    if kind == "error":
-        raise value
-    return value
-
-
 def open_fifo_for_writing(path: Path) -> None:
     """Let a reader blocked opening the FIFO ``path`` go on (it then reads end of file)."""
     with suppress(OSError):
