@@ -1,9 +1,11 @@
-"""The server's bank set against crafted banks (issue 37): the admin route answers 400 and keeps the bank set;
+"""The server's bank set against crafted banks (issue 37): the admin route answers 400 at once and keeps the bank set;
 a reload reads from disk outside the lock, so loading and removing banks never wait for it."""
 
 from __future__ import annotations
 
 import json
+import os
+import sys
 import threading
 import time
 import urllib.error
@@ -18,13 +20,13 @@ pytest.importorskip("fastapi")
 pytest.importorskip("uvicorn")
 
 from lafn_hf import EditableCausalLM, EditBank  # noqa: E402
-from lafn_hf.hub import save_bank  # noqa: E402
+from lafn_hf.hub import BANK_CONFIG_NAME, save_bank  # noqa: E402
 from lafn_hf.serve import ServerThread, build_app, load_editable  # noqa: E402
 from lafn_hf.serve import banks as banks_module  # noqa: E402
 from lafn_hf.serve.banks import BankSet  # noqa: E402
 
-from .conftest import make_entry  # noqa: E402
-from .crafting import SUBJECT_PROMPT, narrowed, rewrite_weights, routed_bank  # noqa: E402
+from .conftest import make_entry, weights_file  # noqa: E402
+from .crafting import SUBJECT_PROMPT, narrowed, rewrite_config, rewrite_weights, routed_bank  # noqa: E402
 
 BASE = "tiny"
 
@@ -44,25 +46,49 @@ def one_entry_bank(directory: Path, editable: EditableCausalLM, subject: str, se
     return directory
 
 
-def test_a_crafted_bank_posted_to_the_admin_route_is_a_400_and_changes_nothing(tmp_path: Path) -> None:
+def crafted_banks(root: Path, editable: EditableCausalLM) -> dict[str, tuple[Path, str]]:
+    """Banks that once got in (issue 37), each with a part of the error the admin route must answer."""
+    banks: dict[str, tuple[Path, str]] = {}
+
+    def bank(name: str, message: str) -> Path:
+        directory = one_entry_bank(root / name, editable, "Marbrafi", seed=1)
+        banks[name] = (directory, message)
+        return directory
+
+    narrow = root / "narrow"
+    save_bank(narrow, routed_bank(64), editable.base_ref)
+    rewrite_weights(narrow, narrowed(("key_vectors", "space_means", "space_scales"), 63))
+    banks["narrow"] = (narrow, "space_means has 63 columns, base_model.hidden_size is 64")
+    rewrite_config(bank("long", "subjects.en has 27000 characters"),
+                   lambda config: config["entries"][0].__setitem__("subjects", {"en": "Marbrafi " * 3000}))
+    rewrite_config(bank("common", "subjects.en is refused: it is one of the most frequent function words"),
+                   lambda config: config["entries"][0].__setitem__("subjects", {"en": "the"}))
+    config = bank("nan", "is not strict JSON: it holds NaN") / BANK_CONFIG_NAME
+    config.write_text(config.read_text().replace('"targets"', '"score": NaN, "targets"'))
+    fifo = weights_file(bank("fifo", "is not a regular file (a FIFO)"))
+    fifo.unlink()
+    os.mkfifo(fifo)
+    return banks
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo") or sys.platform == "win32", reason="needs FIFOs")
+def test_crafted_banks_posted_to_the_admin_route_are_a_400_and_change_nothing(tmp_path: Path) -> None:
     editable = load_editable("tiny-bilingual")
     good = one_entry_bank(tmp_path / "good", editable, "Marbrafi", seed=1)
-    crafted = tmp_path / "crafted"
-    save_bank(crafted, routed_bank(64), editable.base_ref)
-    rewrite_weights(crafted, narrowed(("key_vectors", "space_means", "space_scales"), 63))
     built = build_app(editable, BASE, [("good", good)], admin=True)
     ids = editable.tokenizer(SUBJECT_PROMPT, return_tensors="pt")["input_ids"]
     with torch.no_grad():
         before = editable(ids).logits
     with ServerThread(built.app) as thread:
-        started = time.perf_counter()
-        status, error = post(thread, "/lafn/banks", {"path": str(crafted), "name": "crafted"})
-        took = time.perf_counter() - started
-        assert status == 400 and "space_means has 63 columns, base_model.hidden_size is 64" in error["detail"]
-        assert took < 1.0, took
-        assert built.banks.names() == ("good",)
-        with torch.no_grad():
-            assert torch.equal(editable(ids).logits, before)  # the model still answers, with its banks
+        for name, (path, message) in crafted_banks(tmp_path, editable).items():
+            started = time.perf_counter()
+            status, error = post(thread, "/lafn/banks", {"path": str(path), "name": name})
+            took = time.perf_counter() - started
+            assert status == 400 and message in error["detail"], (name, status, error)
+            assert took < 1.0, (name, took)
+            assert built.banks.names() == ("good",)
+            with torch.no_grad():
+                assert torch.equal(editable(ids).logits, before), name  # the model still answers, with its banks
     built.shutdown()
 
 
