@@ -17,6 +17,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from lafn_hf import BankEntry, EditableCausalLM, EditBank, EditGroup, LanguageEdit, LayerUpdate
+from lafn_hf.cli import main
 from lafn_hf.hub import BANK_CONFIG_NAME, load_bank, save_bank
 from lafn_hf.inject import CompiledBank
 from lafn_hf.matcher import SubjectMatcher
@@ -332,3 +333,11 @@ def test_casting_a_model_after_its_bank_was_set_checks_the_bank_again(tiny: Edit
     assert finite_answers(tiny)
     with pytest.raises(ValueError, match=message):
         tiny.add_entry(huge)
+
+
+def test_a_users_own_common_subject_bank_can_still_be_shown_and_pushed(tmp_path: Path,
+                                                                       capsys: pytest.CaptureFixture[str]) -> None:
+    """``allow_common_subject`` edits are the user's choice: ``lafn info`` and ``lafn push`` read such a bank."""
+    save_bank(tmp_path / "bank", EditBank([make_entry({"en": "the"})]), SMALL_BASE)
+    assert main(["info", str(tmp_path / "bank")]) == 0 and "{'en': 'the'}" in capsys.readouterr().out
+    assert main(["push", str(tmp_path / "bank"), "me/bank", "--dry-run"]) == 0
