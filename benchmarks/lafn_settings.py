@@ -25,7 +25,7 @@ import torch
 from lafn_hf import LafnConfig
 from lafn_hf.bench import BenchSettings, LafnMethod, load_locality_hard, run_bench
 from lafn_hf.cli import _load_model
-from lafn_hf.zsre import load_files
+from lafn_hf.zsre import MZSRE_LANGUAGES, load_files, pair_file_code
 
 DATA_DIR = Path(__file__).resolve().parents[2] / "shared" / "data" / "mzsre-dev"
 
@@ -58,7 +58,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="gemma-3-270m")
     parser.add_argument("--data-dir", type=Path, default=DATA_DIR)
-    parser.add_argument("--set", default="en+zh", help="a language set: en+zh, en+fr, en+de, en+zh+de")
+    parser.add_argument("--set", default="en+zh", help="a language set: en+zh, en+fr, en+de, en+zh+de, ...; all: the "
+                        "twelve MzsRE languages in one group")
     parser.add_argument("--items", default="0-19", help="dev item indices, e.g. 0-39,50")
     parser.add_argument("--variant", action="append", type=parse_variant, required=True,
                         help="name:key=value,... (LafnConfig overrides; 'default:' for none)")
@@ -67,8 +68,8 @@ def main() -> None:
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    languages = args.set.split("+")
-    files = [args.data_dir / f"mzsre_dev_en{lang}.json" for lang in languages if lang != "en"]
+    languages = list(MZSRE_LANGUAGES) if args.set == "all" else args.set.split("+")
+    files = [args.data_dir / f"mzsre_dev_en{pair_file_code(lang)}.json" for lang in languages if lang != "en"]
     every = load_files(files, languages)
     indices = parse_items(args.items)
     items = [every[i] for i in indices]

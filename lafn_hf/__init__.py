@@ -4,6 +4,7 @@ from .bank import BankEntry, EditBank, LayerUpdate
 from .config import EditGroup, LafnConfig, LanguageEdit
 from .model import EditableCausalLM
 from .results import EditFailedError, EditManyResult, EditResult
+from .subject_span import SubjectNotFoundError, SubjectSpan
 
 __all__ = [
     "BankEntry",
@@ -16,4 +17,6 @@ __all__ = [
     "LafnConfig",
     "LanguageEdit",
     "LayerUpdate",
+    "SubjectNotFoundError",
+    "SubjectSpan",
 ]

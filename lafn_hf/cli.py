@@ -11,8 +11,9 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from .config import EditGroup, LafnConfig
+from .config import SUBJECT_SEARCHES, EditGroup, LafnConfig
 from .models import TINY_MODEL, tiny_fact_group, tiny_facts, tiny_model_path
+from .subject_span import resolve_group
 
 logger = logging.getLogger(__name__)
 
@@ -168,16 +169,30 @@ def _cmd_edit_sharded(args: argparse.Namespace) -> int:
     return 1 if outcome.failures else 0
 
 
+def _check_spans(groups: list[EditGroup], config: LafnConfig) -> None:
+    """Every language's subject is found in its prompt (``lafn_hf.subject_span``), before the model loads."""
+    for number, group in enumerate(groups):
+        try:
+            resolve_group(group, config.subject_search, config.alignment_threshold)
+        except ValueError as error:
+            raise ValueError(f"group {number}: {error}") from None
+
+
 def cmd_edit(args: argparse.Namespace) -> int:
     if args.groups:
         return _cmd_edit_sharded(args)
     groups = _read_groups(args.group)  # checked before the model loads
     config = _config(args)
+    _check_spans(groups, config)
     model = _load_model(args.model, args.dtype, args.device)
     outcome = model.edit_many(groups, config, batch_size=args.batch_size)
     for result in outcome.results:
         shown = {lang: round(p, 3) for lang, p in result.target_probabilities.items()}
         print(f"{result.entry_id}: {result.subjects} p(target) {shown} in {result.wall_time_s:.1f}s")
+        for span in result.spans.values():
+            if span.how != "written":
+                print(f"  {span.language}: {span.given!r} is written {span.text!r} in its prompt "
+                      f"(found from {span.source!r}, {span.how}{f' {span.score:.0f}' if span.how == 'aligned' else ''})")
     for index, error in outcome.failures:
         print(f"group {index} failed: {error}", file=sys.stderr)
     if not outcome.results:
@@ -219,6 +234,8 @@ def cmd_push(args: argparse.Namespace) -> int:
 
 def _config(args: argparse.Namespace) -> LafnConfig:
     config = LafnConfig.from_json(Path(args.config).read_text("utf-8")) if args.config else LafnConfig()
+    if getattr(args, "subject_search", None):
+        config = LafnConfig.from_dict({**config.to_dict(), "subject_search": args.subject_search})
     if args.layers:
         config = LafnConfig.from_dict({**config.to_dict(), "layers": [int(x) for x in args.layers.split(",")]})
     return config
@@ -263,7 +280,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     if "lora" in names and importlib.util.find_spec("peft") is None:
         raise ImportError("--methods lora needs peft: pip install peft")
     settings = BenchSettings(mode=args.mode, margin=args.margin, free_tokens=args.free_tokens, limit=args.limit,
-                             batch_size=args.batch_size)
+                             batch_size=args.batch_size, subject_search=args.subject_search)
     items = load_files(args.data, args.langs.split(",") if args.langs else None)
     hard = load_locality_hard(args.locality_hard)
     config = _config(args)
@@ -367,6 +384,9 @@ def build_parser() -> argparse.ArgumentParser:
     edit.add_argument("--out", required=True, help="directory to save the bank to (written only if an edit took)")
     edit.add_argument("--batch-size", type=int, default=1,
                       help="with --group: optimise this many groups in one forward per step (each its own dV)")
+    edit.add_argument("--subject-search", choices=SUBJECT_SEARCHES,
+                      help="how far each language's subject is looked for in its prompt when the prompt does not "
+                           "write it as given (LafnConfig.subject_search; default 'aligned', 'written' turns it off)")
     _add_config_options(edit)
     edit.set_defaults(run=cmd_edit)
     info = sub.add_parser("info", help="describe a saved bank")
@@ -415,6 +435,9 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--routing", choices=["exact", "lexical", "unscoped", "full"], default="full",
                        help="routing stages for lafn: the exact matcher, + normalised matching and aliases, "
                             "+ keys (unscoped), + question scopes (full)")
+    bench.add_argument("--subject-search", choices=SUBJECT_SEARCHES, default="aligned",
+                       help="how far each language's subject is looked for in its question (LafnConfig.subject_search; "
+                            "'written': only languages whose question writes the given subject are edited)")
     bench.add_argument("--out", required=True, help="directory: results.jsonl, summary.json, tables.md, plot.png")
     bench.add_argument("--fresh", action="store_true", help="start a new results file (the old one is kept renamed)")
     _add_config_options(bench)

@@ -27,7 +27,7 @@ from .config import LafnConfig, config_with_defaults
 from .hub import load_bank
 from .model import EditableCausalLM
 from .tokens import pad_batch, pad_id, stop_ids, target_separator
-from .zsre import Item, edit_group, matchability
+from .zsre import Item, matchability, resolve_item
 
 logger = logging.getLogger(__name__)
 METRICS = ("reliability", "generality", "locality", "portability")
@@ -207,8 +207,12 @@ def evaluate_item(model: EditableCausalLM, index: int, item: Item, settings: Eva
         unedited_loc = {lang: predict(model, r.loc, loc_gold[lang], settings) for lang, r in item.items()}
     record: dict[str, Any] = {"index": index, "edited": [], "error": None, "entry_id": None, "scores": {}}
     try:  # a refused subject (too short or too common) or an edit that did not take is scored unedited
-        group = edit_group(item)
-        if group is not None:
+        chosen = config or model.lafn_config
+        group, _, skipped = resolve_item(item, chosen.subject_search, chosen.alignment_threshold)
+        record["skipped"] = skipped
+        if group is None:
+            record["error"] = "no language could be edited: " + "; ".join(f"{k}: {v}" for k, v in skipped.items())
+        else:
             record["edited"] = sorted(group.edits)
             record["entry_id"] = model.edit(group, config, progress=False, metadata={"item_index": index}).entry_id
     except (ValueError, RuntimeError) as error:

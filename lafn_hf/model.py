@@ -37,12 +37,14 @@ from .routing.calibration import EditRouting
 from .routing.config import RoutingConfig
 from .routing.keys import separate
 from .self_paraphrase import write_paraphrases
+from .subject_span import SubjectSpan, resolve_group, spans_metadata
 from .text import check_aliases
 
 logger = logging.getLogger(__name__)
 
 #: Metadata keys edit() writes into each entry itself; a caller's metadata may not use them.
-_RESERVED_METADATA = frozenset({"prompts", "targets", "config", "target_probabilities", "written_paraphrases"})
+_RESERVED_METADATA = frozenset({"prompts", "targets", "config", "target_probabilities", "written_paraphrases",
+                                "subject_spans"})
 
 
 def _show_progress(progress: bool | None) -> bool:
@@ -301,6 +303,7 @@ class EditableCausalLM(nn.Module):
                              f"use other names (reserved: {sorted(_RESERVED_METADATA)})")
         config = config or self.lafn_config
         layers = self.edit_layers(config)
+        group, spans = resolve_group(group, config.subject_search, config.alignment_threshold)
         check_context(self.model, self.tokenizer, group, config)
         warn_if_slow_dtype(self.model)
         started = time.perf_counter()
@@ -313,7 +316,7 @@ class EditableCausalLM(nn.Module):
                                         self._edit_routing.neighbours(group, layers, config, self.routing, scope))
             routed = self._edit_routing.key(group, layers, config, self.routing), scope
             # stored under the lock: a concurrent edit's key calibration sees this entry, and this one its own
-            return self._store(group, config, layers, located, optimized, routed, metadata, entry_id, started)
+            return self._store(group, config, layers, located, optimized, routed, metadata, entry_id, started, spans)
 
     def _with_written_paraphrases(self, group: EditGroup, config: LafnConfig, metadata: dict[str, Any] | None
                                   ) -> tuple[EditGroup, dict[str, Any] | None]:
@@ -326,8 +329,8 @@ class EditableCausalLM(nn.Module):
 
     def _store(self, group: EditGroup, config: LafnConfig, layers: tuple[int, ...], located: LocatedNeurons,
                optimized: OptimizationResult, routed: tuple[RoutingKey | None, QuestionScope | None],
-               metadata: dict[str, Any] | None,
-               entry_id: str | None, started: float) -> EditResult:
+               metadata: dict[str, Any] | None, entry_id: str | None, started: float,
+               spans: dict[str, SubjectSpan]) -> EditResult:
         """Check that the edit took, then add its entry (its key calibrated against the bank's keys)."""
         probabilities = optimized.target_probabilities
         low = {lang: p for lang, p in probabilities.items() if not p >= config.min_target_probability}  # NaN too
@@ -347,6 +350,7 @@ class EditableCausalLM(nn.Module):
                 "targets": {lang: e.target for lang, e in group.edits.items()},
                 "config": config.to_dict(),
                 "target_probabilities": optimized.target_probabilities,
+                **({"subject_spans": found} if (found := spans_metadata(spans)) else {}),
                 **(metadata or {}),
             },
             **({"id": entry_id} if entry_id is not None else {}),
@@ -361,7 +365,7 @@ class EditableCausalLM(nn.Module):
         self.add_entry(entry)
         result = EditResult(entry.id, layers, located.counts(), located.shared_counts(), optimized.loss_curve,
                             optimized.target_loss_curve, optimized.target_probabilities, optimized.steps,
-                            time.perf_counter() - started, dict(group.subjects))
+                            time.perf_counter() - started, dict(group.subjects), spans)
         logger.info("edit %s: %d steps, loss %.4f, p(target) %s", entry.id, result.steps, result.loss_curve[-1],
                     result.target_probabilities)
         return result
@@ -406,30 +410,31 @@ class EditableCausalLM(nn.Module):
         started = time.perf_counter()
         outcome: list[EditResult | Exception] = []
         ready: list[tuple[int, EditGroup, LocatedNeurons, dict[str, Any] | None, QuestionScope | None,
-                          dict[str, list[str]] | None]] = []
+                          dict[str, list[str]] | None, dict[str, SubjectSpan]]] = []
         with self._edit_lock, self.edits_disabled():
             for position, group in enumerate(groups):
                 outcome.append(ValueError("not edited"))
                 try:
                     if not isinstance(group, EditGroup):
                         raise TypeError(f"edit expects an EditGroup, got {type(group).__name__}")
+                    group, spans = resolve_group(group, config.subject_search, config.alignment_threshold)
                     check_context(self.model, self.tokenizer, group, config)
                     group, metadata = self._with_written_paraphrases(group, config, None)
                     located = locate_neurons(self.model, self.tokenizer, group, layers, config)
                     scope = self._edit_routing.scope(group, layers, config, self.routing)
                     neighbours = self._edit_routing.neighbours(group, layers, config, self.routing, scope)
-                    ready.append((position, group, located, metadata, scope, neighbours))
+                    ready.append((position, group, located, metadata, scope, neighbours, spans))
                 except (ValueError, TypeError, RuntimeError) as error:
                     outcome[position] = error
             optimized = optimize_updates(self.model, self.tokenizer, [r[1] for r in ready], [r[2].shared for r in ready],
                                          config, self._prefixes, [r[5] for r in ready])
-            for (position, group, located, metadata, scope, _), result in zip(ready, optimized):
+            for (position, group, located, metadata, scope, _, spans), result in zip(ready, optimized):
                 try:
                     if isinstance(result, Exception):
                         raise result
                     routed = self._edit_routing.key(group, layers, config, self.routing), scope
                     outcome[position] = self._store(group, config, layers, located, result, routed, metadata, None,
-                                                    started)
+                                                    started, spans)
                 except (ValueError, TypeError, RuntimeError) as error:
                     outcome[position] = error
         return outcome

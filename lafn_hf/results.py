@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from .subject_span import SubjectSpan
+
 
 @dataclass
 class EditResult:
@@ -19,6 +21,7 @@ class EditResult:
     steps: int
     wall_time_s: float
     subjects: dict[str, str] = field(default_factory=dict)
+    spans: dict[str, SubjectSpan] = field(default_factory=dict)  # where each prompt writes its subject, and how found
 
     def __repr__(self) -> str:
         probabilities = {lang: float(f"{p:.3g}") for lang, p in self.target_probabilities.items()}

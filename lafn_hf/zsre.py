@@ -16,10 +16,18 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .config import EditGroup, LanguageEdit
+from .config import EditGroup, LanguageEdit, subject_problem
 from .matcher import SubjectMatcher
+from .subject_span import DEFAULT_THRESHOLD, SubjectSpan, resolve_languages
 
 LANGUAGE_ALIASES = {"cz": "cs", "du": "nl"}
+#: MzsRE's languages: English and the eleven its pair files ``..._en{xx}.json`` join it with
+MZSRE_LANGUAGES = ("en", "cs", "de", "es", "fr", "nl", "pt", "ru", "th", "tr", "vi", "zh")
+
+
+def pair_file_code(language: str) -> str:
+    """The code MzsRE's file names use for ``language`` ("cs" -> "cz", "nl" -> "du", others as they are)."""
+    return {iso: code for code, iso in LANGUAGE_ALIASES.items()}.get(language, language)
 _FIELDS = ("subject", "src", "rephrase", "alt", "loc", "loc_ans")
 
 
@@ -117,11 +125,41 @@ def matchability(items: Sequence[Item]) -> dict[str, tuple[int, int]]:
     return {lang: (hit, total) for lang, (hit, total) in counts.items()}
 
 
-def edit_group(item: Item) -> EditGroup | None:
-    """The edit group of an item: every language whose subject occurs in its question (None if none does).
+def resolve_item(item: Item, search: str = "aligned", threshold: float = DEFAULT_THRESHOLD
+                 ) -> tuple[EditGroup | None, dict[str, SubjectSpan], dict[str, str]]:
+    """(the item's edit group, the span each language's question writes its subject as, and why each other
+    language is left out). Every language with a new answer takes part, made at the span its question writes
+    (``lafn_hf.subject_span``: the given subject, another language's, inflected, or aligned, up to ``search``);
+    the given subject stays an alias. The dataset's ``rephrase`` is the Generality test, so it is not used."""
+    edits: dict[str, LanguageEdit] = {}
+    skipped: dict[str, str] = {}
+    for lang, record in item.items():
+        if not record.alt.strip():
+            skipped[lang] = "no new answer (alt is empty)"
+            continue
+        try:
+            edit = LanguageEdit(record.src, record.subject, record.alt)
+        except (TypeError, ValueError) as error:
+            skipped[lang] = str(error)
+            continue
+        problem = subject_problem(edit.subject, lang)
+        if problem:
+            skipped[lang] = f"subject {edit.subject!r} is refused: {problem}"
+            continue
+        edits[lang] = edit
+    if not edits:
+        return None, {}, skipped
+    group, spans, missing = resolve_languages(EditGroup(edits), search, threshold)
+    skipped.update({lang: str(error) for lang, error in missing.items()})
+    return group, spans, skipped
 
-    The dataset's ``rephrase`` is the Generality test, so it is not used for locating.
-    """
-    edits = {lang: LanguageEdit(record.src, record.subject, record.alt)
-             for lang, record in item.items() if record.matchable and record.alt.strip()}
-    return EditGroup(edits) if edits else None
+
+def edit_group(item: Item, search: str = "aligned", threshold: float = DEFAULT_THRESHOLD) -> EditGroup | None:
+    """``resolve_item``'s group: every language whose question writes its subject in a form found (None if none)."""
+    return resolve_item(item, search, threshold)[0]
+
+
+def subject_forms(item: Item, spans: dict[str, SubjectSpan]) -> tuple[str, ...]:
+    """Every form of the item's subject an edit of it routes on: the spans found and every language's given subject."""
+    found = [span.text for span in spans.values()] + [record.subject for record in item.values()]
+    return tuple(dict.fromkeys(form for form in found if form.strip()))

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 from pathlib import Path
@@ -30,7 +31,7 @@ from lafn_hf.cli import main
 from lafn_hf.evaluate import answer_end
 from lafn_hf.matcher import SubjectMatcher
 from lafn_hf.models import tiny_fact_group
-from lafn_hf.zsre import load_files, load_items
+from lafn_hf.zsre import Item, load_files, load_items
 
 FIXTURES = Path(__file__).parent / "fixtures"
 ENZH, ENDE = FIXTURES / "mzsre_test_duplicate_enzh.json", FIXTURES / "mzsre_test_duplicate_ende.json"
@@ -143,7 +144,18 @@ def test_questions_and_subject_not_found_counts() -> None:
     assert ("de", "locality_hard") not in kinds and len(questions) == 5 + 5 + 4
     assert not any(q.kind == "locality_hard" for q in item_questions(1, items[1], HARD))  # other subject
     de = [q for q in item_questions(2, items[2], HARD) if q.lang == "de"]
-    assert [q.subject_found for q in de if q.kind == "reliability"] == [False]  # "Lunvalfiland" is absent
+    # "Lunvalfiland" is absent, but the English "Lunvalfi", where the German edit is made, is written
+    assert [q.subject_found for q in de if q.kind == "reliability"] == [True]
+    de = [q for q in item_questions(2, _unnamed_de(items[2]), HARD) if q.lang == "de"]
+    assert [q.subject_found for q in de if q.kind == "reliability"] == [False]
+
+
+def _unnamed_de(item: Item) -> Item:
+    """``item`` with German questions that write no form of its subject."""
+    record = item["de"]
+    return {**item, "de": dataclasses.replace(record, src="Die Hauptstadt von Xoqtrezu ist",
+                                             rephrase="Die Hauptstadt des Landes Xoqtrezu ist",
+                                             portability_question="In Xoqtrezu ist die Hauptstadt")}
 
 
 def test_a_locality_hard_answer_naming_the_edits_target_is_counted_as_hijacked() -> None:
@@ -265,12 +277,19 @@ def test_failed_edits_and_unreachable_subjects_are_counted(model: EditableCausal
     rows = [json.loads(line) for line in (tmp_path / "r.jsonl").read_text().splitlines()[1:]]
     failed = [r for r in rows if r.get("method") == "lafn"]
     assert len(failed) == 1 and failed[0]["error"].startswith("EditFailedError")
+    items[2] = _unnamed_de(items[2])
     summary = run_bench(model, items, [UneditedMethod(model)], tmp_path / "u.jsonl", locality_hard=HARD, progress=False)
     table = markdown_table(summary).splitlines()
     assert table[2].startswith("| method | de Rel | de Gen | de Loc | de Port | en Rel |")
-    assert "- de: subject not found in the question (the edit cannot reach it): Rel 1/3, Gen 1/3, Port 1/3" in table
+    assert "- de: no form of the subject in the question (the edit cannot reach it): Rel 1/3, Gen 1/3, Port 1/3" in table
     missed = summary["hit_by_reach"]["not_found"]["unedited"]
     assert set(missed) == {"de"} and set(missed["de"]) == {"reliability", "generality", "portability"}
+    rows = [json.loads(line) for line in (tmp_path / "u.jsonl").read_text().splitlines()[1:]]
+    (row,) = [r for r in rows if r.get("method") == "unedited" and r["index"] == 2]
+    assert "subject 'Lunvalfiland' does not occur in prompt 'Die Hauptstadt von Xoqtrezu ist'" in row["skipped"]["de"]
+    assert summary["edits"]["unedited"]["skipped"] == {"de": 1, "en": 0, "zh": 0}
+    (row,) = [r for r in rows if r.get("method") == "unedited" and r["index"] == 0]
+    assert row["skipped"] == {} and row["spans"] == {}
 
 
 def test_lafn_bench_cli(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -7,6 +7,7 @@ import pytest
 
 from lafn_hf import EditGroup, LafnConfig, LanguageEdit
 from lafn_hf.stopwords import STOP_WORDS
+from lafn_hf.subject_span import resolve_group
 
 
 def group(lang: str, prompt: str, subject: str, **extra: object) -> EditGroup:
@@ -69,8 +70,6 @@ def test_group_files_refuse_a_language_given_twice_in_a_list() -> None:
     assert EditGroup.list_from_json(f'{{"en": {one}}}')[0].languages == ("en",)
     with pytest.raises(ValueError, match="group 1: key 'en' is given twice"):
         EditGroup.list_from_json(f'[{{"en": {one}}}, {{"en": {one}, "en": {one}}}]')
-    with pytest.raises(ValueError, match="group 0: subject 'Paris' does not occur"):
-        EditGroup.list_from_json('[{"en": {"prompt": "Rome is in", "subject": "Paris", "target": "Italy"}}]')
     with pytest.raises(ValueError, match="expected a JSON object .* or a list of them, got str"):
         EditGroup.list_from_json('"en"')
 
@@ -96,9 +95,10 @@ def test_min_target_probability_is_checked_and_serialised() -> None:
         LafnConfig(min_target_probability=1.5)
 
 
-def test_the_subject_must_occur_in_the_prompt_as_inference_matches_it() -> None:
-    with pytest.raises(ValueError, match="does not occur in prompt 'The Romeo and Juliet balcony is in' as inference"):
-        LanguageEdit("The Romeo and Juliet balcony is in", "Rome", "Verona")
+def test_the_subject_is_found_in_the_prompt_as_inference_matches_it() -> None:
+    romeo = EditGroup({"en": LanguageEdit("The Romeo and Juliet balcony is in", "Rome", "Verona")})
+    with pytest.raises(ValueError, match="does not occur in prompt 'The Romeo and Juliet balcony is in'"):
+        resolve_group(romeo, "written")  # whole words only; the default aligns it (test_subject_span.py)
     edit = LanguageEdit("Where is Rome? In", "Rome", "Italy", paraphrases=("Rome's country is", "Romeo lives in"))
     assert edit.subject == "Rome"
     LanguageEdit("埃菲尔铁塔位于", "埃菲尔铁塔", "罗马")  # no word boundaries in spaceless scripts

@@ -20,6 +20,7 @@ from lafn_hf.locate import (
 from lafn_hf.optimize import _BaseRun, _losses, build_batch, sample_prefixes, selected_logits, upper_layers_only
 from lafn_hf.paraphrase import word_dropped_variants
 from lafn_hf.results import EditFailedError
+from lafn_hf.subject_span import resolve_group
 from lafn_hf.values import LayerPlan, ValueInjection
 
 from .conftest import TINY_DIR, fact_group, greedy
@@ -143,7 +144,7 @@ def test_upper_layer_shortcut_gives_the_full_forward_loss(trained_model: Any, to
 
 def test_bad_input_is_rejected_with_the_value() -> None:
     with pytest.raises(ValueError, match="subject 'Paris' does not occur in prompt 'The capital of France is'"):
-        LanguageEdit("The capital of France is", "Paris", "Rome")
+        resolve_group(EditGroup({"en": LanguageEdit("The capital of France is", "Paris", "Rome")}))
     with pytest.raises(ValueError, match="target must be a non-empty string, got ''"):
         LanguageEdit("The capital of France is", "France", "")
     with pytest.raises(ValueError, match="language 'en' is listed twice"):

@@ -64,7 +64,9 @@ def summarize(records: Sequence[dict[str, Any]], questions_of: Sequence[Sequence
     for method in methods:
         mine = [r for r in records if r["method"] == method]
         info: dict[str, Any] = {"errors": sum(r["error"] is not None for r in mine),
-                                "edited": {lang: sum(lang in r["edited"] for r in mine) for lang in languages}}
+                                "edited": {lang: sum(lang in r["edited"] for r in mine) for lang in languages},
+                                "skipped": {lang: sum(lang in r.get("skipped", {}) for r in mine) for lang in languages},
+                                "found_by": _found_by(mine, languages)}
         steps = [r["info"]["steps"] for r in mine if "steps" in r["info"]]
         if steps:
             info["mean_steps"] = sum(steps) / len(steps)
@@ -81,9 +83,19 @@ def summarize(records: Sequence[dict[str, Any]], questions_of: Sequence[Sequence
             "edits": edits, "hijacked": hijacked}
 
 
+def _found_by(records: Sequence[dict[str, Any]], languages: Sequence[str]) -> dict[str, dict[str, int]]:
+    """Per language, how many items' subjects were found other than as given, by stage ("other", "aligned"...)."""
+    found: dict[str, dict[str, int]] = {lang: {} for lang in languages}
+    for record in records:
+        for lang, span in record.get("spans", {}).items():
+            found[lang][span["how"]] = found[lang].get(span["how"], 0) + 1
+    return found
+
+
 def hit_by_reach(records: Sequence[dict[str, Any]], questions_of: Sequence[Sequence[Question]],
                  methods: Sequence[str]) -> dict[str, dict[str, dict[str, dict[str, float]]]]:
-    """Answer hit x100 on Rel/Gen/Port questions split by whether the exact matcher finds the subject in them:
+    """Answer hit x100 on Rel/Gen/Port questions split by whether they write a form of the subject the item's edit
+    routes on (``zsre.subject_forms``, exact matcher):
     ``{"found" | "not_found": {method: {lang: {metric: mean}}}}`` (cells without questions are left out)."""
     split: dict[str, dict[str, dict[str, dict[str, list[float]]]]] = {"found": {}, "not_found": {}}
     for record in records:
@@ -99,11 +111,11 @@ def hit_by_reach(records: Sequence[dict[str, Any]], questions_of: Sequence[Seque
 
 
 def reach_table(summary: dict[str, Any]) -> str:
-    """Answer hit on Rel/Gen where the subject is found / not found (exact matcher), methods as rows."""
+    """Answer hit on Rel/Gen where a form of the subject is found / not found (exact matcher), methods as rows."""
     languages, split = summary["languages"], summary["hit_by_reach"]
     columns = [(lang, kind) for lang in languages for kind in ("reliability", "generality")]
-    lines = [f"{'+'.join(languages)}: answer hit x100 on questions whose subject the exact matcher finds / does "
-             f"not find (- where there are none), {summary['items']} items", "",
+    lines = [f"{'+'.join(languages)}: answer hit x100 on questions that write a form of the subject (exact matcher) / do "
+             f"not (- where there are none), {summary['items']} items", "",
              "| method | " + " | ".join(f"{lang} {LABELS[kind]}" for lang, kind in columns) + " |",
              "| --- |" + " ---: |" * len(columns)]
 
@@ -133,7 +145,7 @@ def markdown_table(summary: dict[str, Any], score: str = "hit") -> str:
     for lang in languages:
         missing = summary["subject_not_found"][lang]
         shown = ", ".join(f"{LABELS[k]} {missing[k]}/{summary['questions'][lang][k]}" for k in KINDS if k in missing)
-        lines.append(f"- {lang}: subject not found in the question (the edit cannot reach it): {shown}")
+        lines.append(f"- {lang}: no form of the subject in the question (the edit cannot reach it): {shown}")
     for method, by_lang in summary.get("hijacked", {}).items():
         if by_lang and method != "unedited":
             shown = ", ".join(f"{lang} {value:.1f}" for lang, value in by_lang.items())
@@ -146,6 +158,12 @@ def markdown_table(summary: dict[str, Any], score: str = "hit") -> str:
         extra = f", mean steps {info['mean_steps']:.1f}" if "mean_steps" in info else ""
         extra += f", reached its target NLL {info['reached_target']}" if "reached_target" in info else ""
         lines.append(f"- {method}: edits made {edited}; failed or not made {info['errors']}{extra}")
+        skipped = ", ".join(f"{lang} {n}" for lang, n in info.get("skipped", {}).items() if n)
+        found = "; ".join(f"{lang} " + ", ".join(f"{how} {n}" for how, n in sorted(by.items()))
+                          for lang, by in info.get("found_by", {}).items() if by)
+        if skipped or found:
+            lines.append(f"  - {method}: languages skipped (subject not found in the question) {skipped or 'none'}; "
+                         f"subjects found other than as given: {found or 'none'}")
     return "\n".join(lines)
 
 

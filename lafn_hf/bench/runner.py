@@ -1,8 +1,9 @@
 """Run several editing methods on the same items with the same protocol, resumably.
 
 Per item: the unedited model's answers to every question are computed once (the Locality reference);
-then for each method: apply the item's edit group (``lafn_hf.zsre.edit_group``: every language whose
-subject occurs in its question) -> answer the item's questions in every language -> roll back.
+then for each method: apply the item's edit group (``lafn_hf.zsre.resolve_item``: every language, each made at
+the span its question writes the subject as; a language where none is found is skipped, with the reason, in
+the record's ``skipped``) -> answer the item's questions in every language -> roll back.
 Questions per language: ``src`` (Reliability), ``rephrase`` (Generality), ``loc`` (Locality), the
 Locality-Hard questions about the same subject (``locality_hard.json``) and the portability question.
 
@@ -29,16 +30,17 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
-from ..config import EditGroup
+from ..config import SUBJECT_SEARCHES, EditGroup
 from ..evaluate import answer_ids
 from ..matcher import SubjectMatcher
 from ..model import EditableCausalLM
-from ..zsre import Item, edit_group
+from ..subject_span import SubjectSpan, spans_metadata
+from ..zsre import Item, resolve_item, subject_forms
 from .methods import EditMethod, UneditedMethod
 from .metrics import answer_hit, contains, same_answer, token_f1
 
 logger = logging.getLogger(__name__)
-FORMAT = 3  # 3: teacher-forced golds read through the KV cache; Locality-Hard "hijacked" scores
+FORMAT = 4  # 3: teacher-forced golds through the KV cache, Locality-Hard "hijacked"; 4: subject spans
 KINDS = ("reliability", "generality", "locality", "locality_hard", "portability")
 LOCALITY_KINDS = ("locality", "locality_hard")
 REFERENCE = "_unedited_reference"
@@ -55,6 +57,8 @@ class BenchSettings:
     gold answer gets len(gold tokens) + ``margin`` new tokens; a Locality-Hard question (no gold) gets
     ``free_tokens``. An item's questions are answered ``batch_size`` at a time (left-padded, in question
     order, so the unedited reference and every method see the same batches); 1 answers them one by one.
+    ``subject_search``: how far each language's subject is looked for in its question
+    (``LafnConfig.subject_search``; "written" edits only languages whose question writes the given subject).
     """
 
     mode: str = "generate"
@@ -62,6 +66,7 @@ class BenchSettings:
     free_tokens: int = 10
     limit: int | None = None
     batch_size: int = 16
+    subject_search: str = "aligned"
 
     def __post_init__(self) -> None:
         if self.mode not in ("generate", "teacher_forced"):
@@ -70,6 +75,8 @@ class BenchSettings:
             raise ValueError(f"margin must be >= 0, free_tokens >= 1 and limit >= 1, got {self}")
         if self.batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
+        if self.subject_search not in SUBJECT_SEARCHES:
+            raise ValueError(f"subject_search must be one of {SUBJECT_SEARCHES}, got {self.subject_search!r}")
 
 
 @dataclass(frozen=True)
@@ -82,7 +89,7 @@ class Question:
     text: str
     subject: str
     gold: str | None
-    subject_found: bool
+    subject_found: bool  # the question writes one of the forms the item's edit routes on (``zsre.subject_forms``)
     target: str | None = None
 
 
@@ -103,8 +110,9 @@ def load_locality_hard(path: str | os.PathLike[str] | None = None) -> LocalityHa
     return hard
 
 
-def item_questions(index: int, item: Item, hard: LocalityHard) -> list[Question]:
+def item_questions(index: int, item: Item, hard: LocalityHard, search: str = "aligned") -> list[Question]:
     """The item's questions, language by language; Locality-Hard ones only where the subject is the item's."""
+    matcher = SubjectMatcher(subject_forms(item, resolve_item(item, search)[1]))
     questions = []
     for lang, record in item.items():
         asked: list[tuple[str, str, str | None]] = [
@@ -115,7 +123,6 @@ def item_questions(index: int, item: Item, hard: LocalityHard) -> list[Question]
             asked += [("locality_hard", q, None) for q in hard_questions]
         if record.portability_question and record.portability_answer:
             asked.append(("portability", record.portability_question, record.portability_answer))
-        matcher = SubjectMatcher([record.subject])
         questions += [Question(kind, lang, text, record.subject, gold, bool(matcher.find(text)),
                                record.alt if kind == "locality_hard" else None)
                       for kind, text, gold in asked]
@@ -133,7 +140,7 @@ def run_settings(model: EditableCausalLM, items: Sequence[Item], settings: Bench
             "dtype": str(next(model.parameters()).dtype),
             "languages": sorted({lang for item in items for lang in item}),
             "mode": settings.mode, "margin": settings.margin, "free_tokens": settings.free_tokens,
-            "batch_size": settings.batch_size,
+            "batch_size": settings.batch_size, "subject_search": settings.subject_search,
             "items_sha256": _sha256([{lang: asdict(r) for lang, r in item.items()} for item in items]),
             "locality_hard_sha256": _sha256({str(k): v for k, v in sorted(hard.items())})}
 
@@ -266,10 +273,14 @@ def score(question: Question, ids: Sequence[int], answer: str, reference: dict[s
             "contains": contains(answer, target), "f1": token_f1(list(ids), list(gold))}
 
 
-def run_method(method: EditMethod, index: int, group: EditGroup | None, group_error: str | None,
-               questions: Sequence[Question], reference: dict[str, Any], settings: BenchSettings) -> dict[str, Any]:
-    """Apply ``group`` with ``method``, answer ``questions``, roll back; one result record."""
-    record: dict[str, Any] = {"index": index, "method": method.name, "edited": [], "error": group_error, "info": {}}
+def run_method(method: EditMethod, index: int, prepared: PreparedItem, questions: Sequence[Question],
+               reference: dict[str, Any], settings: BenchSettings) -> dict[str, Any]:
+    """Apply the item's group with ``method``, answer ``questions``, roll back; one result record (``spans``:
+    how each language's subject was found where its question does not write it as given; ``skipped``: the
+    languages left out of the group, with the reason)."""
+    group = prepared.group
+    record: dict[str, Any] = {"index": index, "method": method.name, "edited": [], "error": prepared.error,
+                              "info": {}, "spans": spans_metadata(prepared.spans), "skipped": prepared.skipped}
     handle = None
     if group is not None:
         try:
@@ -294,12 +305,21 @@ def run_method(method: EditMethod, index: int, group: EditGroup | None, group_er
     return record
 
 
-def _group(item: Item) -> tuple[EditGroup | None, str | None]:
-    try:
-        group = edit_group(item)
-    except (ValueError, TypeError) as error:  # a refused subject (too short or too common)
-        return None, f"{type(error).__name__}: {error}"
-    return group, None if group is not None else "no language's subject occurs in its question"
+@dataclass(frozen=True)
+class PreparedItem:
+    """An item's edit group (None when no language could be edited, ``error`` says why), the spans its
+    languages' subjects were found at, and the languages left out with the reason."""
+
+    group: EditGroup | None
+    spans: dict[str, SubjectSpan]
+    skipped: dict[str, str]
+    error: str | None
+
+
+def prepare_item(item: Item, search: str) -> PreparedItem:
+    group, spans, skipped = resolve_item(item, search)
+    error = None if group is not None else "no language's subject was found in its question"
+    return PreparedItem(group, spans, skipped, error)
 
 
 def _reusable(records: Sequence[dict[str, Any]], methods: Sequence[EditMethod], keys: Mapping[str, str],
@@ -357,20 +377,20 @@ def run_bench(model: EditableCausalLM, items: Sequence[Item], methods: Sequence[
         pending = [m for m in methods if (index, m.name) not in done]
         if not pending:
             continue
-        questions = item_questions(index, items[index], hard)
+        questions = item_questions(index, items[index], hard, settings.subject_search)
         if (index, REFERENCE) not in done:
             done[(index, REFERENCE)] = _reference(index, questions, unedited, settings)
             _append(path, done[(index, REFERENCE)])
-        group, group_error = _group(items[index])
+        prepared = prepare_item(items[index], settings.subject_search)
         for method in pending:
-            record = run_method(method, index, group, group_error, questions, done[(index, REFERENCE)], settings)
+            record = run_method(method, index, prepared, questions, done[(index, REFERENCE)], settings)
             record["method_sha256"] = keys[method.name]
             done[(index, method.name)] = record
             _append(path, record)
             if on_record is not None:
                 on_record(record)
     records = [done[(i, name)] for i in range(len(items)) for name in names]
-    questions_of = [item_questions(i, item, hard) for i, item in enumerate(items)]
+    questions_of = [item_questions(i, item, hard, settings.subject_search) for i, item in enumerate(items)]
     return summarize(records, questions_of, names, settings)
 
 
