@@ -2,7 +2,8 @@
 
 from .bank import BankEntry, EditBank, LayerUpdate
 from .config import EditGroup, LafnConfig, LanguageEdit
-from .model import EditableCausalLM, EditFailedError, EditManyResult, EditResult
+from .model import EditableCausalLM
+from .results import EditFailedError, EditManyResult, EditResult
 from .subject_span import SubjectNotFoundError, SubjectSpan
 
 __all__ = [

@@ -24,7 +24,7 @@ from typing import Any
 import torch
 
 from .config import nfc
-from .text import check_aliases
+from .text import check_aliases, check_form_length
 
 _BANK_UIDS = itertools.count()
 _CHANGE_LOG = 4096  # bank changes kept for incremental updates of compiled banks
@@ -244,6 +244,7 @@ class BankEntry:
         for lang, subject in self.subjects.items():
             if not isinstance(subject, str) or not subject.strip():
                 raise ValueError(f"entry {self.id!r}: subject for {lang!r} must be a non-empty str, got {subject!r}")
+            check_form_length(subject, f"entry {self.id!r}: subject for {lang!r}")
         object.__setattr__(self, "subjects", {lang: nfc(s) for lang, s in self.subjects.items()})
         object.__setattr__(self, "aliases", check_aliases(self.aliases, f"entry {self.id!r}"))
         if self.key is not None and not isinstance(self.key, RoutingKey):
@@ -294,13 +295,21 @@ class BankEntry:
 
 @dataclass(frozen=True)
 class BankLimits:
-    """The model sizes an entry must fit: layers < ``num_hidden_layers``, neurons < ``intermediate_size``."""
+    """The model sizes an entry must fit: layers < ``num_hidden_layers``, neurons < ``intermediate_size``,
+    routing keys and question scopes ``hidden_size`` wide (``None``: not checked)."""
 
     num_hidden_layers: int
     intermediate_size: int
+    hidden_size: int | None = None
 
     def check(self, entry: BankEntry) -> None:
         """``ValueError`` naming the entry, the layer and the limit it exceeds."""
+        widths = {"routing key": entry.key.vector.numel() if entry.key is not None else None,
+                  "question scope": entry.scope.vectors.shape[1] if entry.scope is not None else None}
+        for what, width in widths.items():
+            if self.hidden_size is not None and width is not None and width != self.hidden_size:
+                raise ValueError(f"entry {entry.id!r}: its {what} has size {width}, the model's hidden_size is "
+                                 f"{self.hidden_size}")
         for layer, update in sorted(entry.updates.items()):
             if layer >= self.num_hidden_layers:
                 raise ValueError(f"entry {entry.id!r}: layer {layer} is out of range for a model with "

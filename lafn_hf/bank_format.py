@@ -31,24 +31,17 @@ changing one by other means while a bank loaded from it is in use changes or bre
 from __future__ import annotations
 
 import gc
-import hashlib
 import json
-import os
 import re
-import sys
 import unicodedata
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import SafetensorError, safe_open
-from safetensors.torch import load as load_safetensors
 
 from .bank import _ENTRY_ID, BankEntry, EditBank, KeySpace, LayerUpdate, QuestionScope, RoutingKey, ScopeSpace
 from .config import nfc
-from .text import check_aliases
 
 NEURONS, DELTAS, LAYER_OFFSETS, SEGMENT_LAYERS, ENTRY_OFFSETS = (
     "neurons", "deltas", "layer_offsets", "segment_layers", "entry_offsets")
@@ -85,54 +78,27 @@ def paused_gc() -> Iterator[None]:
             gc.enable()
 
 
-# -- the file --------------------------------------------------------------------------------------
-def read_weights(path: Path, sha256: str | None, config_name: str, mapped: bool) -> dict[str, torch.Tensor]:
-    """The tensors of ``path`` once its sha256 (when recorded) is checked; memory-mapped when ``mapped`` (not on
-    Windows). ``FileNotFoundError`` when the file is gone or was replaced meanwhile (a concurrent save)."""
-    with open(path, "rb") as handle:
-        if mapped and sys.platform != "win32":
-            if sha256 is not None:
-                _check_sha256(path, _file_sha256(handle), sha256, config_name)
-            try:
-                with safe_open(str(path), framework="pt") as reader:
-                    tensors = {key: reader.get_tensor(key) for key in reader.keys()}  # noqa: SIM118 (not a dict)
-            except (SafetensorError, OSError, ValueError, RuntimeError) as error:
-                if not path.exists():
-                    raise FileNotFoundError(path) from None
-                raise ValueError(f"{path} is corrupted or truncated: {error}") from error
-            hashed, now = os.fstat(handle.fileno()), os.stat(path)
-            if (hashed.st_ino, hashed.st_dev) != (now.st_ino, now.st_dev):
-                raise FileNotFoundError(path)  # not the file that was hashed
-            return tensors
-        data = handle.read()
-    if sha256 is not None:
-        _check_sha256(path, hashlib.sha256(data).hexdigest(), sha256, config_name)
-    try:
-        return load_safetensors(data)
-    except (SafetensorError, OSError, ValueError, RuntimeError) as error:
-        raise ValueError(f"{path} is corrupted or truncated: {error}") from error
-
-
-def _file_sha256(handle: Any) -> str:
-    digest = hashlib.sha256()
-    buffer = memoryview(bytearray(1 << 20))
-    while size := handle.readinto(buffer):
-        digest.update(buffer[:size])
-    return digest.hexdigest()
-
-
-def _check_sha256(path: Path, actual: str, recorded: str, config_name: str) -> None:
-    if actual != recorded:
-        raise ValueError(f"{path} is corrupted or truncated: its sha256 is {actual}, {config_name} records {recorded}")
-
-
 # -- the config's entries ----------------------------------------------------------------------------
 def config_json(header: dict[str, Any], entries: list[dict[str, Any]]) -> bytes:
     """``header`` as indented JSON, then ``entries`` one line each: readable, and quick to write for 1M entries."""
-    head = json.dumps(header, indent=2, sort_keys=True, ensure_ascii=False)  # "{\n  ...\n}"
-    line = json.JSONEncoder(ensure_ascii=False, sort_keys=True).encode
-    rows = "[\n    " + ",\n    ".join(map(line, entries)) + "\n  ]" if entries else "[]"
+    head = json.dumps(header, indent=2, sort_keys=True, ensure_ascii=False, allow_nan=False)  # "{\n  ...\n}"
+    encoder = json.JSONEncoder(ensure_ascii=False, sort_keys=True, allow_nan=False)
+    try:
+        lines = list(map(encoder.encode, entries))
+    except ValueError:  # NaN or infinity, which strict JSON (and the loader) refuse
+        bad = next(row for row in entries if not _strict(encoder, row))
+        raise ValueError(f"entry {bad['id']!r}: its metadata is not strict JSON (NaN or infinity); nothing was "
+                         "saved") from None
+    rows = "[\n    " + ",\n    ".join(lines) + "\n  ]" if entries else "[]"
     return f'{head[:-2]},\n  "entries": {rows}\n}}\n'.encode()
+
+
+def _strict(encoder: json.JSONEncoder, row: dict[str, Any]) -> bool:
+    try:
+        encoder.encode(row)
+    except ValueError:
+        return False
+    return True
 
 
 def is_plain_entry(raw: Any) -> bool:
@@ -151,10 +117,9 @@ def is_plain_entry(raw: Any) -> bool:
 
 
 def _plain_aliases(aliases: Any) -> bool:
-    try:
-        return type(aliases) is list and check_aliases(aliases, "") == tuple(aliases)
-    except (TypeError, ValueError):
-        return False
+    """A list of distinct non-empty NFC strings (their length is checked with the subjects', ``bank_checks``)."""
+    return (type(aliases) is list and all(type(alias) is str and alias.strip() for alias in aliases)
+            and len(set(aliases)) == len(aliases) and all(unicodedata.is_normalized("NFC", alias) for alias in aliases))
 
 
 # -- format 3 ----------------------------------------------------------------------------------------
@@ -305,6 +270,30 @@ def _decode_scopes(tensors: dict[str, torch.Tensor], count: int) -> dict[int, Qu
     return scopes
 
 
+# Read against the model's hidden states: rows of hidden_size values, spaces at one of its layers.
+_HIDDEN_WIDE = (SPACE_MEANS, SPACE_SCALES, KEY_VECTORS, SCOPE_SPACE_MEANS, SCOPE_SPACE_SCALES, SCOPE_TEMPLATES,
+                SCOPE_VECTORS)
+_SPACE_LAYERS = (SPACE_LAYERS, SCOPE_SPACE_LAYERS)
+
+
+def _check_model_shapes(tensors: dict[str, torch.Tensor], hidden_size: int, num_hidden_layers: int) -> None:
+    """``ValueError`` naming the routing or scope tensor whose width is not ``hidden_size``, or whose space
+    layer is not one of the ``num_hidden_layers`` layers."""
+    for name in (name for name in _HIDDEN_WIDE if name in tensors):
+        shape = tuple(tensors[name].shape)
+        if len(shape) != 2:
+            raise ValueError(f"{name} must be 2-D (rows of base_model.hidden_size {hidden_size}), got shape {shape}")
+        if shape[1] != hidden_size:
+            raise ValueError(f"{name} has {shape[1]} columns, base_model.hidden_size is {hidden_size}")
+    for name in (name for name in _SPACE_LAYERS if name in tensors):
+        layers = tensors[name].flatten()
+        outside = (layers < 0) | (layers >= num_hidden_layers)
+        if bool(outside.any()):
+            i = int(outside.nonzero()[0])
+            raise ValueError(f"{name}[{i}] = {int(layers[i])} is out of range for base_model.num_hidden_layers "
+                             f"{num_hidden_layers}")
+
+
 def _decode_routing(tensors: dict[str, torch.Tensor], count: int) -> dict[int, RoutingKey]:
     """Entry index -> routing key, from the routing tensors (absent: none); ``ValueError`` naming the tensor."""
     if not _stored(tensors, _ROUTING, "routing"):
@@ -335,13 +324,14 @@ def _cat(parts: list[torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
 
 
 def decode(entries: Sequence[dict[str, Any]], tensors: dict[str, torch.Tensor], num_hidden_layers: int,
-           intermediate_size: int) -> EditBank:
+           intermediate_size: int, hidden_size: int) -> EditBank:
     """The bank of ``entries`` (checked config entries: id, subjects, metadata) and format-3 ``tensors``; any
     inconsistency is a ``ValueError`` naming the tensor (and the entry and layer where there is one)."""
     unexpected = sorted(set(tensors) - set(_DTYPES) - set(_ROUTING) - set(SCOPE_TENSORS))
     if unexpected:
         raise ValueError(f"unexpected tensor {unexpected[0]!r} (format 3 stores {', '.join(_DTYPES)}, for "
                          f"routing {', '.join(_ROUTING)}, and for question scopes {', '.join(SCOPE_TENSORS)})")
+    _check_model_shapes(tensors, hidden_size, num_hidden_layers)
     keys = _decode_routing(tensors, len(entries))
     scopes = _decode_scopes(tensors, len(entries))
     neurons, deltas, layer_offsets, segment_layers, entry_offsets = (_vector(tensors, name) for name in _DTYPES)

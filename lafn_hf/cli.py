@@ -208,7 +208,7 @@ def cmd_edit(args: argparse.Namespace) -> int:
 def cmd_info(args: argparse.Namespace) -> int:
     from .hub import load_bank
 
-    bank, base = load_bank(args.bank)
+    bank, base = load_bank(args.bank, allow_common=True)  # shown, not used
     print(f"base model: {base.name_or_path} (revision {base.revision}, {base.model_type}, "
           f"{base.num_hidden_layers} layers, intermediate {base.intermediate_size})")
     for entry in bank:
@@ -220,7 +220,7 @@ def cmd_info(args: argparse.Namespace) -> int:
 def cmd_push(args: argparse.Namespace) -> int:
     from .hub import load_bank, push_bank, warn_if_local_base
 
-    bank, base = load_bank(args.bank)
+    bank, base = load_bank(args.bank, allow_common=True)  # the user's own bank, as edited
     if args.base_model:
         base = base.with_base_model(args.base_model)
     if args.dry_run:

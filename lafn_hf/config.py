@@ -13,8 +13,10 @@ import unicodedata
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from .stopwords import is_stop_word
-from .text import check_aliases, clean_subject, is_spaceless_char, is_word_char
+import regex
+
+from .stopwords import STOP_WORDS, is_stop_word
+from .text import check_aliases, check_form_length, clean_subject, is_spaceless_char, is_word_char
 
 logger = logging.getLogger(__name__)
 
@@ -87,6 +89,7 @@ class LanguageEdit:
     def __post_init__(self) -> None:
         object.__setattr__(self, "prompt", _require_text("prompt", self.prompt))
         object.__setattr__(self, "subject", _require_text("subject", self.subject))
+        check_form_length(self.subject, "subject")
         object.__setattr__(self, "target", _require_text("target", self.target))
         if isinstance(self.paraphrases, str) or not isinstance(self.paraphrases, (list, tuple)):
             raise TypeError(f"paraphrases must be a list of str, got {type(self.paraphrases).__name__}")
@@ -133,10 +136,10 @@ class EditGroup:
                 raise ValueError(f"language code must be a non-empty str without spaces, got {lang!r}")
             if not isinstance(edit, LanguageEdit):
                 raise TypeError(f"edits[{lang!r}] must be a LanguageEdit, got {type(edit).__name__}")
-            for name in (edit.subject, *edit.aliases):
-                problem = None if edit.allow_common_subject else subject_problem(name, lang)
+            for name, language in ((edit.subject, lang), *((alias, None) for alias in edit.aliases)):
+                problem = None if edit.allow_common_subject else surface_form_problem(name, language)
                 if problem:
-                    kind = "subject" if name == edit.subject else "alias"
+                    kind = "subject" if language is not None else "alias"
                     raise ValueError(
                         f"edits[{lang!r}]: {kind} {name!r} is refused: {problem}, and a bank subject edits every "
                         "prompt it occurs in. Set allow_common_subject=True on the LanguageEdit (JSON: "
@@ -205,6 +208,24 @@ def subject_problem(subject: str, language: str) -> str | None:
     if is_stop_word(cleaned[start:end], language):
         return f"it is one of the most frequent function words of {language!r}"
     return None
+
+
+def surface_form_problem(form: str, language: str | None) -> str | None:
+    """Why ``form`` cannot route to an entry, or None: ``subject_problem`` in ``language`` for a subject, in every
+    language with a list for an alias (``language`` None: aliases route in any language). The one rule of
+    ``edit()``, ``add_aliases`` and the bank loader, decided at once for the usual name (a million a second)."""
+    cleaned = form if form.isascii() else clean_subject(form)  # ASCII: NFC, nothing invisible
+    if _TWO_LETTERS.search(cleaned):  # a letter or digit, twice: only a function word is refused
+        span = _WORD_SPAN.search(cleaned)
+        if span is None or nfc(span.group().casefold()) not in _ANY_STOP_WORD:
+            return None
+    languages = (language,) if language is not None else ("", *STOP_WORDS)
+    return next(filter(None, (subject_problem(form, code) for code in languages)), None)
+
+
+_TWO_LETTERS = regex.compile(r"[\p{L}\p{N}].*[\p{L}\p{N}]", regex.DOTALL)
+_WORD_SPAN = regex.compile(r"[\p{L}\p{M}\p{N}\p{Pc}](?:.*[\p{L}\p{M}\p{N}\p{Pc}])?", regex.DOTALL)  # subject_problem's
+_ANY_STOP_WORD = frozenset().union(*STOP_WORDS.values())
 
 
 def _dict_without_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:

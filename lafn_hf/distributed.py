@@ -27,7 +27,8 @@ from .hub import BaseModelRef, is_bank_dir, load_bank, save_bank
 from .routing.keys import separate_all
 
 if TYPE_CHECKING:
-    from .model import EditableCausalLM, EditResult
+    from .model import EditableCausalLM
+    from .results import EditResult
 
 logger = logging.getLogger(__name__)
 
@@ -104,7 +105,7 @@ def _load_shard(path: Path, groups: list[EditGroup], config: LafnConfig, base: B
     """The shard's checkpointed entries (checked to match ``groups``, ``config`` and ``base``), or an empty bank."""
     if not is_bank_dir(path):
         return EditBank()
-    bank, ref = load_bank(path)
+    bank, ref = load_bank(path, allow_common=True)  # this run's own checkpoint: its groups were checked
     ref.check_compatible(base)
     for entry in bank:
         index = int(entry.id.removeprefix("group-")) if entry.id.startswith("group-") else -1

@@ -316,7 +316,7 @@ def evaluate(model: EditableCausalLM, items: Sequence[Item], settings: EvalSetti
     items = list(items)[: settings.limit] if settings.limit else list(items)
     bank_dir = path.with_name(path.name + ".bank")
     if settings.protocol == "sequential" and done and bank_dir.is_dir():
-        bank, _ = load_bank(bank_dir)
+        bank, _ = load_bank(bank_dir, allow_common=True)  # this run's own checkpoint
         for entry in bank:  # an edit whose line never got written is dropped
             if entry.metadata.get("item_index") not in done:
                 bank.remove(entry.id)

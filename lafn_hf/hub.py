@@ -16,9 +16,11 @@ mapping, neuron indices an int64 copy (details in ``lafn_hf.bank_format``).
 
 Saving never removes the directory. Each file is written to a temporary file inside it, flushed, fsynced
 and renamed over its final name: first the weights (a new, content-addressed name, so the old bank's file
-is untouched), then ``lafn_config.json``, whose rename is the commit point, then the model card; last,
-weights no longer referenced and what crashed saves left behind are deleted. After a crash at any point
-the directory holds the old bank or the new one, complete.
+is untouched), then the model card (written, not yet renamed), then ``lafn_config.json``, whose rename is
+the commit point; after it only renames and deletions follow (the card renamed into place, weights no
+longer referenced and what crashed saves left behind deleted), which cannot fill a disk and, should they
+fail, are logged, not raised. After a crash at any point the directory holds the old bank or the new one;
+an error (a full disk) means the old bank, untouched; success means the new bank with its card.
 """
 
 from __future__ import annotations
@@ -28,12 +30,10 @@ import json
 import logging
 import os
 import re
-import secrets
 import shutil
-import sys
 import tempfile
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager, suppress
+from collections.abc import Callable
+from contextlib import suppress
 from dataclasses import asdict, dataclass, replace
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
@@ -45,8 +45,9 @@ from torch import nn
 
 from lafn_hf.modeling import decoder_layers, get_spec, text_config
 
-from . import bank_format
+from . import bank_file, bank_format
 from .bank import _ENTRY_ID, EditBank
+from .bank_checks import check_surface_forms
 
 logger = logging.getLogger(__name__)
 
@@ -59,7 +60,6 @@ MODEL_CARD_ROWS = 1000  # entries listed in the model card; lafn_config.json lis
 BANK_DOWNLOAD_PATTERNS = (BANK_CONFIG_NAME, MODEL_CARD_NAME, BANK_WEIGHTS_NAME, "lafn_bank-*.safetensors")
 _WEIGHTS_FILE = re.compile(r"^lafn_bank-[0-9a-f]{16}\.safetensors$")
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
-_TEMP_PREFIX = ".lafn-tmp-"  # our temporary files inside a bank directory
 _REPO_PART = r"[A-Za-z0-9](?:[A-Za-z0-9_.-]{0,94}[A-Za-z0-9_])?"
 _REPO_ID = re.compile(rf"^(?:{_REPO_PART}/)?{_REPO_PART}$")
 
@@ -176,21 +176,37 @@ def save_bank(directory: str | os.PathLike[str], bank: EditBank, base: BaseModel
             "base_model": asdict(base), "weights_file": weights_file, "weights_sha256": sha}, entries)
     card = model_card(bank, base).encode("utf-8")
     target.mkdir(parents=True, exist_ok=True)
-    with _locked_directory(target) as sync:
+    with bank_file.locked_directory(target) as sync:
         existed = (target / weights_file).exists()
+        card_file: Path | None = None
         try:
-            _write_atomic(target, weights_file, weights)
+            bank_file.write_atomic(target, weights_file, weights)
+            card_file = bank_file.write_temp(target, MODEL_CARD_NAME, card)  # written before the commit point
             sync()
-            _write_atomic(target, BANK_CONFIG_NAME, config)  # the commit point
-            sync()
+            bank_file.write_atomic(target, BANK_CONFIG_NAME, config)  # the commit point
         except BaseException:
+            if card_file is not None:
+                with suppress(OSError):
+                    card_file.unlink()
             if not existed and _referenced_weights(target) != weights_file:
                 with suppress(OSError):
                     (target / weights_file).unlink()
             raise
-        _write_atomic(target, MODEL_CARD_NAME, card)
-        _remove_leftovers(target, weights_file)
+        _after_commit(target, card_file, weights_file, sync)
     return target
+
+
+def _after_commit(target: Path, card_file: Path, weights_file: str, sync: Callable[[], None]) -> None:
+    """The new bank is saved: rename its card into place and delete what no longer belongs. Nothing here writes
+    data, and a failure is logged, not raised: an error from ``save_bank`` means the old bank is untouched."""
+    try:
+        sync()
+        os.replace(card_file, target / MODEL_CARD_NAME)
+        sync()
+        _remove_leftovers(target, weights_file)
+    except OSError as error:
+        logger.warning("%s: the new bank is saved, but tidying up after it failed (%s); the next save retries",
+                       target, error.strerror or error)
 
 
 def _check_target(target: Path) -> None:
@@ -200,47 +216,6 @@ def _check_target(target: Path) -> None:
     if target.exists() and not target.is_dir():
         kind = "a regular file" if target.is_file() else "not a directory"
         raise ValueError(f"{target} is {kind}; an edit bank is a directory, refusing to replace it")
-
-
-@contextmanager
-def _locked_directory(target: Path) -> Iterator[Callable[[], None]]:
-    """Hold an exclusive lock on ``target`` (POSIX; concurrent saves wait) and yield its fsync."""
-    fd = -1
-    if sys.platform != "win32":  # Windows cannot open directories: no lock, no directory fsync
-        with suppress(OSError):
-            fd = os.open(target, os.O_RDONLY)
-    if fd < 0:
-        yield lambda: None
-        return
-    import fcntl
-
-    try:
-        with suppress(OSError):  # e.g. a file system without locks
-            fcntl.flock(fd, fcntl.LOCK_EX)
-        yield lambda: _fsync_quietly(fd)
-    finally:
-        os.close(fd)
-
-
-def _fsync_quietly(fd: int) -> None:
-    with suppress(OSError):  # some file systems refuse to fsync a directory; the renames still happened
-        os.fsync(fd)
-
-
-def _write_atomic(directory: Path, name: str, data: bytes) -> None:
-    """Write ``data`` to a temporary file in ``directory``, fsync it, then rename it over ``name``."""
-    temp = directory / f"{_TEMP_PREFIX}{secrets.token_hex(8)}-{name}"
-    fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666)  # umask applies
-    try:
-        with open(fd, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(temp, directory / name)
-    except BaseException:
-        with suppress(OSError):
-            os.unlink(temp)
-        raise
 
 
 def _referenced_weights(directory: Path) -> str | None:
@@ -255,7 +230,7 @@ def _remove_leftovers(target: Path, keep: str) -> None:
     directories that saves of lafn-hf <= 0.1 left when they crashed."""
     for path in target.iterdir():
         name = path.name
-        ours = name.startswith(_TEMP_PREFIX) or name == BANK_WEIGHTS_NAME or bool(_WEIGHTS_FILE.match(name))
+        ours = name.startswith(bank_file.TEMP_PREFIX) or name == BANK_WEIGHTS_NAME or bool(_WEIGHTS_FILE.match(name))
         if ours and name != keep and (path.is_symlink() or not path.is_dir()):
             with suppress(FileNotFoundError):
                 path.unlink()
@@ -303,21 +278,28 @@ class BankConfig:
     entries: tuple[dict[str, Any], ...]
 
 
-def load_bank(directory: str | os.PathLike[str]) -> tuple[EditBank, BaseModelRef]:
-    """Read a bank directory; any inconsistency raises ``ValueError`` naming the file and the field."""
+def load_bank(directory: str | os.PathLike[str], *, allow_common: bool = False) -> tuple[EditBank, BaseModelRef]:
+    """Read a bank directory; any inconsistency raises ``ValueError`` naming the file and the field. Subjects and
+    aliases pass the rule of ``edit()`` and ``add_aliases`` (``lafn_hf.bank_checks``): ``allow_common`` accepts
+    short and function-word ones, as ``allow_common_subject`` does for an edit."""
     with bank_format.paused_gc():
-        return _load_bank(Path(directory))
+        return _load_bank(Path(directory), allow_common)
 
 
-def _load_bank(directory: Path) -> tuple[EditBank, BaseModelRef]:
+def _load_bank(directory: Path, allow_common: bool) -> tuple[EditBank, BaseModelRef]:
     config_path = directory / BANK_CONFIG_NAME
     for attempt in range(2):  # a save that commits meanwhile deletes the old weights: read its config then
-        if not config_path.is_file():
-            raise ValueError(f"{directory} is not an edit bank: {BANK_CONFIG_NAME} is missing")
-        parsed = parse_bank_config(config_path.read_bytes(), str(config_path))
+        try:
+            parsed = parse_bank_config(bank_file.read_regular(config_path), str(config_path))
+        except FileNotFoundError:
+            raise ValueError(f"{directory} is not an edit bank: {BANK_CONFIG_NAME} is missing") from None
+        try:
+            check_surface_forms(parsed.entries, allow_common)
+        except ValueError as error:
+            raise ValueError(f"{config_path} is not a valid {BANK_CONFIG_NAME}: {error}") from None
         weights_path = directory / parsed.weights_file
         try:
-            tensors = bank_format.read_weights(weights_path, parsed.weights_sha256, BANK_CONFIG_NAME,
+            tensors = bank_file.read_weights(weights_path, parsed.weights_sha256, BANK_CONFIG_NAME,
                                                mapped=parsed.format_version >= 3)
             break
         except FileNotFoundError:
@@ -326,7 +308,8 @@ def _load_bank(directory: Path) -> tuple[EditBank, BaseModelRef]:
     base = parsed.base
     try:
         if parsed.format_version >= 3:
-            bank = bank_format.decode(parsed.entries, tensors, base.num_hidden_layers, base.intermediate_size)
+            bank = bank_format.decode(parsed.entries, tensors, base.num_hidden_layers, base.intermediate_size,
+                                     base.hidden_size)
         else:
             bank = bank_format.decode_per_entry(parsed.entries, tensors, base.intermediate_size)
     except ValueError as error:
@@ -337,7 +320,9 @@ def _load_bank(directory: Path) -> tuple[EditBank, BaseModelRef]:
 def parse_bank_config(data: bytes | str, source: str = BANK_CONFIG_NAME) -> BankConfig:
     """Parse and check ``lafn_config.json``; any problem is a ``ValueError`` naming ``source`` and the field."""
     try:
-        raw = json.loads(data)
+        raw = json.loads(data, parse_constant=_refuse_constant)
+    except _NotStrict as error:
+        raise ValueError(f"{source} is not strict JSON: it holds {error.args[0]} (metadata must be plain JSON)") from None
     except RecursionError:
         raise ValueError(f"{source} is not valid JSON: nested too deeply") from None
     except ValueError as error:  # JSONDecodeError, UnicodeDecodeError, integers too long to convert
@@ -346,6 +331,14 @@ def parse_bank_config(data: bytes | str, source: str = BANK_CONFIG_NAME) -> Bank
         return _check_config(raw)
     except ValueError as error:
         raise ValueError(f"{source} is not a valid {BANK_CONFIG_NAME}: {error}") from None
+
+
+class _NotStrict(Exception):
+    """A NaN or Infinity literal, which Python's ``json`` accepts and strict JSON does not."""
+
+
+def _refuse_constant(literal: str) -> Any:
+    raise _NotStrict(literal)
 
 
 _REQUIRED: Any = object()
@@ -468,7 +461,8 @@ def resolve_bank_dir(name_or_path: str | os.PathLike[str], revision: str | None 
 
 
 def is_bank_dir(path: str | os.PathLike[str]) -> bool:
-    return (Path(path) / BANK_CONFIG_NAME).is_file()
+    """Whether ``path`` holds a ``lafn_config.json`` (of any kind: loading refuses one that is not a regular file)."""
+    return os.path.lexists(Path(path) / BANK_CONFIG_NAME)
 
 
 def warn_if_local_base(base: BaseModelRef) -> None:

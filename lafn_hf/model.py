@@ -15,7 +15,6 @@ import threading
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -25,18 +24,19 @@ from tqdm.auto import tqdm
 from lafn_hf.modeling import decoder_layers, default_edit_layers, get_spec, mlp_parts
 
 from .bank import _ENTRY_ID, BankEntry, BankLimits, EditBank, LayerUpdate, QuestionScope, RoutingKey
-from .config import EditGroup, LafnConfig, subject_problem
+from .bank_checks import ValueRange
+from .config import EditGroup, LafnConfig, surface_form_problem
 from .hub import BaseModelRef, is_bank_dir, load_bank, parse_base_model, push_bank, resolve_bank_dir, save_bank
 from .inject import BankInjector, bank_disabled
 from .locate import LocatedNeurons, locate_neurons
 from .optimize import OptimizationResult, PrefixCache, optimize_update
 from .optimize_many import optimize_updates
 from .preflight import check_context, warn_if_slow_dtype
+from .results import EditFailedError, EditManyResult, EditResult
 from .routing.calibration import EditRouting
 from .routing.config import RoutingConfig
 from .routing.keys import separate
 from .self_paraphrase import write_paraphrases
-from .stopwords import STOP_WORDS
 from .subject_span import SubjectSpan, resolve_group, spans_metadata
 from .text import check_aliases
 
@@ -45,47 +45,6 @@ logger = logging.getLogger(__name__)
 #: Metadata keys edit() writes into each entry itself; a caller's metadata may not use them.
 _RESERVED_METADATA = frozenset({"prompts", "targets", "config", "target_probabilities", "written_paraphrases",
                                 "subject_spans"})
-
-
-@dataclass
-class EditResult:
-    """What ``edit`` did: located neuron counts, loss curve, final target probabilities, time."""
-
-    entry_id: str
-    layers: tuple[int, ...]
-    neuron_counts: dict[str, dict[int, int]]  # language -> layer -> |D_l^i|
-    shared_counts: dict[int, int]  # layer -> |D^i| (Eq. 5)
-    loss_curve: list[float]
-    target_loss_curve: list[float]  # the target's own tokens' NLL, mean or worst sequence (what early stopping reads)
-    target_probabilities: dict[str, float]
-    steps: int
-    wall_time_s: float
-    subjects: dict[str, str] = field(default_factory=dict)
-    spans: dict[str, SubjectSpan] = field(default_factory=dict)  # where each prompt writes its subject, and how found
-
-    def __repr__(self) -> str:
-        probabilities = {lang: float(f"{p:.3g}") for lang, p in self.target_probabilities.items()}
-        return (f"EditResult(entry_id={self.entry_id!r}, subjects={self.subjects!r}, layers={self.layers!r}, "
-                f"shared_neurons={self.shared_counts!r}, steps={self.steps}, p(target)={probabilities!r}, "
-                f"{self.wall_time_s:.1f}s)")
-
-
-class EditFailedError(ValueError):
-    """The optimised dV left p(target) below ``LafnConfig.min_target_probability`` in some language; the
-    edit was not stored. ``target_probabilities``: every language's final p(target | prompt)."""
-
-    def __init__(self, message: str, target_probabilities: dict[str, float], threshold: float) -> None:
-        super().__init__(message)
-        self.target_probabilities = target_probabilities
-        self.threshold = threshold
-
-
-@dataclass
-class EditManyResult:
-    """``edit_many`` outcome: results of the groups that worked and errors of those that did not."""
-
-    results: list[EditResult] = field(default_factory=list)
-    failures: list[tuple[int, str]] = field(default_factory=list)  # (group index, error)
 
 
 def _show_progress(progress: bool | None) -> bool:
@@ -125,28 +84,32 @@ class EditableCausalLM(nn.Module):
         self.tokenizer = tokenizer
         self.lafn_config = config or LafnConfig()
         self.base_ref = BaseModelRef.from_model(model, base_revision)
-        self._limits = BankLimits(self.base_ref.num_hidden_layers, self.base_ref.intermediate_size)
+        self._limits = BankLimits(self.base_ref.num_hidden_layers, self.base_ref.intermediate_size,
+                                  self.base_ref.hidden_size)
+        self._value_range = ValueRange(model)
         bank = bank if bank is not None else EditBank()
-        for entry in bank:
-            self._check_entry(entry)
+        self._check_entries(list(bank))
         self._injector = BankInjector(model, tokenizer, bank, routing)
+        self._injector.guard = self._value_range.ensure  # a model cast after its bank was set: checked again
         self._edit_routing = EditRouting(model, tokenizer)  # key and scope spaces, measured on first use
         self._injector.attach()
         bank.limits = self._limits  # later ``bank.add`` calls are checked too
+        self._compile()
 
     # -- construction -------------------------------------------------------------------------
     @classmethod
     def from_pretrained(cls, name_or_path: str | os.PathLike[str], tokenizer: Any = None, *,
                         revision: str | None = None, token: str | None = None, config: LafnConfig | None = None,
                         base_model: str | None = None, routing: RoutingConfig | None = None,
-                        **hf_kwargs: Any) -> EditableCausalLM:
+                        allow_common: bool = False, **hf_kwargs: Any) -> EditableCausalLM:
         """Load a base model (path or Hub id), or an edit bank together with the base model it names.
 
         ``base_model`` (``"org/name"``, ``"org/name@revision"`` or a local directory) loads a bank onto that
         base model instead of the one the bank names; the shapes must still match. ``hf_kwargs`` go to
         ``AutoModelForCausalLM.from_pretrained`` (e.g. ``dtype``). Without ``dtype`` or ``device_map``, a
         machine without CUDA loads float32 (half-precision matmuls are ~20x slower on CPU) and a CUDA machine
-        the checkpoint's dtype.
+        the checkpoint's dtype. ``allow_common`` accepts a bank's short and function-word subjects and aliases
+        (``lafn_hf.hub.load_bank``).
         """
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -162,7 +125,7 @@ class EditableCausalLM(nn.Module):
         if bank_dir is None and base_model is not None:
             raise ValueError(f"base_model= only applies when loading an edit bank; {name_or_path} is not one")
         if bank_dir is not None:
-            bank, ref = load_bank(bank_dir)
+            bank, ref = load_bank(bank_dir, allow_common=allow_common)
             if base_model is not None:
                 base_path, base_revision = parse_base_model(base_model)
             elif not ref.name_or_path:
@@ -195,7 +158,8 @@ class EditableCausalLM(nn.Module):
     def routing(self, routing: RoutingConfig) -> None:
         if not isinstance(routing, RoutingConfig):
             raise TypeError(f"routing must be a RoutingConfig, got {type(routing).__name__}")
-        self._injector.routing = routing  # the next forward compiles the bank under it
+        self._injector.routing = routing
+        self._compile()
 
     def add_aliases(self, entry_id: str, aliases: Sequence[str], allow_common: bool = False) -> BankEntry:
         """Give entry ``entry_id`` more surface forms that route to it, in any language; returns the updated
@@ -204,7 +168,7 @@ class EditableCausalLM(nn.Module):
         entry = self.bank.get(entry_id)
         added = check_aliases(list(aliases), f"entry {entry_id!r}")
         for alias in added if not allow_common else ():
-            problem = next(filter(None, (subject_problem(alias, lang) for lang in ("", *STOP_WORDS))), None)
+            problem = surface_form_problem(alias, None)
             if problem:
                 raise ValueError(f"alias {alias!r} is refused: {problem}; pass allow_common=True to add it anyway")
         updated = dataclasses.replace(entry, aliases=tuple(dict.fromkeys([*entry.aliases, *added])))
@@ -232,17 +196,26 @@ class EditableCausalLM(nn.Module):
         return updated
 
     def set_bank(self, bank: EditBank) -> None:
-        """Use ``bank``: its entries, and those added to it later, must fit this model's layers and
-        intermediate size (``ValueError`` naming the entry; nothing changes)."""
-        for entry in bank:
-            self._check_entry(entry)
+        """Use ``bank``: its entries, and those added to it later, must fit this model's layers, intermediate
+        and hidden sizes and dtype (``ValueError`` naming the entry; nothing changes)."""
+        self._check_entries(list(bank))
         bank.limits = self._limits
         self._injector.bank = bank
+        self._compile()
+
+    def _compile(self) -> None:
+        """Build the bank's matcher and device tensors now (for the device forwards read their input on), not
+        at the next forward: a server's requests then never wait for a bank being set."""
+        get_embeddings = getattr(self.model, "get_input_embeddings", None)
+        weight = getattr(get_embeddings() if callable(get_embeddings) else None, "weight", None)
+        if isinstance(weight, torch.Tensor) and weight.device.type != "meta":
+            self._injector.compiled(weight.device)
 
     def load_bank(self, name_or_path: str | os.PathLike[str], *, revision: str | None = None,
-                  token: str | None = None, merge: bool = False) -> EditBank:
-        """Load a bank (dir or Hub id) checked against this model; ``merge`` adds it to the current one."""
-        bank, ref = load_bank(resolve_bank_dir(name_or_path, revision, token))
+                  token: str | None = None, merge: bool = False, allow_common: bool = False) -> EditBank:
+        """Load a bank (dir or Hub id) checked against this model; ``merge`` adds it to the current one;
+        ``allow_common`` as in ``lafn_hf.hub.load_bank``."""
+        bank, ref = load_bank(resolve_bank_dir(name_or_path, revision, token), allow_common=allow_common)
         ref.check_compatible(self.base_ref)
         self.set_bank(self.bank.merge(bank) if merge else bank)
         return self.bank
@@ -257,9 +230,26 @@ class EditableCausalLM(nn.Module):
         return self.bank.remove(entry_id)
 
     def _check_entry(self, entry: BankEntry) -> None:
-        if not isinstance(entry, BankEntry):
-            raise TypeError(f"expected a BankEntry, got {type(entry).__name__}")
-        self._limits.check(entry)
+        self._check_entries([entry])
+
+    def _check_entries(self, entries: list[BankEntry]) -> None:
+        for entry in entries:
+            if not isinstance(entry, BankEntry):
+                raise TypeError(f"expected a BankEntry, got {type(entry).__name__}")
+            self._limits.check(entry)
+        self._value_range.check(entries)
+
+    def _apply(self, fn: Any, recurse: bool = True) -> Any:
+        """A cast (``.half()``, ``.to(torch.float16)``, ...) first checks the bank against the new dtype
+        (``ValueError`` naming the entry; nothing is cast)."""
+        current = self._value_range.dtype()
+        try:
+            target = fn(torch.empty(0, dtype=current)).dtype if current is not None else None
+        except Exception:  # not a conversion a tensor shows: the next forward checks (``ValueRange.ensure``)
+            target = current
+        if target != current:
+            self._value_range.check(list(self.bank), target)
+        return super()._apply(fn, recurse)
 
     def save_pretrained(self, directory: str | os.PathLike[str], *, base_model: str | None = None) -> None:
         """Write the bank (not the base weights) crash-safely; see ``lafn_hf.hub``.

@@ -27,13 +27,13 @@ from tqdm.auto import tqdm
 from lafn_hf.modeling import decoder_layers, mlp_parts, text_config
 
 from .config import EditGroup, LafnConfig, nfc
-from .inject import LayerPlan, ValueInjection, hit_tensor
 from .matcher import SubjectMatcher
 from .paraphrase import word_dropped_variants
 from .row_reader import find_subject_tokens
 from .scope import ForwardScope, SkippedLayer
 from .text import is_word_char, needs_word_boundary
 from .tokens import encode_texts, pad_batch, pad_id, sample_top_k, target_separator, word_continuations
+from .values import LayerPlan, ValueInjection, hit_tensor
 
 logger = logging.getLogger(__name__)
 

@@ -21,7 +21,6 @@ import torch
 from torch import nn
 
 from .config import EditGroup, LafnConfig
-from .inject import LayerPlan, ValueInjection, hit_tensor
 from .optimize import (
     OptimizationResult,
     PrefixCache,
@@ -37,6 +36,7 @@ from .optimize import (
     upper_layers_only,
 )
 from .tokens import pad_id
+from .values import LayerPlan, ValueInjection, hit_tensor
 
 logger = logging.getLogger(__name__)
 

@@ -179,11 +179,25 @@ def clean_subject(subject: str, fold: bool = False) -> str:
     return _FINAL_STOP.sub("", normalize_for_matching(subject, True)[0].strip(" "))
 
 
+#: The longest subject or alias, in characters, however an entry is made (``edit()``, ``add_aliases``, a
+#: ``BankEntry``, a bank file). The matcher reads a window of about four times the longest form at every
+#: token: one 27,000-character subject made every forward take seconds.
+MAX_FORM_LENGTH = 256
+
+
+def check_form_length(form: str, where: str) -> None:
+    """``ValueError`` naming ``where`` when ``form`` is longer than ``MAX_FORM_LENGTH``."""
+    if len(form) > MAX_FORM_LENGTH:
+        raise ValueError(f"{where} has {len(form)} characters; subjects and aliases may have at most {MAX_FORM_LENGTH}")
+
+
 def check_aliases(aliases: object, where: str) -> tuple[str, ...]:
-    """Aliases as a tuple of distinct NFC strings (``TypeError``/``ValueError`` naming ``where``)."""
+    """Aliases as a tuple of distinct NFC strings of at most ``MAX_FORM_LENGTH`` characters (``TypeError``/
+    ``ValueError`` naming ``where``)."""
     if isinstance(aliases, str) or not isinstance(aliases, (list, tuple)):
         raise TypeError(f"{where}: aliases must be a list of str, got {type(aliases).__name__}")
     for index, alias in enumerate(aliases):
         if not isinstance(alias, str) or not alias.strip():
             raise ValueError(f"{where}: aliases[{index}] must be a non-empty str, got {alias!r}")
+        check_form_length(alias, f"{where}: aliases[{index}]")
     return tuple(dict.fromkeys(nfc(alias) for alias in aliases))

@@ -2,48 +2,27 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 import pickle
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
 from safetensors.torch import load_file
-from safetensors.torch import save as save_safetensors
 
-from lafn_hf import BankEntry, EditBank, LayerUpdate
+from lafn_hf import BankEntry, EditBank, LayerUpdate, bank_file
 from lafn_hf import bank_format as fmt
-from lafn_hf.hub import BANK_CONFIG_NAME, BANK_WEIGHTS_NAME, FORMAT_VERSION, BaseModelRef, load_bank, save_bank, weights_name
+from lafn_hf.hub import BANK_CONFIG_NAME, FORMAT_VERSION, BaseModelRef, load_bank, save_bank
 
 from .conftest import SMALL_BASE, make_entry
+from .crafting import rewrite_weights, write_old_bank
 
 
 # -- helpers ------------------------------------------------------------------------------------------
-def write_old_bank(directory: Path, bank: EditBank, base: BaseModelRef, version: int) -> Path:
-    """A bank as lafn-hf wrote formats 1 and 2: two tensors per entry and layer, each entry's layers listed."""
-    tensors = {f"{entry.id}/{layer}/{kind}": getattr(update, kind)
-               for entry in bank for layer, update in entry.updates.items() for kind in ("neurons", "delta")}
-    data = save_safetensors(tensors, metadata={"format": "pt"})
-    config: dict[str, Any] = {
-        "format_version": version, "library": "lafn-hf", "library_version": f"0.{version}.0", "base_model": asdict(base),
-        "entries": [{"id": e.id, "subjects": e.subjects, "layers": list(e.layers), "metadata": e.metadata} for e in bank]}
-    name = BANK_WEIGHTS_NAME
-    if version == 2:
-        sha = hashlib.sha256(data).hexdigest()
-        name = weights_name(sha)
-        config.update(weights_file=name, weights_sha256=sha)
-    directory.mkdir(parents=True)
-    (directory / name).write_bytes(data)
-    (directory / BANK_CONFIG_NAME).write_text(json.dumps(config, indent=2, sort_keys=True, ensure_ascii=False))
-    return directory
-
-
 def assert_bit_exact(loaded: EditBank, expected: EditBank) -> None:
     assert [e.id for e in loaded] == [e.id for e in expected]
     for got, want in zip(loaded, expected):
@@ -145,13 +124,15 @@ def test_loaded_updates_are_views_that_pickle_alone_and_outlive_their_file(tmp_p
 def test_windows_reads_format_3_into_memory(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     bank = tricky_bank()
     save_bank(tmp_path / "bank", bank, SMALL_BASE)
-    monkeypatch.setattr(fmt.sys, "platform", "win32")  # a mapped file could not be deleted by the next save
+    monkeypatch.setattr(bank_file.sys, "platform", "win32")  # a mapped file could not be deleted by the next save
     loaded, _ = load_bank(tmp_path / "bank")
     monkeypatch.undo()
     assert_bit_exact(loaded, bank)
     update = loaded.get("unsorted").updates[1]
     assert update.delta.untyped_storage().nbytes() == 71 * 4  # a view of the deltas read into memory
-    weights_file(tmp_path / "bank").write_bytes(b"\0" * 8)
+    data = bytearray(weights_file(tmp_path / "bank").read_bytes())
+    data[-1] ^= 1  # a flipped bit in the last delta
+    weights_file(tmp_path / "bank").write_bytes(bytes(data))
     with pytest.raises(ValueError, match="is corrupted or truncated: its sha256 is"):
         load_bank(tmp_path / "bank")
 
@@ -166,20 +147,6 @@ def test_user_built_updates_are_still_checked() -> None:
 
 
 # -- corrupt tensors ----------------------------------------------------------------------------------
-def rewrite_weights(directory: Path, mutate: Callable[[dict[str, torch.Tensor]], None]) -> None:
-    """Change the stored tensors and re-sign them (new name and sha256), as a buggy writer would."""
-    old = weights_file(directory)
-    tensors = load_file(str(old))
-    mutate(tensors)
-    data = save_safetensors({k: v.contiguous() for k, v in tensors.items()}, metadata={"format": "pt"})
-    sha = hashlib.sha256(data).hexdigest()
-    old.unlink()
-    (directory / weights_name(sha)).write_bytes(data)
-    config = json.loads((directory / BANK_CONFIG_NAME).read_text())
-    config.update(weights_file=weights_name(sha), weights_sha256=sha)
-    (directory / BANK_CONFIG_NAME).write_text(json.dumps(config))
-
-
 def _set(name: str, index: int, value: float) -> Callable[[dict[str, torch.Tensor]], None]:
     return lambda t: t[name].__setitem__(index, value)
 

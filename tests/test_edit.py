@@ -10,7 +10,6 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from lafn_hf import EditableCausalLM, EditGroup, LafnConfig, LanguageEdit
-from lafn_hf.inject import LayerPlan, ValueInjection
 from lafn_hf.locate import (
     count_activations,
     locate_neurons,
@@ -18,10 +17,11 @@ from lafn_hf.locate import (
     sample_continuations,
     select_frequent,
 )
-from lafn_hf.model import EditFailedError
 from lafn_hf.optimize import _BaseRun, _losses, build_batch, sample_prefixes, selected_logits, upper_layers_only
 from lafn_hf.paraphrase import word_dropped_variants
+from lafn_hf.results import EditFailedError
 from lafn_hf.subject_span import resolve_group
+from lafn_hf.values import LayerPlan, ValueInjection
 
 from .conftest import TINY_DIR, fact_group, greedy
 

@@ -3,6 +3,7 @@ old bank or the new one, never neither; saves refuse files and symlinks and keep
 
 from __future__ import annotations
 
+import errno
 import os
 import random
 import signal
@@ -180,3 +181,49 @@ def test_save_refuses_a_file_or_a_symlink_and_keeps_permissions(tmp_path: Path) 
     os.umask(umask)
     assert {p.name: stat.S_IMODE(p.stat().st_mode) for p in real.iterdir()} == {
         p.name: 0o666 & ~umask for p in real.iterdir()}
+
+
+def test_a_full_disk_at_any_write_leaves_the_old_bank_untouched_or_the_new_one_complete(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """ENOSPC at each write and fsync of a save in turn: an error leaves every file as it was (the old bank with
+    its own card); success leaves the new bank with its card and nothing else (issue 37 item 6)."""
+    old, new = EditBank([make_entry({"en": "Alpha"}, seed=1)]), EditBank([make_entry({"en": "Beta"}, seed=2)])
+    target = tmp_path / "bank"
+    save_bank(target, old, SMALL_BASE)
+    (target / "notes.txt").write_text("mine")
+    before = {p.name: p.read_bytes() for p in target.iterdir()}
+    calls = [0]
+
+    def full_at(step: int, real: Callable[..., Any]) -> Callable[..., Any]:
+        def wrapper(*args: Any, **kwargs: Any) -> Any:
+            calls[0] += 1
+            if calls[0] == step:
+                raise OSError(errno.ENOSPC, "No space left on device")
+            return real(*args, **kwargs)
+        return wrapper
+
+    failed = swallowed = 0
+    for step in range(1, 100):
+        calls[0] = 0
+        with monkeypatch.context() as patch:
+            for name in ("write", "fsync"):
+                patch.setattr(os, name, full_at(step, getattr(os, name)))
+            try:
+                save_bank(target, new, SMALL_BASE)
+            except OSError as error:
+                assert error.errno == errno.ENOSPC
+                failed += 1
+                assert {p.name: p.read_bytes() for p in target.iterdir()} == before, f"ENOSPC at call {step}"
+                continue
+        assert same_bank(load_bank(target)[0], new), f"ENOSPC at call {step}"
+        card = (target / "README.md").read_text()
+        assert "Beta" in card and "Alpha" not in card, f"ENOSPC at call {step}"
+        assert_clean(target, stat.S_IMODE(target.stat().st_mode))
+        if calls[0] < step:
+            break  # a save without a failure: every call was tried
+        swallowed += 1  # a directory fsync, which some file systems refuse: the save went on
+        save_bank(target, old, SMALL_BASE)
+        assert {p.name: p.read_bytes() for p in target.iterdir()} == before
+    else:
+        pytest.fail("the save never completed")
+    assert failed >= 6 and swallowed >= 1, (failed, swallowed)  # three files written and fsynced

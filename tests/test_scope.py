@@ -216,7 +216,7 @@ def test_malformed_scope_tensors_are_refused_at_load(tokenizer: Any, tmp_path: P
     tensors, rows = encode(editable.bank)
     tensors[SCOPE_OFFSETS] = torch.tensor([0, 5], dtype=torch.int64)
     with pytest.raises(ValueError, match=SCOPE_OFFSETS):
-        decode(rows, tensors, 3, 64)
+        decode(rows, tensors, 3, 64, 32)
 
 
 def test_neighbour_prompts_ask_other_relations_of_the_subject(facts: dict[str, Any]) -> None:

@@ -117,12 +117,15 @@ class BankSet:
             self._install({**self._banks, **loaded})
 
     def reload(self, names: Iterable[str] | None = None) -> list[LoadedBank]:
-        """Read ``names`` (default: every bank) again from their directories; all or nothing."""
+        """Read ``names`` (default: every bank) again from their directories; all or nothing. The banks are
+        read outside the lock (loading and removing banks meanwhile do not wait); a bank removed or replaced
+        meanwhile keeps what that change left."""
+        chosen = {loaded.name: loaded for loaded in (list(self) if names is None else map(self.get, names))}
+        fresh = {name: self._read(name, loaded.path) for name, loaded in chosen.items()}
         with self._lock:
-            chosen = list(self._banks) if names is None else [self.get(name).name for name in names]
-            fresh = {name: self._read(name, self._banks[name].path) for name in chosen}
-            self._install({**self._banks, **fresh})
-            return list(fresh.values())
+            still = {name: bank for name, bank in fresh.items() if self._banks.get(name) is chosen[name]}
+            self._install({**self._banks, **still})
+            return list(still.values())
 
     def remove(self, name: str) -> LoadedBank:
         with self._lock:
