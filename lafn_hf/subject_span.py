@@ -128,7 +128,8 @@ def _edge_fits(prompt: str, first: tuple[int, int], last: tuple[int, int], name_
         Indel.normalized_similarity(_cached_key(token), word) >= 0.4 for word in name_keys)
 
 
-def align(prompt: str, names: Sequence[tuple[str, str]], language: str, strict: bool = True) -> SubjectSpan | None:
+def align(prompt: str, names: Sequence[tuple[str, str]], language: str, given: str = "",
+          strict: bool = True) -> SubjectSpan | None:
     """The run of ``prompt``'s tokens most similar to any of ``names`` ((name, source) pairs), or None.
 
     Ties go to the shorter span, then the earlier one. A span that could not be a subject (a function word,
@@ -154,7 +155,7 @@ def align(prompt: str, names: Sequence[tuple[str, str]], language: str, strict: 
         return None
     score, _, negative_start, end, source = best
     start = -negative_start
-    return SubjectSpan(language, "", prompt[start:end], start, end, "aligned", source, round(score, 1))
+    return SubjectSpan(language, given, prompt[start:end], start, end, "aligned", source, round(score, 1))
 
 
 def spans_metadata(spans: dict[str, SubjectSpan]) -> dict[str, dict[str, object]]:
@@ -184,12 +185,14 @@ def _names(group: EditGroup, language: str) -> tuple[list[tuple[str, str]], list
     """(this language's subject and aliases, the other languages' subjects and aliases) as (name, source)."""
     own = group.edits[language]
     mine = [(own.subject, own.subject), *((alias, f"{alias} (alias)") for alias in own.aliases)]
+    seen = {name for name, _ in mine}
     others = []
     for lang, edit in group.edits.items():
-        if lang != language:
-            others += [(name, f"{name} ({lang})") for name in (edit.subject, *edit.aliases)]
-    seen = {name for name, _ in mine}
-    return mine, [(name, source) for name, source in others if not (name in seen or seen.add(name))]  # type: ignore[func-returns-value]
+        for name in (edit.subject, *edit.aliases) if lang != language else ():
+            if name not in seen:
+                seen.add(name)
+                others.append((name, f"{name} ({lang})"))
+    return mine, others
 
 
 def find_span(group: EditGroup, language: str, search: str = "aligned", threshold: float = DEFAULT_THRESHOLD) -> SubjectSpan:
@@ -209,12 +212,10 @@ def find_span(group: EditGroup, language: str, search: str = "aligned", threshol
                 how = "alias"
             return SubjectSpan(language, edit.subject, prompt[match.start : match.end], match.start, match.end,
                                how, source)
-    closest = align(prompt, mine + others, language)
-    if closest is not None:
-        closest = dataclasses.replace(closest, given=edit.subject)
+    closest = align(prompt, mine + others, language, edit.subject)
     if search == "aligned" and closest is not None and closest.score >= threshold:
         return closest
-    closest = closest or align(prompt, mine + others, language, strict=False)
+    closest = closest or align(prompt, mine + others, language, edit.subject, strict=False)
     raise SubjectNotFoundError(_not_found(edit, language, search, threshold, closest), closest)
 
 
