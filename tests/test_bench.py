@@ -150,6 +150,19 @@ def test_questions_and_subject_not_found_counts() -> None:
     assert [q.subject_found for q in de if q.kind == "reliability"] == [False]
 
 
+def test_a_locality_hard_question_applies_at_the_given_subject_or_the_span_its_language_edits_at() -> None:
+    items = load_files([ENZH, ENDE])
+    asks = "Die Sprache von Lunvalfi ist"  # item 2's German question writes "Lunvalfi", not "Lunvalfiland"
+
+    def hard_de(subject: str, item: Item = items[2], search: str = "aligned") -> list[str]:
+        hard = {2: {"de": (subject, [asks])}}
+        return [q.text for q in item_questions(2, item, hard, search) if q.kind == "locality_hard"]
+
+    assert hard_de("Lunvalfi") == [asks] and hard_de("Lunvalfiland") == [asks]  # the span, the given subject
+    assert hard_de("Lunvalfi", search="written") == []  # no German edit at "Lunvalfi" without the span search
+    assert hard_de("Dorzotho") == [] and hard_de("Lunvalfi", _unnamed_de(items[2])) == []  # no German edit there
+
+
 def _unnamed_de(item: Item) -> Item:
     """``item`` with German questions that write no form of its subject."""
     record = item["de"]

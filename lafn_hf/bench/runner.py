@@ -111,15 +111,18 @@ def load_locality_hard(path: str | os.PathLike[str] | None = None) -> LocalityHa
 
 
 def item_questions(index: int, item: Item, hard: LocalityHard, search: str = "aligned") -> list[Question]:
-    """The item's questions, language by language; Locality-Hard ones only where the subject is the item's."""
-    matcher = SubjectMatcher(subject_forms(item, resolve_item(item, search)[1]))
+    """The item's questions, language by language; Locality-Hard ones only where the set's subject is the item's
+    in that language: its given subject, or the span its question writes the subject as (``lafn_hf.subject_span``,
+    found up to ``search``), where that language's edit is made."""
+    spans = resolve_item(item, search)[1]
+    matcher = SubjectMatcher(subject_forms(item, spans))
     questions = []
     for lang, record in item.items():
         asked: list[tuple[str, str, str | None]] = [
             ("reliability", record.src, record.alt), ("generality", record.rephrase, record.alt),
             ("locality", record.loc, record.loc_ans)]
         subject, hard_questions = hard.get(index, {}).get(lang, ("", []))
-        if subject == record.subject:
+        if subject and subject in (record.subject, spans[lang].text if lang in spans else None):
             asked += [("locality_hard", q, None) for q in hard_questions]
         if record.portability_question and record.portability_answer:
             asked.append(("portability", record.portability_question, record.portability_answer))
