@@ -1,0 +1,143 @@
+"""Bad requests to ``lafn serve`` (issue 35): every bad field of ``/v1/completions``, ``/v1/chat/completions`` and
+``/v1/responses`` (wrong types, out-of-range values, empty messages, invalid JSON, non-UTF-8 bytes, a prompt longer
+than the model's context, a ``generation_config`` asking for more than the model takes) answers a 4xx that names
+the field, never a 500 and never a silent 200, and the server answers correctly afterwards. Raw HTTP and the
+``openai`` client, against the tiny model (context: 64 positions)."""
+
+from __future__ import annotations
+
+import http.client
+import json
+from collections import Counter
+from collections.abc import Iterator
+from typing import Any
+from urllib.parse import urlsplit
+
+import pytest
+
+pytest.importorskip("fastapi")
+pytest.importorskip("uvicorn")
+openai = pytest.importorskip("openai")
+
+from lafn_hf.serve import ServerThread, build_app  # noqa: E402
+
+BASE = "tiny"
+CONTEXT = 64  # the tiny model's max_position_embeddings
+COMPLETIONS, CHAT, RESPONSES = "/v1/completions", "/v1/chat/completions", "/v1/responses"
+GOOD = {COMPLETIONS: {"model": BASE, "prompt": "The capital of", "max_tokens": 4, "temperature": 0},
+        CHAT: {"model": BASE, "messages": [{"role": "user", "content": "The capital of"}], "max_tokens": 4,
+               "temperature": 0},
+        RESPONSES: {"model": BASE, "input": "The capital of", "max_output_tokens": 4, "temperature": 0}}
+LONG = "word " * 10_000  # about 10,000 tokens
+HUGE = (10**9, 2**70, 1e30)
+
+
+def body(path: str, **fields: Any) -> bytes:
+    """The good request for ``path`` with ``fields`` changed (a value of ``...`` removes the field)."""
+    changed = {**GOOD[path], **fields}
+    return json.dumps({key: value for key, value in changed.items() if value is not ...}).encode()
+
+
+def bad_requests() -> list[tuple[str, str, bytes, str]]:
+    """(kind of bad input, path, raw body, a part of the error message it must get)."""
+    cases: list[tuple[str, str, bytes, str]] = []
+
+    def add(kind: str, path: str, raw: bytes, message: str) -> None:
+        cases.append((kind, path, raw, message))
+
+    for path, field in ((COMPLETIONS, "max_tokens"), (CHAT, "max_tokens"), (CHAT, "max_completion_tokens"),
+                        (RESPONSES, "max_output_tokens")):
+        for value in (-1, 0, -5):
+            add("max_tokens < 1", path, body(path, **{field: value}), f"{field} must be")
+        for value in ("x", 1.5, True, [4], {"n": 4}):
+            add("max_tokens of a wrong type", path, body(path, **{field: value}), f"{field} must be")
+        for value in HUGE:
+            add("max_tokens past the context", path, body(path, **{field: value}), field)
+    for path in (COMPLETIONS, CHAT, RESPONSES):
+        for field, values in (("temperature", ("hot", -1, 3, [1])), ("top_p", ("x", -0.5, 2)),
+                              ("seed", ("x", 1.5, 2**70)), ("stream", ("yes", 1)),
+                              ("model", (5, ["tiny"], {"a": 1}))):
+            for value in values:
+                add("sampling field of a wrong type or range", path, body(path, **{field: value}), field)
+        add("prompt past the context", path, body(path, **{"prompt": LONG} if path == COMPLETIONS else
+                                                  {"input": LONG} if path == RESPONSES else
+                                                  {"messages": [{"role": "user", "content": LONG}]}),
+            f"takes at most {CONTEXT}")
+        for value in ("not json", "[]", "5", 5, '{"max_new_tokens": "x"}', '{"min_new_tokens": 2000}',
+                      '{"max_new_tokens": 1000000000}', '{"max_length": 100000}', '{"min_length": 100000}',
+                      '{"num_beams": -1}', '{"temperature": "x"}', '{"return_dict_in_generate": true}',
+                      '{"stopping_criteria": 1}', '{"input_ids": [1]}', '{"no_such_setting": 1}'):
+            add("generation_config", path, body(path, generation_config=value), "generation_config")
+        for raw in (b"{", b"\xff\xfe{}", b'{"model": "tiny", "prompt": "\xff"}', b"[]", b'"x"', b"",
+                    b'{"model": "tiny", "prompt": "x", "messages": [], "input": "x", "temperature": NaN}',
+                    b"[" * 100_000):
+            add("body not a JSON object (invalid JSON, non-UTF-8, NaN, nesting)", path, raw, "")
+    for field, values in (("frequency_penalty", ("x", -5, 1e30)), ("stop", (5, [1, 2], {"a": 1})),
+                          ("stream_options", ("x", 5)), ("suffix", (5, ["x"]))):
+        for value in values:
+            add("completion field of a wrong type or range", COMPLETIONS, body(COMPLETIONS, **{field: value}),
+                field)
+    for value in (5, [1, 2, 3], {"a": 1}, None):
+        add("prompt not a string", COMPLETIONS, body(COMPLETIONS, prompt=value), "prompt")
+    for value in ([], ..., "hi", None, [1], [{"role": "user"}], [{"content": "hi"}],
+                  [{"role": "user", "content": 5}], [{"role": "user", "content": [{"type": "text"}]}],
+                  [{"role": "user", "content": [5]}], [{"role": "wizard", "content": "hi"}],
+                  [{"role": 5, "content": "hi"}]):
+        add("messages empty or malformed", CHAT, body(CHAT, messages=value), "messages")
+    for field, values in (("logit_bias", ("x", {"a": 1}, {"5": "x"}, {"5": 1000})), ("tools", ("x", [5])),
+                          ("chat_template_kwargs", ("x", [1])), ("frequency_penalty", ("x", -5)),
+                          ("stop", (5, [1]))):
+        for value in values:
+            add("chat field of a wrong type or range", CHAT, body(CHAT, **{field: value}), field)
+    for value in (5, [], ..., [5], [{"type": "weird"}], None, {"a": 1}):
+        add("input empty or malformed", RESPONSES, body(RESPONSES, input=value), "input")
+    for value in (5, ["x"]):
+        add("responses field of a wrong type", RESPONSES, body(RESPONSES, instructions=value), "instructions")
+    return cases
+
+
+def post(url: str, path: str, raw: bytes, headers: dict[str, str] | None = None,
+         method: str = "POST", timeout: float = 30) -> tuple[int, str]:
+    """Raw HTTP: (status, body text); a timeout is status 0."""
+    parts = urlsplit(url)
+    connection = http.client.HTTPConnection(parts.hostname, parts.port, timeout=timeout)
+    try:
+        connection.request(method, path, body=raw, headers={"Content-Type": "application/json", **(headers or {})})
+        response = connection.getresponse()
+        return response.status, response.read().decode("utf-8", "replace")
+    except TimeoutError:
+        return 0, "timed out"
+    finally:
+        connection.close()
+
+
+def answers_correctly(url: str) -> bool:
+    status, text = post(url, COMPLETIONS, body(COMPLETIONS))
+    return status == 200 and json.loads(text)["choices"][0]["finish_reason"] in ("length", "stop")
+
+
+def probe(url: str) -> tuple[Counter[tuple[str, int]], list[tuple[str, str, bytes, int, str]]]:
+    """Every bad request once: counts of (kind, status), and the cases that were no 4xx or missed their message."""
+    counts: Counter[tuple[str, int]] = Counter()
+    wrong = []
+    for kind, path, raw, message in bad_requests():
+        status, text = post(url, path, raw)
+        counts[kind, status] += 1
+        if not 400 <= status < 500 or message not in text:
+            wrong.append((kind, path, raw[:120], status, text[:300]))
+    return counts, wrong
+
+
+@pytest.fixture(scope="module")
+def server() -> Iterator[ServerThread]:
+    built = build_app("tiny-bilingual", BASE)
+    with ServerThread(built.app) as thread:
+        yield thread
+    built.shutdown()
+
+
+def test_every_bad_request_is_a_4xx_that_names_the_field(server: ServerThread) -> None:
+    counts, wrong = probe(server.url)
+    assert wrong == []
+    assert sum(counts.values()) == len(bad_requests()) > 250
+    assert answers_correctly(server.url)
