@@ -20,6 +20,7 @@ pytest.importorskip("uvicorn")
 openai = pytest.importorskip("openai")
 
 from lafn_hf.serve import ServerThread, build_app  # noqa: E402
+from lafn_hf.serve.requests import RequestLimits  # noqa: E402
 
 BASE = "tiny"
 CONTEXT = 64  # the tiny model's max_position_embeddings
@@ -139,5 +140,59 @@ def server() -> Iterator[ServerThread]:
 def test_every_bad_request_is_a_4xx_that_names_the_field(server: ServerThread) -> None:
     counts, wrong = probe(server.url)
     assert wrong == []
-    assert sum(counts.values()) == len(bad_requests()) > 250
+    assert sum(counts.values()) == len(bad_requests()) == 208
     assert answers_correctly(server.url)
+
+
+ROOM = ("the prompt has 6 tokens and the model takes at most 64, prompt and answer, so this request may generate at "
+        "most 58 tokens")
+
+
+def bad_request(call: Any) -> str:
+    with pytest.raises(openai.BadRequestError) as raised:
+        call()
+    return str(raised.value.response.json()["detail"])
+
+
+def test_the_openai_client_gets_the_field_and_the_limit(server: ServerThread) -> None:
+    api = openai.OpenAI(base_url=f"{server.url}/v1", api_key="unused", max_retries=0, timeout=60)
+    prompt, messages = "The capital of", [{"role": "user", "content": "The capital of"}]
+    assert bad_request(lambda: api.completions.create(model=BASE, prompt=prompt, max_tokens=10**9)) == \
+        f"max_tokens is 1000000000, but {ROOM}"
+    assert bad_request(lambda: api.completions.create(model=BASE, prompt=prompt, max_tokens=-1)) == \
+        "max_tokens must be an integer >= 1, got -1"
+    assert bad_request(lambda: api.chat.completions.create(model=BASE, messages=messages,  # type: ignore[arg-type]
+                                                           max_completion_tokens=-5)) == \
+        "max_completion_tokens must be an integer >= 1, got -5"
+    assert bad_request(lambda: api.chat.completions.create(model=BASE, messages=[])) == \
+        "messages must be a non-empty list of messages, got []"
+    assert bad_request(lambda: api.completions.create(model=BASE, prompt=prompt, max_tokens=500, stream=True)) == \
+        f"max_tokens is 500, but {ROOM}"
+    assert bad_request(lambda: api.responses.create(model=BASE, input=prompt, max_output_tokens=2**70)) == \
+        f"max_output_tokens is {2**70}, but {ROOM}"
+    assert bad_request(lambda: api.completions.create(model=BASE, prompt=LONG)) == \
+        f"The prompt has 40001 tokens, but the model takes at most {CONTEXT}, prompt and answer (`--max-model-len`)."
+    config = {"generation_config": json.dumps({"min_new_tokens": 2000})}
+    assert bad_request(lambda: api.completions.create(model=BASE, prompt=prompt, extra_body=config)) == \
+        f"generation_config min_new_tokens is 2000, more than the 58 tokens this request generates at most ({ROOM})"
+    config = {"generation_config": json.dumps({"stopping_criteria": 1})}
+    assert bad_request(lambda: api.completions.create(model=BASE, prompt=prompt, extra_body=config)).endswith(
+        "got [\"stopping_criteria\"]")
+    # without max_tokens the answer may take the rest of the context (transformers' default is 1024 tokens)
+    answer = api.completions.create(model=BASE, prompt=prompt, temperature=0)
+    assert answer.usage is not None and answer.usage.prompt_tokens + answer.usage.completion_tokens <= CONTEXT
+    assert answers_correctly(server.url)
+
+
+def test_the_servers_cap_refuses_more_and_caps_a_request_that_asks_nothing() -> None:
+    with pytest.raises(ValueError, match=r"RequestLimits.max_new_tokens must be an integer >= 1, got 0"):
+        RequestLimits(max_new_tokens=0)
+    built = build_app("tiny-bilingual", BASE, limits=RequestLimits(max_new_tokens=3))
+    with ServerThread(built.app) as thread:
+        api = openai.OpenAI(base_url=f"{thread.url}/v1", api_key="unused", max_retries=0, timeout=60)
+        assert bad_request(lambda: api.completions.create(model=BASE, prompt="The capital of", max_tokens=5)) == \
+            "max_tokens is 5, but this server generates at most 3 tokens per request (--max-new-tokens)"
+        answer = api.completions.create(model=BASE, prompt="The capital of", temperature=0)
+        assert answer.usage is not None and answer.usage.completion_tokens == 3
+        assert answer.choices[0].finish_reason == "length"
+    built.shutdown()

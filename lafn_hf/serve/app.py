@@ -25,7 +25,9 @@ from fastapi.responses import JSONResponse
 
 from .banks import check_bank_name
 from .engine import LafnLoader, load_editable, resolve_model
+from .handlers import CheckedChatHandler, CheckedCompletionHandler, CheckedResponseHandler
 from .manager import EditableModelManager, ModelNotServedError
+from .requests import RequestLimits
 
 logger = logging.getLogger(__name__)
 
@@ -65,7 +67,7 @@ class LafnServer:
 def build_app(model: str, base_name: str, banks: Sequence[tuple[str, str | os.PathLike[str]]] = (), *,
               dtype: str = "auto", device: str = "auto", continuous_batching: bool = False,
               cb_config: Any = None, admin: bool = True, admin_token: str | None = None, chat_template: str | None = None,
-              chat_template_kwargs: dict[str, Any] | None = None) -> LafnServer:
+              chat_template_kwargs: dict[str, Any] | None = None, limits: RequestLimits | None = None) -> LafnServer:
     """transformers' OpenAI-compatible app serving ``model`` (see ``engine.resolve_model``), loaded in a process
     of its own, as ``base_name`` (every bank) and ``base_name+<bank>`` per bank in ``banks`` ((name, directory)
     pairs). Returns once the model and banks are loaded (or raises what failed there).
@@ -75,9 +77,6 @@ def build_app(model: str, base_name: str, banks: Sequence[tuple[str, str | os.Pa
     ``/lafn/banks`` routes, which need ``Authorization: Bearer <admin_token>`` when a token is given.
     """
     check_serving_transformers()
-    from transformers.cli.serving.chat_completion import ChatCompletionHandler
-    from transformers.cli.serving.completion import CompletionHandler
-    from transformers.cli.serving.response import ResponseHandler
     from transformers.cli.serving.server import build_server
     from transformers.cli.serving.systemone import SystemOneHandler
     from transformers.cli.serving.transcription import TranscriptionHandler
@@ -87,14 +86,20 @@ def build_app(model: str, base_name: str, banks: Sequence[tuple[str, str | os.Pa
     loader = LafnLoader(resolve_model(model), specs, served_name=base_name, dtype=dtype, device=device,
                         chat_template=chat_template, continuous_batching=continuous_batching)
     state = GenerationState(continuous_batching=continuous_batching, cb_config=cb_config)
-    manager = EditableModelManager(loader, base_name, state, [name for name, _ in specs])
+    limits = limits or RequestLimits()
+    manager = EditableModelManager(loader, base_name, state, [name for name, _ in specs], limits)
     try:
         kwargs = chat_template_kwargs or {}
+        handlers = (CheckedChatHandler(manager, state, chat_template_kwargs=kwargs),
+                    CheckedCompletionHandler(manager, state),
+                    CheckedResponseHandler(manager, state, chat_template_kwargs=kwargs))
+        for handler in handlers:
+            handler.limits = limits
         app = build_server(
             manager,
-            ChatCompletionHandler(manager, state, chat_template_kwargs=kwargs),
-            completion_handler=CompletionHandler(manager, state),
-            response_handler=ResponseHandler(manager, state, chat_template_kwargs=kwargs),
+            handlers[0],
+            completion_handler=handlers[1],
+            response_handler=handlers[2],
             transcription_handler=TranscriptionHandler(manager),
             systemone_handler=SystemOneHandler(manager, state, chat_template_kwargs=kwargs),
         )
