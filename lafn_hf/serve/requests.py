@@ -321,11 +321,14 @@ def bound_length(kwargs: dict[str, Any], prompt_length: int, context: int | None
         if requested is not None:
             raise ValueError(f"{requested} is {wanted}, but {where}")
         wanted = cap
-    kwargs["max_new_tokens"] = wanted
     least = kwargs.get("min_new_tokens")
+    if isinstance(least, int) and least > cap:
+        raise ValueError(f"generation_config min_new_tokens is {least}, but {where}")
     if isinstance(least, int) and least > wanted:
-        raise ValueError(f"generation_config min_new_tokens is {least}, more than the {wanted} tokens this request "
-                         f"generates at most ({where})")
+        if requested is not None:
+            raise ValueError(f"generation_config min_new_tokens is {least}, more than {requested} ({wanted})")
+        wanted = least  # the default length grows to what the request asks at least
+    kwargs["max_new_tokens"] = wanted
     total = prompt_length + wanted
     for name in ("min_length", "max_length"):
         value = kwargs.get(name)
