@@ -78,6 +78,11 @@ def bad_requests() -> list[tuple[str, str, bytes, str]]:
         for value in values:
             add("completion field of a wrong type or range", COMPLETIONS, body(COMPLETIONS, **{field: value}),
                 field)
+    for path, field, value in ((COMPLETIONS, "n", 2), (COMPLETIONS, "best_of", 3), (COMPLETIONS, "echo", True),
+                               (COMPLETIONS, "logprobs", 5), (COMPLETIONS, "presence_penalty", 1.5), (CHAT, "n", 2),
+                               (CHAT, "logprobs", True), (CHAT, "top_logprobs", 3), (CHAT, "presence_penalty", -1)):
+        add("an option transformers ignores, asked for", path, body(path, **{field: value}),
+            f"{field} is not supported by this server")
     for value in (5, [1, 2, 3], {"a": 1}, None):
         add("prompt not a string", COMPLETIONS, body(COMPLETIONS, prompt=value), "prompt")
     for value in ([], ..., "hi", None, [1], [{"role": "user"}], [{"content": "hi"}],
@@ -140,7 +145,7 @@ def server() -> Iterator[ServerThread]:
 def test_every_bad_request_is_a_4xx_that_names_the_field(server: ServerThread) -> None:
     counts, wrong = probe(server.url)
     assert wrong == []
-    assert sum(counts.values()) == len(bad_requests()) == 208
+    assert sum(counts.values()) == len(bad_requests()) == 217
     assert answers_correctly(server.url)
 
 

@@ -214,6 +214,19 @@ def _seed(name: str, value: Any) -> None:
 
 Check = Callable[[str, Any], object]
 _POSITIVE: Check = partial(_integer, low=1)
+
+
+def _unsupported(default: Any) -> Check:
+    """An OpenAI field transformers ignores: only its default is taken (anything else would be a silent 200)."""
+    def check(name: str, value: Any) -> None:
+        if value != default or isinstance(value, bool) != isinstance(default, bool):
+            raise ValueError(f"{name} is not supported by this server: it must be {json.dumps(default)} or absent, "
+                             f"got {_show(value)}")
+    return check
+
+
+# OpenAI fields transformers ignores with a warning, and the one value of each that means what it does anyway
+_IGNORED = {"n": _unsupported(1), "presence_penalty": _unsupported(0)}
 _COMMON: dict[str, Check] = {
     "model": partial(_string, empty=False), "stream": _boolean, "stream_options": _stream_options, "seed": _seed,
     "temperature": partial(_number, low=0, high=2),
@@ -221,9 +234,11 @@ _COMMON: dict[str, Check] = {
     "generation_config": _string,  # read in check_generation_config
 }
 FIELDS: dict[str, dict[str, Check]] = {
-    COMPLETIONS: {**_COMMON, "prompt": _string, "suffix": _string, "max_tokens": _POSITIVE,
+    COMPLETIONS: {**_COMMON, **_IGNORED, "best_of": _unsupported(1), "echo": _unsupported(False),
+                  "logprobs": _unsupported(0), "prompt": _string, "suffix": _string, "max_tokens": _POSITIVE,
                   "frequency_penalty": _frequency_penalty, "stop": _stop},
-    CHAT: {**_COMMON, "messages": _messages, "max_tokens": _POSITIVE, "max_completion_tokens": _POSITIVE,
+    CHAT: {**_COMMON, **_IGNORED, "logprobs": _unsupported(False), "top_logprobs": _unsupported(0),
+           "messages": _messages, "max_tokens": _POSITIVE, "max_completion_tokens": _POSITIVE,
            "frequency_penalty": _frequency_penalty, "logit_bias": _logit_bias, "stop": _stop, "tools": _tools,
            "chat_template_kwargs": _object},
     RESPONSES: {**_COMMON, "input": _responses_input, "max_output_tokens": _POSITIVE,
