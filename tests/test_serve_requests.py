@@ -55,7 +55,7 @@ def bad_requests() -> list[tuple[str, str, bytes, str]]:
         for value in HUGE:
             add("max_tokens past the context", path, body(path, **{field: value}), field)
     for path in (COMPLETIONS, CHAT, RESPONSES):
-        for field, values in (("temperature", ("hot", -1, 3, [1])), ("top_p", ("x", -0.5, 2)),
+        for field, values in (("temperature", ("hot", -1, 3, [1], 10**400)), ("top_p", ("x", -0.5, 2)),
                               ("seed", ("x", 1.5, 2**70)), ("stream", ("yes", 1)),
                               ("model", (5, ["tiny"], {"a": 1}))):
             for value in values:
@@ -80,7 +80,9 @@ def bad_requests() -> list[tuple[str, str, bytes, str]]:
                 field)
     for path, field, value in ((COMPLETIONS, "n", 2), (COMPLETIONS, "best_of", 3), (COMPLETIONS, "echo", True),
                                (COMPLETIONS, "logprobs", 5), (COMPLETIONS, "presence_penalty", 1.5), (CHAT, "n", 2),
-                               (CHAT, "logprobs", True), (CHAT, "top_logprobs", 3), (CHAT, "presence_penalty", -1)):
+                               (CHAT, "logprobs", True), (CHAT, "top_logprobs", 3), (CHAT, "presence_penalty", -1),
+                               (COMPLETIONS, "logit_bias", {"5": 10}),
+                               (CHAT, "response_format", {"type": "json_object"})):
         add("an option transformers ignores, asked for", path, body(path, **{field: value}),
             f"{field} is not supported by this server")
     for value in (5, [1, 2, 3], {"a": 1}, None):
@@ -90,12 +92,14 @@ def bad_requests() -> list[tuple[str, str, bytes, str]]:
                   [{"role": "user", "content": [5]}], [{"role": "wizard", "content": "hi"}],
                   [{"role": 5, "content": "hi"}]):
         add("messages empty or malformed", CHAT, body(CHAT, messages=value), "messages")
-    for field, values in (("logit_bias", ("x", {"a": 1}, {"5": "x"}, {"5": 1000})), ("tools", ("x", [5])),
+    for field, values in (("logit_bias", ("x", {"a": 1}, {"5": "x"}, {"5": 1000}, {"5": 10**400}, {"600": 1})),
+                          ("tools", ("x", [5])),
                           ("chat_template_kwargs", ("x", [1])), ("frequency_penalty", ("x", -5)),
                           ("stop", (5, [1]))):
         for value in values:
             add("chat field of a wrong type or range", CHAT, body(CHAT, **{field: value}), field)
-    for value in (5, [], ..., [5], [{"type": "weird"}], None, {"a": 1}):
+    for value in (5, [], ..., [5], [{"type": "weird"}], None, {"a": 1},
+                  [{"role": "user", "content": [{"type": "input_image", "image_url": "http://x"}]}]):
         add("input empty or malformed", RESPONSES, body(RESPONSES, input=value), "input")
     for value in (5, ["x"]):
         add("responses field of a wrong type", RESPONSES, body(RESPONSES, instructions=value), "instructions")
@@ -145,7 +149,7 @@ def server() -> Iterator[ServerThread]:
 def test_every_bad_request_is_a_4xx_that_names_the_field(server: ServerThread) -> None:
     counts, wrong = probe(server.url)
     assert wrong == []
-    assert sum(counts.values()) == len(bad_requests()) == 217
+    assert sum(counts.values()) == len(bad_requests()) == 225
     assert answers_correctly(server.url)
 
 
@@ -201,3 +205,16 @@ def test_the_servers_cap_refuses_more_and_caps_a_request_that_asks_nothing() -> 
         assert answer.usage is not None and answer.usage.completion_tokens == 3
         assert answer.choices[0].finish_reason == "length"
     built.shutdown()
+
+
+def test_logit_bias_takes_integers_and_token_ids_of_the_vocabulary(server: ServerThread) -> None:
+    """transformers' ``sequence_bias`` takes floats only: ``{"5": 10}`` (what the OpenAI client sends) works."""
+    api = openai.OpenAI(base_url=f"{server.url}/v1", api_key="unused", max_retries=0, timeout=60)
+    messages: Any = [{"role": "user", "content": "The capital of"}]
+    plain = api.chat.completions.create(model=BASE, messages=messages, max_tokens=3, temperature=0)
+    token = 20
+    biased = api.chat.completions.create(model=BASE, messages=messages, max_tokens=3, temperature=0,
+                                         logit_bias={str(token): 100})
+    assert biased.choices[0].message.content != plain.choices[0].message.content
+    assert bad_request(lambda: api.chat.completions.create(model=BASE, messages=messages, logit_bias={"600": 1})) == \
+        "logit_bias token id 600 is not in the model's vocabulary (600 tokens)"

@@ -19,7 +19,7 @@ from transformers.cli.serving.model_manager import EngineClient, ModelManager
 from transformers.cli.serving.utils import GenerationState, prompt_length
 
 from .engine import BANKS_KEY, LafnLoader, SelectedPrompt, bank_command
-from .requests import LENGTH_FIELD, RequestLimits, bound_length
+from .requests import LENGTH_FIELD, RequestLimits, bound_length, check_logit_bias
 
 _ABSENT: Any = object()
 
@@ -53,6 +53,7 @@ class EngineView:
         context = self._engine.generation_state.context_length(self._engine.model_config)
         requested = generation_kwargs.pop(LENGTH_FIELD, None)
         bound_length(generation_kwargs, prompt_length(inputs), context, self._limits, requested)
+        check_logit_bias(generation_kwargs, getattr(self._engine.model_config.get_text_config(), "vocab_size", None))
         kwargs = dict(generation_kwargs)
         banks = self._requested(kwargs.pop(BANKS_KEY, _ABSENT))
         kwargs[BANKS_KEY] = banks  # None (every bank) is dropped on the way: generate() then applies every bank

@@ -28,7 +28,7 @@ __all__ = ["GENERATION_SETTINGS", "LENGTH_FIELD", "RequestLimits", "bound_length
 
 LENGTH_FIELD = "lafn_length_field"  # generation keyword: which request field set max_new_tokens (absent: none)
 ROLES = frozenset({"system", "developer", "user", "assistant", "tool"})
-PART_TYPES = ("text", "input_text", "output_text", "image_url", "input_image", "input_audio", "video_url", "audio_url")
+PART_TYPES = ("text", "input_text", "output_text")  # an EditableCausalLM reads text only
 MAX_STOP = 4  # as the OpenAI API
 COMPLETIONS, CHAT, RESPONSES = "completions", "chat", "responses"
 
@@ -70,8 +70,9 @@ def _integer(name: str, value: Any, low: int, high: int | None = None) -> int:
 
 
 def _number(name: str, value: Any, low: float, high: float, *, open_low: bool = False) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
-            or value > high or value < low or (open_low and value == low):
+    if isinstance(value, bool) or not isinstance(value, (int, float)) \
+            or (isinstance(value, float) and not math.isfinite(value)) \
+            or value > high or value < low or (open_low and value == low):  # an int of any size compares exactly
         raise _fail(name, f"a number from {low} to {high}" + (f" (not {low})" if open_low else ""), value)
     return float(value)
 
@@ -108,7 +109,7 @@ def _stream_options(name: str, value: Any) -> None:
 
 
 def _content(name: str, value: Any) -> None:
-    """A message's content: a string, or a list of parts ``{"type": ..., "text": ...}`` (other parts: typed)."""
+    """A message's content: a string, or a list of text parts ``{"type": "text", "text": ...}``."""
     if isinstance(value, str):
         return
     if not isinstance(value, list):
@@ -117,9 +118,8 @@ def _content(name: str, value: Any) -> None:
         where = f"{name}[{index}]"
         kind = _object(where, part).get("type")
         if kind not in PART_TYPES:
-            raise _fail(f"{where}.type", f"one of {list(PART_TYPES)}", kind)
-        if kind in PART_TYPES[:3]:
-            _string(f"{where}.text", part.get("text"))
+            raise _fail(f"{where}.type", f"one of {list(PART_TYPES)} (the model reads text only)", kind)
+        _string(f"{where}.text", part.get("text"))
 
 
 def _messages(name: str, value: Any) -> None:
@@ -235,9 +235,11 @@ _COMMON: dict[str, Check] = {
 }
 FIELDS: dict[str, dict[str, Check]] = {
     COMPLETIONS: {**_COMMON, **_IGNORED, "best_of": _unsupported(1), "echo": _unsupported(False),
-                  "logprobs": _unsupported(0), "prompt": _string, "suffix": _string, "max_tokens": _POSITIVE,
+                  "logprobs": _unsupported(0), "logit_bias": _unsupported({}),
+                  "prompt": _string, "suffix": _string, "max_tokens": _POSITIVE,
                   "frequency_penalty": _frequency_penalty, "stop": _stop},
     CHAT: {**_COMMON, **_IGNORED, "logprobs": _unsupported(False), "top_logprobs": _unsupported(0),
+           "response_format": _unsupported({"type": "text"}),
            "messages": _messages, "max_tokens": _POSITIVE, "max_completion_tokens": _POSITIVE,
            "frequency_penalty": _frequency_penalty, "logit_bias": _logit_bias, "stop": _stop, "tools": _tools,
            "chat_template_kwargs": _object},
@@ -317,6 +319,18 @@ def requested_length_field(route: str, body: Mapping[str, Any]) -> str | None:
     if body.get("generation_config") is not None and "max_new_tokens" in json.loads(body["generation_config"]):
         return "generation_config max_new_tokens"
     return None
+
+
+def check_logit_bias(kwargs: dict[str, Any], vocab_size: int | None) -> None:
+    """transformers makes ``logit_bias`` its ``sequence_bias`` ({(id,): bias}), which takes floats only: the biases
+    as floats (in place), and each token id within the model's vocabulary."""
+    bias = kwargs.get("sequence_bias")
+    if not isinstance(bias, dict):
+        return
+    for ids in bias:
+        if vocab_size is not None and any(token >= vocab_size for token in ids):
+            raise ValueError(f"logit_bias token id {ids[0]} is not in the model's vocabulary ({vocab_size} tokens)")
+    kwargs["sequence_bias"] = {ids: float(value) for ids, value in bias.items()}
 
 
 def bound_length(kwargs: dict[str, Any], prompt_length: int, context: int | None, limits: RequestLimits,
