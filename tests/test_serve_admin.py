@@ -218,3 +218,38 @@ def test_command_line_admin_options() -> None:
     args = build_parser().parse_args(["serve", "--model", "m", "--no-admin", "--allowed-host", "a", "--allowed-host",
                                       "b", "--max-new-tokens", "256", "--admin-token-file", os.devnull])
     assert (args.no_admin, args.allowed_host, args.max_new_tokens) == (True, ["a", "b"], 256)
+
+
+def test_lafn_serve_prints_the_token_it_made_and_writes_it_private(tmp_path: Path) -> None:
+    """The command itself: the token in its banner and in a 0600 file while it runs, removed when it stops."""
+    import socket
+    import subprocess
+    import sys
+    import time
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    token_path = tmp_path / "token"
+    process = subprocess.Popen([sys.executable, "-m", "lafn_hf.cli", "serve", "--model", "tiny-bilingual", "--port",
+                                str(port), "--admin-token-file", str(token_path)], stdout=subprocess.PIPE,
+                               stderr=subprocess.DEVNULL, env={**os.environ, "LAFN_ADMIN_TOKEN": ""}, text=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            assert process.poll() is None and time.monotonic() < deadline, "lafn serve did not start"
+            try:
+                if call(url, "GET", "/v1/models")[0] == 200:
+                    break
+            except OSError:
+                time.sleep(0.2)
+        token = token_path.read_text().strip()
+        assert len(token) >= 40 and stat.S_IMODE(token_path.stat().st_mode) == 0o600
+        assert call(url, "GET", "/lafn/banks", token=token)[0] == 200
+        assert call(url, "GET", "/lafn/banks")[0] == 401
+    finally:
+        process.terminate()
+        banner, _ = process.communicate(timeout=60)
+    assert f"/lafn/banks with 'Authorization: Bearer {token}' (also in {token_path}, mode 0600)" in banner
+    assert not token_path.exists()

@@ -1,9 +1,9 @@
 """Build the OpenAI-compatible app: transformers' own server and handlers around an edited model's process.
 
-``build_server`` and the handlers come from ``transformers.cli.serving`` (5.25+) unchanged (request validation,
-chat templates, SSE streaming, tool-call parsing, prompt length checks); lafn adds the model manager of
-``manager.py`` (the model and its banks live in a process of their own, ``engine.py``) and admin routes under
-``/lafn`` to list, load, reload and drop banks while the server runs.
+``build_server`` and the handlers come from ``transformers.cli.serving`` (5.25+) (chat templates, SSE streaming,
+tool-call parsing, prompt length checks), the handlers with every field checked first (``handlers.py``); lafn adds
+the model manager of ``manager.py`` (the model and its banks live in a process of their own, ``engine.py``) and
+admin routes under ``/lafn`` to list, load, reload and drop banks while the server runs (``admin.py``).
 """
 
 from __future__ import annotations
@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import os
 import re
+import signal
 import socket
 import threading
 import time
@@ -192,6 +193,9 @@ def serve(model: str, banks: Sequence[str] = (), *, host: str = "127.0.0.1", por
                        admin=admin, admin_token=admin_token, host=host, allowed_hosts=allowed_hosts,
                        chat_template=template, limits=limits)
     written = None
+    # uvicorn re-raises the SIGTERM it stopped on, once its handlers are gone: as SystemExit, so the finally runs
+    stopping = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, _exit_on_signal) if stopping else None
     try:
         if server.admin is not None and admin_token is None:
             written = write_token(token_file(port) if admin_token_file is None else Path(admin_token_file),
@@ -210,9 +214,15 @@ def serve(model: str, banks: Sequence[str] = (), *, host: str = "127.0.0.1", por
         server.shutdown()
         if written is not None:
             written.unlink(missing_ok=True)
+        if stopping:
+            signal.signal(signal.SIGTERM, previous)
     if server.manager.is_dead:
         raise RuntimeError(f"the model's process stopped: {server.manager.engine.fatal_error}")
     return 0
+
+
+def _exit_on_signal(signum: int, frame: Any) -> None:
+    raise SystemExit(128 + signum)
 
 
 def token_file(port: int) -> Path:
