@@ -54,6 +54,7 @@ def bad_requests() -> list[tuple[str, str, bytes, str]]:
             add("max_tokens of a wrong type", path, body(path, **{field: value}), f"{field} must be")
         for value in HUGE:
             add("max_tokens past the context", path, body(path, **{field: value}), field)
+        add("max_tokens past the context, streaming", path, body(path, **{field: 10**9, "stream": True}), field)
     for path in (COMPLETIONS, CHAT, RESPONSES):
         for field, values in (("temperature", ("hot", -1, 3, [1], 10**400)), ("top_p", ("x", -0.5, 2)),
                               ("seed", ("x", 1.5, 2**70)), ("stream", ("yes", 1)),
@@ -149,7 +150,7 @@ def server() -> Iterator[ServerThread]:
 def test_every_bad_request_is_a_4xx_that_names_the_field(server: ServerThread) -> None:
     counts, wrong = probe(server.url)
     assert wrong == []
-    assert sum(counts.values()) == len(bad_requests()) == 225
+    assert sum(counts.values()) == len(bad_requests()) == 229
     assert answers_correctly(server.url)
 
 
