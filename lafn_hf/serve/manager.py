@@ -30,7 +30,8 @@ class ModelNotServedError(LookupError):
 
 class EngineView:
     """The engine as handlers use it for one served name: the engine's config, tokenizer and modality, the
-    served name as ``model_id``, and each request sent with the names of its banks (``None``: every bank)."""
+    served name as ``model_id``, and each request sent with the names of its banks (``None``: every bank), its
+    length bounded first (``requests.bound_length``: the context and the server's ``RequestLimits``)."""
 
     def __init__(self, engine: EngineClient, name: str, banks: tuple[str, ...] | None,
                  loaded: Sequence[str], limits: RequestLimits | None = None) -> None:
