@@ -331,10 +331,14 @@ def cmd_models(args: argparse.Namespace) -> int:
 
 def cmd_serve(args: argparse.Namespace) -> int:
     from .serve import serve  # needs the serve extra (fastapi, uvicorn, openai)
+    from .serve.requests import RequestLimits
 
+    limits = RequestLimits() if args.max_new_tokens is None else RequestLimits(max_new_tokens=args.max_new_tokens)
     return serve(args.model, args.bank or [], host=args.host, port=args.port, dtype=args.dtype, device=args.device,
                  continuous_batching=args.continuous_batching, chat_template=args.chat_template,
-                 admin_token=args.admin_token, log_level="info" if args.verbose else "warning")
+                 admin=not args.no_admin, admin_token=args.admin_token, admin_token_file=args.admin_token_file,
+                 allowed_hosts=args.allowed_host or [], limits=limits,
+                 log_level="info" if args.verbose else "warning")
 
 
 def _add_config_options(parser: argparse.ArgumentParser) -> None:
@@ -463,8 +467,15 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--continuous-batching", action="store_true",
                        help="transformers' continuous batching for requests that meet no bank entry")
     serve.add_argument("--chat-template", help="Jinja chat template file (default: the tokenizer's)")
-    serve.add_argument("--admin-token", help="require 'Authorization: Bearer TOKEN' on /lafn/banks (default: "
-                       "$LAFN_ADMIN_TOKEN; without one the admin routes exist only on loopback hosts)")
+    serve.add_argument("--admin-token", help="the token /lafn/banks requires ('Authorization: Bearer TOKEN'; default: "
+                       "$LAFN_ADMIN_TOKEN, else a new one, printed and written to --admin-token-file)")
+    serve.add_argument("--admin-token-file", help="where a new admin token is written, mode 0600 (default: "
+                       "$XDG_RUNTIME_DIR or ~/.cache, lafn_hf/serve-PORT.token)")
+    serve.add_argument("--no-admin", action="store_true", help="no /lafn/banks routes: the banks are fixed at start")
+    serve.add_argument("--allowed-host", action="append", help="another name the Host header of admin calls may give "
+                       "(repeatable; default: the address served)")
+    serve.add_argument("--max-new-tokens", type=int, help="most tokens one request may generate; a request asking "
+                       "for more is refused (default: 4096, RequestLimits in lafn_hf/serve/requests.py)")
     serve.set_defaults(run=cmd_serve)
     return parser
 

@@ -30,9 +30,9 @@ from .crafting import SUBJECT_PROMPT, narrowed, rewrite_config, rewrite_weights,
 BASE = "tiny"
 
 
-def post(thread: ServerThread, path: str, body: dict[str, Any]) -> tuple[int, Any]:
+def post(thread: ServerThread, path: str, body: dict[str, Any], token: str = "") -> tuple[int, Any]:
     request = urllib.request.Request(thread.url + path, method="POST", data=json.dumps(body).encode(),
-                                     headers={"Content-Type": "application/json"})
+                                     headers={"Content-Type": "application/json", "Authorization": f"Bearer {token}"})
     try:
         with urllib.request.urlopen(request, timeout=60) as response:
             return response.status, json.loads(response.read())
@@ -76,21 +76,24 @@ def test_crafted_banks_posted_to_the_admin_route_are_a_400_and_change_nothing(tm
     good = one_entry_bank(tmp_path / "good", editable, "Marbrafi", seed=1)
     crafted = crafted_banks(tmp_path, editable)
     built = build_app("tiny-bilingual", BASE, [("good", good)], admin=True)
+    assert built.admin is not None
+    token = built.admin.token
     with ServerThread(built.app) as thread:
         before = complete(thread, f"{BASE}+good")
         for name, (path, message) in crafted.items():
             started = time.perf_counter()
-            status, error = post(thread, "/lafn/banks", {"path": str(path), "name": name})
+            status, error = post(thread, "/lafn/banks", {"path": str(path), "name": name}, token)
             took = time.perf_counter() - started
             assert status == 400 and message in error["detail"], (name, status, error)
             assert took < 1.0, (name, took)
-            assert listing(thread)["models"] == [BASE, f"{BASE}+good"], name
+            assert listing(thread, token)["models"] == [BASE, f"{BASE}+good"], name
             assert complete(thread, f"{BASE}+good") == before, name  # the model still answers, with its banks
     built.shutdown()
 
 
-def listing(thread: ServerThread) -> Any:
-    with urllib.request.urlopen(thread.url + "/lafn/banks", timeout=60) as response:
+def listing(thread: ServerThread, token: str) -> Any:
+    request = urllib.request.Request(thread.url + "/lafn/banks", headers={"Authorization": f"Bearer {token}"})
+    with urllib.request.urlopen(request, timeout=60) as response:
         return json.loads(response.read())
 
 

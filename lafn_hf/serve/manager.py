@@ -16,9 +16,10 @@ from collections.abc import Sequence
 from typing import Any
 
 from transformers.cli.serving.model_manager import EngineClient, ModelManager
-from transformers.cli.serving.utils import GenerationState
+from transformers.cli.serving.utils import GenerationState, prompt_length
 
 from .engine import BANKS_KEY, LafnLoader, SelectedPrompt, bank_command
+from .requests import LENGTH_FIELD, RequestLimits, bound_length, check_logit_bias
 
 _ABSENT: Any = object()
 
@@ -29,14 +30,16 @@ class ModelNotServedError(LookupError):
 
 class EngineView:
     """The engine as handlers use it for one served name: the engine's config, tokenizer and modality, the
-    served name as ``model_id``, and each request sent with the names of its banks (``None``: every bank)."""
+    served name as ``model_id``, and each request sent with the names of its banks (``None``: every bank), its
+    length bounded first (``requests.bound_length``: the context and the server's ``RequestLimits``)."""
 
     def __init__(self, engine: EngineClient, name: str, banks: tuple[str, ...] | None,
-                 loaded: Sequence[str]) -> None:
+                 loaded: Sequence[str], limits: RequestLimits | None = None) -> None:
         self._engine = engine
         self.model_id = name
         self.banks = banks
         self._loaded = tuple(loaded)
+        self._limits = limits or RequestLimits()
 
     async def generate_non_streaming(self, inputs: dict[str, Any], generation_kwargs: dict[str, Any]) -> Any:
         return await self._engine.generate_non_streaming(*self._with_banks(inputs, generation_kwargs))
@@ -47,6 +50,11 @@ class EngineView:
 
     def _with_banks(self, inputs: dict[str, Any], generation_kwargs: dict[str, Any]) -> tuple[dict[str, Any],
                                                                                              dict[str, Any]]:
+        # bounded in the handler's own dict, whose max_new_tokens gives the answer's finish_reason
+        context = self._engine.generation_state.context_length(self._engine.model_config)
+        requested = generation_kwargs.pop(LENGTH_FIELD, None)
+        bound_length(generation_kwargs, prompt_length(inputs), context, self._limits, requested)
+        check_logit_bias(generation_kwargs, getattr(self._engine.model_config.get_text_config(), "vocab_size", None))
         kwargs = dict(generation_kwargs)
         banks = self._requested(kwargs.pop(BANKS_KEY, _ABSENT))
         kwargs[BANKS_KEY] = banks  # None (every bank) is dropped on the way: generate() then applies every bank
@@ -83,8 +91,9 @@ class EditableModelManager(ModelManager):
     ``base_name`` and ``base_name+<bank>`` for each loaded bank; it never loads another model."""
 
     def __init__(self, loader: LafnLoader, base_name: str, generation_state: GenerationState | None = None,
-                 bank_names: Sequence[str] = ()) -> None:
+                 bank_names: Sequence[str] = (), limits: RequestLimits | None = None) -> None:
         super().__init__(loader, generation_state, model_timeout=-1)
+        self.limits = limits or RequestLimits()
         self.base_name = base_name
         self.bank_names = tuple(bank_names)
         self.created = int(time.time())
@@ -100,10 +109,10 @@ class EditableModelManager(ModelManager):
     def view(self, name: str | None) -> EngineView | None:
         """The engine for a served name, ``None`` for any other name."""
         if name == self.base_name:
-            return EngineView(self.engine, name, None, self.bank_names)
+            return EngineView(self.engine, name, None, self.bank_names, self.limits)
         head, plus, bank = (name or "").rpartition("+")
         if plus and head == self.base_name and bank in self.bank_names:
-            return EngineView(self.engine, f"{head}+{bank}", (bank,), self.bank_names)
+            return EngineView(self.engine, f"{head}+{bank}", (bank,), self.bank_names, self.limits)
         return None
 
     def get_engine(self, model: str | None) -> Any:
