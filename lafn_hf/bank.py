@@ -23,8 +23,7 @@ from typing import Any
 
 import torch
 
-from .config import nfc
-from .text import check_aliases, check_form_length
+from .text import check_aliases, check_form_length, nfc
 
 _BANK_UIDS = itertools.count()
 _CHANGE_LOG = 4096  # bank changes kept for incremental updates of compiled banks

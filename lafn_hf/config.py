@@ -16,7 +16,7 @@ from typing import Any, Literal
 import regex
 
 from .stopwords import STOP_WORDS, is_stop_word
-from .text import check_aliases, check_form_length, clean_subject, is_spaceless_char, is_word_char
+from .text import check_aliases, check_form_length, clean_subject, is_spaceless_char, is_word_char, nfc
 
 logger = logging.getLogger(__name__)
 
@@ -43,11 +43,6 @@ DEFAULT_KL_TEMPLATES: dict[str, str] = {
 
 
 _KL_WARNED: set[str] = set()  # languages already warned about (no KL template)
-
-
-def nfc(text: str) -> str:
-    """NFC-normalise ``text`` (prompts, subjects and matched inputs are compared in NFC)."""
-    return unicodedata.normalize("NFC", text)
 
 
 def _require_text(name: str, value: object) -> str:

@@ -26,12 +26,12 @@ from tqdm.auto import tqdm
 
 from lafn_hf.modeling import decoder_layers, mlp_parts, text_config
 
-from .config import EditGroup, LafnConfig, nfc
+from .config import EditGroup, LafnConfig
 from .matcher import SubjectMatcher
 from .paraphrase import word_dropped_variants
 from .row_reader import find_subject_tokens
 from .scope import ForwardScope, SkippedLayer
-from .text import is_word_char, needs_word_boundary
+from .text import is_word_char, needs_word_boundary, nfc
 from .tokens import encode_texts, pad_batch, pad_id, sample_top_k, target_separator, word_continuations
 from .values import LayerPlan, ValueInjection, hit_tensor
 

@@ -10,9 +10,8 @@ import regex
 import torch
 from torch import nn
 
-from .config import nfc
 from .matcher import SubjectMatcher
-from .text import SPACELESS_CLASS
+from .text import SPACELESS_CLASS, nfc
 
 #: Appendix A, with the count and language filled in.
 INSTRUCTION = (
