@@ -1,10 +1,10 @@
 """lafn_hf: multilingual knowledge editing with Language-Agnostic Factual Neurons (arXiv 2406.16416)."""
 
-from .bank import BankEntry, EditBank, LayerUpdate
+from .bank.entries import BankEntry, EditBank, LayerUpdate
 from .config import EditGroup, LafnConfig, LanguageEdit
+from .editing.results import EditFailedError, EditManyResult, EditResult
+from .editing.subject_span import SubjectNotFoundError, SubjectSpan
 from .model import EditableCausalLM
-from .results import EditFailedError, EditManyResult, EditResult
-from .subject_span import SubjectNotFoundError, SubjectSpan
 
 __all__ = [
     "BankEntry",

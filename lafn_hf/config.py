@@ -23,7 +23,7 @@ logger = logging.getLogger(__name__)
 LocateStrategy = Literal["paraphrases", "single", "all", "random"]
 LOCATE_STRATEGIES: tuple[str, ...] = ("paraphrases", "single", "all", "random")
 EARLY_STOP_READINGS: tuple[str, ...] = ("mean", "worst")
-SUBJECT_SEARCHES = ("written", "other", "lexical", "aligned")  # lafn_hf.subject_span, in order
+SUBJECT_SEARCHES = ("written", "other", "lexical", "aligned")  # lafn_hf.editing.subject_span, in order
 
 #: "{subject} is a" in each language (Eq. 8's q_l). Override with ``LafnConfig.kl_templates``.
 DEFAULT_KL_TEMPLATES: dict[str, str] = {
@@ -60,7 +60,7 @@ class LanguageEdit:
     Args:
         prompt: the question x_l^e. It should write ``subject``; where it does not (another language's
             name, a declension, a transliteration), ``edit()`` edits at the span it does write
-            (``lafn_hf.subject_span``; ``LafnConfig.subject_search``) and keeps ``subject`` as an alias.
+            (``lafn_hf.editing.subject_span``; ``LafnConfig.subject_search``) and keeps ``subject`` as an alias.
         subject: the subject s_l; the last token of its span in ``prompt`` is where dV is added.
         target: the new answer y_l^e.
         paraphrases: rewrites of ``prompt`` forming the locating corpus C_l (Eq. 3). A paraphrase
@@ -349,7 +349,7 @@ class LafnConfig:
             87 -> 89, fr 85.9 -> 89.1: within one run's spread, at ~1.3x a CPU edit. 0 (off) stays the
             default.
         subject_search: how far ``edit()`` looks for each language's subject in its prompt when the prompt
-            does not write it as given (``lafn_hf.subject_span``): ``"written"`` (only as given: else a
+            does not write it as given (``lafn_hf.editing.subject_span``): ``"written"`` (only as given: else a
             ``ValueError``), ``"other"`` (also its aliases and the other languages' subjects and aliases),
             ``"lexical"`` (also inflected, reordered or spelled another way), ``"aligned"`` (default; also the
             most similar run of words after transliteration, at ``alignment_threshold`` or more).

@@ -23,21 +23,21 @@ from tqdm.auto import tqdm
 
 from lafn_hf.modeling import decoder_layers, default_edit_layers, get_spec, mlp_parts
 
-from .bank import _ENTRY_ID, BankEntry, BankLimits, EditBank, LayerUpdate, QuestionScope, RoutingKey
-from .bank_checks import ValueRange
+from .bank.checks import ValueRange
+from .bank.entries import _ENTRY_ID, BankEntry, BankLimits, EditBank, LayerUpdate, QuestionScope, RoutingKey
+from .bank.hub import BaseModelRef, is_bank_dir, load_bank, parse_base_model, push_bank, resolve_bank_dir, save_bank
 from .config import EditGroup, LafnConfig, surface_form_problem
-from .hub import BaseModelRef, is_bank_dir, load_bank, parse_base_model, push_bank, resolve_bank_dir, save_bank
-from .inject import BankInjector, bank_disabled
-from .locate import LocatedNeurons, locate_neurons
-from .optimize import OptimizationResult, PrefixCache, optimize_update
-from .optimize_many import optimize_updates
-from .preflight import check_context, warn_if_slow_dtype
-from .results import EditFailedError, EditManyResult, EditResult
+from .editing.locate import LocatedNeurons, locate_neurons
+from .editing.optimize import OptimizationResult, PrefixCache, optimize_update
+from .editing.optimize_many import optimize_updates
+from .editing.preflight import check_context, warn_if_slow_dtype
+from .editing.results import EditFailedError, EditManyResult, EditResult
+from .editing.self_paraphrase import write_paraphrases
+from .editing.subject_span import SubjectSpan, resolve_group, spans_metadata
 from .routing.calibration import EditRouting
 from .routing.config import RoutingConfig
 from .routing.keys import separate
-from .self_paraphrase import write_paraphrases
-from .subject_span import SubjectSpan, resolve_group, spans_metadata
+from .runtime.inject import BankInjector, bank_disabled
 from .text import check_aliases
 
 logger = logging.getLogger(__name__)
@@ -109,7 +109,7 @@ class EditableCausalLM(nn.Module):
         ``AutoModelForCausalLM.from_pretrained`` (e.g. ``dtype``). Without ``dtype`` or ``device_map``, a
         machine without CUDA loads float32 (half-precision matmuls are ~20x slower on CPU) and a CUDA machine
         the checkpoint's dtype. ``allow_common`` accepts a bank's short and function-word subjects and aliases
-        (``lafn_hf.hub.load_bank``).
+        (``lafn_hf.bank.hub.load_bank``).
         """
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -214,7 +214,7 @@ class EditableCausalLM(nn.Module):
     def load_bank(self, name_or_path: str | os.PathLike[str], *, revision: str | None = None,
                   token: str | None = None, merge: bool = False, allow_common: bool = False) -> EditBank:
         """Load a bank (dir or Hub id) checked against this model; ``merge`` adds it to the current one;
-        ``allow_common`` as in ``lafn_hf.hub.load_bank``."""
+        ``allow_common`` as in ``lafn_hf.bank.hub.load_bank``."""
         bank, ref = load_bank(resolve_bank_dir(name_or_path, revision, token), allow_common=allow_common)
         ref.check_compatible(self.base_ref)
         self.set_bank(self.bank.merge(bank) if merge else bank)
@@ -252,7 +252,7 @@ class EditableCausalLM(nn.Module):
         return super()._apply(fn, recurse)
 
     def save_pretrained(self, directory: str | os.PathLike[str], *, base_model: str | None = None) -> None:
-        """Write the bank (not the base weights) crash-safely; see ``lafn_hf.hub``.
+        """Write the bank (not the base weights) crash-safely; see ``lafn_hf.bank.hub``.
 
         ``base_model`` (``"org/name"`` or ``"org/name@revision"``) is recorded as the base model instead of
         the one this model was loaded from (its Hub id when known, else its local path).
@@ -374,7 +374,7 @@ class EditableCausalLM(nn.Module):
                   progress: bool | None = None, batch_size: int = 1) -> EditManyResult:
         """Edit every group; a failing group (including an ``EditFailedError``) is recorded in ``failures``
         and the others go on. ``batch_size`` > 1 optimises that many groups in one forward per step, each
-        with its own dV and its own early stop (``lafn_hf.optimize_many``); results equal one-at-a-time edits
+        with its own dV and its own early stop (``lafn_hf.editing.optimize_many``); results equal one-at-a-time edits
         up to float rounding. ``progress``: bars (default: when stderr is a terminal)."""
         if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
             raise ValueError(f"batch_size must be an int >= 1, got {batch_size!r}")
@@ -482,7 +482,7 @@ def _find_bank(name_or_path: str | os.PathLike[str], revision: str | None, token
         return name_or_path if is_bank_dir(name_or_path) else None  # type: ignore[return-value]
     from huggingface_hub import file_exists
 
-    from .hub import BANK_CONFIG_NAME
+    from .bank.hub import BANK_CONFIG_NAME
 
     try:
         found = file_exists(str(name_or_path), BANK_CONFIG_NAME, revision=revision, token=token)

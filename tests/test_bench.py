@@ -29,8 +29,8 @@ from lafn_hf.bench.metrics import token_f1
 from lafn_hf.bench.runner import REFERENCE, item_questions, settings_difference
 from lafn_hf.cli import main
 from lafn_hf.evaluate import answer_end
-from lafn_hf.matcher import SubjectMatcher
 from lafn_hf.models import tiny_fact_group
+from lafn_hf.routing.matcher import SubjectMatcher
 from lafn_hf.zsre import Item, load_files, load_items
 
 FIXTURES = Path(__file__).parent / "fixtures"

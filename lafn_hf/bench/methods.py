@@ -31,8 +31,8 @@ import torch
 
 from ..config import EditGroup, LafnConfig
 from ..evaluate import answer_ids, predict_batch
-from ..matcher import SubjectMatcher
 from ..model import EditableCausalLM
+from ..routing.matcher import SubjectMatcher
 from ..text import is_spaceless_char
 from ..tokens import target_separator
 

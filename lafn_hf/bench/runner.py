@@ -31,10 +31,10 @@ from typing import Any
 from tqdm.auto import tqdm
 
 from ..config import SUBJECT_SEARCHES, EditGroup
+from ..editing.subject_span import SubjectSpan, spans_metadata
 from ..evaluate import answer_ids
-from ..matcher import SubjectMatcher
 from ..model import EditableCausalLM
-from ..subject_span import SubjectSpan, spans_metadata
+from ..routing.matcher import SubjectMatcher
 from ..zsre import Item, resolve_item, subject_forms
 from .methods import EditMethod, UneditedMethod
 from .metrics import answer_hit, contains, same_answer, token_f1

@@ -9,7 +9,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..bank import KeySpace, QuestionScope, RoutingKey, ScopeSpace
+from ..bank.entries import KeySpace, QuestionScope, RoutingKey, ScopeSpace
 from ..config import EditGroup, LafnConfig
 from .config import RoutingConfig
 from .keys import calibrate_key_space, entry_key

@@ -32,14 +32,14 @@ from torch import nn
 
 from lafn_hf.modeling import decoder_layers
 
-from ..bank import BankEntry, EditBank, KeySpace, RoutingKey
+from ..bank.entries import BankEntry, EditBank, KeySpace, RoutingKey
 from ..config import EditGroup
-from ..matcher import SubjectMatcher
-from ..row_reader import find_subject_tokens
-from ..scope import ForwardScope
+from ..hooks import ForwardScope
 from ..text import is_spaceless_char
 from ..tokens import pad_batch, pad_id
 from .config import RoutingConfig
+from .matcher import SubjectMatcher
+from .row_reader import find_subject_tokens
 
 
 class _Enough(Exception):

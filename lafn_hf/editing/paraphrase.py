@@ -10,8 +10,8 @@ import regex
 import torch
 from torch import nn
 
-from .matcher import SubjectMatcher
-from .text import SPACELESS_CLASS, nfc
+from ..routing.matcher import SubjectMatcher
+from ..text import SPACELESS_CLASS, nfc
 
 #: Appendix A, with the count and language filled in.
 INSTRUCTION = (

@@ -2,7 +2,7 @@
 
 Eq. 10: F'(x) = F_(theta, V + dV)(x) when a bank subject s is found in x, else F(x). The update is added
 at the token that completes each subject occurrence in the tokens the model reads (prompt, later turns
-and its own generation alike; the causal rule is in ``lafn_hf.matcher``), so decoding with a KV cache
+and its own generation alike; the causal rule is in ``lafn_hf.routing.matcher``), so decoding with a KV cache
 gives what full forwards over the same tokens give, except after a generated subject whose word the next
 generated token continues ("Rome" then "o": decoding has fired at "Rome", a full forward reads "Romeo").
 
@@ -29,17 +29,17 @@ from torch.utils.hooks import RemovableHandle
 
 from lafn_hf.modeling import decoder_layers, mlp_parts
 
-from .bank import BankEntry, EditBank, KeySpace, QuestionScope, RoutingKey
-from .cache_rows import cache_argument, cache_length, keep_readers, readers_for, returned_cache
-from .matcher import SubjectMatcher
+from ..bank.entries import BankEntry, EditBank, KeySpace, QuestionScope, RoutingKey
+from ..hooks import unwrapped
+from ..routing.cache_rows import cache_argument, cache_length, keep_readers, readers_for, returned_cache
+from ..routing.config import RoutingConfig
+from ..routing.fire import Gated, KeyIndex, KeyWork, Pending
+from ..routing.matcher import SubjectMatcher
+from ..routing.row_reader import RowReader, decoder_for
+from ..routing.scope import ScopeIndex
+from ..routing.trace import Route, record, tracing_active
+from ..values import LayerPlan, add_values
 from .packed import current_packed_batch, layout_problem, plan_packed, read_packed, shifted
-from .routing.config import RoutingConfig
-from .routing.fire import Gated, KeyIndex, KeyWork, Pending
-from .routing.scope import ScopeIndex
-from .routing.trace import Route, record, tracing_active
-from .row_reader import RowReader, decoder_for
-from .scope import unwrapped
-from .values import LayerPlan, add_values
 
 logger = logging.getLogger(__name__)
 _OWNER_ATTRIBUTE = "_lafn_injector"  # on the base model: a weak reference to the attached BankInjector
@@ -286,7 +286,7 @@ class BankInjector:
     bank's layers add it; a forward hook (``always_call``) stores the readers on the returned cache and
     clears the context. Forwards given ``inputs_embeds`` instead of ``input_ids`` run unedited, and so do packed
     forwards (several sequences in one row, ``cu_seq_lens_q``: continuous batching) unless the engine describes
-    them with ``lafn_hf.packed.packed_batch`` (each request's reader, span and entries).
+    them with ``lafn_hf.runtime.packed.packed_batch`` (each request's reader, span and entries).
     """
 
     def __init__(self, model: nn.Module, tokenizer: Any, bank: EditBank, routing: RoutingConfig | None = None) -> None:
@@ -425,7 +425,7 @@ class BankInjector:
     def _packed_plan(self, input_ids: torch.Tensor, kwargs: dict[str, Any]) -> _Forward:
         """A packed forward's plan, per request of its ``packed_batch`` description (none: unedited)."""
         sequences = current_packed_batch()
-        problem: str | None = "no lafn_hf.packed.packed_batch describes its requests"
+        problem: str | None = "no lafn_hf.runtime.packed.packed_batch describes its requests"
         if sequences is not None:
             problem = layout_problem(sequences, kwargs["cu_seq_lens_q"], kwargs.get("position_ids"), input_ids.shape[1])
         if sequences is None or problem is not None:

@@ -11,12 +11,12 @@ from typing import Any
 import torch
 from torch import nn
 
-from .config import EditGroup, LafnConfig
-from .matcher import SubjectMatcher
+from ..config import EditGroup, LafnConfig
+from ..routing.matcher import SubjectMatcher
+from ..text import nfc
+from ..tokens import encode_texts, sample_top_k, stop_ids
 from .paraphrase import words_outside
 from .preflight import answered_length, context_limit
-from .text import nfc
-from .tokens import encode_texts, sample_top_k, stop_ids
 
 logger = logging.getLogger(__name__)
 

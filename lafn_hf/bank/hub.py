@@ -1,7 +1,7 @@
 """Save, load and share edit banks: safetensors + JSON naming the base model, like a peft adapter.
 
 Files: ``lafn_bank-<first 16 hex digits of its sha256>.safetensors`` (format 3: five tensors for the whole
-bank, see ``lafn_hf.bank_format``), ``lafn_config.json`` (format and library version, the weights file's name
+bank, see ``lafn_hf.bank.format``), ``lafn_config.json`` (format and library version, the weights file's name
 and full sha256, the base model reference, the entries in order: id, subjects, metadata) and a ``README.md``
 model card.
 
@@ -12,7 +12,7 @@ subjects, metadata and bit-identical tensors) and deletes the old weights file. 
 format 2 refuse format 3 ("written by a newer lafn-hf").
 
 Loading checks the sha256, then memory-maps a format-3 weights file (POSIX): loaded deltas are views of the
-mapping, neuron indices an int64 copy (details in ``lafn_hf.bank_format``).
+mapping, neuron indices an int64 copy (details in ``lafn_hf.bank.format``).
 
 Saving never removes the directory. Each file is written to a temporary file inside it, flushed, fsynced
 and renamed over its final name: first the weights (a new, content-addressed name, so the old bank's file
@@ -45,9 +45,10 @@ from torch import nn
 
 from lafn_hf.modeling import decoder_layers, get_spec, text_config
 
-from . import bank_file, bank_format
-from .bank import _ENTRY_ID, EditBank
-from .bank_checks import check_surface_forms
+from . import files as bank_file
+from . import format as bank_format
+from .checks import check_surface_forms
+from .entries import _ENTRY_ID, EditBank
 
 logger = logging.getLogger(__name__)
 
@@ -280,7 +281,7 @@ class BankConfig:
 
 def load_bank(directory: str | os.PathLike[str], *, allow_common: bool = False) -> tuple[EditBank, BaseModelRef]:
     """Read a bank directory; any inconsistency raises ``ValueError`` naming the file and the field. Subjects and
-    aliases pass the rule of ``edit()`` and ``add_aliases`` (``lafn_hf.bank_checks``): ``allow_common`` accepts
+    aliases pass the rule of ``edit()`` and ``add_aliases`` (``lafn_hf.bank.checks``): ``allow_common`` accepts
     short and function-word ones, as ``allow_common_subject`` does for an edit."""
     with bank_format.paused_gc():
         return _load_bank(Path(directory), allow_common)

@@ -20,7 +20,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from .config import EditGroup, LafnConfig
+from ..config import EditGroup, LafnConfig
+from ..tokens import pad_id
+from ..values import LayerPlan, ValueInjection, hit_tensor
 from .optimize import (
     OptimizationResult,
     PrefixCache,
@@ -35,8 +37,6 @@ from .optimize import (
     sequence_losses,
     upper_layers_only,
 )
-from .tokens import pad_id
-from .values import LayerPlan, ValueInjection, hit_tensor
 
 logger = logging.getLogger(__name__)
 

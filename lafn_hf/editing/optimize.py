@@ -26,14 +26,14 @@ from tqdm.auto import tqdm
 
 from lafn_hf.modeling import decoder_layers, mlp_parts, text_config
 
-from .config import EditGroup, LafnConfig
-from .matcher import SubjectMatcher
+from ..config import EditGroup, LafnConfig
+from ..hooks import ForwardScope, SkippedLayer
+from ..routing.matcher import SubjectMatcher
+from ..routing.row_reader import find_subject_tokens
+from ..text import is_word_char, needs_word_boundary, nfc
+from ..tokens import encode_texts, pad_batch, pad_id, sample_top_k, target_separator, word_continuations
+from ..values import LayerPlan, ValueInjection, hit_tensor
 from .paraphrase import word_dropped_variants
-from .row_reader import find_subject_tokens
-from .scope import ForwardScope, SkippedLayer
-from .text import is_word_char, needs_word_boundary, nfc
-from .tokens import encode_texts, pad_batch, pad_id, sample_top_k, target_separator, word_continuations
-from .values import LayerPlan, ValueInjection, hit_tensor
 
 logger = logging.getLogger(__name__)
 
@@ -81,7 +81,7 @@ class OptimizationResult:
 
 
 def subject_positions(tokenizer: Any, ids: Sequence[int], subject: str, context: str) -> list[int]:
-    """Positions of the tokens completing ``subject`` in ``ids``: the inference rule (``lafn_hf.matcher``).
+    """Positions of the tokens completing ``subject`` in ``ids``: the inference rule (``lafn_hf.routing.matcher``).
 
     ``ValueError`` when there is none (e.g. the subject only occurs inside a longer word), since dV would
     then be trained where inference never adds it.
