@@ -21,9 +21,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from .bank.base_model import BaseModelRef
 from .bank.entries import BankEntry, EditBank
-from .bank.hub import BaseModelRef, is_bank_dir, load_bank, save_bank
-from .config import EditGroup, LafnConfig, config_with_defaults
+from .bank.hub import is_bank_dir
+from .bank.store import load_bank, save_bank
+from .config import LafnConfig, config_with_defaults
+from .request import EditGroup
 from .routing.keys import separate_all
 
 if TYPE_CHECKING:

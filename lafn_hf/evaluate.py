@@ -23,7 +23,7 @@ import torch
 from tqdm.auto import tqdm
 from transformers import StoppingCriteria, StoppingCriteriaList
 
-from .bank.hub import load_bank
+from .bank.store import load_bank
 from .config import LafnConfig, config_with_defaults
 from .model import EditableCausalLM
 from .tokens import pad_batch, pad_id, stop_ids, target_separator

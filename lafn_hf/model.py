@@ -23,10 +23,12 @@ from tqdm.auto import tqdm
 
 from lafn_hf.modeling import decoder_layers, default_edit_layers, get_spec, mlp_parts
 
+from .bank.base_model import BaseModelRef, parse_base_model
 from .bank.checks import ValueRange
 from .bank.entries import _ENTRY_ID, BankEntry, BankLimits, EditBank, LayerUpdate, QuestionScope, RoutingKey
-from .bank.hub import BaseModelRef, is_bank_dir, load_bank, parse_base_model, push_bank, resolve_bank_dir, save_bank
-from .config import EditGroup, LafnConfig, surface_form_problem
+from .bank.hub import is_bank_dir, push_bank, resolve_bank_dir
+from .bank.store import load_bank, save_bank
+from .config import LafnConfig
 from .editing.locate import LocatedNeurons, locate_neurons
 from .editing.optimize import OptimizationResult, PrefixCache, optimize_update
 from .editing.optimize_many import optimize_updates
@@ -34,6 +36,7 @@ from .editing.preflight import check_context, warn_if_slow_dtype
 from .editing.results import EditFailedError, EditManyResult, EditResult
 from .editing.self_paraphrase import write_paraphrases
 from .editing.subject_span import SubjectSpan, resolve_group, spans_metadata
+from .request import EditGroup, surface_form_problem
 from .routing.calibration import EditRouting
 from .routing.config import RoutingConfig
 from .routing.keys import separate
@@ -482,7 +485,7 @@ def _find_bank(name_or_path: str | os.PathLike[str], revision: str | None, token
         return name_or_path if is_bank_dir(name_or_path) else None  # type: ignore[return-value]
     from huggingface_hub import file_exists
 
-    from .bank.hub import BANK_CONFIG_NAME
+    from .bank.lafn_config import BANK_CONFIG_NAME
 
     try:
         found = file_exists(str(name_or_path), BANK_CONFIG_NAME, revision=revision, token=token)

@@ -21,7 +21,7 @@ from importlib import resources
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .config import EditGroup, LanguageEdit
+from .request import EditGroup, LanguageEdit
 
 if TYPE_CHECKING:
     import torch

@@ -16,8 +16,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .config import EditGroup, LanguageEdit, subject_problem
 from .editing.subject_span import DEFAULT_THRESHOLD, SubjectSpan, resolve_languages
+from .request import EditGroup, LanguageEdit, subject_problem
 from .routing.matcher import SubjectMatcher
 
 LANGUAGE_ALIASES = {"cz": "cs", "du": "nl"}

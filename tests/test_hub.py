@@ -16,15 +16,10 @@ from transformers import AutoModelForCausalLM
 
 from lafn_hf import BankEntry, EditableCausalLM, EditBank, LayerUpdate
 from lafn_hf.bank import hub as hub_module
-from lafn_hf.bank.hub import (
-    BANK_CONFIG_NAME,
-    BANK_WEIGHTS_NAME,
-    FORMAT_VERSION,
-    BaseModelRef,
-    load_bank,
-    resolve_bank_dir,
-    save_bank,
-)
+from lafn_hf.bank.base_model import BaseModelRef
+from lafn_hf.bank.hub import resolve_bank_dir
+from lafn_hf.bank.lafn_config import BANK_CONFIG_NAME, BANK_WEIGHTS_NAME, FORMAT_VERSION
+from lafn_hf.bank.store import load_bank, save_bank
 from lafn_hf.cli import main
 from lafn_hf.models import materialize
 

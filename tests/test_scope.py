@@ -12,7 +12,7 @@ from transformers import DynamicCache
 
 from lafn_hf import BankEntry, EditableCausalLM, EditBank, LafnConfig
 from lafn_hf.bank.entries import QuestionScope, ScopeSpace
-from lafn_hf.bank.hub import load_bank, save_bank
+from lafn_hf.bank.store import load_bank, save_bank
 from lafn_hf.routing import RoutingConfig, routes
 from lafn_hf.routing.keys import layer_inputs
 from lafn_hf.routing.scope import occurrence_states, relation_names, relation_templates, sentence_window

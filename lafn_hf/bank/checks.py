@@ -13,7 +13,7 @@ from torch import nn
 
 from lafn_hf.modeling import decoder_layers, mlp_parts
 
-from ..config import surface_form_problem
+from ..request import surface_form_problem
 from ..text import MAX_FORM_LENGTH, check_form_length
 from .entries import BankEntry, EditBank, KeySpace, LayerUpdate
 

@@ -29,9 +29,10 @@ from typing import Any, ClassVar
 
 import torch
 
-from ..config import EditGroup, LafnConfig
+from ..config import LafnConfig
 from ..evaluate import answer_ids, predict_batch
 from ..model import EditableCausalLM
+from ..request import EditGroup
 from ..routing.matcher import SubjectMatcher
 from ..text import is_spaceless_char
 from ..tokens import target_separator

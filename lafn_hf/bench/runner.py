@@ -30,10 +30,10 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
-from ..config import EditGroup
 from ..editing.subject_span import SubjectSpan, spans_metadata
 from ..evaluate import answer_ids
 from ..model import EditableCausalLM
+from ..request import EditGroup
 from ..routing.matcher import SubjectMatcher
 from ..zsre import Item, resolve_item, subject_forms
 from .methods import EditMethod, UneditedMethod

@@ -26,8 +26,9 @@ from tqdm.auto import tqdm
 
 from lafn_hf.modeling import decoder_layers, mlp_parts, text_config
 
-from ..config import EditGroup, LafnConfig
+from ..config import LafnConfig
 from ..hooks import ForwardScope, SkippedLayer
+from ..request import EditGroup
 from ..routing.matcher import SubjectMatcher
 from ..routing.row_reader import find_subject_tokens
 from ..text import is_word_char, needs_word_boundary, nfc

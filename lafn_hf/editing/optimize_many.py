@@ -20,7 +20,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..config import EditGroup, LafnConfig
+from ..config import LafnConfig
+from ..request import EditGroup
 from ..tokens import pad_id
 from ..values import LayerPlan, ValueInjection, hit_tensor
 from .optimize import (

@@ -10,7 +10,8 @@ from torch import nn
 
 from lafn_hf.modeling import text_config
 
-from ..config import EditGroup, LafnConfig
+from ..config import LafnConfig
+from ..request import EditGroup
 from ..tokens import target_separator
 
 logger = logging.getLogger(__name__)

@@ -11,7 +11,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..config import EditGroup, LafnConfig
+from ..config import LafnConfig
+from ..request import EditGroup
 from ..routing.matcher import SubjectMatcher
 from ..text import nfc
 from ..tokens import encode_texts, sample_top_k, stop_ids

@@ -31,7 +31,8 @@ import regex
 from anyascii import anyascii
 from rapidfuzz.distance import Indel
 
-from ..config import SUBJECT_SEARCHES, EditGroup, LanguageEdit, subject_problem
+from ..config import SUBJECT_SEARCHES
+from ..request import EditGroup, LanguageEdit, subject_problem
 from ..routing.matcher import SubjectMatch, SubjectMatcher
 from ..stopwords import is_stop_word
 from ..text import is_spaceless_char, nfc

@@ -18,6 +18,11 @@ Stages, in order (each can be turned off in ``RoutingConfig``):
    the nearest fires.
 
 ``trace.routes`` reports what fired where, for debugging and for the routing benchmark.
+
+Modules: the lexical half (``matcher``, with ``anchors``, ``inflection``, ``reorder``, ``spelling``;
+``row_reader``: a row's tokens read incrementally; ``cache_rows``: the readers kept on the KV cache), the
+representation half (``keys``, ``fire``, ``scope``, ``calibration``), ``config`` (``RoutingConfig``),
+``compiled`` (``CompiledBank``: a bank version compiled for routing, and the plan it makes) and ``trace``.
 """
 
 from .config import RoutingConfig

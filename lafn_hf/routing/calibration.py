@@ -10,7 +10,8 @@ import torch
 from torch import nn
 
 from ..bank.entries import KeySpace, QuestionScope, RoutingKey, ScopeSpace
-from ..config import EditGroup, LafnConfig
+from ..config import LafnConfig
+from ..request import EditGroup
 from .config import RoutingConfig
 from .keys import calibrate_key_space, entry_key
 from .scope import calibrate_scope_space, entry_scope, neighbour_prompts

@@ -131,7 +131,7 @@ def _screen_dtype(device: torch.device) -> torch.dtype | None:
 
 
 class RoutedBank(Protocol):
-    """What ``KeyWork`` needs of a compiled bank (``lafn_hf.runtime.inject.CompiledBank``)."""
+    """What ``KeyWork`` needs of a compiled bank (``lafn_hf.routing.compiled.CompiledBank``)."""
 
     @property
     def keys(self) -> dict[str, RoutingKey]: ...

@@ -33,8 +33,8 @@ from torch import nn
 from lafn_hf.modeling import decoder_layers
 
 from ..bank.entries import BankEntry, EditBank, KeySpace, RoutingKey
-from ..config import EditGroup
 from ..hooks import ForwardScope
+from ..request import EditGroup
 from ..text import is_spaceless_char
 from ..tokens import pad_batch, pad_id
 from .config import RoutingConfig

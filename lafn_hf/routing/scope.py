@@ -40,7 +40,7 @@ import torch
 from torch import nn
 
 from ..bank.entries import KeySpace, QuestionScope, ScopeSpace
-from ..config import EditGroup
+from ..request import EditGroup
 from .keys import key_space, layer_inputs
 from .matcher import SubjectMatcher
 from .row_reader import RowReader, decoder_for
