@@ -33,6 +33,7 @@ from .editing.locate import LocatedNeurons, locate_neurons
 from .editing.optimize import OptimizationResult, PrefixCache, optimize_update
 from .editing.optimize_many import optimize_updates
 from .editing.preflight import check_context, warn_if_slow_dtype
+from .editing.prepared import PreparedEdit
 from .editing.results import EditFailedError, EditManyResult, EditResult
 from .editing.self_paraphrase import write_paraphrases
 from .editing.subject_span import SubjectSpan, resolve_group, spans_metadata
@@ -312,12 +313,13 @@ class EditableCausalLM(nn.Module):
         started = time.perf_counter()
         with self._edit_lock, self.edits_disabled():  # edits of one model run one at a time; inference never waits
             group, metadata = self._with_written_paraphrases(group, config, metadata)
+            prepared = PreparedEdit.build(group, config)
             located = locate_neurons(self.model, self.tokenizer, group, layers, config)
             scope = self._edit_routing.scope(group, layers, config, self.routing)
-            optimized = optimize_update(self.model, self.tokenizer, group, located.shared, config,
+            optimized = optimize_update(self.model, self.tokenizer, prepared, located.shared, config,
                                         _show_progress(progress), self._prefixes,
                                         self._edit_routing.neighbours(group, layers, config, self.routing, scope))
-            routed = self._edit_routing.key(group, layers, config, self.routing), scope
+            routed = self._edit_routing.key(group, layers, config, self.routing, prepared.forms), scope
             # stored under the lock: a concurrent edit's key calibration sees this entry, and this one its own
             return self._store(group, config, layers, located, optimized, routed, metadata, entry_id, started, spans)
 
@@ -412,7 +414,7 @@ class EditableCausalLM(nn.Module):
         warn_if_slow_dtype(self.model)
         started = time.perf_counter()
         outcome: list[EditResult | Exception] = []
-        ready: list[tuple[int, EditGroup, LocatedNeurons, dict[str, Any] | None, QuestionScope | None,
+        ready: list[tuple[int, PreparedEdit, LocatedNeurons, dict[str, Any] | None, QuestionScope | None,
                           dict[str, list[str]] | None, dict[str, SubjectSpan]]] = []
         with self._edit_lock, self.edits_disabled():
             for position, group in enumerate(groups):
@@ -423,21 +425,22 @@ class EditableCausalLM(nn.Module):
                     group, spans = resolve_group(group, config.subject_search, config.alignment_threshold)
                     check_context(self.model, self.tokenizer, group, config)
                     group, metadata = self._with_written_paraphrases(group, config, None)
+                    prepared = PreparedEdit.build(group, config)
                     located = locate_neurons(self.model, self.tokenizer, group, layers, config)
                     scope = self._edit_routing.scope(group, layers, config, self.routing)
                     neighbours = self._edit_routing.neighbours(group, layers, config, self.routing, scope)
-                    ready.append((position, group, located, metadata, scope, neighbours, spans))
+                    ready.append((position, prepared, located, metadata, scope, neighbours, spans))
                 except (ValueError, TypeError, RuntimeError) as error:
                     outcome[position] = error
             optimized = optimize_updates(self.model, self.tokenizer, [r[1] for r in ready], [r[2].shared for r in ready],
                                          config, self._prefixes, [r[5] for r in ready])
-            for (position, group, located, metadata, scope, _, spans), result in zip(ready, optimized):
+            for (position, prepared, located, metadata, scope, _, spans), result in zip(ready, optimized):
                 try:
                     if isinstance(result, Exception):
                         raise result
-                    routed = self._edit_routing.key(group, layers, config, self.routing), scope
-                    outcome[position] = self._store(group, config, layers, located, result, routed, metadata, None,
-                                                    started, spans)
+                    routed = self._edit_routing.key(prepared.group, layers, config, self.routing, prepared.forms), scope
+                    outcome[position] = self._store(prepared.group, config, layers, located, result, routed, metadata,
+                                                    None, started, spans)
                 except (ValueError, TypeError, RuntimeError) as error:
                     outcome[position] = error
         return outcome

@@ -315,3 +315,9 @@ def find_subject_tokens(tokenizer: Any, token_ids: Sequence[int], matcher: Subje
     reader = RowReader(decoder_for(tokenizer), special)
     reader.read([int(t) for t in token_ids])
     return reader.hits(matcher, 0)
+
+
+def subject_token_positions(tokenizer: Any, token_ids: Sequence[int], matcher: SubjectMatcher) -> list[int]:
+    """Positions of the tokens completing a subject of ``matcher`` in ``token_ids``: where dV is trained and where
+    a routing key is read, by the rule inference applies."""
+    return [hit.position for hit in find_subject_tokens(tokenizer, token_ids, matcher)]
