@@ -28,11 +28,11 @@ from typing import Any
 
 from lafn_hf import EditableCausalLM, LafnConfig
 from lafn_hf.bench.metrics import answer_hit, contains, normalize_answer, same_answer, token_f1
-from lafn_hf.bench.runner import load_locality_hard
+from lafn_hf.bench.runner import applies, load_locality_hard
 from lafn_hf.cli import _load_model
 from lafn_hf.evaluate import predict_batch
 from lafn_hf.routing import RoutingConfig
-from lafn_hf.zsre import edit_group, load_files
+from lafn_hf.zsre import load_files, resolve_item
 
 OFF = "off"
 
@@ -44,15 +44,15 @@ def answers(model: EditableCausalLM, questions: list[str], tokens: int) -> list[
 def run_item(model: EditableCausalLM, item: Any, hard: dict[str, tuple[str, list[str]]], margins: list[float],
              tokens: int, config: LafnConfig) -> dict[str, Any]:
     """One item: its questions, the unedited answers, and the answers per setting (``OFF`` and each margin)."""
+    group, spans, _ = resolve_item(item)
     questions = []
     for lang, record in item.items():
         questions += [(lang, "rel", record.src, record.alt), (lang, "gen", record.rephrase, record.alt)]
-        if lang in hard and hard[lang][0] == record.subject:
+        if lang in hard and applies(hard[lang][0], record.subject, spans.get(lang)):
             questions += [(lang, "loc_hard", question, record.alt) for question in hard[lang][1]]
     texts = [q[2] for q in questions]
     with model.edits_disabled():
         unedited = answers(model, texts, tokens)
-    group = edit_group(item)
     record: dict[str, Any] = {"questions": questions, "unedited": unedited, "answers": {}, "error": None}
     if group is None:
         record["error"] = "no subject found"

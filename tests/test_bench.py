@@ -18,7 +18,6 @@ from lafn_hf.bench import (
     answer_hit,
     build_methods,
     contains,
-    load_locality_hard,
     markdown_table,
     normalize_answer,
     reach_table,
@@ -30,12 +29,10 @@ from lafn_hf.bench.runner import REFERENCE, item_questions, settings_difference
 from lafn_hf.cli import main
 from lafn_hf.evaluate import answer_end
 from lafn_hf.models import tiny_fact_group
-from lafn_hf.routing.matcher import SubjectMatcher
-from lafn_hf.zsre import Item, load_files, load_items
+from lafn_hf.zsre import Item, load_files
 
 FIXTURES = Path(__file__).parent / "fixtures"
 ENZH, ENDE = FIXTURES / "mzsre_test_duplicate_enzh.json", FIXTURES / "mzsre_test_duplicate_ende.json"
-DEV_ENZH = Path(__file__).resolve().parents[2] / "shared" / "data" / "mzsre-dev" / "mzsre_dev_enzh.json"
 # a tiny Locality-Hard set for the fixtures: same subject, another relation
 HARD = {0: {"en": ("Marbrafi", ["The language of Marbrafi is"]), "zh": ("多塞里国", ["多塞里国的语言是"])},
         1: {"en": ("not the item's subject", ["The language of Dorzotho is"])}}
@@ -150,6 +147,19 @@ def test_questions_and_subject_not_found_counts() -> None:
     assert [q.subject_found for q in de if q.kind == "reliability"] == [False]
 
 
+def test_a_locality_hard_question_applies_at_the_given_subject_or_the_span_its_language_edits_at() -> None:
+    items = load_files([ENZH, ENDE])
+    asks = "Die Sprache von Lunvalfi ist"  # item 2's German question writes "Lunvalfi", not "Lunvalfiland"
+
+    def hard_de(subject: str, item: Item = items[2], search: str = "aligned") -> list[str]:
+        hard = {2: {"de": (subject, [asks])}}
+        return [q.text for q in item_questions(2, item, hard, search) if q.kind == "locality_hard"]
+
+    assert hard_de("Lunvalfi") == [asks] and hard_de("Lunvalfiland") == [asks]  # the span, the given subject
+    assert hard_de("Lunvalfi", search="written") == []  # no German edit at "Lunvalfi" without the span search
+    assert hard_de("Dorzotho") == [] and hard_de("Lunvalfi", _unnamed_de(items[2])) == []  # no German edit there
+
+
 def _unnamed_de(item: Item) -> Item:
     """``item`` with German questions that write no form of its subject."""
     record = item["de"]
@@ -172,25 +182,6 @@ def test_a_locality_hard_answer_naming_the_edits_target_is_counted_as_hijacked()
     assert (kept["hijacked"], kept["hit"], kept["f1"]) == (False, True, 1.0)
     named_before = {"gold": [[]], "ids": [[5]], "answers": [f"{target}?"]}
     assert score(question, [7], f"{target}.", named_before, 0, "generate")["hijacked"] is False
-
-
-def test_shipped_locality_hard_set() -> None:
-    hard = load_locality_hard()
-    for lang in ("en", "zh"):
-        questions = [(s, q) for sides in hard.values() if lang in sides for s in [sides[lang][0]] for q in sides[lang][1]]
-        assert len(questions) >= 40
-        assert all(SubjectMatcher([s]).find(q) for s, q in questions), lang
-    assert sum(len(sides["de"][1]) for sides in hard.values() if "de" in sides) >= 30
-    assert sum(len(sides["fr"][1]) for sides in hard.values() if "fr" in sides) >= 20
-    for pair in ("zh", "de", "fr"):
-        path = DEV_ENZH.with_name(f"mzsre_dev_en{pair}.json")
-        if not path.is_file():  # the dev split lives outside the repository
-            continue
-        dev = load_items(path)
-        for index, sides in hard.items():
-            for lang, (subject, questions) in sides.items():
-                if lang in ("en", pair):
-                    assert dev[index][lang].subject == subject and dev[index][lang].src not in questions, (index, lang)
 
 
 def test_resume_is_keyed_on_settings(model: EditableCausalLM, tmp_path: Path,

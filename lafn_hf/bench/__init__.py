@@ -3,8 +3,8 @@
 ``methods`` (the ``EditMethod`` interface and LAFN, unedited, in-context and LoRA baselines; peft is
 imported only by ``LoraMethod``), ``metrics`` (answer hit, contains, token F1), ``settings`` (``BenchSettings``,
 ``Question``), ``runner`` (resumable runs keyed on their settings), ``report`` (markdown tables, JSON summary,
-grouped-bar plot) and
-``data/locality_hard.json`` (hand-written Locality-Hard questions for the MzsRE dev split).
+grouped-bar plot) and ``data/locality_hard.json`` (600 hand-written Locality-Hard questions, one per language in
+en, zh, de and fr for each of items 0-149 of the MzsRE dev split).
 """
 
 from .methods import (

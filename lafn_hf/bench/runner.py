@@ -65,16 +65,25 @@ def load_locality_hard(path: str | os.PathLike[str] | None = None) -> LocalityHa
     return hard
 
 
+def applies(subject: str, given: str, span: SubjectSpan | None) -> bool:
+    """Is a Locality-Hard question about ``subject`` asked of a language whose item gives ``given`` and whose edit is
+    made at ``span`` (None: no edit there)? Where ``subject`` is the given subject or the span's text."""
+    return bool(subject) and subject in (given, span.text if span is not None else None)
+
+
 def item_questions(index: int, item: Item, hard: LocalityHard, search: str = "aligned") -> list[Question]:
-    """The item's questions, language by language; Locality-Hard ones only where the subject is the item's."""
-    matcher = SubjectMatcher(subject_forms(item, resolve_item(item, search)[1]))
+    """The item's questions, language by language; Locality-Hard ones only where the set's subject is the item's
+    in that language: its given subject, or the span its question writes the subject as (``lafn_hf.subject_span``,
+    found up to ``search``), where that language's edit is made."""
+    spans = resolve_item(item, search)[1]
+    matcher = SubjectMatcher(subject_forms(item, spans))
     questions = []
     for lang, record in item.items():
         asked: list[tuple[str, str, str | None]] = [
             ("reliability", record.src, record.alt), ("generality", record.rephrase, record.alt),
             ("locality", record.loc, record.loc_ans)]
         subject, hard_questions = hard.get(index, {}).get(lang, ("", []))
-        if subject == record.subject:
+        if applies(subject, record.subject, spans.get(lang)):
             asked += [("locality_hard", q, None) for q in hard_questions]
         if record.portability_question and record.portability_answer:
             asked.append(("portability", record.portability_question, record.portability_answer))

@@ -1,0 +1,81 @@
+"""The question scope's gate alone, on MzsRE dev: which rephrasings and Locality-Hard questions it admits, per margin.
+
+No dV is optimised: each item's group gets its question scope exactly as ``edit()`` stores it (the same spans,
+prompts and scope space), and each question is judged by the inference rule (its subject found, its sentence
+pooled at the first edited layer, nearest own vector or own relation minus nearest other relation). A question
+passes at margin ``m`` when that difference is >= m; a question whose subject is not found fails. It takes a
+minute for 150 items on 2 CPU cores (one forward to layer 3 per question), against hours for the end-to-end
+sweep (``scope_sweep.py``), and predicted it within a few points (en+zh, 50 items, margin -0.1: gate en 80 /
+zh 92 of rephrasings, sweep Gen 76 / 90).
+
+    python benchmarks/scope_gate.py --data ../shared/data/mzsre-dev/mzsre_dev_enzh.json --limit 150
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+from collections import defaultdict
+
+import torch
+
+from lafn_hf import EditableCausalLM, LafnConfig
+from lafn_hf.bench.runner import LocalityHard, applies, load_locality_hard
+from lafn_hf.cli import _load_model
+from lafn_hf.routing import RoutingConfig
+from lafn_hf.routing.calibration import EditRouting
+from lafn_hf.routing.keys import layer_inputs
+from lafn_hf.routing.scope import ScopeIndex, occurrence_states
+from lafn_hf.zsre import Item, edit_group, load_files, resolve_item, subject_forms
+
+MARGINS = (-0.2, -0.15, -0.1, -0.05, 0.0)
+
+
+def gate_margins(model: EditableCausalLM, items: list[Item], hard: LocalityHard) -> dict[tuple[str, str], list[float]]:
+    """(kind, language) -> each question's scope difference (NaN: subject not found)."""
+    routing = EditRouting(model.model, model.tokenizer)
+    config, scoped = LafnConfig(), RoutingConfig()
+    first = min(model.edit_layers(config))
+    out: dict[tuple[str, str], list[float]] = defaultdict(list)
+    for index, item in enumerate(items):
+        group = edit_group(item)
+        if group is None:
+            continue
+        scope = routing.scope(group, [first], config, scoped)
+        spans = resolve_item(item)[1]
+        forms = subject_forms(item, spans)
+        questions = []
+        for lang, record in item.items():
+            questions.append(("rephrase", lang, record.rephrase))
+            subject, hard_questions = hard.get(index, {}).get(lang, ("", []))
+            if applies(subject, record.subject, spans.get(lang)):
+                questions += [("loc-hard", lang, q) for q in hard_questions]
+        judge = ScopeIndex(scope, scope.space.templates, None)
+        states = layer_inputs(model.model, model.tokenizer, [q[2] for q in questions], first)
+        for (kind, lang, text), state in zip(questions, states):
+            pooled = occurrence_states(model.tokenizer, [text], [forms], [state])
+            out[kind, lang].append(float(judge.margins(torch.stack(pooled)).max()) if pooled else math.nan)
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="gemma-3-270m")
+    parser.add_argument("--data", nargs="+", required=True, help="MzsRE dev pair files, merged by index")
+    parser.add_argument("--limit", type=int, default=150)
+    parser.add_argument("--threads", type=int, default=1)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    model = _load_model(args.model)
+    items = load_files(args.data)[: args.limit]
+    margins = gate_margins(model, items, load_locality_hard())
+    print("| kind | lang | n | " + " | ".join(f"pass at {m:+.2f}" for m in MARGINS) + " |")
+    print("| --- | --- | ---: | " + " | ".join("---:" for _ in MARGINS) + " |")
+    for (kind, lang), values in sorted(margins.items()):
+        cells = " | ".join(f"{100 * sum(v >= m for v in values if not math.isnan(v)) / len(values):.1f}"
+                           for m in MARGINS)
+        print(f"| {kind} | {lang} | {len(values)} | {cells} |")
+
+
+if __name__ == "__main__":
+    main()
