@@ -26,8 +26,10 @@ import torch
 from safetensors.torch import save as save_safetensors
 
 from lafn_hf import BankEntry, EditBank, LayerUpdate
-from lafn_hf.bank_format import paused_gc
-from lafn_hf.hub import BANK_CONFIG_NAME, BaseModelRef, load_bank, save_bank, weights_name
+from lafn_hf.bank.base_model import BaseModelRef
+from lafn_hf.bank.format import paused_gc
+from lafn_hf.bank.lafn_config import BANK_CONFIG_NAME, weights_name
+from lafn_hf.bank.store import load_bank, save_bank
 
 GEMMA = BaseModelRef("google/gemma-3-270m", None, "gemma3_text", 640, 2048, 18)
 

@@ -16,7 +16,7 @@ import time
 import torch
 
 from lafn_hf import BankEntry, EditBank, LayerUpdate
-from lafn_hf.inject import CompiledBank
+from lafn_hf.routing.compiled import CompiledBank
 
 
 def synthetic_entry(index: int, generator: torch.Generator, layers: tuple[int, ...] = (6, 7, 8)) -> BankEntry:

@@ -23,7 +23,7 @@ from typing import Any
 import torch
 
 from lafn_hf import BankEntry, EditableCausalLM, EditBank, LayerUpdate
-from lafn_hf.bank import KeySpace, QuestionScope, RoutingKey, ScopeSpace
+from lafn_hf.bank.entries import KeySpace, QuestionScope, RoutingKey, ScopeSpace
 from lafn_hf.cli import _load_model
 from lafn_hf.routing.keys import calibrate_key_space
 from lafn_hf.routing.scope import calibrate_scope_space

@@ -31,9 +31,9 @@ from generate_overhead import synthetic_bank
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig
 
 from lafn_hf import EditableCausalLM, LafnConfig
-from lafn_hf.config import EditGroup
-from lafn_hf.locate import locate_neurons
+from lafn_hf.editing.locate import locate_neurons
 from lafn_hf.models import materialize, tiny_fact_group
+from lafn_hf.request import EditGroup
 from lafn_hf.routing.keys import calibrate_key_space
 
 PRESETS = {

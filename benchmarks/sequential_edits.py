@@ -44,10 +44,10 @@ import torch
 from lafn_hf.bench.methods import EditMethod, LafnMethod, UneditedMethod
 from lafn_hf.bench.metrics import answer_hit, same_answer
 from lafn_hf.cli import _load_model
-from lafn_hf.config import EditGroup, LanguageEdit
 from lafn_hf.evaluate import answer_ids
 from lafn_hf.model import EditableCausalLM
 from lafn_hf.models import tiny_facts
+from lafn_hf.request import EditGroup, LanguageEdit
 from lafn_hf.zsre import ZsreRecord, load_files
 
 DATA_DIR = Path(__file__).resolve().parents[2] / "shared" / "data" / "mzsre-dev"

@@ -24,8 +24,8 @@ from pathlib import Path
 
 from rapidfuzz.distance import Indel
 
-from lafn_hf.matcher import SubjectMatcher
-from lafn_hf.subject_span import SubjectSpan, alignment_key
+from lafn_hf.editing.subject_span import SubjectSpan, alignment_key
+from lafn_hf.routing.matcher import SubjectMatcher
 from lafn_hf.zsre import MZSRE_LANGUAGES, Item, load_files, pair_file_code, resolve_item, subject_forms
 
 DATA_DIR = Path(__file__).resolve().parents[2] / "shared" / "data" / "mzsre-dev"
@@ -86,7 +86,7 @@ def main() -> None:
     parser.add_argument("--data-dir", type=Path, default=DATA_DIR)
     parser.add_argument("--show", type=int, default=0, help="print this many aligned spans, lowest score first")
     args = parser.parse_args()
-    logging.getLogger("lafn_hf.subject_span").setLevel(logging.ERROR)  # one warning per aligned span otherwise
+    logging.getLogger("lafn_hf.editing.subject_span").setLevel(logging.ERROR)  # one warning per aligned span otherwise
     sets = [[("en", lang)] for lang in LANGUAGES] + [[("all", "")]]
     everything: list[tuple[SubjectSpan, Item]] = []
     for (first, second), in sets:

@@ -1,10 +1,11 @@
 """lafn_hf: multilingual knowledge editing with Language-Agnostic Factual Neurons (arXiv 2406.16416)."""
 
-from .bank import BankEntry, EditBank, LayerUpdate
-from .config import EditGroup, LafnConfig, LanguageEdit
+from .bank.entries import BankEntry, EditBank, LayerUpdate
+from .config import LafnConfig
+from .editing.results import EditFailedError, EditManyResult, EditResult
+from .editing.subject_span import SubjectNotFoundError, SubjectSpan
 from .model import EditableCausalLM
-from .results import EditFailedError, EditManyResult, EditResult
-from .subject_span import SubjectNotFoundError, SubjectSpan
+from .request import EditGroup, LanguageEdit
 
 __all__ = [
     "BankEntry",

@@ -11,9 +11,10 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from .config import SUBJECT_SEARCHES, EditGroup, LafnConfig
+from .config import SUBJECT_SEARCHES, LafnConfig
+from .editing.subject_span import resolve_group
 from .models import TINY_MODEL, tiny_fact_group, tiny_facts, tiny_model_path
-from .subject_span import resolve_group
+from .request import EditGroup
 
 logger = logging.getLogger(__name__)
 
@@ -170,7 +171,7 @@ def _cmd_edit_sharded(args: argparse.Namespace) -> int:
 
 
 def _check_spans(groups: list[EditGroup], config: LafnConfig) -> None:
-    """Every language's subject is found in its prompt (``lafn_hf.subject_span``), before the model loads."""
+    """Every language's subject is found in its prompt (``lafn_hf.editing.subject_span``), before the model loads."""
     for number, group in enumerate(groups):
         try:
             resolve_group(group, config.subject_search, config.alignment_threshold)
@@ -206,7 +207,7 @@ def cmd_edit(args: argparse.Namespace) -> int:
 
 
 def cmd_info(args: argparse.Namespace) -> int:
-    from .hub import load_bank
+    from .bank.store import load_bank
 
     bank, base = load_bank(args.bank, allow_common=True)  # shown, not used
     print(f"base model: {base.name_or_path} (revision {base.revision}, {base.model_type}, "
@@ -218,7 +219,8 @@ def cmd_info(args: argparse.Namespace) -> int:
 
 
 def cmd_push(args: argparse.Namespace) -> int:
-    from .hub import load_bank, push_bank, warn_if_local_base
+    from .bank.hub import push_bank, warn_if_local_base
+    from .bank.store import load_bank
 
     bank, base = load_bank(args.bank, allow_common=True)  # the user's own bank, as edited
     if args.base_model:
@@ -300,7 +302,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 
 def cmd_neurons(args: argparse.Namespace) -> int:
-    from .analysis import count_factual_neurons, plot_neuron_counts
+    from .editing.analysis import count_factual_neurons, plot_neuron_counts
 
     corpora: dict[str, list[str]] = {}
     for spec in args.corpus:

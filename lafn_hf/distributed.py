@@ -21,14 +21,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .bank import BankEntry, EditBank
-from .config import EditGroup, LafnConfig, config_with_defaults
-from .hub import BaseModelRef, is_bank_dir, load_bank, save_bank
+from .bank.base_model import BaseModelRef
+from .bank.entries import BankEntry, EditBank
+from .bank.hub import is_bank_dir
+from .bank.store import load_bank, save_bank
+from .config import LafnConfig, config_with_defaults
+from .request import EditGroup
 from .routing.keys import separate_all
 
 if TYPE_CHECKING:
+    from .editing.results import EditResult
     from .model import EditableCausalLM
-    from .results import EditResult
 
 logger = logging.getLogger(__name__)
 

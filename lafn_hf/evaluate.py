@@ -23,8 +23,8 @@ import torch
 from tqdm.auto import tqdm
 from transformers import StoppingCriteria, StoppingCriteriaList
 
+from .bank.store import load_bank
 from .config import LafnConfig, config_with_defaults
-from .hub import load_bank
 from .model import EditableCausalLM
 from .tokens import pad_batch, pad_id, stop_ids, target_separator
 from .zsre import Item, matchability, resolve_item

@@ -23,21 +23,25 @@ from tqdm.auto import tqdm
 
 from lafn_hf.modeling import decoder_layers, default_edit_layers, get_spec, mlp_parts
 
-from .bank import _ENTRY_ID, BankEntry, BankLimits, EditBank, LayerUpdate, QuestionScope, RoutingKey
-from .bank_checks import ValueRange
-from .config import EditGroup, LafnConfig, surface_form_problem
-from .hub import BaseModelRef, is_bank_dir, load_bank, parse_base_model, push_bank, resolve_bank_dir, save_bank
-from .inject import BankInjector, bank_disabled
-from .locate import LocatedNeurons, locate_neurons
-from .optimize import OptimizationResult, PrefixCache, optimize_update
-from .optimize_many import optimize_updates
-from .preflight import check_context, warn_if_slow_dtype
-from .results import EditFailedError, EditManyResult, EditResult
+from .bank.base_model import BaseModelRef, parse_base_model
+from .bank.checks import ValueRange
+from .bank.entries import _ENTRY_ID, BankEntry, BankLimits, EditBank, LayerUpdate, QuestionScope, RoutingKey
+from .bank.hub import is_bank_dir, push_bank, resolve_bank_dir
+from .bank.store import load_bank, save_bank
+from .config import LafnConfig
+from .editing.locate import LocatedNeurons, locate_neurons
+from .editing.optimize import OptimizationResult, PrefixCache, optimize_update
+from .editing.optimize_many import optimize_updates
+from .editing.preflight import check_context, warn_if_slow_dtype
+from .editing.prepared import PreparedEdit
+from .editing.results import EditFailedError, EditManyResult, EditResult
+from .editing.self_paraphrase import write_paraphrases
+from .editing.subject_span import SubjectSpan, resolve_group, spans_metadata
+from .request import EditGroup, surface_form_problem
 from .routing.calibration import EditRouting
 from .routing.config import RoutingConfig
 from .routing.keys import separate
-from .self_paraphrase import write_paraphrases
-from .subject_span import SubjectSpan, resolve_group, spans_metadata
+from .runtime.inject import BankInjector, bank_disabled
 from .text import check_aliases
 
 logger = logging.getLogger(__name__)
@@ -109,7 +113,7 @@ class EditableCausalLM(nn.Module):
         ``AutoModelForCausalLM.from_pretrained`` (e.g. ``dtype``). Without ``dtype`` or ``device_map``, a
         machine without CUDA loads float32 (half-precision matmuls are ~20x slower on CPU) and a CUDA machine
         the checkpoint's dtype. ``allow_common`` accepts a bank's short and function-word subjects and aliases
-        (``lafn_hf.hub.load_bank``).
+        (``lafn_hf.bank.hub.load_bank``).
         """
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -214,7 +218,7 @@ class EditableCausalLM(nn.Module):
     def load_bank(self, name_or_path: str | os.PathLike[str], *, revision: str | None = None,
                   token: str | None = None, merge: bool = False, allow_common: bool = False) -> EditBank:
         """Load a bank (dir or Hub id) checked against this model; ``merge`` adds it to the current one;
-        ``allow_common`` as in ``lafn_hf.hub.load_bank``."""
+        ``allow_common`` as in ``lafn_hf.bank.hub.load_bank``."""
         bank, ref = load_bank(resolve_bank_dir(name_or_path, revision, token), allow_common=allow_common)
         ref.check_compatible(self.base_ref)
         self.set_bank(self.bank.merge(bank) if merge else bank)
@@ -252,7 +256,7 @@ class EditableCausalLM(nn.Module):
         return super()._apply(fn, recurse)
 
     def save_pretrained(self, directory: str | os.PathLike[str], *, base_model: str | None = None) -> None:
-        """Write the bank (not the base weights) crash-safely; see ``lafn_hf.hub``.
+        """Write the bank (not the base weights) crash-safely; see ``lafn_hf.bank.hub``.
 
         ``base_model`` (``"org/name"`` or ``"org/name@revision"``) is recorded as the base model instead of
         the one this model was loaded from (its Hub id when known, else its local path).
@@ -309,12 +313,13 @@ class EditableCausalLM(nn.Module):
         started = time.perf_counter()
         with self._edit_lock, self.edits_disabled():  # edits of one model run one at a time; inference never waits
             group, metadata = self._with_written_paraphrases(group, config, metadata)
+            prepared = PreparedEdit.build(group, config)
             located = locate_neurons(self.model, self.tokenizer, group, layers, config)
             scope = self._edit_routing.scope(group, layers, config, self.routing)
-            optimized = optimize_update(self.model, self.tokenizer, group, located.shared, config,
+            optimized = optimize_update(self.model, self.tokenizer, prepared, located.shared, config,
                                         _show_progress(progress), self._prefixes,
                                         self._edit_routing.neighbours(group, layers, config, self.routing, scope))
-            routed = self._edit_routing.key(group, layers, config, self.routing), scope
+            routed = self._edit_routing.key(group, layers, config, self.routing, prepared.forms), scope
             # stored under the lock: a concurrent edit's key calibration sees this entry, and this one its own
             return self._store(group, config, layers, located, optimized, routed, metadata, entry_id, started, spans)
 
@@ -374,7 +379,7 @@ class EditableCausalLM(nn.Module):
                   progress: bool | None = None, batch_size: int = 1) -> EditManyResult:
         """Edit every group; a failing group (including an ``EditFailedError``) is recorded in ``failures``
         and the others go on. ``batch_size`` > 1 optimises that many groups in one forward per step, each
-        with its own dV and its own early stop (``lafn_hf.optimize_many``); results equal one-at-a-time edits
+        with its own dV and its own early stop (``lafn_hf.editing.optimize_many``); results equal one-at-a-time edits
         up to float rounding. ``progress``: bars (default: when stderr is a terminal)."""
         if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
             raise ValueError(f"batch_size must be an int >= 1, got {batch_size!r}")
@@ -409,7 +414,7 @@ class EditableCausalLM(nn.Module):
         warn_if_slow_dtype(self.model)
         started = time.perf_counter()
         outcome: list[EditResult | Exception] = []
-        ready: list[tuple[int, EditGroup, LocatedNeurons, dict[str, Any] | None, QuestionScope | None,
+        ready: list[tuple[int, PreparedEdit, LocatedNeurons, dict[str, Any] | None, QuestionScope | None,
                           dict[str, list[str]] | None, dict[str, SubjectSpan]]] = []
         with self._edit_lock, self.edits_disabled():
             for position, group in enumerate(groups):
@@ -420,21 +425,22 @@ class EditableCausalLM(nn.Module):
                     group, spans = resolve_group(group, config.subject_search, config.alignment_threshold)
                     check_context(self.model, self.tokenizer, group, config)
                     group, metadata = self._with_written_paraphrases(group, config, None)
+                    prepared = PreparedEdit.build(group, config)
                     located = locate_neurons(self.model, self.tokenizer, group, layers, config)
                     scope = self._edit_routing.scope(group, layers, config, self.routing)
                     neighbours = self._edit_routing.neighbours(group, layers, config, self.routing, scope)
-                    ready.append((position, group, located, metadata, scope, neighbours, spans))
+                    ready.append((position, prepared, located, metadata, scope, neighbours, spans))
                 except (ValueError, TypeError, RuntimeError) as error:
                     outcome[position] = error
             optimized = optimize_updates(self.model, self.tokenizer, [r[1] for r in ready], [r[2].shared for r in ready],
                                          config, self._prefixes, [r[5] for r in ready])
-            for (position, group, located, metadata, scope, _, spans), result in zip(ready, optimized):
+            for (position, prepared, located, metadata, scope, _, spans), result in zip(ready, optimized):
                 try:
                     if isinstance(result, Exception):
                         raise result
-                    routed = self._edit_routing.key(group, layers, config, self.routing), scope
-                    outcome[position] = self._store(group, config, layers, located, result, routed, metadata, None,
-                                                    started, spans)
+                    routed = self._edit_routing.key(prepared.group, layers, config, self.routing, prepared.forms), scope
+                    outcome[position] = self._store(prepared.group, config, layers, located, result, routed, metadata,
+                                                    None, started, spans)
                 except (ValueError, TypeError, RuntimeError) as error:
                     outcome[position] = error
         return outcome
@@ -482,7 +488,7 @@ def _find_bank(name_or_path: str | os.PathLike[str], revision: str | None, token
         return name_or_path if is_bank_dir(name_or_path) else None  # type: ignore[return-value]
     from huggingface_hub import file_exists
 
-    from .hub import BANK_CONFIG_NAME
+    from .bank.lafn_config import BANK_CONFIG_NAME
 
     try:
         found = file_exists(str(name_or_path), BANK_CONFIG_NAME, revision=revision, token=token)

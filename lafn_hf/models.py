@@ -21,7 +21,7 @@ from importlib import resources
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .config import EditGroup, LanguageEdit
+from .request import EditGroup, LanguageEdit
 
 if TYPE_CHECKING:
     import torch
@@ -86,7 +86,7 @@ OFFLINE_MODELS: dict[str, OfflineModel] = {
 
 
 # The Hub repo each offline model was converted from: ``materialize`` records it in config.json as
-# ``lafn_hub_id`` so that banks made on it name a base model that loads anywhere (lafn_hf.hub).
+# ``lafn_hub_id`` so that banks made on it name a base model that loads anywhere (lafn_hf.bank.hub).
 HUB_IDS: dict[str, str] = {
     "gemma-3-270m": "google/gemma-3-270m",
     "smollm2-135m": "HuggingFaceTB/SmolLM2-135M-Instruct",

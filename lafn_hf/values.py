@@ -1,5 +1,5 @@
 """dV added to the neuron values V (the input of ``mlp.down_proj``): plans of where, and the hooks that add them
-while dV is optimised (``ValueInjection``); at inference ``lafn_hf.inject`` adds the bank's plans."""
+while dV is optimised (``ValueInjection``); at inference ``lafn_hf.runtime.inject`` adds the bank's plans."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from torch import nn
 
 from lafn_hf.modeling import decoder_layers, mlp_parts
 
-from .scope import ForwardScope
+from .hooks import ForwardScope
 
 
 @dataclass(frozen=True)

@@ -16,9 +16,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .config import EditGroup, LanguageEdit, subject_problem
-from .matcher import SubjectMatcher
-from .subject_span import DEFAULT_THRESHOLD, SubjectSpan, resolve_languages
+from .editing.subject_span import DEFAULT_THRESHOLD, SubjectSpan, resolve_languages
+from .request import EditGroup, LanguageEdit, subject_problem
+from .routing.matcher import SubjectMatcher
 
 LANGUAGE_ALIASES = {"cz": "cs", "du": "nl"}
 #: MzsRE's languages: English and the eleven its pair files ``..._en{xx}.json`` join it with
@@ -129,7 +129,7 @@ def resolve_item(item: Item, search: str = "aligned", threshold: float = DEFAULT
                  ) -> tuple[EditGroup | None, dict[str, SubjectSpan], dict[str, str]]:
     """(the item's edit group, the span each language's question writes its subject as, and why each other
     language is left out). Every language with a new answer takes part, made at the span its question writes
-    (``lafn_hf.subject_span``: the given subject, another language's, inflected, or aligned, up to ``search``);
+    (``lafn_hf.editing.subject_span``: the given subject, another language's, inflected, or aligned, up to ``search``);
     the given subject stays an alias. The dataset's ``rephrase`` is the Generality test, so it is not used."""
     edits: dict[str, LanguageEdit] = {}
     skipped: dict[str, str] = {}

@@ -16,7 +16,7 @@ from transformers import (
 )
 
 from lafn_hf import BankEntry, EditBank, EditGroup, LayerUpdate
-from lafn_hf.hub import BaseModelRef
+from lafn_hf.bank.base_model import BaseModelRef
 from lafn_hf.models import tiny_fact_group, tiny_model_path
 
 TINY_DIR = tiny_model_path()

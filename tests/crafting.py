@@ -16,8 +16,9 @@ from safetensors.torch import load_file
 from safetensors.torch import save as save_safetensors
 
 from lafn_hf import BankEntry, EditBank, LayerUpdate
-from lafn_hf.bank import KeySpace, QuestionScope, RoutingKey, ScopeSpace
-from lafn_hf.hub import BANK_CONFIG_NAME, BANK_WEIGHTS_NAME, BaseModelRef, weights_name
+from lafn_hf.bank.base_model import BaseModelRef
+from lafn_hf.bank.entries import KeySpace, QuestionScope, RoutingKey, ScopeSpace
+from lafn_hf.bank.lafn_config import BANK_CONFIG_NAME, BANK_WEIGHTS_NAME, weights_name
 
 from .conftest import weights_file
 

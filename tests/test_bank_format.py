@@ -14,9 +14,12 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from lafn_hf import BankEntry, EditBank, LayerUpdate, bank_file
-from lafn_hf import bank_format as fmt
-from lafn_hf.hub import BANK_CONFIG_NAME, FORMAT_VERSION, BaseModelRef, load_bank, save_bank
+from lafn_hf import BankEntry, EditBank, LayerUpdate
+from lafn_hf.bank import files as bank_file
+from lafn_hf.bank import format as fmt
+from lafn_hf.bank.base_model import BaseModelRef
+from lafn_hf.bank.lafn_config import BANK_CONFIG_NAME, FORMAT_VERSION
+from lafn_hf.bank.store import load_bank, save_bank
 
 from .conftest import SMALL_BASE, make_entry
 from .crafting import rewrite_weights, write_old_bank

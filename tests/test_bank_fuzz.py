@@ -18,7 +18,8 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from lafn_hf import EditableCausalLM, EditBank
-from lafn_hf.hub import BANK_CONFIG_NAME, save_bank
+from lafn_hf.bank.lafn_config import BANK_CONFIG_NAME
+from lafn_hf.bank.store import save_bank
 
 from .conftest import TINY_DIR, make_entry, weights_file
 from .crafting import (

@@ -67,7 +67,7 @@ def test_a_failing_group_does_not_stop_its_batch(trained_model: Any, tokenizer: 
 def test_answer_boundaries_of_many_groups_come_from_one_left_padded_generate(
         trained_model: Any, tokenizer: Any, facts: dict[str, Any], monkeypatch: pytest.MonkeyPatch) -> None:
     from lafn_hf import EditGroup, LanguageEdit
-    from lafn_hf.optimize import answer_boundaries_many, answer_ending
+    from lafn_hf.editing.optimize import answer_boundaries_many, answer_ending
 
     from .conftest import greedy
 
@@ -108,15 +108,15 @@ def test_an_optimisation_step_reads_one_value_back_from_the_device(
     """A GPU runs ahead of Python only until the next host read: each waits for every queued kernel. Each step
     reads the losses once (early stopping); before, it read each loss, for the clamp each layer's norm of each
     group, and whether any target trains a word's end (5 reads a step here at B=1)."""
-    import lafn_hf.optimize
-    import lafn_hf.optimize_many
-    from lafn_hf.optimize import optimize_update
-    from lafn_hf.optimize_many import optimize_updates
+    import lafn_hf.editing.optimize
+    import lafn_hf.editing.optimize_many
+    from lafn_hf.editing.optimize import optimize_update
+    from lafn_hf.editing.optimize_many import optimize_updates
 
     def no_punctuation(model: Any, tokenizer: Any, groups: Any, new_tokens: int = 8) -> list[dict[str, str]]:
         return [{lang: "" for lang in group.edits} for group in groups]  # so English targets train WORD_END
 
-    for module in (lafn_hf.optimize, lafn_hf.optimize_many):
+    for module in (lafn_hf.editing.optimize, lafn_hf.editing.optimize_many):
         monkeypatch.setattr(module, "answer_boundaries_many", no_punctuation)
     neurons = {1: torch.arange(32), 2: torch.arange(16, 48)}
     reads = lafn_reads(monkeypatch)

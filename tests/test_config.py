@@ -6,8 +6,8 @@ import re
 import pytest
 
 from lafn_hf import EditGroup, LafnConfig, LanguageEdit
+from lafn_hf.editing.subject_span import resolve_group
 from lafn_hf.stopwords import STOP_WORDS
-from lafn_hf.subject_span import resolve_group
 
 
 def group(lang: str, prompt: str, subject: str, **extra: object) -> EditGroup:

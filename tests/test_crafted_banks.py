@@ -17,10 +17,11 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from lafn_hf import BankEntry, EditableCausalLM, EditBank, EditGroup, LanguageEdit, LayerUpdate
+from lafn_hf.bank.lafn_config import BANK_CONFIG_NAME
+from lafn_hf.bank.store import load_bank, save_bank
 from lafn_hf.cli import main
-from lafn_hf.hub import BANK_CONFIG_NAME, load_bank, save_bank
-from lafn_hf.inject import CompiledBank
-from lafn_hf.matcher import SubjectMatcher
+from lafn_hf.routing.compiled import CompiledBank
+from lafn_hf.routing.matcher import SubjectMatcher
 from lafn_hf.text import MAX_FORM_LENGTH
 
 from .conftest import SMALL_BASE, TINY_DIR, make_entry, weights_file

@@ -14,8 +14,8 @@ import pytest
 import torch
 
 from lafn_hf import EditableCausalLM, LafnConfig
+from lafn_hf.bank.store import load_bank, save_bank
 from lafn_hf.distributed import edit_groups_sharded, entry_id_for, shard_dir
-from lafn_hf.hub import load_bank, save_bank
 from lafn_hf.models import tiny_fact_group, tiny_model_path
 
 REPO = Path(__file__).resolve().parents[1]

@@ -10,17 +10,17 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from lafn_hf import EditableCausalLM, EditGroup, LafnConfig, LanguageEdit
-from lafn_hf.locate import (
+from lafn_hf.editing.locate import (
     count_activations,
     locate_neurons,
     locating_corpus,
     sample_continuations,
     select_frequent,
 )
-from lafn_hf.optimize import _BaseRun, _losses, build_batch, sample_prefixes, selected_logits, upper_layers_only
-from lafn_hf.paraphrase import word_dropped_variants
-from lafn_hf.results import EditFailedError
-from lafn_hf.subject_span import resolve_group
+from lafn_hf.editing.optimize import _BaseRun, _losses, build_batch, sample_prefixes, selected_logits, upper_layers_only
+from lafn_hf.editing.paraphrase import word_dropped_variants
+from lafn_hf.editing.results import EditFailedError
+from lafn_hf.editing.subject_span import resolve_group
 from lafn_hf.values import LayerPlan, ValueInjection
 
 from .conftest import TINY_DIR, fact_group, greedy
@@ -305,7 +305,7 @@ def test_editing_a_half_precision_model_on_cpu_warns(tokenizer: Any, facts: dict
 
 def test_answer_boundary_trains_the_punctuation_that_ends_the_models_own_answer(
         trained_model: Any, tokenizer: Any, facts: dict[str, Any]) -> None:
-    from lafn_hf.optimize import answer_boundaries
+    from lafn_hf.editing.optimize import answer_boundaries
 
     group = fact_group(facts, 0, 1)
     boundaries = answer_boundaries(trained_model, tokenizer, group)
@@ -326,7 +326,7 @@ def test_answer_boundary_trains_the_punctuation_that_ends_the_models_own_answer(
 
 
 def test_answer_ending_is_the_punctuation_right_after_the_first_word() -> None:
-    from lafn_hf.optimize import answer_ending
+    from lafn_hf.editing.optimize import answer_ending
 
     cases = {" Paris, France.": ",", "巴黎。是": "。", "法国巴黎的塔楼上，是": "，", " Rom.\n": ".",
              "Jean-Pierre Dupont.": "", "l'Italie.": ".", "(Rome)": "", "Paris is the capital.": "", "": "",
@@ -336,7 +336,7 @@ def test_answer_ending_is_the_punctuation_right_after_the_first_word() -> None:
 
 def test_edits_of_one_model_sample_the_prefixes_once_and_equal_fresh_edits(
         trained_model: Any, tokenizer: Any, facts: dict[str, Any], monkeypatch: pytest.MonkeyPatch) -> None:
-    import lafn_hf.optimize as optimize
+    import lafn_hf.editing.optimize as optimize
 
     config = LafnConfig(layers=(0, 1), steps=4, early_stop_loss=0.0, min_target_probability=0.0)
     fresh = []
@@ -362,7 +362,7 @@ def test_a_target_no_punctuation_ends_trains_the_end_of_its_word(trained_model: 
                                                                  facts: dict[str, Any]) -> None:
     """Where the model's own answer has no punctuation after its first word, a target of a spaced script is
     trained to end its word: "Krieg" must not read on into "Krieger" (the loss of ``WORD_END``)."""
-    from lafn_hf.optimize import WORD_END, sequence_losses
+    from lafn_hf.editing.optimize import WORD_END, sequence_losses
     from lafn_hf.tokens import word_continuations
 
     continues = word_continuations(tokenizer)
@@ -403,7 +403,7 @@ def test_early_stopping_reads_the_targets_own_tokens_not_the_answers_end(
     """An ending trained after the target (".", WORD_END) is nearly free to fit; averaged in, it let the target
     loss pass ``early_stop_loss`` before the target itself did (en+fr dev items 0-39: 19 edits stopped earlier
     with the word end than without, and 5 rephrasings that had answered right no longer did)."""
-    from lafn_hf.optimize import _BaseRun, _losses, optimize_update
+    from lafn_hf.editing.optimize import _BaseRun, _losses, optimize_update
 
     group = fact_group(facts, 0, 1)
     config = LafnConfig(num_prefixes=0, steps=1, early_stop_loss=0.0)
@@ -426,7 +426,7 @@ def test_early_stop_on_worst_waits_until_every_language_fits(
         trained_model: Any, tokenizer: Any, facts: dict[str, Any]) -> None:
     """``early_stop_on="worst"``: optimisation stops once the worst training sequence's NLL is below
     ``early_stop_loss``; the mean lets one language stop the edit while another is still above it."""
-    from lafn_hf.optimize import optimize_update
+    from lafn_hf.editing.optimize import optimize_update
 
     group = fact_group(facts, 4, 5)
     neurons = {0: torch.arange(0, 256), 1: torch.arange(0, 256)}

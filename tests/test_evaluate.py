@@ -9,8 +9,13 @@ import pytest
 import torch
 
 from lafn_hf import EditableCausalLM, LafnConfig
-from lafn_hf.analysis import count_factual_neurons, neuron_set_difference, plot_difference_heatmap, plot_neuron_counts
 from lafn_hf.cli import main
+from lafn_hf.editing.analysis import (
+    count_factual_neurons,
+    neuron_set_difference,
+    plot_difference_heatmap,
+    plot_neuron_counts,
+)
 from lafn_hf.evaluate import EvalSettings, evaluate, evaluate_item, remake_score, token_f1
 from lafn_hf.zsre import ZsreRecord, load_files, load_items, matchability, merge_items
 

@@ -15,17 +15,12 @@ from safetensors.torch import save_file
 from transformers import AutoModelForCausalLM
 
 from lafn_hf import BankEntry, EditableCausalLM, EditBank, LayerUpdate
-from lafn_hf import hub as hub_module
+from lafn_hf.bank import hub as hub_module
+from lafn_hf.bank.base_model import BaseModelRef
+from lafn_hf.bank.hub import resolve_bank_dir
+from lafn_hf.bank.lafn_config import BANK_CONFIG_NAME, BANK_WEIGHTS_NAME, FORMAT_VERSION
+from lafn_hf.bank.store import load_bank, save_bank
 from lafn_hf.cli import main
-from lafn_hf.hub import (
-    BANK_CONFIG_NAME,
-    BANK_WEIGHTS_NAME,
-    FORMAT_VERSION,
-    BaseModelRef,
-    load_bank,
-    resolve_bank_dir,
-    save_bank,
-)
 from lafn_hf.models import materialize
 
 from .conftest import SMALL_BASE, make_entry, random_model, same_bank, weights_file
@@ -324,11 +319,11 @@ def test_the_base_model_can_be_set_on_save_and_push_and_overridden_on_load(
             return "url"
 
     monkeypatch.setattr(hub_module, "HfApi", StubApi)
-    with caplog.at_level(logging.WARNING, logger="lafn_hf.hub"):
+    with caplog.at_level(logging.WARNING, logger="lafn_hf.bank.hub"):
         editable.push_to_hub("me/bank")
     assert "base model is the local path" in caplog.text and "base_model='org/name'" in caplog.text
     caplog.clear()
-    with caplog.at_level(logging.WARNING, logger="lafn_hf.hub"):
+    with caplog.at_level(logging.WARNING, logger="lafn_hf.bank.hub"):
         editable.push_to_hub("me/bank", base_model="acme/tiny")
     assert caplog.text == "" and uploaded == [str(tmp_path / "base"), "acme/tiny"]
 

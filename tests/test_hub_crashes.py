@@ -19,7 +19,9 @@ import pytest
 import torch
 
 from lafn_hf import BankEntry, EditBank, LayerUpdate
-from lafn_hf.hub import BANK_CONFIG_NAME, BaseModelRef, load_bank, save_bank
+from lafn_hf.bank.base_model import BaseModelRef
+from lafn_hf.bank.lafn_config import BANK_CONFIG_NAME
+from lafn_hf.bank.store import load_bank, save_bank
 
 from .conftest import SMALL_BASE, make_entry, same_bank, weights_file
 

@@ -210,8 +210,8 @@ def random_model_bf16(vocab_size: int) -> Any:
 
 
 def test_incremental_bank_updates_equal_a_rebuild(tokenizer: Any) -> None:
-    from lafn_hf.inject import CompiledBank
-    from lafn_hf.row_reader import RowReader, decoder_for
+    from lafn_hf.routing.compiled import CompiledBank
+    from lafn_hf.routing.row_reader import RowReader, decoder_for
 
     editable = EditableCausalLM(random_model("llama", len(tokenizer)), tokenizer)
     names = [f"Name{i}x" for i in range(30)] + [SUBJECT, "Marb\u200brafi"]

@@ -8,7 +8,7 @@ import dataclasses
 import pytest
 import torch
 
-from lafn_hf.bank import KeySpace, RoutingKey
+from lafn_hf.bank.entries import KeySpace, RoutingKey
 from lafn_hf.routing.fire import KeyIndex
 
 HIDDEN = 64

@@ -14,7 +14,7 @@ import pytest
 
 from lafn_hf.bench import load_locality_hard
 from lafn_hf.bench.runner import item_questions
-from lafn_hf.matcher import SubjectMatcher
+from lafn_hf.routing.matcher import SubjectMatcher
 from lafn_hf.text import nfc
 from lafn_hf.zsre import load_items, resolve_item
 

@@ -3,8 +3,8 @@ from __future__ import annotations
 import unicodedata
 from typing import Any
 
-from lafn_hf.matcher import SubjectMatcher
-from lafn_hf.row_reader import RowReader, decoder_for, find_subject_tokens
+from lafn_hf.routing.matcher import SubjectMatcher
+from lafn_hf.routing.row_reader import RowReader, decoder_for, find_subject_tokens
 
 
 def spans(matcher: SubjectMatcher, text: str) -> list[tuple[str, int, int]]:

@@ -12,9 +12,9 @@ import torch
 from transformers import DynamicCache, LlamaForCausalLM
 
 from lafn_hf import EditableCausalLM, LafnConfig
-from lafn_hf.inject import entries_selected
 from lafn_hf.models import tiny_fact_group, tiny_facts, tiny_model_path
-from lafn_hf.packed import PackedSequence, RequestReaders, layout_problem, packed_batch
+from lafn_hf.runtime.inject import entries_selected
+from lafn_hf.runtime.packed import PackedSequence, RequestReaders, layout_problem, packed_batch
 
 FACTS = tiny_facts()["facts"]
 TEMPLATE = tiny_facts()["templates"]["en"][0]  # "The capital of {s} is"
@@ -107,7 +107,7 @@ def test_a_description_that_does_not_fit_the_forward_leaves_it_unedited(
         unedited = edited(**inputs).logits
     wrong = described(edited, rows, [None, None])
     wrong[1] = PackedSequence(wrong[1].reader, wrong[1].start + 1, wrong[1].length - 1)
-    with caplog.at_level(logging.DEBUG, logger="lafn_hf.inject"):
+    with caplog.at_level(logging.DEBUG, logger="lafn_hf.runtime.inject"):
         for sequences in (wrong, wrong[:1], None):
             if sequences is None:
                 logits = edited(**inputs).logits
@@ -120,7 +120,7 @@ def test_a_description_that_does_not_fit_the_forward_leaves_it_unedited(
                                    f"cu_seq_lens_q puts it at [{len(rows[0])}, {sum(map(len, rows))})"),
                        ("DEBUG", f"cu_seq_lens_q [0, {len(rows[0])}, {sum(map(len, rows))}] holds more requests than "
                                  "the 1 described"),
-                       ("WARNING", "no lafn_hf.packed.packed_batch describes its requests")]
+                       ("WARNING", "no lafn_hf.runtime.packed.packed_batch describes its requests")]
     late = PackedSequence(wrong[0].reader, 0, len(rows[0]))
     assert layout_problem([late], torch.tensor([0, len(rows[0])]), torch.tensor([[3]]), 99) == (
         "request 0 starts at position 3 but its reader has read 0")

@@ -5,7 +5,7 @@ from typing import Any
 import pytest
 import torch
 
-from lafn_hf.paraphrase import INSTRUCTION, generate_paraphrases, parse_paraphrases
+from lafn_hf.editing.paraphrase import INSTRUCTION, generate_paraphrases, parse_paraphrases
 
 
 def test_parse_keeps_distinct_lines_with_the_subject() -> None:
@@ -47,7 +47,7 @@ def test_generate_uses_the_chat_template_and_filters(tokenizer: Any) -> None:
 
 
 def test_word_dropped_variants_leave_out_one_word_outside_the_subject() -> None:
-    from lafn_hf.paraphrase import word_dropped_variants
+    from lafn_hf.editing.paraphrase import word_dropped_variants
 
     prompt = "Which team did Veljko Simić play for?"
     variants = word_dropped_variants(prompt, "Veljko Simić", 3, seed=0)

@@ -109,8 +109,8 @@ def test_a_subject_never_fires_inside_a_longer_word_of_a_prompt(name: str) -> No
     """SmolLM2 reads "Romeo" as "Rome|o" and "Berliner" as "Berlin|er": a prompt read in one forward knows the
     next token, so those words do not fire (before the look-ahead they did: 5 of these 6 on SmolLM2, 2 on
     Gemma); whole words still do."""
-    from lafn_hf.matcher import SubjectMatcher
-    from lafn_hf.row_reader import find_subject_tokens
+    from lafn_hf.routing.matcher import SubjectMatcher
+    from lafn_hf.routing.row_reader import find_subject_tokens
 
     try:
         tokenizer = AutoTokenizer.from_pretrained(materialize(name))

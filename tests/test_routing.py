@@ -10,9 +10,9 @@ import pytest
 import torch
 
 from lafn_hf import BankEntry, EditableCausalLM, LanguageEdit
-from lafn_hf.matcher import SubjectHit, SubjectMatch, SubjectMatcher
 from lafn_hf.routing import RoutingConfig, routes
-from lafn_hf.row_reader import RowReader, decoder_for, find_subject_tokens
+from lafn_hf.routing.matcher import SubjectHit, SubjectMatch, SubjectMatcher
+from lafn_hf.routing.row_reader import RowReader, decoder_for, find_subject_tokens
 
 from .conftest import fact_group, make_entry
 

@@ -11,11 +11,11 @@ import torch
 from transformers import DynamicCache
 
 from lafn_hf import BankEntry, EditableCausalLM, EditBank, EditGroup, LafnConfig, LanguageEdit
-from lafn_hf.bank import KeySpace, RoutingKey
-from lafn_hf.hub import load_bank, save_bank
-from lafn_hf.matcher import SubjectMatcher
+from lafn_hf.bank.entries import KeySpace, RoutingKey
+from lafn_hf.bank.store import load_bank, save_bank
 from lafn_hf.routing import RoutingConfig, layer_inputs, routes
 from lafn_hf.routing.keys import calibrate_key_space, entry_key, head_states, key_space, negative_states, subject_head
+from lafn_hf.routing.matcher import SubjectMatcher
 
 from .conftest import fact_group, greedy, make_entry, random_model
 
@@ -202,7 +202,7 @@ def test_a_bank_with_keys_missing_a_routing_tensor_is_refused(tmp_path: Path, to
 
 
 def test_incremental_updates_with_keys_equal_a_rebuild(tokenizer: Any) -> None:
-    from lafn_hf.inject import CompiledBank
+    from lafn_hf.routing.compiled import CompiledBank
 
     editable, entry, _ = keyed_model(tokenizer, PROMPT)
     cpu = torch.device("cpu")

@@ -11,8 +11,8 @@ import torch
 from transformers import DynamicCache
 
 from lafn_hf import BankEntry, EditableCausalLM, EditBank, LafnConfig
-from lafn_hf.bank import QuestionScope, ScopeSpace
-from lafn_hf.hub import load_bank, save_bank
+from lafn_hf.bank.entries import QuestionScope, ScopeSpace
+from lafn_hf.bank.store import load_bank, save_bank
 from lafn_hf.routing import RoutingConfig, routes
 from lafn_hf.routing.keys import layer_inputs
 from lafn_hf.routing.scope import occurrence_states, relation_names, relation_templates, sentence_window
@@ -102,7 +102,7 @@ def test_two_facts_of_one_subject_each_answer_their_own_question(tokenizer: Any)
     (f"{SUBJECT} has which capital?", f"{SUBJECT} was founded by whom?"),  # after it: the turn is read whole
 ])
 def test_a_chat_turn_through_the_cache_is_scoped_like_a_fresh_forward(tokenizer: Any, own: str, other: str) -> None:
-    from lafn_hf.cache_rows import _readers
+    from lafn_hf.routing.cache_rows import _readers
 
     first = "Hello there.\n"
     editable = EditableCausalLM(random_model("llama", len(tokenizer)), tokenizer)
@@ -142,8 +142,8 @@ def test_a_subject_with_no_words_of_its_sentence_beside_it_does_not_fire(tokeniz
 
 
 def test_the_window_is_the_subjects_sentence_outside_the_subject(tokenizer: Any) -> None:
-    from lafn_hf.matcher import SubjectMatcher
-    from lafn_hf.row_reader import RowReader, decoder_for
+    from lafn_hf.routing.matcher import SubjectMatcher
+    from lafn_hf.routing.row_reader import RowReader, decoder_for
 
     text = f"Hello there! {FOUNDER} More words"
     ids = tokenizer(text)["input_ids"]
@@ -209,7 +209,7 @@ def test_a_scope_must_be_read_at_or_below_the_first_edited_layer(tokenizer: Any)
 
 
 def test_malformed_scope_tensors_are_refused_at_load(tokenizer: Any, tmp_path: Path) -> None:
-    from lafn_hf.bank_format import SCOPE_OFFSETS, decode, encode
+    from lafn_hf.bank.format import SCOPE_OFFSETS, decode, encode
 
     editable = scoped_model(tokenizer)
     (entry,) = list(editable.bank)
@@ -239,7 +239,7 @@ def test_neighbour_prompts_ask_other_relations_of_the_subject(facts: dict[str, A
 
 def test_neighbour_kl_adds_the_neighbours_to_the_kl_rows(trained_model: Any, tokenizer: Any,
                                                          facts: dict[str, Any]) -> None:
-    from lafn_hf.optimize import build_batch
+    from lafn_hf.editing.optimize import build_batch
     from lafn_hf.routing.scope import neighbour_prompts
 
     group = fact_group(facts, 0, 1)

@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from lafn_hf import EditableCausalLM, EditGroup, LafnConfig, LanguageEdit
-from lafn_hf.optimize import build_batch
-from lafn_hf.self_paraphrase import REWRITE_SHOTS, pick_paraphrases, rewrite_prompt, write_paraphrases
+from lafn_hf.editing.optimize import build_batch
+from lafn_hf.editing.self_paraphrase import REWRITE_SHOTS, pick_paraphrases, rewrite_prompt, write_paraphrases
 
 from .conftest import fact_group
 
@@ -138,7 +138,7 @@ def test_edit_locates_on_written_paraphrases_and_records_them(trained_model: Any
 def test_written_paraphrases_fit_the_model_with_their_target(tokenizer: Any, monkeypatch: pytest.MonkeyPatch) -> None:
     """A rewrite that could not be trained followed by its target is not kept; where the rewrite request itself
     cannot fit, nothing is asked."""
-    from lafn_hf.preflight import answered_length
+    from lafn_hf.editing.preflight import answered_length
 
     long, short = "Who was the director of the film Casablanca?", "Who directed Casablanca?"
     target = " ".join(["Orson Welles"] * 40)

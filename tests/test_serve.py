@@ -26,8 +26,8 @@ from transformers import ContinuousBatchingConfig  # noqa: E402
 
 from lafn_hf import EditableCausalLM, LafnConfig  # noqa: E402
 from lafn_hf.cli import build_parser  # noqa: E402
-from lafn_hf.inject import entries_selected  # noqa: E402
 from lafn_hf.models import tiny_fact_group, tiny_facts, tiny_model_path  # noqa: E402
+from lafn_hf.runtime.inject import entries_selected  # noqa: E402
 from lafn_hf.serve import (  # noqa: E402
     BankSet,
     SelectedPrompt,

@@ -19,7 +19,8 @@ pytest.importorskip("fastapi")
 pytest.importorskip("uvicorn")
 
 from lafn_hf import EditableCausalLM, EditBank  # noqa: E402
-from lafn_hf.hub import BANK_CONFIG_NAME, save_bank  # noqa: E402
+from lafn_hf.bank.lafn_config import BANK_CONFIG_NAME  # noqa: E402
+from lafn_hf.bank.store import save_bank  # noqa: E402
 from lafn_hf.serve import ServerThread, build_app, load_editable  # noqa: E402
 from lafn_hf.serve import banks as banks_module  # noqa: E402
 from lafn_hf.serve.banks import BankSet  # noqa: E402

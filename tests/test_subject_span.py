@@ -1,4 +1,4 @@
-"""Each language's edit is made at the span its prompt writes the subject as (``lafn_hf.subject_span``)."""
+"""Each language's edit is made at the span its prompt writes the subject as (``lafn_hf.editing.subject_span``)."""
 
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ from typing import Any
 import pytest
 
 from lafn_hf import EditableCausalLM, EditGroup, LafnConfig, LanguageEdit
+from lafn_hf.editing.subject_span import SubjectNotFoundError, find_span, resolve_group
 from lafn_hf.routing.trace import routes
-from lafn_hf.subject_span import SubjectNotFoundError, find_span, resolve_group
 from lafn_hf.zsre import MZSRE_LANGUAGES, ZsreRecord, pair_file_code, resolve_item
 
 from .conftest import greedy
@@ -76,7 +76,7 @@ def test_subject_search_stops_after_its_stage(caplog: pytest.LogCaptureFixture) 
         LafnConfig(subject_search="fuzzy")
     with pytest.raises(ValueError, match="alignment_threshold must be a number in \\(0, 100\\], got 0"):
         LafnConfig(alignment_threshold=0)
-    with caplog.at_level(logging.WARNING, logger="lafn_hf.subject_span"):
+    with caplog.at_level(logging.WARNING, logger="lafn_hf.editing.subject_span"):
         resolve_group(group)
     assert "subject 'VolvoB12M' is edited at SubjectSpan(en: 'Volvo B12M'" in caplog.text
 

@@ -29,10 +29,11 @@ from typing import Any, ClassVar
 
 import torch
 
-from ..config import EditGroup, LafnConfig
+from ..config import LafnConfig
 from ..evaluate import answer_ids, predict_batch
-from ..matcher import SubjectMatcher
 from ..model import EditableCausalLM
+from ..request import EditGroup
+from ..routing.matcher import SubjectMatcher
 from ..text import is_spaceless_char
 from ..tokens import target_separator
 

@@ -13,12 +13,10 @@ import os
 from collections.abc import Sequence
 from dataclasses import asdict
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from ..evaluate import F1_DEFINITION
-
-if TYPE_CHECKING:
-    from .runner import BenchSettings, Question
+from .settings import BenchSettings, Question
 
 KINDS = ("reliability", "generality", "locality", "locality_hard", "portability")
 LABELS = {"reliability": "Rel", "generality": "Gen", "locality": "Loc", "locality_hard": "Loc-Hard",

@@ -30,67 +30,22 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
-from ..config import SUBJECT_SEARCHES, EditGroup
+from ..editing.subject_span import SubjectSpan, spans_metadata
 from ..evaluate import answer_ids
-from ..matcher import SubjectMatcher
 from ..model import EditableCausalLM
-from ..subject_span import SubjectSpan, spans_metadata
+from ..request import EditGroup
+from ..routing.matcher import SubjectMatcher
 from ..zsre import Item, resolve_item, subject_forms
 from .methods import EditMethod, UneditedMethod
 from .metrics import answer_hit, contains, same_answer, token_f1
+from .report import SCORES, markdown_table, plot_summary, reach_table, summarize, write_summary
+from .settings import BenchSettings, LocalityHard, Question
 
 logger = logging.getLogger(__name__)
 FORMAT = 4  # 3: teacher-forced golds through the KV cache, Locality-Hard "hijacked"; 4: subject spans
 KINDS = ("reliability", "generality", "locality", "locality_hard", "portability")
 LOCALITY_KINDS = ("locality", "locality_hard")
 REFERENCE = "_unedited_reference"
-#: index -> language -> (subject, questions)
-LocalityHard = dict[int, dict[str, tuple[str, list[str]]]]
-
-
-@dataclass(frozen=True)
-class BenchSettings:
-    """Answer mode, decoding budget and an item limit.
-
-    ``mode``: ``generate`` (greedy ``generate()``, cut at EOS or a line break after the answer began) or
-    ``teacher_forced`` (argmax at each gold position; the secondary mode). In generate mode a question with a
-    gold answer gets len(gold tokens) + ``margin`` new tokens; a Locality-Hard question (no gold) gets
-    ``free_tokens``. An item's questions are answered ``batch_size`` at a time (left-padded, in question
-    order, so the unedited reference and every method see the same batches); 1 answers them one by one.
-    ``subject_search``: how far each language's subject is looked for in its question
-    (``LafnConfig.subject_search``; "written" edits only languages whose question writes the given subject).
-    """
-
-    mode: str = "generate"
-    margin: int = 2
-    free_tokens: int = 10
-    limit: int | None = None
-    batch_size: int = 16
-    subject_search: str = "aligned"
-
-    def __post_init__(self) -> None:
-        if self.mode not in ("generate", "teacher_forced"):
-            raise ValueError(f"mode must be 'generate' or 'teacher_forced', got {self.mode!r}")
-        if self.margin < 0 or self.free_tokens < 1 or (self.limit is not None and self.limit < 1):
-            raise ValueError(f"margin must be >= 0, free_tokens >= 1 and limit >= 1, got {self}")
-        if self.batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
-        if self.subject_search not in SUBJECT_SEARCHES:
-            raise ValueError(f"subject_search must be one of {SUBJECT_SEARCHES}, got {self.subject_search!r}")
-
-
-@dataclass(frozen=True)
-class Question:
-    """One question of an item: ``gold`` is the expected answer (None for Locality-Hard); ``target``, of a
-    Locality-Hard question, the edit's new answer in its language (an answer naming it was hijacked)."""
-
-    kind: str
-    lang: str
-    text: str
-    subject: str
-    gold: str | None
-    subject_found: bool  # the question writes one of the forms the item's edit routes on (``zsre.subject_forms``)
-    target: str | None = None
 
 
 def load_locality_hard(path: str | os.PathLike[str] | None = None) -> LocalityHard:
@@ -365,7 +320,6 @@ def run_bench(model: EditableCausalLM, items: Sequence[Item], methods: Sequence[
               locality_hard: LocalityHard | None = None, fresh: bool = False, progress: bool = True,
               on_record: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
     """Run (or resume) the benchmark; returns ``report.summarize``'s summary of the first ``limit`` items."""
-    from .report import summarize
 
     settings = settings or BenchSettings()
     if len(model.bank):
@@ -409,7 +363,6 @@ def run_benchmark(model: EditableCausalLM, items: Sequence[Item], methods: Seque
                   plot: bool = True) -> dict[str, Any]:
     """``run_bench`` into ``out_dir``: ``results.jsonl`` (resumable), ``summary.json``, ``tables.md`` (hit,
     contains and F1 tables) and ``plot.png`` (answer hit; skipped with a warning without matplotlib)."""
-    from .report import SCORES, markdown_table, plot_summary, reach_table, write_summary
 
     out = Path(out_dir)
     summary = run_bench(model, items, methods, out / "results.jsonl", settings, locality_hard=locality_hard,

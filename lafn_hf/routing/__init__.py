@@ -2,11 +2,11 @@
 
 Stages, in order (each can be turned off in ``RoutingConfig``):
 
-1. lexical, exact or normalised (``lafn_hf.matcher`` with ``lafn_hf.text`` folding): a subject or alias
+1. lexical, exact or normalised (``lafn_hf.routing.matcher`` with ``lafn_hf.text`` folding): a subject or alias
    completed by a token fires its entries there;
-   with inflections (``lafn_hf.inflection``): subjects of inflecting languages (Russian, Czech, German,
+   with inflections (``lafn_hf.routing.inflection``): subjects of inflecting languages (Russian, Czech, German,
    Turkish, ...: ``RoutingConfig.inflecting_languages``) also fire with their word endings changed, and
-   their multi-word subjects with the words reordered or derived (``lafn_hf.reorder``);
+   their multi-word subjects with the words reordered or derived (``lafn_hf.routing.reorder``);
 2. aliases: more surface forms per entry (``LanguageEdit(aliases=...)``, ``EditableCausalLM.add_aliases``);
 3. representation (``keys``: stored per entry at edit time; ``fire``: compared in the forward): the hidden
    state entering the entry's first edited layer is compared with the entry's key, and the entry fires at
@@ -18,6 +18,11 @@ Stages, in order (each can be turned off in ``RoutingConfig``):
    the nearest fires.
 
 ``trace.routes`` reports what fired where, for debugging and for the routing benchmark.
+
+Modules: the lexical half (``matcher``, with ``anchors``, ``inflection``, ``reorder``, ``spelling``;
+``row_reader``: a row's tokens read incrementally; ``cache_rows``: the readers kept on the KV cache), the
+representation half (``keys``, ``fire``, ``scope``, ``calibration``), ``config`` (``RoutingConfig``),
+``compiled`` (``CompiledBank``: a bank version compiled for routing, and the plan it makes) and ``trace``.
 """
 
 from .config import RoutingConfig

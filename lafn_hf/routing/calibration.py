@@ -3,16 +3,18 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
 from torch import nn
 
-from ..bank import KeySpace, QuestionScope, RoutingKey, ScopeSpace
-from ..config import EditGroup, LafnConfig
+from ..bank.entries import KeySpace, QuestionScope, RoutingKey, ScopeSpace
+from ..config import LafnConfig
+from ..request import EditGroup
 from .config import RoutingConfig
 from .keys import calibrate_key_space, entry_key
+from .matcher import SubjectMatcher
 from .scope import calibrate_scope_space, entry_scope, neighbour_prompts
 
 
@@ -25,9 +27,10 @@ class EditRouting:
         self._key_spaces: dict[int, tuple[KeySpace, torch.Tensor]] = {}  # layer -> (space, projected negatives)
         self._scope_spaces: dict[int, ScopeSpace] = {}
 
-    def key(self, group: EditGroup, layers: Sequence[int], config: LafnConfig,
-            routing: RoutingConfig) -> RoutingKey | None:
-        """The group's representation key at the input of its first edited layer (``None`` when off)."""
+    def key(self, group: EditGroup, layers: Sequence[int], config: LafnConfig, routing: RoutingConfig,
+            forms: Mapping[str, SubjectMatcher] | None = None) -> RoutingKey | None:
+        """The group's representation key at the input of its first edited layer (``None`` when off); ``forms``:
+        see ``entry_key``."""
         if not routing.representation:
             return None
         layer = min(layers)
@@ -35,7 +38,7 @@ class EditRouting:
         if calibrated is None:  # once per layer: a forward over the built-in negatives
             calibrated = self._key_spaces[layer] = calibrate_key_space(self._model, self._tokenizer, layer)
         return entry_key(self._model, self._tokenizer, group, calibrated[0], calibrated[1], routing,
-                         config.num_paraphrases)
+                         config.num_paraphrases, forms)
 
     def scope_space(self, layer: int) -> ScopeSpace:
         space = self._scope_spaces.get(layer)

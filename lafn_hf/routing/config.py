@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 #: Languages whose names take case endings (ISO 639-1): their subjects inflect in matching
-#: (``lafn_hf.inflection``). Baltic, Slavic, Finno-Ugric, Turkic and a few more; German for its genitive -s.
+#: (``lafn_hf.routing.inflection``). Baltic, Slavic, Finno-Ugric, Turkic and a few more; German for its genitive -s.
 INFLECTING_LANGUAGES = ("az", "be", "bg", "cs", "de", "el", "et", "fi", "hr", "hu", "hy", "is", "ka", "kk", "ky",
                         "la", "lt", "lv", "mk", "pl", "ro", "ru", "sk", "sl", "sq", "sr", "tr", "uk", "uz")
 
@@ -19,14 +19,14 @@ class RoutingConfig:
             forms, apostrophe/quote/dash variants, whitespace runs); ``False``: exact after NFC.
         aliases: entries' aliases route like their subjects.
         inflections: subjects of ``inflecting_languages`` also match with their word endings changed
-            ("Антона Минарика" for "Антон Минарик"; ``lafn_hf.inflection``), and those of several words
-            reordered or derived ("собор Инсбрука" for "Инсбрукский собор"; ``lafn_hf.reorder``); needs
+            ("Антона Минарика" for "Антон Минарик"; ``lafn_hf.routing.inflection``), and those of several words
+            reordered or derived ("собор Инсбрука" for "Инсбрукский собор"; ``lafn_hf.routing.reorder``); needs
             ``normalize``.
         inflecting_languages: language codes whose subjects inflect (compared case-insensitively on the
             primary subtag: "ru" covers "ru-RU" and "ru_RU").
         spellings: subjects written in Thai, Lao, Khmer or Myanmar script (6 letters or more) also match
             spelled another way, within one edit per 6 letters ("โจเซฟ แพปป์" for "โจเซฟ แปป";
-            ``lafn_hf.spelling``); needs ``normalize``.
+            ``lafn_hf.routing.spelling``); needs ``normalize``.
         representation: ``edit()`` stores a routing key per entry, and inference fires entries whose key
             matches a token's hidden state (see ``lafn_hf.routing``).
         threshold_floor: the lowest threshold ``edit()`` gives a key (a cosine in the key space). 0.8 was

@@ -17,7 +17,7 @@ from typing import Any, Protocol
 
 import torch
 
-from ..bank import KeySpace, QuestionScope, RoutingKey
+from ..bank.entries import KeySpace, QuestionScope, RoutingKey
 from .scope import ScopeIndex, sentence_window, visible_last
 from .trace import Route, record, tracing_active
 
@@ -131,7 +131,7 @@ def _screen_dtype(device: torch.device) -> torch.dtype | None:
 
 
 class RoutedBank(Protocol):
-    """What ``KeyWork`` needs of a compiled bank (``lafn_hf.inject.CompiledBank``)."""
+    """What ``KeyWork`` needs of a compiled bank (``lafn_hf.routing.compiled.CompiledBank``)."""
 
     @property
     def keys(self) -> dict[str, RoutingKey]: ...

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from contextlib import suppress
 from functools import cache
 from importlib import resources
@@ -32,14 +32,14 @@ from torch import nn
 
 from lafn_hf.modeling import decoder_layers
 
-from ..bank import BankEntry, EditBank, KeySpace, RoutingKey
-from ..config import EditGroup
-from ..matcher import SubjectMatcher
-from ..row_reader import find_subject_tokens
-from ..scope import ForwardScope
+from ..bank.entries import BankEntry, EditBank, KeySpace, RoutingKey
+from ..hooks import ForwardScope
+from ..request import EditGroup
 from ..text import is_spaceless_char
 from ..tokens import pad_batch, pad_id
 from .config import RoutingConfig
+from .matcher import SubjectMatcher
+from .row_reader import subject_token_positions
 
 
 class _Enough(Exception):
@@ -112,16 +112,18 @@ def key_space(layer: int, hidden: torch.Tensor) -> KeySpace:
 
 
 def entry_key(model: nn.Module, tokenizer: Any, group: EditGroup, space: KeySpace, negatives: torch.Tensor,
-              routing: RoutingConfig, max_paraphrases: int = 30) -> RoutingKey | None:
+              routing: RoutingConfig, max_paraphrases: int = 30,
+              forms: Mapping[str, SubjectMatcher] | None = None) -> RoutingKey | None:
     """The group's key in ``space`` (``None`` when no text of the group shows its subject), its threshold
-    calibrated on ``negatives`` (projected negative states, see ``calibrate_key_space``)."""
+    calibrated on ``negatives`` (projected negative states, see ``calibrate_key_space``). ``forms``: per
+    language, the matcher of the subject and its aliases when already built (``PreparedEdit.forms``)."""
     per_language = []
-    for edit in group.edits.values():
-        matcher = SubjectMatcher([edit.subject, *edit.aliases])
+    for lang, edit in group.edits.items():
+        matcher = forms[lang] if forms is not None else SubjectMatcher([edit.subject, *edit.aliases])
         texts = [edit.prompt, *[p for p in edit.paraphrases[:max_paraphrases] if matcher.find(p)]]
         vectors = []
         for ids, hidden in layer_inputs(model, tokenizer, texts, space.layer):
-            positions = [hit.position for hit in find_subject_tokens(tokenizer, ids, matcher)]
+            positions = subject_token_positions(tokenizer, ids, matcher)
             if positions:
                 vectors.append(space.project(hidden[positions]).mean(dim=0))
         if vectors:
@@ -164,7 +166,7 @@ def head_states(model: nn.Module, tokenizer: Any, group: EditGroup, space: KeySp
             heads.append(head)
     vectors = []
     for (ids, hidden), head in zip(layer_inputs(model, tokenizer, texts, space.layer), heads):
-        positions = [hit.position for hit in find_subject_tokens(tokenizer, ids, SubjectMatcher([head]))]
+        positions = subject_token_positions(tokenizer, ids, SubjectMatcher([head]))
         if positions:
             vectors.append(space.project(hidden[positions[:1]]))
     return torch.cat(vectors) if vectors else torch.zeros(0)

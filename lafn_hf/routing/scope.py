@@ -39,11 +39,11 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..bank import KeySpace, QuestionScope, ScopeSpace
-from ..config import EditGroup
-from ..matcher import SubjectMatcher
-from ..row_reader import RowReader, decoder_for
+from ..bank.entries import KeySpace, QuestionScope, ScopeSpace
+from ..request import EditGroup
 from .keys import key_space, layer_inputs
+from .matcher import SubjectMatcher
+from .row_reader import RowReader, decoder_for
 
 #: Stand-in subjects the built-in relation questions are filled with (their vectors are averaged).
 STAND_INS = ("Marie Curie", "Toyota", "Hamlet")

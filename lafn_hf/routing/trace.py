@@ -12,7 +12,7 @@ import torch
 
 from lafn_hf.modeling import decoder_layers
 
-from ..scope import ForwardScope
+from ..hooks import ForwardScope
 from ..tokens import encode_texts
 
 _TRACE: ContextVar[list[Route] | None] = ContextVar("lafn_route_trace", default=None)

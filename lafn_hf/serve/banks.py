@@ -15,8 +15,8 @@ from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from lafn_hf.bank import EditBank
-from lafn_hf.hub import load_bank
+from lafn_hf.bank.entries import EditBank
+from lafn_hf.bank.store import load_bank
 from lafn_hf.model import EditableCausalLM
 from lafn_hf.routing.keys import separate_all
 

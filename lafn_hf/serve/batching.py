@@ -27,7 +27,7 @@ from contextvars import Token
 from functools import partial
 from typing import Any
 
-from lafn_hf.packed import PackedSequence, RequestReaders, enter_packed_batch, leave_packed_batch
+from lafn_hf.runtime.packed import PackedSequence, RequestReaders, enter_packed_batch, leave_packed_batch
 
 logger = logging.getLogger(__name__)
 _NOTHING: frozenset[str] = frozenset()  # the entries of a request whose banks are not known here

@@ -20,8 +20,8 @@ from typing import Any
 import torch
 from transformers.cli.serving.model_manager import ModelLoader
 
-from lafn_hf.inject import entries_selected
 from lafn_hf.model import EditableCausalLM
+from lafn_hf.runtime.inject import entries_selected
 
 from .banks import BankSet
 

@@ -10,9 +10,8 @@ import regex
 import torch
 from torch import nn
 
-from .config import nfc
-from .matcher import SubjectMatcher
-from .text import SPACELESS_CLASS
+from ..routing.matcher import SubjectMatcher
+from ..text import SPACELESS_CLASS, nfc
 
 #: Appendix A, with the count and language filled in.
 INSTRUCTION = (
@@ -73,20 +72,22 @@ def words_outside(text: str, matcher: SubjectMatcher) -> list[regex.Match[str]]:
             if all(word.end() <= start or word.start() >= end for start, end in mentions)]
 
 
-def word_dropped_variants(prompt: str, subject: str, count: int, seed: int = 0) -> list[str]:
+def word_dropped_variants(prompt: str, subject: str, count: int, seed: int = 0,
+                          matcher: SubjectMatcher | None = None) -> list[str]:
     """Up to ``count`` rewrites of ``prompt``, each with one word outside ``subject`` left out (seeded choice).
 
     The subject is found as inference finds it (``SubjectMatcher``: "la torpille Mark 19" holds "Torpille Mark
     19"). A word is a run of word characters in spaced scripts and one letter in scripts written without
     spaces (``text.SPACELESS_CLASS``); a prompt with one word besides the subject has none. Cheap,
     deterministic question variants: training dV on them as well as on the prompt asks it to work when the
-    words around the subject change, as they do in rephrasings.
+    words around the subject change, as they do in rephrasings. ``matcher``: the subject's, when already built
+    (``PreparedEdit``).
     """
     if isinstance(count, bool) or not isinstance(count, int):
         raise TypeError(f"count must be an int, got {type(count).__name__} ({count!r})")
     if count < 0:
         raise ValueError(f"count must be an int >= 0, got {count!r}")
-    matcher = SubjectMatcher([subject])
+    matcher = matcher if matcher is not None else SubjectMatcher([subject])
     if not matcher.find(prompt):
         raise ValueError(f"subject {subject!r} does not occur in prompt {prompt!r} as the matcher reads it")
     spans = [word.span() for word in words_outside(prompt, matcher)]

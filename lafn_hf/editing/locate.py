@@ -17,9 +17,10 @@ from torch import nn
 
 from lafn_hf.modeling import decoder_layers, mlp_parts
 
-from .config import EditGroup, LafnConfig
-from .scope import ForwardScope
-from .tokens import encode_texts, sample_top_k
+from ..config import LafnConfig
+from ..hooks import ForwardScope
+from ..request import EditGroup
+from ..tokens import encode_texts, sample_top_k
 
 
 class _StopForward(Exception):

@@ -13,9 +13,9 @@ from torch import nn
 
 from lafn_hf.modeling import decoder_layers, mlp_parts
 
-from .bank import BankEntry, EditBank, KeySpace, LayerUpdate
-from .config import surface_form_problem
-from .text import MAX_FORM_LENGTH, check_form_length
+from ..request import surface_form_problem
+from ..text import MAX_FORM_LENGTH, check_form_length
+from .entries import BankEntry, EditBank, KeySpace, LayerUpdate
 
 
 def check_surface_forms(entries: Sequence[dict[str, Any]], allow_common: bool) -> None:

@@ -4,7 +4,7 @@ An engine that packs requests calls the model with ``input_ids`` of shape (1, to
 ``cu_seq_lens_q``; nothing in those says which request a span of tokens belongs to. The engine says it with
 ``packed_batch`` around the forward: per request, in packing order, its ``RowReader`` (what the request has
 read so far), where its new tokens start and how many there are, and the entries it applies. The injector
-(``lafn_hf.inject``) then reads and plans each request as it does a batch row of ``generate()``, and adds
+(``lafn_hf.runtime.inject``) then reads and plans each request as it does a batch row of ``generate()``, and adds
 dV at (row 0, start + position). A description that does not match the forward's ``cu_seq_lens_q`` (or
 ``position_ids``) is refused: the forward runs unedited and the injector logs why.
 
@@ -25,8 +25,8 @@ from typing import Any
 
 import torch
 
-from .routing.fire import KeyWork
-from .row_reader import RowReader, decoder_for
+from ..routing.fire import KeyWork
+from ..routing.row_reader import RowReader, decoder_for
 
 
 @dataclass(frozen=True)

@@ -1,6 +1,6 @@
 """A bank directory's files on disk: read only when they are regular files (a FIFO or a device would hang the
 loader), the weights file no longer than its header declares and read with its sha256 checked (memory-mapped
-for format 3, see ``lafn_hf.bank_format``); files written crash-safely (a temporary file, fsynced, renamed) under a lock on
+for format 3, see ``lafn_hf.bank.format``); files written crash-safely (a temporary file, fsynced, renamed) under a lock on
 the directory."""
 
 from __future__ import annotations

@@ -2,12 +2,12 @@
 
 An entry stores, per edited layer, the located neuron indices D_G (int64) and the update
 dV (float32). Model weights are never touched; the bank is applied at inference by
-``lafn_hf.inject``.
+``lafn_hf.runtime.inject``.
 
 Overlapping subjects: every entry is kept, even when two entries share a subject. At
 inference, when a subject matches, the dV of *every* entry listing that subject is added
 (updates sum). Different subjects that overlap in the text both apply, each at the token that
-completes it ("Paris" at "Paris", "Paris Hilton" at "Hilton"; see ``lafn_hf.matcher``).
+completes it ("Paris" at "Paris", "Paris Hilton" at "Hilton"; see ``lafn_hf.routing.matcher``).
 """
 
 from __future__ import annotations
@@ -23,8 +23,7 @@ from typing import Any
 
 import torch
 
-from .config import nfc
-from .text import check_aliases, check_form_length
+from ..text import check_aliases, check_form_length, nfc
 
 _BANK_UIDS = itertools.count()
 _CHANGE_LOG = 4096  # bank changes kept for incremental updates of compiled banks

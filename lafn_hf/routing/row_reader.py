@@ -1,10 +1,10 @@
 """Each batch row's reading: its tokens detokenised incrementally and the subjects they complete.
 
-``RowReader`` applies ``lafn_hf.matcher``'s causal rule to a row of token ids, a forward at a time: the
+``RowReader`` applies ``lafn_hf.routing.matcher``'s causal rule to a row of token ids, a forward at a time: the
 text known after a token never changes when later tokens arrive, so a prompt read in one forward and the
 same tokens read through a KV cache fire the same subjects at the same positions (the one exception, a
 word that goes on in a later forward, is described there). The readers are stored per row on the
-transformers ``Cache`` (``lafn_hf.cache_rows``) and consulted by the edit hooks (``lafn_hf.inject``).
+transformers ``Cache`` (``lafn_hf.routing.cache_rows``) and consulted by the edit hooks (``lafn_hf.runtime.inject``).
 """
 
 from __future__ import annotations
@@ -15,10 +15,10 @@ from collections.abc import Callable, Sequence, Set
 from dataclasses import dataclass, field
 from typing import Any
 
+from ..text import is_ignorable, normalize_for_matching, skip_ignorable
 from .inflection import InflectedMatch
 from .matcher import SPECIAL_TOKEN_TEXT, SubjectHit, SubjectMatcher, joins_word, whole_mention
 from .reorder import ReorderedMatch, mention, reach
-from .text import is_ignorable, normalize_for_matching, skip_ignorable
 
 
 @dataclass
@@ -315,3 +315,9 @@ def find_subject_tokens(tokenizer: Any, token_ids: Sequence[int], matcher: Subje
     reader = RowReader(decoder_for(tokenizer), special)
     reader.read([int(t) for t in token_ids])
     return reader.hits(matcher, 0)
+
+
+def subject_token_positions(tokenizer: Any, token_ids: Sequence[int], matcher: SubjectMatcher) -> list[int]:
+    """Positions of the tokens completing a subject of ``matcher`` in ``token_ids``: where dV is trained and where
+    a routing key is read, by the rule inference applies."""
+    return [hit.position for hit in find_subject_tokens(tokenizer, token_ids, matcher)]

@@ -40,8 +40,8 @@ from typing import Any
 
 import torch
 
-from .bank import _ENTRY_ID, BankEntry, EditBank, KeySpace, LayerUpdate, QuestionScope, RoutingKey, ScopeSpace
-from .config import nfc
+from ..text import nfc
+from .entries import _ENTRY_ID, BankEntry, EditBank, KeySpace, LayerUpdate, QuestionScope, RoutingKey, ScopeSpace
 
 NEURONS, DELTAS, LAYER_OFFSETS, SEGMENT_LAYERS, ENTRY_OFFSETS = (
     "neurons", "deltas", "layer_offsets", "segment_layers", "entry_offsets")

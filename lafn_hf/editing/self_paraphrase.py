@@ -11,11 +11,13 @@ from typing import Any
 import torch
 from torch import nn
 
-from .config import EditGroup, LafnConfig, nfc
-from .matcher import SubjectMatcher
+from ..config import LafnConfig
+from ..request import EditGroup
+from ..routing.matcher import SubjectMatcher
+from ..text import nfc
+from ..tokens import encode_texts, sample_top_k, stop_ids
 from .paraphrase import words_outside
 from .preflight import answered_length, context_limit
-from .tokens import encode_texts, sample_top_k, stop_ids
 
 logger = logging.getLogger(__name__)
 

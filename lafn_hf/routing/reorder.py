@@ -4,7 +4,7 @@ Questions name a subject in a construction of their own: "собор Инсбр�
 "туманность Калифорния" for "Калифорнийская туманность", "мост Декстера-Гроба" for "Мост гроба
 Декстера". One rule, no per-language grammar, in folded text: a run of text words
 is a mention when its words match the subject's words one for one in any order, each as written, inflected
-(``lafn_hf.inflection.word_matches``) or *derived*: it keeps the subject word's first max(``DERIVED_KEEP``,
+(``lafn_hf.routing.inflection.word_matches``) or *derived*: it keeps the subject word's first max(``DERIVED_KEEP``,
 length - ``DERIVED_DROP``) letters and adds at most ``DERIVED_ADD`` letters ("инсбрукский" -> "инсбрука",
 "карлик" -> "карликовая"). The words stand next to each other: a word between them is not allowed, since
 no rule without word lists tells "собор в Инсбруке" (in) from "собор и Инсбрук" (and). A run in
@@ -12,7 +12,7 @@ the subject's order belongs to the exact and inflection stages unless a word of 
 Карла Иоганна Лихтенштейнского" for "Принц Карл Иоганн Лихтенштейна"); then it counts once its last word
 has ended (a word still being read may yet become the form as written) and where the inflection stage,
 read token by token, has not fired on it ("Лихтенштейнс|кого" reads as an ending at "с").
-Subjects take part when the inflection stage takes them (``lafn_hf.inflection.inflectable``), have two to
+Subjects take part when the inflection stage takes them (``lafn_hf.routing.inflection.inflectable``), have two to
 ``MAX_WORDS`` words and one word that may derive (``DERIVED_KEEP`` letters or more, ending in a letter).
 
 Causal (the matcher's rule): a mention fires at the first token at which the text read so far makes it one,
@@ -106,7 +106,7 @@ def _runs(spans: list[tuple[int, int]], text: str, around: int, size: int) -> It
 
 class ReorderedForms(AnchoredForms[tuple[str, tuple[str, ...]]]):
     """The reorder rule over folded subject patterns, each with its subject names (module docstring);
-    grows by ``extended`` like the other word-form stages (``lafn_hf.anchors``)."""
+    grows by ``extended`` like the other word-form stages (``lafn_hf.routing.anchors``)."""
 
     @staticmethod
     def _pairs(named: Named) -> list[tuple[str, tuple[str, tuple[str, ...]]]]:

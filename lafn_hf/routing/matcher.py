@@ -16,19 +16,19 @@ and including that token, and, for whether its word goes on, in a text read from
   not match when the character before (after) it is a letter or digit of such a script: "Rome" does not
   fire inside "Romeo". The character after the subject is looked at in the completing token (" Romeo"
   as one token) and, in a text read from its start in one forward (a prompt), in the later tokens of
-  that forward ("Rome|o" does not fire either; ``lafn_hf.row_reader``). Elsewhere a subject that ends
+  that forward ("Rome|o" does not fire either; ``lafn_hf.routing.row_reader``). Elsewhere a subject that ends
   where a token ends fires, since the next character is not known: a generated "Rome" that continues as
   "o" at the next decoding step keeps its edit. This is the one place where a text read in one forward
   and the same text read in pieces (a KV cache, decoding) can differ. Scripts written without spaces
   (CJK, Thai, ...) match as plain substrings.
-- Inflected subjects (``lafn_hf.inflection``; those the caller names, folded matching only) also fire
+- Inflected subjects (``lafn_hf.routing.inflection``; those the caller names, folded matching only) also fire
   with their word endings changed, once per mention, at the first token whose text shows the mention is
   not the subject as written ("Антона Минарика" at "ка" of "Мин|ари|ка"); as written, the rules above apply.
   Like "Rome" before "o", a word whose ending later runs past the limit ("Моск|вич|ами") has fired by
   then; ``find``, which sees whole words, does not count it. Their multi-word subjects also fire with
-  the words reordered or derived (``lafn_hf.reorder``: "собор Инсбрука" for "Инсбрукский собор"), once
+  the words reordered or derived (``lafn_hf.routing.reorder``: "собор Инсбрука" for "Инсбрукский собор"), once
   per mention, at the first token whose text makes the mention one.
-- Spelled subjects (``lafn_hf.spelling``; with ``spellings``, folded matching only): subjects written in Thai,
+- Spelled subjects (``lafn_hf.routing.spelling``; with ``spellings``, folded matching only): subjects written in Thai,
   Lao, Khmer or Myanmar script also fire spelled another way (a transliteration variant), at the token that
   reads the mention's last letter.
 """
@@ -40,10 +40,10 @@ from dataclasses import dataclass
 
 from ahocorasick_rs import AhoCorasick, Implementation, MatchKind
 
+from ..text import clean_subject, needs_word_boundary, normalize_for_matching, skip_ignorable
 from .inflection import InflectedForms, InflectedMatch
 from .reorder import ReorderedForms, ReorderedMatch
 from .spelling import SpelledForms, SpelledMatch
-from .text import clean_subject, needs_word_boundary, normalize_for_matching, skip_ignorable
 
 SPECIAL_TOKEN_TEXT = "\n"  # what a special token (BOS, chat-turn markers, ...) reads as
 
@@ -60,8 +60,8 @@ class SubjectMatch:
 @dataclass(frozen=True)
 class SubjectHit:
     """A subject found in a token row: ``position`` is the index of the token that completes it;
-    ``inflected``: found with its word endings changed (``lafn_hf.inflection``), not as written;
-    ``spelled``: found spelled another way (``lafn_hf.spelling``)."""
+    ``inflected``: found with its word endings changed (``lafn_hf.routing.inflection``), not as written;
+    ``spelled``: found spelled another way (``lafn_hf.routing.spelling``)."""
 
     subject: str
     position: int
@@ -78,10 +78,10 @@ class SubjectMatcher:
     Tower»" find "Eiffel Tower"; ``fold=False`` is exact after NFC.
 
     ``inflected``: subjects (of ``subjects``) also found with their word endings changed, by the rule of
-    ``lafn_hf.inflection`` ("Антона Минарика" for "Антон Минарик"); folded matching only.
+    ``lafn_hf.routing.inflection`` ("Антона Минарика" for "Антон Минарик"); folded matching only.
 
     ``spellings``: subjects written in scripts whose transliterations vary letter by letter (Thai, ...) are
-    also found spelled another way (``lafn_hf.spelling``: "โจเซฟ แพปป์" for "โจเซฟ แปป"); folded matching only.
+    also found spelled another way (``lafn_hf.routing.spelling``: "โจเซฟ แพปป์" for "โจเซฟ แปป"); folded matching only.
 
     ``with_subjects`` grows a matcher without rebuilding it: the existing automata are shared and the new
     subjects get a small automaton of their own (a tier); tiers are merged into one when they pile up.

@@ -26,14 +26,13 @@ from tqdm.auto import tqdm
 
 from lafn_hf.modeling import decoder_layers, mlp_parts, text_config
 
-from .config import EditGroup, LafnConfig, nfc
-from .matcher import SubjectMatcher
-from .paraphrase import word_dropped_variants
-from .row_reader import find_subject_tokens
-from .scope import ForwardScope, SkippedLayer
-from .text import is_word_char, needs_word_boundary
-from .tokens import encode_texts, pad_batch, pad_id, sample_top_k, target_separator, word_continuations
-from .values import LayerPlan, ValueInjection, hit_tensor
+from ..config import LafnConfig
+from ..hooks import ForwardScope, SkippedLayer
+from ..request import EditGroup
+from ..text import is_word_char, needs_word_boundary, nfc
+from ..tokens import encode_texts, pad_batch, pad_id, sample_top_k, target_separator, word_continuations
+from ..values import LayerPlan, ValueInjection, hit_tensor
+from .prepared import PreparedEdit, prepare
 
 logger = logging.getLogger(__name__)
 
@@ -78,19 +77,6 @@ class OptimizationResult:
     target_loss_curve: list[float] = field(default_factory=list)
     target_probabilities: dict[str, float] = field(default_factory=dict)
     steps: int = 0
-
-
-def subject_positions(tokenizer: Any, ids: Sequence[int], subject: str, context: str) -> list[int]:
-    """Positions of the tokens completing ``subject`` in ``ids``: the inference rule (``lafn_hf.matcher``).
-
-    ``ValueError`` when there is none (e.g. the subject only occurs inside a longer word), since dV would
-    then be trained where inference never adds it.
-    """
-    positions = [hit.position for hit in find_subject_tokens(tokenizer, ids, SubjectMatcher([subject]))]
-    if not positions:
-        raise ValueError(f"subject {subject!r} does not occur in {context!r} as the matcher reads it (as a whole word "
-                         "in scripts written with spaces): write the subject as it appears in the prompt")
-    return positions
 
 
 def sample_prefixes(model: nn.Module, tokenizer: Any, languages: Sequence[str], config: LafnConfig) -> dict[str, list[str]]:
@@ -174,22 +160,22 @@ def answer_boundaries_many(model: nn.Module, tokenizer: Any, groups: Sequence[Ed
     return [{lang: answer_ending(next(answers)) for lang in group.edits} for group in groups]
 
 
-def build_batch(tokenizer: Any, group: EditGroup, prefixes: dict[str, list[str]], config: LafnConfig,
+def build_batch(tokenizer: Any, group: EditGroup | PreparedEdit, prefixes: dict[str, list[str]], config: LafnConfig,
                 device: torch.device, boundaries: dict[str, str] | None = None,
                 neighbours: dict[str, list[str]] | None = None) -> TrainingBatch:
-    """The training sequences of ``group``; ``neighbours``: more KL prompts per language (other relations of the
-    subject, ``LafnConfig.neighbour_kl``), each read at its last token like "{subject} is a"."""
+    """The training sequences of ``group`` (prepared here when it is not yet); ``neighbours``: more KL prompts per
+    language (other relations of the subject, ``LafnConfig.neighbour_kl``), each read at its last token like
+    "{subject} is a"."""
+    prepared = prepare(group, config)
     rows: list[list[int]] = []
     hits: list[tuple[int, int]] = []
     targets: list[tuple[int, int, int, int]] = []  # (row, position, token, sequence)
     endings: list[bool] = []  # per target token: after the target (punctuation, WORD_END)
     languages: list[str] = []
     report: dict[str, int] = {}
-    for lang, edit in group.edits.items():
-        variants = word_dropped_variants(edit.prompt, edit.subject, config.question_variants, config.seed
-                                         ) if config.question_variants else []
-        variants += [p for p in edit.paraphrases[: config.train_paraphrases] if p not in variants]
-        contexts = [*variants, *(f"{p} {edit.prompt}" if p else edit.prompt for p in prefixes.get(lang, []))]
+    for lang, language in prepared.languages.items():
+        edit, questions = language.edit, language.questions
+        contexts = [*questions, *(f"{p} {edit.prompt}" if p else edit.prompt for p in prefixes.get(lang, []))]
         if config.include_bare_prompt:
             contexts.append(edit.prompt)
         for context in contexts:
@@ -199,9 +185,9 @@ def build_batch(tokenizer: Any, group: EditGroup, prefixes: dict[str, list[str]]
             ids, offsets = list(encoded["input_ids"]), encoded["offset_mapping"]
             row, sequence = len(rows), len(languages)
             try:
-                hits += [(row, p) for p in subject_positions(tokenizer, ids, edit.subject, context)]
+                hits += [(row, p) for p in language.subject_positions(tokenizer, ids, context)]
             except ValueError:
-                if context in variants:  # a left-out word let the subject's last token merge: train without it
+                if context in questions:  # a left-out word let the subject's last token merge: train without it
                     continue
                 raise
             target_tokens = [j for j, (_, end) in enumerate(offsets) if end > len(context) and j > 0]
@@ -216,10 +202,10 @@ def build_batch(tokenizer: Any, group: EditGroup, prefixes: dict[str, list[str]]
             languages.append(lang)
         report[lang] = len(languages) - 1  # the last context: the bare prompt
     kl_rows, kl_positions = [], []
-    for lang, edit in group.edits.items():
-        for prompt in (config.kl_prompt(lang, edit.subject), *(neighbours or {}).get(lang, [])):
+    for lang, language in prepared.languages.items():
+        for prompt in (language.kl_prompt, *(neighbours or {}).get(lang, [])):
             encoded = tokenizer(prompt, return_offsets_mapping=True)
-            hits += [(len(rows), p) for p in subject_positions(tokenizer, encoded["input_ids"], edit.subject, prompt)]
+            hits += [(len(rows), p) for p in language.subject_positions(tokenizer, encoded["input_ids"], prompt)]
             kl_rows.append(len(rows))
             kl_positions.append(len(encoded["input_ids"]) - 1)
             rows.append(list(encoded["input_ids"]))
@@ -342,7 +328,7 @@ def sequence_losses(logits: torch.Tensor,
     return total, mean, torch.log_softmax(logits[count:], dim=-1), fit
 
 
-def optimize_update(model: nn.Module, tokenizer: Any, group: EditGroup, neurons: dict[int, torch.Tensor],
+def optimize_update(model: nn.Module, tokenizer: Any, edit: EditGroup | PreparedEdit, neurons: dict[int, torch.Tensor],
                     config: LafnConfig, progress: bool = False, prefixes: PrefixCache | None = None,
                     neighbours: dict[str, list[str]] | None = None) -> OptimizationResult:
     """Adam on dV (zero init, float32) minimising Eq. 9; early stop on the target's fit (``_losses``); norm clamp per layer.
@@ -352,9 +338,11 @@ def optimize_update(model: nn.Module, tokenizer: Any, group: EditGroup, neurons:
     if not layers:
         raise ValueError("no language-agnostic neurons were located in any edited layer; lower beta")
     device = next(model.parameters()).device
+    prepared = prepare(edit, config)
+    group = prepared.group
     boundaries = answer_boundaries(model, tokenizer, group) if config.answer_boundary else None
     sampled = (prefixes or PrefixCache()).get(model, tokenizer, group.languages, config)
-    batch = build_batch(tokenizer, group, sampled, config, device, boundaries, neighbours)
+    batch = build_batch(tokenizer, prepared, sampled, config, device, boundaries, neighbours)
     neuron_index = {layer: neurons[layer].to(device) for layer in layers}
     deltas = {layer: torch.zeros(neuron_index[layer].numel(), device=device, requires_grad=True) for layer in layers}
     optimizer = torch.optim.Adam(list(deltas.values()), lr=config.learning_rate)

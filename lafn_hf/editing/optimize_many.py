@@ -20,7 +20,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from .config import EditGroup, LafnConfig
+from ..config import LafnConfig
+from ..request import EditGroup
+from ..tokens import pad_id
+from ..values import LayerPlan, ValueInjection, hit_tensor
 from .optimize import (
     OptimizationResult,
     PrefixCache,
@@ -35,8 +38,7 @@ from .optimize import (
     sequence_losses,
     upper_layers_only,
 )
-from .tokens import pad_id
-from .values import LayerPlan, ValueInjection, hit_tensor
+from .prepared import PreparedEdit
 
 logger = logging.getLogger(__name__)
 
@@ -92,7 +94,7 @@ def pack(batches: Sequence[TrainingBatch], padding_id: int) -> _Packed:
     return _Packed(batch, cat["hit_group"], cat["sequence_group"], cat["kl_group"], report, hits)
 
 
-def optimize_updates(model: nn.Module, tokenizer: Any, groups: Sequence[EditGroup],
+def optimize_updates(model: nn.Module, tokenizer: Any, groups: Sequence[EditGroup | PreparedEdit],
                      neurons: Sequence[dict[int, torch.Tensor]], config: LafnConfig,
                      prefixes: PrefixCache | None = None,
                      neighbours: Sequence[dict[str, list[str]] | None] | None = None,
@@ -103,16 +105,17 @@ def optimize_updates(model: nn.Module, tokenizer: Any, groups: Sequence[EditGrou
     outcome: list[OptimizationResult | Exception] = [ValueError("not optimised")] * len(groups)
     members, batches = [], []
     prefixes = prefixes or PrefixCache()
+    plain = [group.group if isinstance(group, PreparedEdit) else group for group in groups]
     located_any = [g for g, located in enumerate(neurons) if any(idx.numel() for idx in located.values())]
-    endings = _answer_endings(model, tokenizer, [groups[g] for g in located_any]) if config.answer_boundary else []
+    endings = _answer_endings(model, tokenizer, [plain[g] for g in located_any]) if config.answer_boundary else []
     boundaries_of: dict[int, dict[str, str]] = dict(zip(located_any, endings))
     for g, group in enumerate(groups):
         try:
             if g not in located_any:
                 raise ValueError("no language-agnostic neurons were located in any edited layer; lower beta")
-            boundaries = (boundaries_of.get(g) or answer_boundaries(model, tokenizer, group)
+            boundaries = (boundaries_of.get(g) or answer_boundaries(model, tokenizer, plain[g])
                           ) if config.answer_boundary else None
-            sampled = prefixes.get(model, tokenizer, group.languages, config)
+            sampled = prefixes.get(model, tokenizer, plain[g].languages, config)
             batches.append(build_batch(tokenizer, group, sampled, config, device, boundaries,
                                        neighbours[g] if neighbours is not None else None))
             members.append(g)

@@ -10,8 +10,9 @@ from torch import nn
 
 from lafn_hf.modeling import text_config
 
-from .config import EditGroup, LafnConfig
-from .tokens import target_separator
+from ..config import LafnConfig
+from ..request import EditGroup
+from ..tokens import target_separator
 
 logger = logging.getLogger(__name__)
 

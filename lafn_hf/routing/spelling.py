@@ -28,8 +28,8 @@ from dataclasses import dataclass
 
 import regex
 
+from ..text import is_word_char
 from .anchors import AnchoredForms, Named
-from .text import is_word_char
 
 SCRIPTS = regex.compile(r"[\p{Script=Thai}\p{Script=Lao}\p{Script=Khmer}\p{Script=Myanmar}]")
 MIN_LENGTH = 6  # comparison-form characters a subject needs to be found spelled another way
@@ -97,7 +97,7 @@ class SpelledMatch:
 class SpelledForms(AnchoredForms[tuple[str, str, int, tuple[str, ...]]]):
     """The spelling rule over folded subject patterns, each with its subject names (module docstring).
 
-    Grows like the other word-form stages (``lafn_hf.anchors``): a subject's k+1 pieces are its anchors.
+    Grows like the other word-form stages (``lafn_hf.routing.anchors``): a subject's k+1 pieces are its anchors.
     """
 
     @staticmethod

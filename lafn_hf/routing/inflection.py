@@ -26,8 +26,8 @@ from dataclasses import dataclass
 
 import regex
 
+from ..text import SPACELESS_CLASS, is_spaceless_char, needs_word_boundary
 from .anchors import AnchoredForms, Named
-from .text import SPACELESS_CLASS, is_spaceless_char, needs_word_boundary
 
 MAX_ENDING = 3  # letters a case ending may add where the text word leaves the subject word ("Borgi|ové")
 SINGLE_WORD = 6  # a one-word subject inflects only from this length ("Лето" is not "лет"; "Носорог" -> "Носорога")
@@ -161,7 +161,7 @@ class InflectedMatch:
 class InflectedForms(AnchoredForms[tuple[str, tuple[str, ...]]]):
     """The inflection rule over folded subject patterns, each with its subject names (module docstring).
 
-    ``extended`` grows it without copying what it holds (``lafn_hf.anchors``: the stem of each subject's
+    ``extended`` grows it without copying what it holds (``lafn_hf.routing.anchors``: the stem of each subject's
     last word is its anchor; an anchor may sit in several tiers, each with its own patterns).
     """
 

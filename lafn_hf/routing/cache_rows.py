@@ -1,6 +1,6 @@
 """What each sequence has read, carried on its own KV cache so later turns and decoding steps continue it.
 
-The readers (``lafn_hf.row_reader.RowReader``, one per batch row) are stored on the transformers ``Cache``
+The readers (``lafn_hf.routing.row_reader.RowReader``, one per batch row) are stored on the transformers ``Cache``
 object that holds the same sequences, so they belong to that call or chat session and never to a shared
 object. The cache's own batch operations (beam-search reordering, cropping, repeating, selecting rows,
 reset) are mirrored on the readers by wrapping those methods on that one cache instance; a copied cache

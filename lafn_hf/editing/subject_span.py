@@ -9,7 +9,7 @@ one decides):
 1. ``written``: the subject as given (the matcher's folded, whole-word rule), then its own aliases;
 2. ``other``: another language's subject or alias of the same group ("Call the Doctor" in the French prompt);
 3. ``lexical``: any of those names with word endings changed, words reordered or derived, or a Thai/Lao/...
-   name spelled another way (the routing's lexical stages: ``lafn_hf.inflection``, ``reorder``, ``spelling``);
+   name spelled another way (the routing's lexical stages: ``lafn_hf.routing.inflection``, ``reorder``, ``spelling``);
 4. ``aligned``: the run of the prompt's words most similar to any of those names after transliteration to
    Latin letters (``anyascii``), case folding and dropping everything but letters and digits, by
    ``rapidfuzz``'s normalised Indel similarity (0-100), when at least the threshold.
@@ -31,10 +31,11 @@ import regex
 from anyascii import anyascii
 from rapidfuzz.distance import Indel
 
-from .config import SUBJECT_SEARCHES, EditGroup, LanguageEdit, subject_problem
-from .matcher import SubjectMatch, SubjectMatcher
-from .stopwords import is_stop_word
-from .text import is_spaceless_char, nfc
+from ..config import SUBJECT_SEARCHES
+from ..request import EditGroup, LanguageEdit, subject_problem
+from ..routing.matcher import SubjectMatch, SubjectMatcher
+from ..stopwords import is_stop_word
+from ..text import is_spaceless_char, nfc
 
 logger = logging.getLogger(__name__)
 
