@@ -54,7 +54,7 @@ def test_the_shipped_set_agrees_with_the_dev_items_and_is_asked_in_each_language
     path = DEV / f"mzsre_dev_en{pair}.json"
     if not path.is_file():  # the dev split lives outside the repository
         pytest.skip(f"{path} is not on this machine")
-    logging.getLogger("lafn_hf.subject_span").setLevel(logging.ERROR)  # one warning per aligned span otherwise
+    logging.getLogger("lafn_hf.editing.subject_span").setLevel(logging.ERROR)  # one warning per aligned span otherwise
     dev, hard = load_items(path), load_locality_hard()
     for index, sides in hard.items():
         item = dev[index]

@@ -20,8 +20,9 @@ pytest.importorskip("fastapi")
 pytest.importorskip("uvicorn")
 
 from lafn_hf import EditBank  # noqa: E402
+from lafn_hf.bank.lafn_config import BANK_CONFIG_NAME  # noqa: E402
+from lafn_hf.bank.store import save_bank  # noqa: E402
 from lafn_hf.cli import build_parser  # noqa: E402
-from lafn_hf.hub import BANK_CONFIG_NAME, save_bank  # noqa: E402
 from lafn_hf.serve import ServerThread, build_app, load_editable  # noqa: E402
 from lafn_hf.serve.admin import AdminSettings, redact, served_hosts  # noqa: E402
 from lafn_hf.serve.app import write_token  # noqa: E402

@@ -18,7 +18,7 @@ import pytest
 pytest.importorskip("fastapi")
 
 from lafn_hf import EditBank  # noqa: E402
-from lafn_hf.hub import load_bank, save_bank  # noqa: E402
+from lafn_hf.bank.store import load_bank, save_bank  # noqa: E402
 from lafn_hf.serve import BankSet, load_editable  # noqa: E402
 
 from .conftest import make_entry  # noqa: E402

@@ -73,7 +73,7 @@ def applies(subject: str, given: str, span: SubjectSpan | None) -> bool:
 
 def item_questions(index: int, item: Item, hard: LocalityHard, search: str = "aligned") -> list[Question]:
     """The item's questions, language by language; Locality-Hard ones only where the set's subject is the item's
-    in that language: its given subject, or the span its question writes the subject as (``lafn_hf.subject_span``,
+    in that language: its given subject, or the span its question writes the subject as (``lafn_hf.editing.subject_span``,
     found up to ``search``), where that language's edit is made."""
     spans = resolve_item(item, search)[1]
     matcher = SubjectMatcher(subject_forms(item, spans))

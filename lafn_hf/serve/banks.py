@@ -1,6 +1,6 @@
 """The banks one server holds: merged into the model's single ``EditBank``, each entry tagged with its banks.
 
-A request that names one bank applies only that bank's entries through ``lafn_hf.inject.entries_selected``
+A request that names one bank applies only that bank's entries through ``lafn_hf.runtime.inject.entries_selected``
 with a live ``BankSelection``; the shared model state is never changed per request. Loading, reloading and
 removing banks build the new merged bank first (every check done) and then swap it in, so a failing reload
 changes nothing.

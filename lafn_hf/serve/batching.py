@@ -4,7 +4,7 @@ transformers' batching manager packs every scheduled request into one row (``inp
 ``cu_seq_lens_q``, ``position_ids``), and its forwards carry no request ids. ``BankedBatching`` wraps the
 manager: it records each request's banks when the request is added (from its ``SelectedPrompt``), and a
 forward pre-hook on the model describes every packed forward of this manager to the injector
-(``lafn_hf.packed.packed_batch``) from the manager's batch in progress, in packing order: each request's
+(``lafn_hf.runtime.packed.packed_batch``) from the manager's batch in progress, in packing order: each request's
 reader (kept across its forwards, rebuilt from its tokens when needed), span and entries. The injector checks
 the description against ``cu_seq_lens_q`` and ``position_ids`` before editing.
 
