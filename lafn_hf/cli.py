@@ -467,7 +467,8 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--dtype", default="auto", help="auto (float32 on CPU), float32, bfloat16, float16")
     serve.add_argument("--device", default="auto", help="auto (cuda when available), cpu, cuda, cuda:1, ...")
     serve.add_argument("--continuous-batching", action="store_true",
-                       help="transformers' continuous batching for requests that meet no bank entry")
+                       help="transformers' continuous batching: concurrent requests packed into one forward, "
+                            "each read and edited with its own banks")
     serve.add_argument("--chat-template", help="Jinja chat template file (default: the tokenizer's)")
     serve.add_argument("--admin-token", help="the token /lafn/banks requires ('Authorization: Bearer TOKEN'; default: "
                        "$LAFN_ADMIN_TOKEN, else a new one, printed and written to --admin-token-file)")
