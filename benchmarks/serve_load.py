@@ -35,6 +35,7 @@ import tempfile
 import threading
 import time
 import urllib.request
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -101,6 +102,19 @@ def start_server(model: str, bank: Path | None, continuous_batching: bool,
     raise SystemExit("server did not start in 300 s")
 
 
+def run_clients(worker: Callable[[int], None], clients: int, barrier: threading.Barrier) -> float:
+    """Start ``clients`` threads running ``worker(i)``, release them together through ``barrier`` (which the
+    workers also wait on) and return the wall time until the last one finishes."""
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(clients)]
+    for thread in threads:
+        thread.start()
+    barrier.wait()
+    start = time.perf_counter()
+    for thread in threads:
+        thread.join()
+    return time.perf_counter() - start
+
+
 def load(url: str, model: str, prompts: list[str], clients: int, requests: int, max_tokens: int) -> dict[str, float]:
     """``requests`` completions spread over ``clients`` threads; latency of each, wall time of all."""
     jobs = [prompts[i % len(prompts)] for i in range(requests)]
@@ -117,14 +131,7 @@ def load(url: str, model: str, prompts: list[str], clients: int, requests: int, 
             with lock:
                 latencies.append(time.perf_counter() - start)
 
-    threads = [threading.Thread(target=worker, args=(i,)) for i in range(clients)]
-    for thread in threads:
-        thread.start()
-    barrier.wait()
-    start = time.perf_counter()
-    for thread in threads:
-        thread.join()
-    wall = time.perf_counter() - start
+    wall = run_clients(worker, clients, barrier)
     ordered = sorted(latencies)
     return {"rps": len(ordered) / wall, "p50": statistics.median(ordered),
             "p95": ordered[min(len(ordered) - 1, int(0.95 * len(ordered)))], "wall": wall}
@@ -210,14 +217,7 @@ def mixed_load(url: str, model: str, prompts: list[str], clients: int, per_clien
                 else:
                     latencies.setdefault(job[:2], []).append(took)
 
-    threads = [threading.Thread(target=worker, args=(i,)) for i in range(clients)]
-    for thread in threads:
-        thread.start()
-    barrier.wait()
-    start = time.perf_counter()
-    for thread in threads:
-        thread.join()
-    wall = time.perf_counter() - start
+    wall = run_clients(worker, clients, barrier)
     after = {key: ask(api, model, (key[0], False, key[1], False), max_tokens) for key in single}
     answered = sum(map(len, latencies.values()))
     every = sorted(t for values in latencies.values() for t in values)
