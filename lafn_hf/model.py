@@ -25,18 +25,16 @@ from lafn_hf.modeling import decoder_layers, default_edit_layers, get_spec, mlp_
 
 from .bank.base_model import BaseModelRef, parse_base_model
 from .bank.checks import ValueRange
-from .bank.entries import _ENTRY_ID, BankEntry, BankLimits, EditBank, LayerUpdate, QuestionScope, RoutingKey
+from .bank.entries import _ENTRY_ID, BankEntry, BankLimits, EditBank
 from .bank.hub import is_bank_dir, push_bank, resolve_bank_dir
 from .bank.store import load_bank, save_bank
 from .config import LafnConfig
-from .editing.locate import LocatedNeurons, locate_neurons
 from .editing.optimize import OptimizationResult, PrefixCache, optimize_update
 from .editing.optimize_many import optimize_updates
-from .editing.preflight import check_context, warn_if_slow_dtype
-from .editing.prepared import PreparedEdit
-from .editing.results import EditFailedError, EditManyResult, EditResult
-from .editing.self_paraphrase import write_paraphrases
-from .editing.subject_span import SubjectSpan, resolve_group, spans_metadata
+from .editing.pipeline import ReadyEdit, new_entry, ready_edit
+from .editing.preflight import warn_if_slow_dtype
+from .editing.results import EditManyResult, EditResult
+from .editing.subject_span import resolve_group
 from .request import EditGroup, surface_form_problem
 from .routing.calibration import EditRouting
 from .routing.config import RoutingConfig
@@ -308,69 +306,30 @@ class EditableCausalLM(nn.Module):
         config = config or self.lafn_config
         layers = self.edit_layers(config)
         group, spans = resolve_group(group, config.subject_search, config.alignment_threshold)
-        check_context(self.model, self.tokenizer, group, config)
         warn_if_slow_dtype(self.model)
         started = time.perf_counter()
         with self._edit_lock, self.edits_disabled():  # edits of one model run one at a time; inference never waits
-            group, metadata = self._with_written_paraphrases(group, config, metadata)
-            prepared = PreparedEdit.build(group, config)
-            located = locate_neurons(self.model, self.tokenizer, group, layers, config)
-            scope = self._edit_routing.scope(group, layers, config, self.routing)
-            optimized = optimize_update(self.model, self.tokenizer, prepared, located.shared, config,
-                                        _show_progress(progress), self._prefixes,
-                                        self._edit_routing.neighbours(group, layers, config, self.routing, scope))
-            routed = self._edit_routing.key(group, layers, config, self.routing, prepared.forms), scope
+            ready = ready_edit(self.model, self.tokenizer, group, spans, config, layers, self.routing,
+                               self._edit_routing, metadata)
+            optimized = optimize_update(self.model, self.tokenizer, ready.prepared, ready.located.shared, config,
+                                        _show_progress(progress), self._prefixes, ready.neighbours)
             # stored under the lock: a concurrent edit's key calibration sees this entry, and this one its own
-            return self._store(group, config, layers, located, optimized, routed, metadata, entry_id, started, spans)
+            return self._store(ready, config, layers, optimized, entry_id, started)
 
-    def _with_written_paraphrases(self, group: EditGroup, config: LafnConfig, metadata: dict[str, Any] | None
-                                  ) -> tuple[EditGroup, dict[str, Any] | None]:
-        """``group`` with the paraphrases the model writes (``LafnConfig.write_paraphrases``), and ``metadata``
-        naming them under "written_paraphrases" (unchanged when none were written)."""
-        written = write_paraphrases(self.model, self.tokenizer, group, config)
-        new = {lang: list(edit.paraphrases) for lang, edit in written.edits.items()
-               if edit.paraphrases != group.edits[lang].paraphrases}
-        return written, ({**(metadata or {}), "written_paraphrases": new} if new else metadata)
-
-    def _store(self, group: EditGroup, config: LafnConfig, layers: tuple[int, ...], located: LocatedNeurons,
-               optimized: OptimizationResult, routed: tuple[RoutingKey | None, QuestionScope | None],
-               metadata: dict[str, Any] | None, entry_id: str | None, started: float,
-               spans: dict[str, SubjectSpan]) -> EditResult:
+    def _store(self, ready: ReadyEdit, config: LafnConfig, layers: tuple[int, ...], optimized: OptimizationResult,
+               entry_id: str | None, started: float) -> EditResult:
         """Check that the edit took, then add its entry (its key calibrated against the bank's keys)."""
-        probabilities = optimized.target_probabilities
-        low = {lang: p for lang, p in probabilities.items() if not p >= config.min_target_probability}  # NaN too
-        if low:
-            shown = {lang: float(f"{p:.3g}") for lang, p in probabilities.items()}
-            raise EditFailedError(
-                f"the edit did not take: p(target) {shown} after {optimized.steps} steps; {sorted(low)} < "
-                f"min_target_probability {config.min_target_probability}; nothing was stored. Check that the target "
-                "is visible text the model can produce, try other layers or more steps, or lower "
-                "LafnConfig.min_target_probability", probabilities, config.min_target_probability)
-        updates = {layer: LayerUpdate(located.shared[layer].clone(), delta) for layer, delta in optimized.deltas.items()}
-        entry = BankEntry(
-            subjects=group.subjects,
-            updates=updates,
-            metadata={
-                "prompts": {lang: e.prompt for lang, e in group.edits.items()},
-                "targets": {lang: e.target for lang, e in group.edits.items()},
-                "config": config.to_dict(),
-                "target_probabilities": optimized.target_probabilities,
-                **({"subject_spans": found} if (found := spans_metadata(spans)) else {}),
-                **(metadata or {}),
-            },
-            **({"id": entry_id} if entry_id is not None else {}),
-            aliases=group.aliases,
-            key=routed[0],
-            scope=routed[1],
-        )
+        key = self._edit_routing.key(ready.group, layers, config, self.routing, ready.prepared.forms)
+        entry = new_entry(ready, config, optimized, key, entry_id)
         self._check_entry(entry)
         entry, raised = separate(self.bank, entry, self.routing.threshold_margin)
         for other in raised:  # keys of other subjects that the new key comes close to
             self.bank.replace(other)
         self.add_entry(entry)
+        located = ready.located
         result = EditResult(entry.id, layers, located.counts(), located.shared_counts(), optimized.loss_curve,
                             optimized.target_loss_curve, optimized.target_probabilities, optimized.steps,
-                            time.perf_counter() - started, dict(group.subjects), spans)
+                            time.perf_counter() - started, dict(ready.group.subjects), ready.spans)
         logger.info("edit %s: %d steps, loss %.4f, p(target) %s", entry.id, result.steps, result.loss_curve[-1],
                     result.target_probabilities)
         return result
@@ -409,13 +368,12 @@ class EditableCausalLM(nn.Module):
             return error
 
     def _edit_batch(self, groups: list[EditGroup], config: LafnConfig) -> list[EditResult | Exception]:
-        """Locate each group, optimise them together, then store each (errors stay with their group)."""
+        """Ready each group, optimise them together, then store each (errors stay with their group)."""
         layers = self.edit_layers(config)
         warn_if_slow_dtype(self.model)
         started = time.perf_counter()
         outcome: list[EditResult | Exception] = []
-        ready: list[tuple[int, PreparedEdit, LocatedNeurons, dict[str, Any] | None, QuestionScope | None,
-                          dict[str, list[str]] | None, dict[str, SubjectSpan]]] = []
+        ready: list[tuple[int, ReadyEdit]] = []
         with self._edit_lock, self.edits_disabled():
             for position, group in enumerate(groups):
                 outcome.append(ValueError("not edited"))
@@ -423,24 +381,18 @@ class EditableCausalLM(nn.Module):
                     if not isinstance(group, EditGroup):
                         raise TypeError(f"edit expects an EditGroup, got {type(group).__name__}")
                     group, spans = resolve_group(group, config.subject_search, config.alignment_threshold)
-                    check_context(self.model, self.tokenizer, group, config)
-                    group, metadata = self._with_written_paraphrases(group, config, None)
-                    prepared = PreparedEdit.build(group, config)
-                    located = locate_neurons(self.model, self.tokenizer, group, layers, config)
-                    scope = self._edit_routing.scope(group, layers, config, self.routing)
-                    neighbours = self._edit_routing.neighbours(group, layers, config, self.routing, scope)
-                    ready.append((position, prepared, located, metadata, scope, neighbours, spans))
+                    ready.append((position, ready_edit(self.model, self.tokenizer, group, spans, config, layers,
+                                                       self.routing, self._edit_routing, None)))
                 except (ValueError, TypeError, RuntimeError) as error:
                     outcome[position] = error
-            optimized = optimize_updates(self.model, self.tokenizer, [r[1] for r in ready], [r[2].shared for r in ready],
-                                         config, self._prefixes, [r[5] for r in ready])
-            for (position, prepared, located, metadata, scope, _, spans), result in zip(ready, optimized):
+            optimized = optimize_updates(self.model, self.tokenizer, [r.prepared for _, r in ready],
+                                         [r.located.shared for _, r in ready], config, self._prefixes,
+                                         [r.neighbours for _, r in ready])
+            for (position, one), result in zip(ready, optimized):
                 try:
                     if isinstance(result, Exception):
                         raise result
-                    routed = self._edit_routing.key(prepared.group, layers, config, self.routing, prepared.forms), scope
-                    outcome[position] = self._store(prepared.group, config, layers, located, result, routed, metadata,
-                                                    None, started, spans)
+                    outcome[position] = self._store(one, config, layers, result, None, started)
                 except (ValueError, TypeError, RuntimeError) as error:
                     outcome[position] = error
         return outcome

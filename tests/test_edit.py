@@ -198,7 +198,8 @@ def test_an_edit_that_does_not_take_raises_and_stores_nothing(trained_model: Any
 def test_a_prompt_longer_than_the_context_is_refused_before_locating(
         trained_model: Any, tokenizer: Any, facts: dict[str, Any], monkeypatch: pytest.MonkeyPatch) -> None:
     editable = EditableCausalLM(trained_model, tokenizer)
-    monkeypatch.setattr("lafn_hf.model.locate_neurons", lambda *args: pytest.fail("located a prompt that cannot fit"))
+    monkeypatch.setattr("lafn_hf.editing.pipeline.locate_neurons",
+                        lambda *args: pytest.fail("located a prompt that cannot fit"))
     subject = facts["facts"][0]["en"]["subject"]
     long_prompt = "Notes on travel. " * 20 + facts["templates"]["en"][0].format(s=subject)
     group = EditGroup({"en": LanguageEdit(long_prompt, subject, "Notes")})
@@ -224,7 +225,8 @@ def test_a_trained_paraphrase_must_fit_with_its_target(trained_model: Any, token
         paraphrase = "Notes on travel. " + paraphrase
     assert len(tokenizer(paraphrase)["input_ids"]) <= 64
     group = EditGroup({"en": LanguageEdit(f"{subject} is in", subject, target, ("x " + subject, paraphrase))})
-    monkeypatch.setattr("lafn_hf.model.locate_neurons", lambda *args: pytest.fail("located a row that cannot fit"))
+    monkeypatch.setattr("lafn_hf.editing.pipeline.locate_neurons",
+                        lambda *args: pytest.fail("located a row that cannot fit"))
     for config in (LafnConfig(layers=(0, 1), train_paraphrases=2),
                    LafnConfig(layers=(0, 1), train_paraphrases=2, num_paraphrases=1)):
         with pytest.raises(ValueError, match=r"language 'en': paraphrase 1 and its target take \d+ tokens; the model "

@@ -118,7 +118,7 @@ def test_edit_locates_on_written_paraphrases_and_records_them(trained_model: Any
         seen.append(group)
         return real_locate(model, tokenizer, group, layers, config)
 
-    import lafn_hf.model as model_module
+    import lafn_hf.editing.pipeline as model_module  # where edit() calls them
 
     real_locate = model_module.locate_neurons
     monkeypatch.setattr(model_module, "write_paraphrases", write)
