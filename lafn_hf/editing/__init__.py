@@ -3,8 +3,10 @@
 In pipeline order: ``subject_span`` (where each language's prompt writes the subject), ``preflight`` (checks
 before any work), ``paraphrase`` / ``self_paraphrase`` (the model's own paraphrases and word-dropped variants),
 ``locate`` (the language-agnostic factual neurons, Eq. 3-5), ``optimize`` (dV for one group, Eq. 6-9) and
-``optimize_many`` (several groups packed in one loop); ``results`` holds what an edit returns, ``analysis`` the
-neuron statistics of the paper's section 2.2. ``EditableCausalLM.edit`` (``lafn_hf.model``) runs these steps.
+``optimize_many`` (several groups packed in one loop); ``pipeline`` chains the steps before optimisation
+(``ready_edit``) and makes the bank entry after it (``new_entry``); ``results`` holds what an edit returns,
+``analysis`` the neuron statistics of the paper's section 2.2. ``EditableCausalLM.edit`` (``lafn_hf.model``) runs
+the pipeline with the bank off, under its edit lock.
 """
 
 from .locate import LocatedNeurons, locate_neurons
