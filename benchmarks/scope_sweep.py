@@ -10,7 +10,10 @@ and unedited. Per language and margin it prints:
 - hijacked: the edit's target occurs in the answer and not in the unedited one;
 - F1: token F1 of the answer against the unedited answer (the paper's Locality-Hard metric);
 - degenerate, over every question of the language: answers holding a special token (Gemma's
-  ``<start_of_image>``) or naming the target twice or more, where the unedited answer does neither.
+  ``<start_of_image>``) or naming the target twice or more, where the unedited answer does neither;
+- repeats, over the Rel and Gen answers that hit: the target named twice or more where the unedited model,
+  reading the question already answered with the target, does not name it again within as many tokens (the
+  repetition the edit adds, not the base model's own habit of repeating a list: ", The Simpsons, The Simpsons").
 
 Resumable: answers are appended to ``--out`` (JSON lines, one per item) and reused for the same settings.
 
@@ -21,6 +24,7 @@ Resumable: answers are appended to ``--out`` (JSON lines, one per item) and reus
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import time
 from pathlib import Path
@@ -32,6 +36,7 @@ from lafn_hf.bench.runner import applies, load_locality_hard
 from lafn_hf.cli import _load_model
 from lafn_hf.evaluate import predict_batch
 from lafn_hf.routing import RoutingConfig
+from lafn_hf.tokens import target_separator
 from lafn_hf.zsre import load_files, resolve_item
 
 OFF = "off"
@@ -53,7 +58,9 @@ def run_item(model: EditableCausalLM, item: Any, hard: dict[str, tuple[str, list
     texts = [q[2] for q in questions]
     with model.edits_disabled():
         unedited = answers(model, texts, tokens)
-    record: dict[str, Any] = {"questions": questions, "unedited": unedited, "answers": {}, "error": None}
+        answered = answers(model, [q[2] + target_separator(q[2], q[3]) + q[3] for q in questions], tokens)
+    record: dict[str, Any] = {"questions": questions, "unedited": unedited, "answered": answered, "answers": {},
+                              "error": None}
     if group is None:
         record["error"] = "no subject found"
         return record
@@ -65,6 +72,7 @@ def run_item(model: EditableCausalLM, item: Any, hard: dict[str, tuple[str, list
         record["error"] = f"{type(error).__name__}: {error}"
         return record
     record["edit_s"] = time.perf_counter() - started
+    record["steps"] = result.steps
     try:
         for setting in [OFF, *margins]:
             model.routing = (RoutingConfig(scope=False) if setting == OFF
@@ -82,21 +90,26 @@ def degenerate(ids: list[int], answer: str, target: str, special: set[int]) -> b
     return any(i in special for i in ids) or bool(target) and folded.count(normalize_answer(target)) >= 2
 
 
+def repeats(answer: str, target: str) -> bool:
+    return normalize_answer(answer).count(normalize_answer(target)) >= 2
+
+
 def summarize(model: EditableCausalLM, records: list[dict[str, Any]], settings: list[str]) -> None:
     decode = model.tokenizer.decode
     tokenizer = model.tokenizer
     special = {int(i) for i in tokenizer.all_special_ids} | {
         int(i) for i, token in getattr(tokenizer, "added_tokens_decoder", {}).items() if token.special}
     for lang in sorted({q[0] for r in records for q in r["questions"]}):
-        print(f"\n{lang}: setting | Rel | Gen | Loc-Hard kept | hijacked | Loc-Hard F1 | degenerate | n(LH)")
+        print(f"\n{lang}: setting | Rel | Gen | Loc-Hard kept | hijacked | Loc-Hard F1 | degenerate | repeats | n(LH)")
         for setting in settings:
             counts: dict[str, list[float]] = {"rel": [], "gen": [], "kept": [], "hijacked": [], "f1": [],
-                                              "degenerate": []}
+                                              "degenerate": [], "repeats": []}
             for record in records:
                 if setting not in record["answers"]:
                     continue
-                for (q_lang, kind, _, target), ids, base_ids in zip(record["questions"], record["answers"][setting],
-                                                                   record["unedited"]):
+                read = record.get("answered") or [None] * len(record["questions"])
+                for (q_lang, kind, _, target), ids, base_ids, after in zip(
+                        record["questions"], record["answers"][setting], record["unedited"], read):
                     if q_lang != lang:
                         continue
                     answer, base = decode(ids, skip_special_tokens=True), decode(base_ids, skip_special_tokens=True)
@@ -104,6 +117,11 @@ def summarize(model: EditableCausalLM, records: list[dict[str, Any]], settings: 
                                                 and not degenerate(base_ids, base, target, special))
                     if kind in ("rel", "gen"):
                         counts[kind].append(answer_hit(answer, target))
+                        if after is not None and answer_hit(answer, target):
+                            # the unedited model reading the question answered with the target, same length
+                            left = max(len(ids) - len(tokenizer(target, add_special_tokens=False)["input_ids"]), 0)
+                            given = target + decode(after[:left], skip_special_tokens=True)
+                            counts["repeats"].append(repeats(answer, target) and not repeats(given, target))
                     else:
                         counts["kept"].append(same_answer(answer, base))
                         counts["hijacked"].append(contains(answer, target) and not contains(base, target))
@@ -120,6 +138,9 @@ def main() -> None:
     parser.add_argument("--margins", default="-0.2,-0.15,-0.1,-0.05,0.0")
     parser.add_argument("--tokens", type=int, default=16)
     parser.add_argument("--neighbour-kl", type=int, default=0, help="LafnConfig.neighbour_kl for the edits")
+    parser.add_argument("--continuation-kl", type=int, default=None,
+                        help="LafnConfig.continuation_kl (default: its default)")
+    parser.add_argument("--lambda-continuation", type=float, default=None, help="LafnConfig.lambda_continuation")
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
     margins = [float(m) for m in args.margins.split(",")]
@@ -127,6 +148,10 @@ def main() -> None:
     items = load_files([args.data])
     hard = load_locality_hard()
     config = LafnConfig(neighbour_kl=args.neighbour_kl)
+    if args.continuation_kl is not None:
+        config = dataclasses.replace(config, continuation_kl=args.continuation_kl)
+    if args.lambda_continuation is not None:
+        config = dataclasses.replace(config, lambda_continuation=args.lambda_continuation)
     settings = {"model": args.model, "data": Path(args.data).name, "margins": margins, "tokens": args.tokens,
                 "config": config.to_dict()}
     done: dict[int, dict[str, Any]] = {}

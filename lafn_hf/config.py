@@ -104,6 +104,14 @@ class LafnConfig:
             On by default: on MzsRE dev items 0-14 (Gemma-3-270M, en+zh) answer hit and F1 were the
             same with and without the punctuation, and it ends the demo's Chinese answer at "罗马，"
             instead of "罗马尼亚"; it costs one greedy generate per language per edit.
+        continuation_kl: hold this many next-token distributions after the answer to the bare prompt (and its
+            ending) to the unedited model's reading the same answer: the position right after the answer and,
+            from 2 on, the positions of the unedited model's own greedy continuation of it (one greedy
+            ``generate`` of ``continuation_kl - 1`` tokens per language). dV is added at the
+            subject's last token, which every later token reads; without this term nothing tells dV to stop
+            naming the target once it has been said, and edited answers repeat it ("V Ravichandran V
+            Ravichandran", "旧金山旧金山"). 0: off (the paper).
+        lambda_continuation: weight of that term in Eq. 9 (the mean KL over its positions).
         question_variants: also train dV on this many variants of each language's prompt with one word
             outside the subject left out (``paraphrase.word_dropped_variants``, seeded), without a prefix,
             so that dV does not hang on the prompt's exact words. 3 against 0, Gemma-3-270M, MzsRE dev,
@@ -157,6 +165,8 @@ class LafnConfig:
     neighbour_kl: int = 0
     min_target_probability: float = 0.01
     answer_boundary: bool = True
+    continuation_kl: int = 0
+    lambda_continuation: float = 1.0
     question_variants: int = 0
     write_paraphrases: int = 0
     train_paraphrases: int = 0
@@ -176,11 +186,12 @@ class LafnConfig:
         _require_int("seed", self.seed, minimum=0)
         _require_int("question_variants", self.question_variants, minimum=0)
         _require_int("neighbour_kl", self.neighbour_kl, minimum=0)
+        _require_int("continuation_kl", self.continuation_kl, minimum=0)
         _require_int("write_paraphrases", self.write_paraphrases, minimum=0)
         _require_int("train_paraphrases", self.train_paraphrases, minimum=0)
         if self.num_prefixes == 0 and not self.include_bare_prompt:
             raise ValueError("num_prefixes=0 with include_bare_prompt=False leaves nothing to train on")
-        for name in ("lambda_target", "lambda_kl", "early_stop_loss"):
+        for name in ("lambda_target", "lambda_kl", "lambda_continuation", "early_stop_loss"):
             if float(getattr(self, name)) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)!r}")
         if not 0.0 <= self.min_target_probability < 1.0:

@@ -132,10 +132,10 @@ def test_upper_layer_shortcut_gives_the_full_forward_loss(trained_model: Any, to
         with ValueInjection(trained_model, (2, 3)) as injection:
             injection.plan = plan
             full = _losses(selected_logits(trained_model, batch.input_ids, batch.attention_mask, rows, positions),
-                           batch, base)
+                           batch, base, LafnConfig())
             with upper_layers_only(trained_model, 2, base.hidden_in):
                 short = _losses(selected_logits(trained_model, batch.input_ids, batch.attention_mask, rows,
-                                                positions), batch, base)
+                                                positions), batch, base, LafnConfig())
     assert float(full[2]) > 0  # the random dV moves the KL term
     for a, b in zip(full, short):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
@@ -416,8 +416,8 @@ def test_early_stopping_reads_the_targets_own_tokens_not_the_answers_end(
     rows = torch.cat([batch.target_rows, batch.kl_rows])
     positions = torch.cat([batch.target_positions - 1, batch.kl_positions])
     with torch.no_grad():
-        total, target_loss, _, fit = _losses(selected_logits(trained_model, batch.input_ids, batch.attention_mask,
-                                                             rows, positions), batch, _BaseRun(trained_model, batch, (2,)))
+        logits = selected_logits(trained_model, batch.input_ids, batch.attention_mask, rows, positions)
+        total, target_loss, _, fit = _losses(logits, batch, _BaseRun(trained_model, batch, (2,)), config)
     assert float(fit) > float(target_loss)  # the endings are easier than the target
     neurons = {2: torch.arange(0, 256, 2)}
     result = optimize_update(trained_model, tokenizer, group, neurons, config)

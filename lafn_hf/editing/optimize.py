@@ -6,8 +6,10 @@ Eq. 8: L_kl = 1/|L| sum_l KL[P_F(. | q_l) || P_F'(. | q_l)],  q_l = "{s_l} is a"
 Eq. 9: L = lambda_1 L_target + lambda_2 L_kl
 
 Beyond the paper, L_target also averages over the bare prompt (``include_bare_prompt``) and over variants of it
-with one word left out (``question_variants``), and each answer is followed by its trained ending
-(``answer_boundary``).
+with one word left out (``question_variants``), each answer is followed by its trained ending
+(``answer_boundary``), and the next-token distributions after the answer are held to the unedited model's
+reading the same answer (``continuation_kl``), so the edited answer goes on as answers go on instead of
+repeating its target.
 """
 
 from __future__ import annotations
@@ -30,7 +32,7 @@ from ..config import LafnConfig
 from ..hooks import ForwardScope, SkippedLayer
 from ..request import EditGroup
 from ..text import is_word_char, needs_word_boundary, nfc
-from ..tokens import encode_texts, pad_batch, pad_id, sample_top_k, target_separator, word_continuations
+from ..tokens import encode_texts, pad_batch, pad_id, sample_top_k, stop_ids, target_separator, word_continuations
 from ..values import LayerPlan, ValueInjection, hit_tensor
 from .prepared import PreparedEdit, prepare
 
@@ -55,13 +57,16 @@ class TrainingBatch:
     target_sequence: torch.Tensor  # (N,) index of the training sequence the token belongs to
     sequence_language: list[str]  # language of each training sequence
     report_sequence: dict[str, int]  # per language, the sequence whose probability is reported
-    kl_rows: torch.Tensor  # (L,) rows of the "{subject} is a" prompts
-    kl_positions: torch.Tensor  # (L,) their last token
+    kl_rows: torch.Tensor  # (L,) rows of the "{subject} is a" prompts, then of the positions after the answers
+    kl_positions: torch.Tensor  # (L,) their last token; after an answer, the position that predicts what follows
     # (V,) the tokens that continue a word (``word_continuations``); set when a target id is ``WORD_END``
     continues_word: torch.Tensor | None = None
     # (N,) bool: the token ends the answer after the target (trained punctuation, ``WORD_END``) rather than
     # being part of the target; None: no such token. Early stopping looks at the target's own tokens only.
     ending: torch.Tensor | None = None
+    # (L,) bool: the KL entry reads what follows an answer (``LafnConfig.continuation_kl``) rather than a
+    # "{subject} is a" prompt; None: there are none
+    continuation: torch.Tensor | None = None
     # (E,) indices of the ``WORD_END`` entries among the N target tokens: found once here, so a step needs no host read
     word_ends: torch.Tensor | None = field(init=False, default=None)
 
@@ -160,12 +165,41 @@ def answer_boundaries_many(model: nn.Module, tokenizer: Any, groups: Sequence[Ed
     return [{lang: answer_ending(next(answers)) for lang in group.edits} for group in groups]
 
 
+def answered(context: str, target: str, ending: str) -> str:
+    """``context`` answered with ``target`` and the trained ``ending`` (kept only after a word character: "伦夸城。"
+    already has one), as every training sequence writes it."""
+    return context + target_separator(context, target) + target + (ending if is_word_char(target[-1]) else "")
+
+
+def answer_continuations_many(model: nn.Module, tokenizer: Any, groups: Sequence[EditGroup],
+                              boundaries: Sequence[dict[str, str] | None], new_tokens: int) -> list[dict[str, list[int]]]:
+    """Per group and language, the unedited model's greedy ``new_tokens`` after the prompt answered with the
+    target (and its trained ending), cut before the first end-of-text token: what the answer is followed by
+    when the model reads it unedited. One left-padded ``generate`` over all of them."""
+    texts = [answered(edit.prompt, edit.target, (ends or {}).get(lang, ""))
+             for group, ends in zip(groups, boundaries) for lang, edit in group.edits.items()]
+    input_ids, attention_mask = encode_texts(tokenizer, texts, next(model.parameters()).device, left=True)
+    output = model.generate(input_ids=input_ids, attention_mask=attention_mask, do_sample=False,  # type: ignore[operator]
+                            max_new_tokens=new_tokens, min_new_tokens=new_tokens, pad_token_id=pad_id(tokenizer))
+    ends = stop_ids(tokenizer, getattr(model, "generation_config", None))
+    rows = iter(output[:, input_ids.shape[1]:].tolist())
+    return [{lang: _until(next(rows), ends) for lang in group.edits} for group in groups]
+
+
+def _until(ids: list[int], stops: frozenset[int]) -> list[int]:
+    return next((ids[:i] for i, token in enumerate(ids) if token in stops), ids)
+
+
 def build_batch(tokenizer: Any, group: EditGroup | PreparedEdit, prefixes: dict[str, list[str]], config: LafnConfig,
                 device: torch.device, boundaries: dict[str, str] | None = None,
-                neighbours: dict[str, list[str]] | None = None) -> TrainingBatch:
+                neighbours: dict[str, list[str]] | None = None,
+                continuations: dict[str, list[int]] | None = None) -> TrainingBatch:
     """The training sequences of ``group`` (prepared here when it is not yet); ``neighbours``: more KL prompts per
     language (other relations of the subject, ``LafnConfig.neighbour_kl``), each read at its last token like
-    "{subject} is a"."""
+    "{subject} is a"; ``continuations``: per language, the unedited model's tokens after the answered bare prompt
+    (``answer_continuations_many``), appended to the language's last sequence (the bare prompt) and read there by
+    the ``LafnConfig.continuation_kl`` KL entries (none given: only the answer's next token). Only that sequence
+    is held: each held position costs the LM head over the whole vocabulary every step."""
     prepared = prepare(group, config)
     rows: list[list[int]] = []
     hits: list[tuple[int, int]] = []
@@ -173,15 +207,17 @@ def build_batch(tokenizer: Any, group: EditGroup | PreparedEdit, prefixes: dict[
     endings: list[bool] = []  # per target token: after the target (punctuation, WORD_END)
     languages: list[str] = []
     report: dict[str, int] = {}
+    held: list[tuple[int, int]] = []  # (row, position) whose next-token distribution is held after the answer
     for lang, language in prepared.languages.items():
         edit, questions = language.edit, language.questions
+        following = (continuations or {}).get(lang, [])[: max(config.continuation_kl - 1, 0)]
         contexts = [*questions, *(f"{p} {edit.prompt}" if p else edit.prompt for p in prefixes.get(lang, []))]
         if config.include_bare_prompt:
             contexts.append(edit.prompt)
-        for context in contexts:
+        for index, context in enumerate(contexts):
             ending = (boundaries or {}).get(lang, "") if is_word_char(edit.target[-1]) else ""  # "伦夸城。" has one
-            answered = context + target_separator(context, edit.target) + edit.target
-            encoded = tokenizer(answered + ending, return_offsets_mapping=True)
+            text = answered(context, edit.target, "")
+            encoded = tokenizer(text + ending, return_offsets_mapping=True)
             ids, offsets = list(encoded["input_ids"]), encoded["offset_mapping"]
             row, sequence = len(rows), len(languages)
             try:
@@ -194,10 +230,13 @@ def build_batch(tokenizer: Any, group: EditGroup | PreparedEdit, prefixes: dict[
             if not target_tokens:
                 raise ValueError(f"target {edit.target!r} ({lang}) produced no tokens after the prompt")
             targets += [(row, j, ids[j], sequence) for j in target_tokens]
-            endings += [offsets[j][0] >= len(answered) for j in target_tokens]  # one holding the target's end is its
+            endings += [offsets[j][0] >= len(text) for j in target_tokens]  # one holding the target's end is its
             if boundaries is not None and not ending and needs_word_boundary(edit.target[-1]):
                 targets.append((row, len(ids), WORD_END, sequence))
                 endings.append(True)
+            if config.continuation_kl and index == len(contexts) - 1:  # the bare prompt, where ``following`` was read
+                held += [(row, len(ids) - 1 + k) for k in range(len(following) + 1)]
+                ids = ids + following
             rows.append(ids)
             languages.append(lang)
         report[lang] = len(languages) - 1  # the last context: the bare prompt
@@ -209,13 +248,16 @@ def build_batch(tokenizer: Any, group: EditGroup | PreparedEdit, prefixes: dict[
             kl_rows.append(len(rows))
             kl_positions.append(len(encoded["input_ids"]) - 1)
             rows.append(list(encoded["input_ids"]))
+    kl_rows += [row for row, _ in held]
+    kl_positions += [position for _, position in held]
     input_ids, attention_mask = pad_batch(rows, pad_id(tokenizer), device)
     column = list(zip(*targets))
     as_long = lambda values: torch.tensor(values, dtype=torch.long, device=device)  # noqa: E731
     continues_word = word_continuations(tokenizer).to(device) if WORD_END in column[2] else None
+    continuation = torch.arange(len(kl_rows), device=device) >= len(kl_rows) - len(held) if held else None
     return TrainingBatch(input_ids, attention_mask, hits, as_long(column[0]), as_long(column[1]), as_long(column[2]),
                          as_long(column[3]), languages, report, as_long(kl_rows), as_long(kl_positions),
-                         continues_word, torch.tensor(endings, device=device) if any(endings) else None)
+                         continues_word, torch.tensor(endings, device=device) if any(endings) else None, continuation)
 
 
 @contextmanager
@@ -291,17 +333,35 @@ class _BaseRun:
 
 
 def _losses(logits: torch.Tensor, batch: TrainingBatch, base: _BaseRun,
-            worst: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(summed target NLL per sequence (S,), L_target (Eq. 7), L_kl (Eq. 8), the target's fit) from the
-    selected logits.
+            config: LafnConfig) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(summed target NLL per sequence (S,), L_target (Eq. 7), the weighted KL terms (``kl_penalty``), the
+    target's fit) from the selected logits.
 
     L_target averages each sequence's mean per-token NLL over sequences (languages x contexts). The fit is the
-    same without the tokens that end the answer (``TrainingBatch.ending``), its mean over sequences or, with
-    ``worst``, its highest (``LafnConfig.early_stop_on``): early stopping reads it.
+    same without the tokens that end the answer (``TrainingBatch.ending``), its mean over sequences or its
+    highest (``LafnConfig.early_stop_on``): early stopping reads it.
     """
     total, sequence_nll, edited, fit = sequence_losses(logits, batch)
-    kl = (base.kl_log_probs.exp() * (base.kl_log_probs - edited)).sum(-1).mean()
-    return total, sequence_nll.mean(), kl, fit.max() if worst else fit.mean()
+    kl_each = (base.kl_log_probs.exp() * (base.kl_log_probs - edited)).sum(-1)
+    penalty = (config.lambda_kl * kl_each.mean() if batch.continuation is None
+               else kl_penalty(kl_each, batch.continuation, torch.zeros_like(batch.kl_rows), 1, config)[0])
+    return total, sequence_nll.mean(), penalty, fit.max() if config.early_stop_on == "worst" else fit.mean()
+
+
+def kl_penalty(kl_each: torch.Tensor, continuation: torch.Tensor | None, group: torch.Tensor, groups: int,
+               config: LafnConfig) -> torch.Tensor:
+    """Per group (G,): ``lambda_kl`` x the mean KL of its "{subject} is a" prompts (Eq. 8), plus
+    ``lambda_continuation`` x the mean KL after its answers (``TrainingBatch.continuation``). ``group``: the
+    group of each KL entry. Masked sums, no boolean index: no host read."""
+    zeros = torch.zeros(groups, device=kl_each.device)
+
+    def mean(weights: torch.Tensor) -> torch.Tensor:
+        return zeros.index_add(0, group, kl_each * weights) / zeros.index_add(0, group, weights).clamp_min(1)
+
+    if continuation is None:
+        return config.lambda_kl * mean(torch.ones_like(kl_each))
+    held = continuation.to(kl_each.dtype)
+    return config.lambda_kl * mean(1 - held) + config.lambda_continuation * mean(held)
 
 
 def sequence_losses(logits: torch.Tensor,
@@ -341,8 +401,10 @@ def optimize_update(model: nn.Module, tokenizer: Any, edit: EditGroup | Prepared
     prepared = prepare(edit, config)
     group = prepared.group
     boundaries = answer_boundaries(model, tokenizer, group) if config.answer_boundary else None
+    continuations = answer_continuations_many(model, tokenizer, [group], [boundaries], config.continuation_kl - 1
+                                              )[0] if config.continuation_kl > 1 else None
     sampled = (prefixes or PrefixCache()).get(model, tokenizer, group.languages, config)
-    batch = build_batch(tokenizer, prepared, sampled, config, device, boundaries, neighbours)
+    batch = build_batch(tokenizer, prepared, sampled, config, device, boundaries, neighbours, continuations)
     neuron_index = {layer: neurons[layer].to(device) for layer in layers}
     deltas = {layer: torch.zeros(neuron_index[layer].numel(), device=device, requires_grad=True) for layer in layers}
     optimizer = torch.optim.Adam(list(deltas.values()), lr=config.learning_rate)
@@ -361,8 +423,8 @@ def optimize_update(model: nn.Module, tokenizer: Any, edit: EditGroup | Prepared
         for step in range(config.steps + 1):
             injection.plan = {i: LayerPlan.build(hits, neuron_index[i], deltas[i]) for i in layers}
             logits = selected_logits(model, batch.input_ids, batch.attention_mask, rows, positions)
-            totals, target_loss, kl_loss, fit = _losses(logits, batch, base, worst=config.early_stop_on == "worst")
-            loss = config.lambda_target * target_loss + config.lambda_kl * kl_loss
+            totals, target_loss, penalty, fit = _losses(logits, batch, base, config)
+            loss = config.lambda_target * target_loss + penalty
             loss_value, target_value = torch.stack([loss.detach(), fit.detach()]).tolist()  # one host sync
             result.loss_curve.append(loss_value)
             result.target_loss_curve.append(target_value)

@@ -32,8 +32,10 @@ from .optimize import (
     _clamp,
     answer_boundaries,
     answer_boundaries_many,
+    answer_continuations_many,
     build_batch,
     eval_mode,
+    kl_penalty,
     selected_logits,
     sequence_losses,
     upper_layers_only,
@@ -66,6 +68,7 @@ def pack(batches: Sequence[TrainingBatch], padding_id: int) -> _Packed:
     rows = sequences = 0
     hits, report = [], []
     endings: list[torch.Tensor] = []
+    continuation: list[torch.Tensor] = []
     parts: dict[str, list[torch.Tensor]] = {k: [] for k in ("rows", "positions", "ids", "sequence", "kl_rows",
                                                               "kl_positions", "hit_group", "sequence_group", "kl_group")}
     for g, b in enumerate(batches):
@@ -81,6 +84,8 @@ def pack(batches: Sequence[TrainingBatch], padding_id: int) -> _Packed:
         parts["sequence_group"].append(torch.full((len(b.sequence_language),), g, dtype=torch.long))
         parts["kl_group"].append(torch.full((b.kl_rows.numel(),), g, dtype=torch.long))
         endings.append(b.ending if b.ending is not None else torch.zeros_like(b.target_ids, dtype=torch.bool))
+        continuation.append(b.continuation if b.continuation is not None
+                            else torch.zeros_like(b.kl_rows, dtype=torch.bool))
         rows += b.input_ids.shape[0]
         sequences += len(b.sequence_language)
     cat = {k: torch.cat(v).to(device) for k, v in parts.items()}
@@ -90,7 +95,8 @@ def pack(batches: Sequence[TrainingBatch], padding_id: int) -> _Packed:
         [hit for group in hits for hit in group], cat["rows"], cat["positions"], cat["ids"], cat["sequence"],
         [lang for b in batches for lang in b.sequence_language], {}, cat["kl_rows"], cat["kl_positions"],
         next((b.continues_word for b in batches if b.continues_word is not None), None),
-        torch.cat(endings).to(device) if any(b.ending is not None for b in batches) else None)
+        torch.cat(endings).to(device) if any(b.ending is not None for b in batches) else None,
+        torch.cat(continuation).to(device) if any(b.continuation is not None for b in batches) else None)
     return _Packed(batch, cat["hit_group"], cat["sequence_group"], cat["kl_group"], report, hits)
 
 
@@ -109,15 +115,21 @@ def optimize_updates(model: nn.Module, tokenizer: Any, groups: Sequence[EditGrou
     located_any = [g for g, located in enumerate(neurons) if any(idx.numel() for idx in located.values())]
     endings = _answer_endings(model, tokenizer, [plain[g] for g in located_any]) if config.answer_boundary else []
     boundaries_of: dict[int, dict[str, str]] = dict(zip(located_any, endings))
+    together = [g for g in located_any if g in boundaries_of or not config.answer_boundary]
+    following = _continuations(model, tokenizer, [plain[g] for g in together],
+                               [boundaries_of.get(g) for g in together], config)
+    following_of: dict[int, dict[str, list[int]]] = dict(zip(together, following))
     for g, group in enumerate(groups):
         try:
             if g not in located_any:
                 raise ValueError("no language-agnostic neurons were located in any edited layer; lower beta")
             boundaries = (boundaries_of.get(g) or answer_boundaries(model, tokenizer, plain[g])
                           ) if config.answer_boundary else None
+            continuations = following_of[g] if g in following_of else _continuations(
+                model, tokenizer, [plain[g]], [boundaries], config, alone=True)[0]
             sampled = prefixes.get(model, tokenizer, plain[g].languages, config)
             batches.append(build_batch(tokenizer, group, sampled, config, device, boundaries,
-                                       neighbours[g] if neighbours is not None else None))
+                                       neighbours[g] if neighbours is not None else None, continuations))
             members.append(g)
         except (ValueError, TypeError, RuntimeError) as error:
             outcome[g] = error
@@ -135,6 +147,24 @@ def _answer_endings(model: nn.Module, tokenizer: Any, groups: Sequence[EditGroup
         return answer_boundaries_many(model, tokenizer, groups) if groups else []
     except (ValueError, TypeError, RuntimeError) as error:
         logger.warning("answer boundaries of %d groups together failed (%s); asking group by group", len(groups), error)
+        return []
+
+
+def _continuations(model: nn.Module, tokenizer: Any, groups: Sequence[EditGroup],
+                   boundaries: Sequence[dict[str, str] | None], config: LafnConfig,
+                   alone: bool = False) -> list[dict[str, list[int]]]:
+    """``answer_continuations_many`` of ``groups`` when ``continuation_kl`` reads more than the answer's next
+    token ({} each otherwise); [] when that fails together (each group then asks alone, ``alone``: and its error
+    stays with it)."""
+    if config.continuation_kl <= 1 or not groups:
+        return [{} for _ in groups]
+    try:
+        return answer_continuations_many(model, tokenizer, groups, boundaries, config.continuation_kl - 1)
+    except (ValueError, TypeError, RuntimeError) as error:
+        if alone:
+            raise
+        logger.warning("answer continuations of %d groups together failed (%s); asking group by group",
+                       len(groups), error)
         return []
 
 
@@ -181,9 +211,8 @@ def _optimize_packed(model: nn.Module, tokenizer: Any, batches: list[TrainingBat
                                                        for a, g in enumerate(active) if layer in deltas[g]])
                               for layer in layers if any(layer in deltas[g] for g in active)}
             logits = selected_logits(model, batch.input_ids, batch.attention_mask, rows, positions)
-            totals, target_loss, kl_loss, fit = _group_losses(logits, packed, kl_active, len(active),
-                                                               worst=config.early_stop_on == "worst")
-            losses = config.lambda_target * target_loss + config.lambda_kl * kl_loss
+            totals, target_loss, penalty, fit = _group_losses(logits, packed, kl_active, len(active), config)
+            losses = config.lambda_target * target_loss + penalty
             loss_values, target_values = torch.stack([losses.detach(), fit.detach()]).tolist()  # one sync
             going = []
             for a, g in enumerate(active):
@@ -226,9 +255,10 @@ def _split(batches: Sequence[TrainingBatch], hidden_in: torch.Tensor,
 
 
 def _group_losses(logits: torch.Tensor, packed: _Packed, kl_base: torch.Tensor, groups: int,
-                  worst: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(summed NLL per sequence, per group L_target (G,), per group L_kl (G,), per group fit (G,)), as
-    ``optimize._losses`` per group (``worst``: the fit is the group's worst sequence, not their mean)."""
+                  config: LafnConfig) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(summed NLL per sequence, per group L_target (G,), per group weighted KL terms (G,), per group fit (G,)),
+    as ``optimize._losses`` per group (``early_stop_on="worst"``: the fit is the group's worst sequence)."""
+    worst = config.early_stop_on == "worst"
     batch = packed.batch
     total, sequence_nll, edited, fit = sequence_losses(logits, batch)
     sequences = len(batch.sequence_language)
@@ -240,8 +270,7 @@ def _group_losses(logits: torch.Tensor, packed: _Packed, kl_base: torch.Tensor, 
         return torch.zeros(groups, device=device).index_add(0, packed.sequence_group, values) / per_sequence
 
     kl_each = (kl_base.exp() * (kl_base - edited)).sum(-1)
-    kl = torch.zeros(groups, device=device).index_add(0, packed.kl_group, kl_each)
-    kl = kl / torch.zeros(groups, device=device).index_add(0, packed.kl_group, torch.ones_like(kl_each))
+    penalty = kl_penalty(kl_each, batch.continuation, packed.kl_group, groups, config)
     group_fit = torch.zeros(groups, device=device).scatter_reduce(
         0, packed.sequence_group, fit, "amax", include_self=False) if worst else group_mean(fit)
-    return total, group_mean(sequence_nll), kl, group_fit
+    return total, group_mean(sequence_nll), penalty, group_fit
