@@ -26,6 +26,7 @@ from transformers import StoppingCriteria, StoppingCriteriaList
 from .bank.store import load_bank
 from .config import LafnConfig, config_with_defaults
 from .model import EditableCausalLM
+from .routing.cache_rows import cache_keyword, returned_cache
 from .tokens import pad_batch, pad_id, stop_ids, target_separator
 from .zsre import Item, matchability, resolve_item
 
@@ -178,11 +179,12 @@ def _forced_argmax(model: EditableCausalLM, prompts: Sequence[list[int]], golds:
     positions = (mask.cumsum(-1) - 1).clamp(min=0)  # as generate() counts them under left padding
     output = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True, logits_to_keep=1)
     steps = [output.logits[:, -1]]
+    keyword = cache_keyword(model.model)  # cache= where the model takes it (past_key_values= is deprecated there)
     gold_ids, gold_mask = pad_batch(golds, pad_id(model.tokenizer), model.device)  # right-padded: pads come last
     for j in range(max(len(gold) for gold in golds) - 1):  # the last gold token is predicted by the one before it
         mask = torch.cat([mask, gold_mask[:, j : j + 1]], dim=1)
         output = model(input_ids=gold_ids[:, j : j + 1], attention_mask=mask, position_ids=positions[:, -1:] + 1 + j,
-                       past_key_values=output.past_key_values, use_cache=True)
+                       use_cache=True, **{keyword: returned_cache(output)})
         steps.append(output.logits[:, -1])
     argmax = torch.stack(steps, dim=1).argmax(-1)
     return [argmax[row, : len(gold)].tolist() for row, gold in enumerate(golds)]

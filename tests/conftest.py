@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import inspect
 import json
 from pathlib import Path
 from typing import Any
@@ -20,6 +21,9 @@ from lafn_hf.bank.base_model import BaseModelRef
 from lafn_hf.models import tiny_fact_group, tiny_model_path
 
 TINY_DIR = tiny_model_path()
+# the forward's KV cache keyword: ``cache`` since transformers 5.21-5.24 (``past_key_values`` is its deprecated
+# alias there, removal in 5.40), ``past_key_values`` before
+CACHE = "cache" if "cache" in inspect.signature(LlamaForCausalLM.forward).parameters else "past_key_values"
 SMALL_BASE = BaseModelRef("acme/tiny", None, "llama", 32, 64, 3)  # a base the small test banks name
 
 

@@ -1,7 +1,9 @@
 from __future__ import annotations
 
+import inspect
 import json
 import struct
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -16,7 +18,16 @@ from lafn_hf.editing.analysis import (
     plot_difference_heatmap,
     plot_neuron_counts,
 )
-from lafn_hf.evaluate import EvalSettings, evaluate, evaluate_item, remake_score, token_f1
+from lafn_hf.evaluate import (
+    EvalSettings,
+    answer_ids,
+    evaluate,
+    evaluate_item,
+    predict_batch,
+    remake_score,
+    token_f1,
+)
+from lafn_hf.routing.cache_rows import cache_keyword
 from lafn_hf.zsre import ZsreRecord, load_files, load_items, matchability, merge_items
 
 FIXTURES = Path(__file__).parent / "fixtures"
@@ -30,6 +41,39 @@ def test_token_f1_on_hand_computed_examples(tokenizer: Any) -> None:
     gold = tokenizer("伦夸城", add_special_tokens=False)["input_ids"]
     assert token_f1(list(reversed(gold)), gold) == 1.0
     assert token_f1(tokenizer("伦多城", add_special_tokens=False)["input_ids"], gold) < 1.0
+
+
+def test_teacher_forcing_passes_the_cache_by_its_current_name(tokenizer: Any, trained_model: Any,
+                                                              facts: dict[str, Any]) -> None:
+    """The gold tokens are read through the KV cache under the keyword the model's forward names (``cache=`` in
+    transformers 5.2x on, where ``past_key_values=`` is deprecated and warns; ``past_key_values=`` on 5.0), and
+    the argmaxes equal those of one forward over prompt and gold without a cache."""
+    keyword = cache_keyword(trained_model)
+    with_cache = "cache" in inspect.signature(trained_model.forward).parameters
+    assert keyword == ("cache" if with_cache else "past_key_values")
+    rows = facts["facts"]
+    prompts = [facts["templates"]["en"][0].format(s=rows[0]["en"]["subject"]),
+               facts["templates"]["zh"][1].format(s=rows[3]["zh"]["subject"])]  # two lengths: left padding
+    golds = [answer_ids(tokenizer, prompts[0], rows[5]["en"]["object"] + " and " + rows[0]["en"]["object"]),
+             answer_ids(tokenizer, prompts[1], rows[3]["zh"]["object"])]
+    model = EditableCausalLM(trained_model, tokenizer)
+    passed: list[set[str]] = []
+    handle = trained_model.register_forward_pre_hook(
+        lambda module, args, kwargs: passed.append({k for k, v in kwargs.items() if v is not None}), with_kwargs=True)
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("error", message=".*past_key_values", category=FutureWarning)
+            forced = predict_batch(model, prompts, "teacher_forced", golds, [len(g) for g in golds])
+    finally:
+        handle.remove()
+    assert len(passed) == max(len(g) for g in golds)  # the prompts' forward, then one per gold token but the last
+    assert all(keyword in kwargs for kwargs in passed[1:]) and not any(
+        with_cache and "past_key_values" in kwargs for kwargs in passed)
+    for prompt, gold, answer in zip(prompts, golds, forced):
+        ids = tokenizer(prompt)["input_ids"]
+        with torch.no_grad():
+            logits = trained_model(input_ids=torch.tensor([ids + gold[:-1]]), use_cache=False).logits[0]
+        assert answer == logits[len(ids) - 1:].argmax(-1).tolist()
 
 
 def test_loader_aliases_merge_and_matchability() -> None:

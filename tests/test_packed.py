@@ -3,24 +3,23 @@
 
 from __future__ import annotations
 
-import inspect
 import logging
 from collections.abc import Sequence
 
 import pytest
 import torch
-from transformers import DynamicCache, LlamaForCausalLM
+from transformers import DynamicCache
 
 from lafn_hf import EditableCausalLM, LafnConfig
 from lafn_hf.models import tiny_fact_group, tiny_facts, tiny_model_path
 from lafn_hf.runtime.inject import entries_selected
 from lafn_hf.runtime.packed import PackedSequence, RequestReaders, layout_problem, packed_batch
 
+from .conftest import CACHE
+
 FACTS = tiny_facts()["facts"]
 TEMPLATE = tiny_facts()["templates"]["en"][0]  # "The capital of {s} is"
 PROMPTS = [TEMPLATE.format(s=FACTS[i]["en"]["subject"]) for i in (0, 2, 5)]  # edited, edited, unrelated
-# the forward's KV cache keyword: ``cache`` since transformers 5.21-5.24, ``past_key_values`` before
-CACHE = "cache" if "cache" in inspect.signature(LlamaForCausalLM.forward).parameters else "past_key_values"
 
 
 @pytest.fixture(scope="module")

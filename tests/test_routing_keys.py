@@ -14,10 +14,11 @@ from lafn_hf import BankEntry, EditableCausalLM, EditBank, EditGroup, LafnConfig
 from lafn_hf.bank.entries import KeySpace, RoutingKey
 from lafn_hf.bank.store import load_bank, save_bank
 from lafn_hf.routing import RoutingConfig, layer_inputs, routes
+from lafn_hf.routing.cache_rows import returned_cache
 from lafn_hf.routing.keys import calibrate_key_space, entry_key, head_states, key_space, negative_states, subject_head
 from lafn_hf.routing.matcher import SubjectMatcher
 
-from .conftest import fact_group, greedy, make_entry, random_model
+from .conftest import CACHE, fact_group, greedy, make_entry, random_model
 
 SUBJECT = "Marbrafi"
 PROMPT = f"The capital of {SUBJECT} is"
@@ -71,8 +72,8 @@ def test_representation_routing_is_the_same_with_a_kv_cache_and_padding(tokenize
         cache = DynamicCache()
         stepped = []
         for token in ids:
-            out = editable(input_ids=torch.tensor([[token]]), past_key_values=cache, use_cache=True)
-            cache = out.past_key_values
+            out = editable(input_ids=torch.tensor([[token]]), use_cache=True, **{CACHE: cache})
+            cache = returned_cache(out)
             stepped.append(out.logits[0, -1])
         assert torch.allclose(torch.stack(stepped), full, atol=1e-5)
         other = tokenizer("In Thofilun, the capital is a city")["input_ids"]

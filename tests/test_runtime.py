@@ -2,18 +2,18 @@
 
 from __future__ import annotations
 
-import inspect
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import pytest
 import torch
-from transformers import DynamicCache, LlamaForCausalLM, LogitsProcessor, LogitsProcessorList
+from transformers import DynamicCache, LogitsProcessor, LogitsProcessorList
 
 from lafn_hf import EditableCausalLM
+from lafn_hf.routing.cache_rows import returned_cache
 
-from .conftest import fact_group, make_entry, random_model
+from .conftest import CACHE, fact_group, make_entry, random_model
 
 SUBJECT = "Marbrafi"
 LONG_SUBJECT = "Quixaro"  # five tokens of the toy tokenizer ("Marbrafi" is one)
@@ -28,8 +28,8 @@ def generate_ids(model: Any, tokenizer: Any, prompt: str, new_tokens: int = 4, *
 
 def forward_logits(model: Any, ids: list[int], cache: Any = None) -> tuple[torch.Tensor, Any]:
     with torch.no_grad():
-        out = model(input_ids=torch.tensor([ids]), past_key_values=cache, use_cache=cache is not None)
-    return out.logits[0], out.past_key_values
+        out = model(input_ids=torch.tensor([ids]), use_cache=cache is not None, **{CACHE: cache})
+    return out.logits[0], returned_cache(out)
 
 
 def test_four_threads_generating_see_exactly_their_own_edits(trained_model: Any, tokenizer: Any,
@@ -136,18 +136,19 @@ def test_a_subject_whose_word_goes_on_fires_only_where_the_next_token_was_not_re
     assert not torch.allclose(torch.cat(rows), plain, rtol=1e-4, atol=1e-5)
 
 
-@pytest.mark.skipif("cache" not in inspect.signature(LlamaForCausalLM.forward).parameters,
-                    reason="this transformers (before 5.21-5.24) names the cache past_key_values= only")
-def test_the_cache_keyword_carries_the_reading_like_past_key_values(tokenizer: Any) -> None:
-    """transformers 5.x names the cache ``cache=`` (``past_key_values=`` is its deprecated alias)."""
+@pytest.mark.skipif(CACHE == "past_key_values",
+                    reason="this transformers (before 5.21-5.24) names the cache past_key_values=: the tests above")
+def test_the_deprecated_past_key_values_keyword_carries_the_reading_like_cache(tokenizer: Any) -> None:
+    """transformers 5.2x names the cache ``cache=`` (the tests above); ``past_key_values=``, its deprecated alias
+    until 5.40 (a FutureWarning) and the name callers written for 5.0 use, carries each row's reading too."""
     editable = EditableCausalLM(random_model("qwen2", len(tokenizer)), tokenizer)
     editable.add_entry(make_entry({"en": LONG_SUBJECT}, layers=(0, 2), scale=10.0))
     ids = tokenizer(f"So {LONG_SUBJECT} was {LONG_SUBJECT}.")["input_ids"]
     full, _ = forward_logits(editable, ids)
     cache, rows = DynamicCache(), []
-    with torch.no_grad():
+    with torch.no_grad(), pytest.warns(FutureWarning, match="past_key_values"):
         for token in ids:
-            rows.append(editable(input_ids=torch.tensor([[token]]), cache=cache, use_cache=True).logits[0])
+            rows.append(editable(input_ids=torch.tensor([[token]]), past_key_values=cache, use_cache=True).logits[0])
     torch.testing.assert_close(torch.cat(rows), full, rtol=1e-4, atol=1e-5)
 
 
@@ -234,9 +235,9 @@ def test_beam_reordering_moves_each_rows_reading_with_it(tokenizer: Any) -> None
     assert len(rows[0]) == len(rows[1])
     subject_ids = tokenizer(SUBJECT, add_special_tokens=False)["input_ids"]
     with torch.no_grad():
-        cache = editable(input_ids=torch.tensor(rows), use_cache=True).past_key_values
+        cache = returned_cache(editable(input_ids=torch.tensor(rows), use_cache=True))
         cache.reorder_cache(torch.tensor([1, 0]))
-        stepped = editable(input_ids=torch.tensor([subject_ids, subject_ids]), past_key_values=cache).logits
+        stepped = editable(input_ids=torch.tensor([subject_ids, subject_ids]), **{CACHE: cache}).logits
     for row, source in enumerate((1, 0)):
         full, _ = forward_logits(editable, rows[source] + subject_ids)
         torch.testing.assert_close(stepped[row], full[len(rows[source]):], rtol=1e-4, atol=1e-5)

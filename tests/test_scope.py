@@ -17,7 +17,7 @@ from lafn_hf.routing import RoutingConfig, routes
 from lafn_hf.routing.keys import layer_inputs
 from lafn_hf.routing.scope import occurrence_states, relation_names, relation_templates, sentence_window
 
-from .conftest import SMALL_BASE, fact_group, make_entry, random_model
+from .conftest import CACHE, SMALL_BASE, fact_group, make_entry, random_model
 
 SUBJECT = "Marbrafi"
 CAPITAL = f"What is the capital of {SUBJECT}?"
@@ -44,7 +44,7 @@ def scope_of(model: EditableCausalLM, tokenizer: Any, own: list[str], others: li
 def logits(model: Any, tokenizer: Any, text: str, cache: Any = None) -> torch.Tensor:
     ids = tokenizer(text, return_tensors="pt")["input_ids"]
     with torch.no_grad():
-        return model(input_ids=ids, past_key_values=cache, use_cache=cache is not None).logits[0]
+        return model(input_ids=ids, use_cache=cache is not None, **{CACHE: cache}).logits[0]
 
 
 def scoped_model(tokenizer: Any, *, seed: int = 0) -> EditableCausalLM:
@@ -114,9 +114,9 @@ def test_a_chat_turn_through_the_cache_is_scoped_like_a_fresh_forward(tokenizer:
         cache = DynamicCache()
         ids = tokenizer(first, return_tensors="pt")["input_ids"]
         with torch.no_grad():
-            editable(input_ids=ids, past_key_values=cache, use_cache=True)
+            editable(input_ids=ids, use_cache=True, **{CACHE: cache})
             more = tokenizer(second, add_special_tokens=False, return_tensors="pt")["input_ids"]
-            turn = editable(input_ids=more, past_key_values=cache, use_cache=True).logits[0]
+            turn = editable(input_ids=more, use_cache=True, **{CACHE: cache}).logits[0]
         torch.testing.assert_close(turn, full[ids.shape[1]:], rtol=1e-4, atol=1e-5)
         with editable.edits_disabled():
             plain = logits(editable, tokenizer, first + second)

@@ -12,6 +12,7 @@ afresh at the new tokens: subjects split across that boundary are not seen.
 
 from __future__ import annotations
 
+import inspect
 import logging
 import types
 from collections.abc import Callable, Sequence, Set
@@ -29,6 +30,17 @@ def cache_argument(kwargs: dict[str, Any]) -> Any:
     transformers 5.x, e.g. 5.24) or its older name ``past_key_values=``."""
     cache = kwargs.get("cache")
     return kwargs.get("past_key_values") if cache is None else cache
+
+
+def cache_keyword(model: Any) -> str:
+    """The keyword ``model``'s forward takes its KV cache by: ``cache`` where the forward names it (transformers
+    5.2x on, where ``past_key_values=`` is a deprecated alias, to be removed in 5.40), else ``past_key_values``
+    (transformers 5.0 and models whose forward does not name ``cache``)."""
+    try:
+        parameters = inspect.signature(model.forward).parameters
+    except (AttributeError, TypeError, ValueError):
+        return "past_key_values"
+    return "cache" if "cache" in parameters else "past_key_values"
 
 
 def returned_cache(output: Any) -> Any:
