@@ -104,10 +104,11 @@ class LafnConfig:
             On by default: on MzsRE dev items 0-14 (Gemma-3-270M, en+zh) answer hit and F1 were the
             same with and without the punctuation, and it ends the demo's Chinese answer at "罗马，"
             instead of "罗马尼亚"; it costs one greedy generate per language per edit.
-        continuation_kl: hold this many next-token distributions after the answer to the bare prompt (and its
-            ending) to the unedited model's reading the same answer: the position right after the answer and,
-            from 2 on, the positions of the unedited model's own greedy continuation of it (one greedy
-            ``generate`` of ``continuation_kl - 1`` tokens per language). dV is added at the
+        continuation_kl: hold this many next-token distributions after each trained answer (and its ending)
+            to the unedited model's reading the same sequence: the position right after the answer and, from
+            2 on, the positions of the unedited model's own greedy continuation of the bare prompt's answer
+            (one greedy ``generate`` of ``continuation_kl - 1`` tokens per language), appended to every
+            sequence of the language. dV is added at the
             subject's last token, which every later token reads; without this term nothing tells dV to stop
             naming the target once it has been said, and edited answers repeat it ("V Ravichandran V
             Ravichandran", "旧金山旧金山"). 0: off (the paper).

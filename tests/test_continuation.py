@@ -24,7 +24,7 @@ CPU = torch.device("cpu")
 NEURONS = {1: torch.arange(0, 64, 2), 2: torch.arange(1, 64, 2)}
 
 
-def test_the_bare_prompts_sequence_reads_the_answers_next_token_and_the_appended_continuation(
+def test_every_sequence_reads_the_answers_next_token_and_the_appended_continuation(
         tokenizer: Any, facts: dict[str, Any]) -> None:
     group = fact_group(facts, 0, 1)
     config = LafnConfig(num_prefixes=1, continuation_kl=3)
@@ -35,8 +35,8 @@ def test_the_bare_prompts_sequence_reads_the_answers_next_token_and_the_appended
     assert batch.continuation is not None and plain.continuation is None
     assert torch.equal(batch.kl_rows[~batch.continuation], plain.kl_rows)  # "{subject} is a" first, as before
     held_rows = batch.kl_rows[batch.continuation]
-    assert set(held_rows.tolist()) == set(batch.report_sequence.values())  # the bare prompts' rows only
-    for lang, row in batch.report_sequence.items():
+    assert set(held_rows.tolist()) == set(range(len(batch.sequence_language)))  # every sequence, prefixed or not
+    for row, lang in enumerate(batch.sequence_language):
         answer_end = int(plain.attention_mask[row].sum()) - 1  # the last token of the answer
         appended = following[lang][:2]
         assert batch.input_ids[row, answer_end + 1 : answer_end + 1 + len(appended)].tolist() == appended

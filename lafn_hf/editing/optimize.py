@@ -197,9 +197,9 @@ def build_batch(tokenizer: Any, group: EditGroup | PreparedEdit, prefixes: dict[
     """The training sequences of ``group`` (prepared here when it is not yet); ``neighbours``: more KL prompts per
     language (other relations of the subject, ``LafnConfig.neighbour_kl``), each read at its last token like
     "{subject} is a"; ``continuations``: per language, the unedited model's tokens after the answered bare prompt
-    (``answer_continuations_many``), appended to the language's last sequence (the bare prompt) and read there by
-    the ``LafnConfig.continuation_kl`` KL entries (none given: only the answer's next token). Only that sequence
-    is held: each held position costs the LM head over the whole vocabulary every step."""
+    (``answer_continuations_many``), appended to every sequence of the language and read there by the
+    ``LafnConfig.continuation_kl`` KL entries against the unedited model reading that very sequence (none given:
+    only the answer's next token)."""
     prepared = prepare(group, config)
     rows: list[list[int]] = []
     hits: list[tuple[int, int]] = []
@@ -214,7 +214,7 @@ def build_batch(tokenizer: Any, group: EditGroup | PreparedEdit, prefixes: dict[
         contexts = [*questions, *(f"{p} {edit.prompt}" if p else edit.prompt for p in prefixes.get(lang, []))]
         if config.include_bare_prompt:
             contexts.append(edit.prompt)
-        for index, context in enumerate(contexts):
+        for context in contexts:
             ending = (boundaries or {}).get(lang, "") if is_word_char(edit.target[-1]) else ""  # "伦夸城。" has one
             text = answered(context, edit.target, "")
             encoded = tokenizer(text + ending, return_offsets_mapping=True)
@@ -234,10 +234,9 @@ def build_batch(tokenizer: Any, group: EditGroup | PreparedEdit, prefixes: dict[
             if boundaries is not None and not ending and needs_word_boundary(edit.target[-1]):
                 targets.append((row, len(ids), WORD_END, sequence))
                 endings.append(True)
-            if config.continuation_kl and index == len(contexts) - 1:  # the bare prompt, where ``following`` was read
+            if config.continuation_kl:
                 held += [(row, len(ids) - 1 + k) for k in range(len(following) + 1)]
-                ids = ids + following
-            rows.append(ids)
+            rows.append(ids + following)
             languages.append(lang)
         report[lang] = len(languages) - 1  # the last context: the bare prompt
     kl_rows, kl_positions = [], []
