@@ -22,6 +22,7 @@ import torch
 from lafn_hf import EditableCausalLM, LafnConfig
 from lafn_hf.bench.runner import LocalityHard, applies, load_locality_hard
 from lafn_hf.cli import _load_model
+from lafn_hf.editing.self_paraphrase import write_paraphrases
 from lafn_hf.routing import RoutingConfig
 from lafn_hf.routing.calibration import EditRouting
 from lafn_hf.routing.keys import layer_inputs
@@ -31,16 +32,20 @@ from lafn_hf.zsre import Item, edit_group, load_files, resolve_item, subject_for
 MARGINS = (-0.2, -0.15, -0.1, -0.05, 0.0)
 
 
-def gate_margins(model: EditableCausalLM, items: list[Item], hard: LocalityHard) -> dict[tuple[str, str], list[float]]:
-    """(kind, language) -> each question's scope difference (NaN: subject not found)."""
+def gate_margins(model: EditableCausalLM, items: list[Item], hard: LocalityHard,
+                 written: int = 0) -> dict[tuple[str, str], list[float]]:
+    """(kind, language) -> each question's scope difference (NaN: subject not found); ``written``: the
+    paraphrases the model writes per language (``LafnConfig.write_paraphrases``) join the scope's own side."""
     routing = EditRouting(model.model, model.tokenizer)
-    config, scoped = LafnConfig(), RoutingConfig()
+    config, scoped = LafnConfig(write_paraphrases=written), RoutingConfig()
     first = min(model.edit_layers(config))
     out: dict[tuple[str, str], list[float]] = defaultdict(list)
     for index, item in enumerate(items):
         group = edit_group(item)
         if group is None:
             continue
+        if written:
+            group = write_paraphrases(model.model, model.tokenizer, group, config)
         scope = routing.scope(group, [first], config, scoped)
         spans = resolve_item(item)[1]
         forms = subject_forms(item, spans)
@@ -64,11 +69,13 @@ def main() -> None:
     parser.add_argument("--data", nargs="+", required=True, help="MzsRE dev pair files, merged by index")
     parser.add_argument("--limit", type=int, default=150)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--write-paraphrases", type=int, default=0,
+                        help="LafnConfig.write_paraphrases: the model's own paraphrases join the scope's side")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     model = _load_model(args.model)
     items = load_files(args.data)[: args.limit]
-    margins = gate_margins(model, items, load_locality_hard())
+    margins = gate_margins(model, items, load_locality_hard(), args.write_paraphrases)
     print("| kind | lang | n | " + " | ".join(f"pass at {m:+.2f}" for m in MARGINS) + " |")
     print("| --- | --- | ---: | " + " | ".join("---:" for _ in MARGINS) + " |")
     for (kind, lang), values in sorted(margins.items()):
