@@ -86,8 +86,7 @@ def run_item(model: EditableCausalLM, item: Any, hard: dict[str, tuple[str, list
 
 def degenerate(ids: list[int], answer: str, target: str, special: set[int]) -> bool:
     """A special token in the answer, or the target named twice or more."""
-    folded = normalize_answer(answer)
-    return any(i in special for i in ids) or bool(target) and folded.count(normalize_answer(target)) >= 2
+    return any(i in special for i in ids) or bool(target) and repeats(answer, target)
 
 
 def repeats(answer: str, target: str) -> bool:

@@ -108,10 +108,10 @@ class LafnConfig:
             to the unedited model's reading the same sequence: the position right after the answer and, from
             2 on, the positions of the unedited model's own greedy continuation of the bare prompt's answer
             (one greedy ``generate`` of ``continuation_kl - 1`` tokens per language), appended to every
-            sequence of the language. dV is added at the
-            subject's last token, which every later token reads; without this term nothing tells dV to stop
-            naming the target once it has been said, and edited answers repeat it ("V Ravichandran V
-            Ravichandran", "旧金山旧金山"). 0: off (the paper).
+            sequence of the language, cut at its end-of-text token. dV is added at the subject's last token,
+            which every later token reads; without this term nothing tells dV to stop naming the target once
+            it has been said, and edited answers repeat it ("V Ravichandran V Ravichandran", "旧金山旧金山").
+            0: off (the paper).
         lambda_continuation: weight of that term in Eq. 9 (the mean KL over its positions).
         question_variants: also train dV on this many variants of each language's prompt with one word
             outside the subject left out (``paraphrase.word_dropped_variants``, seeded), without a prefix,

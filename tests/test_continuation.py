@@ -66,6 +66,15 @@ def test_continuations_are_the_unedited_models_greedy_tokens(tokenizer: Any, fac
     assert found[0]["zh"] == next((tokens[:i] for i, t in enumerate(tokens) if t in stops), tokens)
 
 
+def test_an_answer_the_unedited_model_ends_has_no_continuation(trained_model: Any, tokenizer: Any,
+                                                               facts: dict[str, Any]) -> None:
+    """The toy ends "... is Lunno." with EOS: nothing follows, so nothing past it is held (a forced minimum of new
+    tokens had suppressed that EOS and held three tokens the unedited model never writes)."""
+    group = fact_group(facts, 0, 1)
+    assert answer_continuations_many(trained_model, tokenizer, [group], [{"en": ".", "zh": "。"}], 3) == [
+        {"en": [], "zh": []}]
+
+
 def _kl_after_the_answer(model: Any, tokenizer: Any, group: Any, deltas: dict[int, torch.Tensor]) -> float:
     """Mean KL(unedited || edited) over each answer's next token and two tokens of its continuation."""
     config = LafnConfig(num_prefixes=0, continuation_kl=3)

@@ -180,7 +180,7 @@ def answer_continuations_many(model: nn.Module, tokenizer: Any, groups: Sequence
              for group, ends in zip(groups, boundaries) for lang, edit in group.edits.items()]
     input_ids, attention_mask = encode_texts(tokenizer, texts, next(model.parameters()).device, left=True)
     output = model.generate(input_ids=input_ids, attention_mask=attention_mask, do_sample=False,  # type: ignore[operator]
-                            max_new_tokens=new_tokens, min_new_tokens=new_tokens, pad_token_id=pad_id(tokenizer))
+                            max_new_tokens=new_tokens, pad_token_id=pad_id(tokenizer))
     ends = stop_ids(tokenizer, getattr(model, "generation_config", None))
     rows = iter(output[:, input_ids.shape[1]:].tolist())
     return [{lang: _until(next(rows), ends) for lang in group.edits} for group in groups]
