@@ -26,19 +26,23 @@ from lafn_hf.editing.self_paraphrase import write_paraphrases
 from lafn_hf.routing import RoutingConfig
 from lafn_hf.routing.calibration import EditRouting
 from lafn_hf.routing.keys import layer_inputs
-from lafn_hf.routing.scope import ScopeIndex, occurrence_states
+from lafn_hf.routing.scope import ScopeIndex, calibrate_scope_space, occurrence_states
 from lafn_hf.zsre import Item, edit_group, load_files, resolve_item, subject_forms
 
-MARGINS = (-0.2, -0.15, -0.1, -0.05, 0.0)
+MARGINS = (-0.3, -0.2, -0.15, -0.1, -0.05, 0.0)
 
 
 def gate_margins(model: EditableCausalLM, items: list[Item], hard: LocalityHard,
-                 written: int = 0) -> dict[tuple[str, str], list[float]]:
+                 written: int = 0, layer: int | None = None, discriminant: bool = True
+                 ) -> dict[tuple[str, str], list[float]]:
     """(kind, language) -> each question's scope difference (NaN: subject not found); ``written``: the
-    paraphrases the model writes per language (``LafnConfig.write_paraphrases``) join the scope's own side."""
+    paraphrases the model writes per language (``LafnConfig.write_paraphrases``) join the scope's own side;
+    ``layer``: read the scope there instead of at the first edited layer; ``discriminant``: the scope space's
+    discriminant basis (off: the space of banks made before it)."""
     routing = EditRouting(model.model, model.tokenizer)
     config, scoped = LafnConfig(write_paraphrases=written), RoutingConfig()
-    first = min(model.edit_layers(config))
+    first = min(model.edit_layers(config)) if layer is None else layer
+    routing._scope_spaces[first] = calibrate_scope_space(model.model, model.tokenizer, first, discriminant)
     out: dict[tuple[str, str], list[float]] = defaultdict(list)
     for index, item in enumerate(items):
         group = edit_group(item)
@@ -55,7 +59,7 @@ def gate_margins(model: EditableCausalLM, items: list[Item], hard: LocalityHard,
             subject, hard_questions = hard.get(index, {}).get(lang, ("", []))
             if applies(subject, record.subject, spans.get(lang)):
                 questions += [("loc-hard", lang, q) for q in hard_questions]
-        judge = ScopeIndex(scope, scope.space.templates, None)
+        judge = ScopeIndex(scope, scope.space, None)
         states = layer_inputs(model.model, model.tokenizer, [q[2] for q in questions], first)
         for (kind, lang, text), state in zip(questions, states):
             pooled = occurrence_states(model.tokenizer, [text], [forms], [state])
@@ -71,11 +75,16 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--write-paraphrases", type=int, default=0,
                         help="LafnConfig.write_paraphrases: the model's own paraphrases join the scope's side")
+    parser.add_argument("--layer", type=int, default=None,
+                        help="read the scope at this layer's input (default: the first edited layer)")
+    parser.add_argument("--space", choices=("discriminant", "scaled"), default="discriminant",
+                        help="the scope space: with its discriminant basis (today), or scaled only (before it)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     model = _load_model(args.model)
     items = load_files(args.data)[: args.limit]
-    margins = gate_margins(model, items, load_locality_hard(), args.write_paraphrases)
+    margins = gate_margins(model, items, load_locality_hard(), args.write_paraphrases, args.layer,
+                          args.space == "discriminant")
     print("| kind | lang | n | " + " | ".join(f"pass at {m:+.2f}" for m in MARGINS) + " |")
     print("| --- | --- | ---: | " + " | ".join("---:" for _ in MARGINS) + " |")
     for (kind, lang), values in sorted(margins.items()):

@@ -37,9 +37,11 @@ def routed_entry(hidden_size: int, entry_id: str = "e0", subject: str = "Marbraf
     generator = torch.Generator().manual_seed(seed)
     mean, scale = torch.randn(hidden_size, generator=generator), torch.rand(hidden_size, generator=generator) + 0.5
     key = RoutingKey(KeySpace(0, mean, scale), unit_rows(generator, 1, hidden_size)[0], 0.5)
-    space = ScopeSpace(0, mean.clone(), scale.clone(), unit_rows(generator, 5, hidden_size), torch.tensor([0, 0, 1, 1, 2]))
-    scope = QuestionScope(space, unit_rows(generator, 2, hidden_size), 0, 0.0)
+    templates, relations = unit_rows(generator, 5, hidden_size), torch.tensor([0, 0, 1, 1, 2])
+    own = unit_rows(generator, 2, hidden_size)
     update = LayerUpdate(torch.arange(0, 2 * neurons, 2), torch.randn(neurons, generator=generator))
+    basis = torch.randn(3, hidden_size, generator=generator) if seed % 2 == 0 else None  # mixed bases in one bank
+    scope = QuestionScope(ScopeSpace(0, mean.clone(), scale.clone(), templates, relations, basis), own, 0, 0.0)
     return BankEntry({"en": subject}, {edit_layer: update}, {"targets": {"en": "x"}}, id=entry_id, aliases=aliases,
                      key=key, scope=scope)
 

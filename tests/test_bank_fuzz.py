@@ -101,7 +101,8 @@ def damage_tensor(rng: random.Random) -> tuple[str, Callable[[dict[str, torch.Te
             tensors[name] = flat
         elif kind == "narrow group":
             group = rng.choice([("key_vectors", "space_means", "space_scales"),
-                                ("scope_vectors", "scope_space_means", "scope_space_scales", "scope_templates")])
+                                ("scope_vectors", "scope_space_means", "scope_space_scales", "scope_templates",
+                                 "scope_bases")])
             narrowed(group, rng.choice([1, 32, 63]))(tensors)
         elif rng.random() < 0.5:
             del tensors[name]

@@ -73,7 +73,7 @@ def refused_everywhere(editable: EditableCausalLM, directory: Path, message: str
 
 # -- item 1: routing tensors that do not fit the model ------------------------------------------------
 KEY_TENSORS = ("key_vectors", "space_means", "space_scales")
-SCOPE_TENSORS = ("scope_vectors", "scope_space_means", "scope_space_scales", "scope_templates")
+SCOPE_TENSORS = ("scope_vectors", "scope_space_means", "scope_space_scales", "scope_templates", "scope_bases")
 ROUTING: dict[str, tuple[Callable[[dict[str, torch.Tensor]], None], str]] = {
     "routing keys 63 wide": (narrowed(KEY_TENSORS, 63), r"space_means has 63 columns, base_model\.hidden_size is 64"),
     "question scopes 63 wide": (narrowed(SCOPE_TENSORS, 63),

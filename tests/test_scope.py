@@ -209,7 +209,8 @@ def test_a_scope_must_be_read_at_or_below_the_first_edited_layer(tokenizer: Any)
 
 
 def test_malformed_scope_tensors_are_refused_at_load(tokenizer: Any, tmp_path: Path) -> None:
-    from lafn_hf.bank.format import SCOPE_OFFSETS, decode, encode
+    from lafn_hf.bank.format import decode, encode
+    from lafn_hf.bank.routing_tensors import SCOPE_OFFSETS
 
     editable = scoped_model(tokenizer)
     (entry,) = list(editable.bank)

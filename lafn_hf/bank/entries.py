@@ -147,36 +147,62 @@ class RoutingKey:
 
 @dataclass(frozen=True)
 class ScopeSpace(KeySpace):
-    """Where question scopes of one layer live (``lafn_hf.routing.scope``): a key space (``mean``, ``scale``,
-    ``project``) in which a question's states entering decoder layer ``layer``, pooled over the words around a
-    subject, are compared with ``templates``: built-in prompts about a stand-in subject, row ``r`` asking
-    relation ``relations[r]``. Measured on the model itself; entries made together share one object."""
+    """Where question scopes of one layer live (``lafn_hf.routing.scope``): a question's states entering decoder
+    layer ``layer``, pooled over the words around a subject, are compared with ``templates``: built-in prompts
+    about a stand-in subject, row ``r`` asking relation ``relations[r]``. ``project`` scales like a key space
+    (``mean``, ``scale``) and then, with a ``basis`` (k, hidden_size), keeps the k discriminant directions that
+    tell the built-in relations apart (the result padded with zeros to hidden_size, so vectors keep one width);
+    spaces without one (banks made before) compare the scaled states whole. Measured on the model itself;
+    entries made together share one object."""
 
     templates: torch.Tensor  # (R, hidden_size) float32 unit vectors
     relations: torch.Tensor  # (R,) int64 relation of each template row
+    basis: torch.Tensor | None = None  # (k, hidden_size) float32, 1 <= k <= hidden_size
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        templates, relations = self.templates, self.relations
+        templates, relations, basis, size = self.templates, self.relations, self.basis, self.mean.numel()
         if not isinstance(templates, torch.Tensor) or templates.dtype != torch.float32 or templates.dim() != 2:
             raise TypeError(f"scope space templates must be a 2-D float32 tensor, got {_describe(templates)}")
-        if templates.shape[1] != self.mean.numel() or not bool(torch.isfinite(templates).all()):
-            raise ValueError(f"scope space templates {tuple(templates.shape)} must be finite, of the hidden size "
-                             f"{self.mean.numel()}")
+        if templates.shape[1] != size or not bool(torch.isfinite(templates).all()):
+            raise ValueError(f"scope space templates {tuple(templates.shape)} must be finite, of the hidden size {size}")
         if not isinstance(relations, torch.Tensor) or relations.dtype != torch.int64 or relations.shape != (
                 templates.shape[0],):
             raise TypeError(f"scope space relations must be a ({templates.shape[0]},) int64 tensor, "
                             f"got {_describe(relations)}")
         if relations.numel() and int(relations.min()) < 0:
             raise ValueError("scope space relations must be >= 0")
+        if basis is not None and (not isinstance(basis, torch.Tensor) or basis.dtype != torch.float32
+                                  or basis.dim() != 2 or basis.shape[1] != size or not 1 <= basis.shape[0] <= size):
+            raise TypeError(f"scope space basis must be a (k, {size}) float32 tensor with 1 <= k <= {size}, "
+                            f"got {_describe(basis)}")
+        if basis is not None and not bool(torch.isfinite(basis).all()):
+            raise ValueError("scope space basis must be finite")
+
+    def project(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Unit vectors of (hidden - mean) / scale, through the basis when there is one (float32, same width)."""
+        if self.basis is None:
+            return super().project(hidden)
+        z = (hidden.float() - self.mean.to(hidden.device)) / self.scale.to(hidden.device)
+        z = torch.nn.functional.pad(z @ self.basis.to(hidden.device).T, (0, self.mean.numel() - self.basis.shape[0]))
+        return z / z.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+
+    def to(self, device: torch.device) -> ScopeSpace:
+        """This space with its tensors on ``device``."""
+        return ScopeSpace(self.layer, self.mean.to(device), self.scale.to(device), self.templates.to(device),
+                          self.relations.to(device), None if self.basis is None else self.basis.to(device))
 
     def same_as(self, other: KeySpace) -> bool:
-        return (isinstance(other, ScopeSpace) and super().same_as(other)
+        if not (isinstance(other, ScopeSpace) and super().same_as(other) and (self.basis is None) == (other.basis is None)
                 and self.templates.shape == other.templates.shape and torch.equal(self.relations, other.relations)
-                and bool(torch.allclose(self.templates, other.templates, rtol=1e-3, atol=1e-4)))
+                and bool(torch.allclose(self.templates, other.templates, rtol=1e-3, atol=1e-4))):
+            return False
+        return self.basis is None or other.basis is None or (
+            self.basis.shape == other.basis.shape and bool(torch.allclose(self.basis, other.basis, rtol=1e-3, atol=1e-4)))
 
     def __repr__(self) -> str:
-        return f"ScopeSpace(layer={self.layer}, size={self.mean.numel()}, templates={self.templates.shape[0]})"
+        basis = "" if self.basis is None else f", basis={self.basis.shape[0]}"
+        return f"ScopeSpace(layer={self.layer}, size={self.mean.numel()}, templates={self.templates.shape[0]}{basis})"
 
 
 @dataclass(frozen=True)

@@ -41,24 +41,18 @@ from typing import Any
 import torch
 
 from ..text import nfc
-from .entries import _ENTRY_ID, BankEntry, EditBank, KeySpace, LayerUpdate, QuestionScope, RoutingKey, ScopeSpace
+from .entries import _ENTRY_ID, BankEntry, EditBank, LayerUpdate
+from .routing_tensors import (
+    OPTIONAL_TENSORS,
+    check_model_shapes,
+    decode_routing,
+    decode_scopes,
+    encode_routing,
+    encode_scopes,
+)
 
 NEURONS, DELTAS, LAYER_OFFSETS, SEGMENT_LAYERS, ENTRY_OFFSETS = (
     "neurons", "deltas", "layer_offsets", "segment_layers", "entry_offsets")
-# Optional (routing, ``lafn_hf.routing``): K routing keys (entry index, space index, vector, threshold) and the
-# C key spaces they use (layer, mean, scale).
-KEY_ENTRIES, KEY_SPACES, KEY_VECTORS, KEY_THRESHOLDS, SPACE_LAYERS, SPACE_MEANS, SPACE_SCALES = (
-    "key_entries", "key_spaces", "key_vectors", "key_thresholds", "space_layers", "space_means", "space_scales")
-_ROUTING = (KEY_ENTRIES, KEY_SPACES, KEY_VECTORS, KEY_THRESHOLDS, SPACE_LAYERS, SPACE_MEANS, SPACE_SCALES)
-# Optional (question scopes, ``lafn_hf.routing.scope``): Q scopes (entry index, space index, relation, margin, and
-# rows scope_offsets[q]:scope_offsets[q+1] of scope_vectors) and the D scope spaces they use (layer, mean, scale,
-# and rows template_offsets[d]:template_offsets[d+1] of scope_templates / template_relations).
-SCOPE_TENSORS = (SCOPE_ENTRIES, SCOPE_SPACES, SCOPE_RELATIONS, SCOPE_MARGINS, SCOPE_OFFSETS, SCOPE_VECTORS,
-                 SCOPE_SPACE_LAYERS, SCOPE_SPACE_MEANS, SCOPE_SPACE_SCALES, TEMPLATE_OFFSETS, SCOPE_TEMPLATES,
-                 TEMPLATE_RELATIONS) = (
-    "scope_entries", "scope_spaces", "scope_relations", "scope_margins", "scope_offsets", "scope_vectors",
-    "scope_space_layers", "scope_space_means", "scope_space_scales", "template_offsets", "scope_templates",
-    "template_relations")
 _DTYPES = {NEURONS: (torch.int32, torch.int64), DELTAS: (torch.float32,), LAYER_OFFSETS: (torch.int64,),
            SEGMENT_LAYERS: (torch.int32,), ENTRY_OFFSETS: (torch.int64,)}
 _INT32_MAX = 2**31 - 1
@@ -153,165 +147,9 @@ def encode(bank: EditBank) -> tuple[dict[str, torch.Tensor], list[dict[str, Any]
         SEGMENT_LAYERS: torch.tensor(layers, dtype=torch.int32),
         ENTRY_OFFSETS: torch.tensor(firsts, dtype=torch.int64),
     }
-    tensors.update(_encode_routing(bank))
-    tensors.update(_encode_scopes(bank))
+    tensors.update(encode_routing(bank))
+    tensors.update(encode_scopes(bank))
     return {name: tensor.contiguous() for name, tensor in tensors.items()}, rows
-
-
-def _spaces_once(spaces: Sequence[Any]) -> tuple[list[Any], list[int]]:
-    """(the distinct space objects in first-use order, each given space's index among them): entries made
-    together share one space object, stored once."""
-    index: dict[int, int] = {}
-    ordered: list[Any] = []
-    for space in spaces:
-        if id(space) not in index:
-            index[id(space)] = len(ordered)
-            ordered.append(space)
-    return ordered, [index[id(space)] for space in spaces]
-
-
-def _encode_routing(bank: EditBank) -> dict[str, torch.Tensor]:
-    """The routing tensors (none when no entry has a key); spaces shared by several keys are stored once."""
-    keyed = [(index, entry.key) for index, entry in enumerate(bank) if entry.key is not None]
-    if not keyed:
-        return {}
-    ordered, space_of = _spaces_once([key.space for _, key in keyed])
-    return {
-        KEY_ENTRIES: torch.tensor([index for index, _ in keyed], dtype=torch.int64),
-        KEY_SPACES: torch.tensor(space_of, dtype=torch.int64),
-        KEY_VECTORS: torch.stack([key.vector.detach().cpu() for _, key in keyed]),
-        KEY_THRESHOLDS: torch.tensor([key.threshold for _, key in keyed], dtype=torch.float64),  # exact floats
-        SPACE_LAYERS: torch.tensor([space.layer for space in ordered], dtype=torch.int32),
-        SPACE_MEANS: torch.stack([space.mean.detach().cpu() for space in ordered]),
-        SPACE_SCALES: torch.stack([space.scale.detach().cpu() for space in ordered]),
-    }
-
-
-_SCOPE_KINDS = {  # name -> (dtype, dimensions) of each scope tensor
-    SCOPE_ENTRIES: (torch.int64, 1), SCOPE_SPACES: (torch.int64, 1), SCOPE_RELATIONS: (torch.int64, 1),
-    SCOPE_MARGINS: (torch.float64, 1), SCOPE_OFFSETS: (torch.int64, 1), SCOPE_VECTORS: (torch.float32, 2),
-    SCOPE_SPACE_LAYERS: (torch.int32, 1), SCOPE_SPACE_MEANS: (torch.float32, 2), SCOPE_SPACE_SCALES: (torch.float32, 2),
-    TEMPLATE_OFFSETS: (torch.int64, 1), SCOPE_TEMPLATES: (torch.float32, 2), TEMPLATE_RELATIONS: (torch.int64, 1)}
-
-
-def _encode_scopes(bank: EditBank) -> dict[str, torch.Tensor]:
-    """The question-scope tensors (none when no entry has a scope); shared spaces are stored once."""
-    scoped = [(index, entry.scope) for index, entry in enumerate(bank) if entry.scope is not None]
-    if not scoped:
-        return {}
-    ordered, space_of = _spaces_once([scope.space for _, scope in scoped])
-    return {
-        SCOPE_ENTRIES: torch.tensor([index for index, _ in scoped], dtype=torch.int64),
-        SCOPE_SPACES: torch.tensor(space_of, dtype=torch.int64),
-        SCOPE_RELATIONS: torch.tensor([scope.relation for _, scope in scoped], dtype=torch.int64),
-        SCOPE_MARGINS: torch.tensor([scope.margin for _, scope in scoped], dtype=torch.float64),
-        SCOPE_OFFSETS: _offsets([scope.vectors.shape[0] for _, scope in scoped]),
-        SCOPE_VECTORS: torch.cat([scope.vectors.detach().cpu() for _, scope in scoped]),
-        SCOPE_SPACE_LAYERS: torch.tensor([space.layer for space in ordered], dtype=torch.int32),
-        SCOPE_SPACE_MEANS: torch.stack([space.mean.detach().cpu() for space in ordered]),
-        SCOPE_SPACE_SCALES: torch.stack([space.scale.detach().cpu() for space in ordered]),
-        TEMPLATE_OFFSETS: _offsets([space.templates.shape[0] for space in ordered]),
-        SCOPE_TEMPLATES: torch.cat([space.templates.detach().cpu() for space in ordered]),
-        TEMPLATE_RELATIONS: torch.cat([space.relations.detach().cpu() for space in ordered]),
-    }
-
-
-def _offsets(counts: Sequence[int]) -> torch.Tensor:
-    return torch.tensor([0, *counts], dtype=torch.int64).cumsum(0)
-
-
-def _rows(tensors: dict[str, torch.Tensor], offsets_name: str, rows_name: str, count: int) -> list[torch.Tensor]:
-    """``count`` slices of ``tensors[rows_name]`` cut at ``tensors[offsets_name]`` (checked)."""
-    offsets, rows = tensors[offsets_name], tensors[rows_name]
-    if offsets.dtype != torch.int64 or offsets.shape != (count + 1,):
-        raise ValueError(f"{offsets_name} must be a ({count + 1},) int64 tensor, got {offsets.dtype} {tuple(offsets.shape)}")
-    bounds = offsets.tolist()
-    if bounds[0] != 0 or bounds[-1] != rows.shape[0] or any(b > a for a, b in zip(bounds[1:], bounds)):
-        raise ValueError(f"{offsets_name} must rise from 0 to the {rows.shape[0]} rows of {rows_name}")
-    return [rows[a:b] for a, b in zip(bounds, bounds[1:])]
-
-
-def _stored(tensors: dict[str, torch.Tensor], names: Sequence[str], what: str) -> bool:
-    """Whether the optional tensors ``names`` are stored: all of them, or none (else ``ValueError``)."""
-    present = [name for name in names if name in tensors]
-    if present and len(present) != len(names):
-        raise ValueError(f"{what} tensor {sorted(set(names) - set(present))[0]!r} is missing")
-    return bool(present)
-
-
-def _decode_scopes(tensors: dict[str, torch.Tensor], count: int) -> dict[int, QuestionScope]:
-    """Entry index -> question scope, from the scope tensors (absent: none); ``ValueError`` naming the tensor."""
-    if not _stored(tensors, SCOPE_TENSORS, "scope"):
-        return {}
-    for name, (dtype, dims) in _SCOPE_KINDS.items():
-        if tensors[name].dtype != dtype or tensors[name].dim() != dims:
-            raise ValueError(f"{name} must be a {dims}-D {str(dtype).removeprefix('torch.')} tensor, got "
-                             f"{str(tensors[name].dtype).removeprefix('torch.')} of shape {tuple(tensors[name].shape)}")
-    try:
-        layers = tensors[SCOPE_SPACE_LAYERS].tolist()
-        templates = _rows(tensors, TEMPLATE_OFFSETS, SCOPE_TEMPLATES, len(layers))
-        relations = _rows(tensors, TEMPLATE_OFFSETS, TEMPLATE_RELATIONS, len(layers))
-        spaces = [ScopeSpace(int(layer), mean.float().clone(), scale.float().clone(), rows.float().clone(),
-                             kinds.clone()) for layer, mean, scale, rows, kinds in
-                  zip(layers, tensors[SCOPE_SPACE_MEANS], tensors[SCOPE_SPACE_SCALES], templates, relations, strict=True)]
-        entries = tensors[SCOPE_ENTRIES].tolist()
-        vectors = _rows(tensors, SCOPE_OFFSETS, SCOPE_VECTORS, len(entries))
-        scopes: dict[int, QuestionScope] = {}
-        for index, space, relation, margin, rows in zip(entries, tensors[SCOPE_SPACES].tolist(),
-                                                        tensors[SCOPE_RELATIONS].tolist(),
-                                                        tensors[SCOPE_MARGINS].tolist(), vectors, strict=True):
-            if not 0 <= index < count or index in scopes:
-                raise ValueError(f"{SCOPE_ENTRIES} holds {index}: not one entry index of {count} (or given twice)")
-            if not 0 <= space < len(spaces):
-                raise ValueError(f"{SCOPE_SPACES} holds {space}: there are {len(spaces)} scope spaces")
-            scopes[index] = QuestionScope(spaces[space], rows.float().clone(), int(relation), float(margin))
-    except (TypeError, RuntimeError, IndexError, OverflowError) as error:
-        raise ValueError(f"scope tensors are malformed: {error}") from None
-    return scopes
-
-
-# Read against the model's hidden states: rows of hidden_size values, spaces at one of its layers.
-_HIDDEN_WIDE = (SPACE_MEANS, SPACE_SCALES, KEY_VECTORS, SCOPE_SPACE_MEANS, SCOPE_SPACE_SCALES, SCOPE_TEMPLATES,
-                SCOPE_VECTORS)
-_SPACE_LAYERS = (SPACE_LAYERS, SCOPE_SPACE_LAYERS)
-
-
-def _check_model_shapes(tensors: dict[str, torch.Tensor], hidden_size: int, num_hidden_layers: int) -> None:
-    """``ValueError`` naming the routing or scope tensor whose width is not ``hidden_size``, or whose space
-    layer is not one of the ``num_hidden_layers`` layers."""
-    for name in (name for name in _HIDDEN_WIDE if name in tensors):
-        shape = tuple(tensors[name].shape)
-        if len(shape) != 2:
-            raise ValueError(f"{name} must be 2-D (rows of base_model.hidden_size {hidden_size}), got shape {shape}")
-        if shape[1] != hidden_size:
-            raise ValueError(f"{name} has {shape[1]} columns, base_model.hidden_size is {hidden_size}")
-    for name in (name for name in _SPACE_LAYERS if name in tensors):
-        layers = tensors[name].flatten()
-        outside = (layers < 0) | (layers >= num_hidden_layers)
-        if bool(outside.any()):
-            i = int(outside.nonzero()[0])
-            raise ValueError(f"{name}[{i}] = {int(layers[i])} is out of range for base_model.num_hidden_layers "
-                             f"{num_hidden_layers}")
-
-
-def _decode_routing(tensors: dict[str, torch.Tensor], count: int) -> dict[int, RoutingKey]:
-    """Entry index -> routing key, from the routing tensors (absent: none); ``ValueError`` naming the tensor."""
-    if not _stored(tensors, _ROUTING, "routing"):
-        return {}
-    try:
-        spaces = [KeySpace(int(layer), mean.float().clone(), scale.float().clone()) for layer, mean, scale in
-                  zip(tensors[SPACE_LAYERS].tolist(), tensors[SPACE_MEANS], tensors[SPACE_SCALES], strict=True)]
-        keys: dict[int, RoutingKey] = {}
-        for index, space, vector, threshold in zip(tensors[KEY_ENTRIES].tolist(), tensors[KEY_SPACES].tolist(),
-                                                   tensors[KEY_VECTORS], tensors[KEY_THRESHOLDS].tolist(), strict=True):
-            if not 0 <= index < count or index in keys:
-                raise ValueError(f"{KEY_ENTRIES} holds {index}: not one entry index of {count} (or given twice)")
-            if not 0 <= space < len(spaces):
-                raise ValueError(f"{KEY_SPACES} holds {space}: there are {len(spaces)} key spaces")
-            keys[index] = RoutingKey(spaces[space], vector.float().clone(), float(threshold))
-    except (TypeError, RuntimeError) as error:
-        raise ValueError(f"routing tensors are malformed: {error}") from None
-    return keys
 
 
 def _cat(parts: list[torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
@@ -327,13 +165,13 @@ def decode(entries: Sequence[dict[str, Any]], tensors: dict[str, torch.Tensor], 
            intermediate_size: int, hidden_size: int) -> EditBank:
     """The bank of ``entries`` (checked config entries: id, subjects, metadata) and format-3 ``tensors``; any
     inconsistency is a ``ValueError`` naming the tensor (and the entry and layer where there is one)."""
-    unexpected = sorted(set(tensors) - set(_DTYPES) - set(_ROUTING) - set(SCOPE_TENSORS))
+    unexpected = sorted(set(tensors) - set(_DTYPES) - set(OPTIONAL_TENSORS))
     if unexpected:
-        raise ValueError(f"unexpected tensor {unexpected[0]!r} (format 3 stores {', '.join(_DTYPES)}, for "
-                         f"routing {', '.join(_ROUTING)}, and for question scopes {', '.join(SCOPE_TENSORS)})")
-    _check_model_shapes(tensors, hidden_size, num_hidden_layers)
-    keys = _decode_routing(tensors, len(entries))
-    scopes = _decode_scopes(tensors, len(entries))
+        raise ValueError(f"unexpected tensor {unexpected[0]!r} (format 3 stores {', '.join(_DTYPES)}, and for "
+                         f"routing and question scopes {', '.join(OPTIONAL_TENSORS)})")
+    check_model_shapes(tensors, hidden_size, num_hidden_layers)
+    keys = decode_routing(tensors, len(entries))
+    scopes = decode_scopes(tensors, len(entries))
     neurons, deltas, layer_offsets, segment_layers, entry_offsets = (_vector(tensors, name) for name in _DTYPES)
     count, segments = neurons.numel(), segment_layers.numel()
     if deltas.numel() != count:

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field, replace
 
 import torch
 
-from ..bank.entries import BankEntry, EditBank, KeySpace, QuestionScope, RoutingKey
+from ..bank.entries import BankEntry, EditBank, KeySpace, QuestionScope, RoutingKey, ScopeSpace
 from ..values import LayerPlan
 from .config import RoutingConfig
 from .fire import Gated, KeyIndex, Pending
@@ -43,7 +43,7 @@ class CompiledBank:
     scopes: dict[str, QuestionScope] = field(default_factory=dict)  # entry -> question scope (scope stage on)
     _indices: dict[int, list[KeyIndex]] = field(default_factory=dict, compare=False, repr=False)
     _scope_indices: dict[str, ScopeIndex] = field(default_factory=dict, compare=False, repr=False)
-    _scope_templates: dict[int, torch.Tensor] = field(default_factory=dict, compare=False, repr=False)
+    _scope_spaces: dict[int, ScopeSpace] = field(default_factory=dict, compare=False, repr=False)
 
     @property
     def layers(self) -> tuple[int, ...]:
@@ -67,10 +67,10 @@ class CompiledBank:
         index = self._scope_indices.get(entry_id)
         if index is None:
             scope = self.scopes[entry_id]
-            templates = self._scope_templates.get(id(scope.space))
-            if templates is None:  # once per space: entries made together share it
-                templates = self._scope_templates[id(scope.space)] = scope.space.templates.to(self.version[2])
-            index = self._scope_indices[entry_id] = ScopeIndex(scope, templates, self.routing.scope_margin_override)
+            space = self._scope_spaces.get(id(scope.space))
+            if space is None:  # once per space: entries made together share it
+                space = self._scope_spaces[id(scope.space)] = scope.space.to(self.version[2])
+            index = self._scope_indices[entry_id] = ScopeIndex(scope, space, self.routing.scope_margin_override)
         return index
 
     def key_indices(self, layer: int) -> list[KeyIndex]:
@@ -94,7 +94,7 @@ class CompiledBank:
         compiled = empty._apply([("add", entry) for entry in entries], number, grow_matcher=False)
         matcher = SubjectMatcher(compiled.entries_of, fold=routing.normalize, inflected=compiled.inflected,
                                  spellings=spellings)
-        return replace(compiled, matcher=matcher, _indices={}, _scope_indices={}, _scope_templates={})
+        return replace(compiled, matcher=matcher, _indices={}, _scope_indices={}, _scope_spaces={})
 
     def updated(self, bank: EditBank) -> CompiledBank | None:
         """The bank's current version from this one by replaying its changes (``None``: rebuild instead)."""
