@@ -24,9 +24,8 @@ from lafn_hf.bench.runner import LocalityHard, applies, load_locality_hard
 from lafn_hf.cli import _load_model
 from lafn_hf.editing.self_paraphrase import write_paraphrases
 from lafn_hf.routing import RoutingConfig
-from lafn_hf.routing.calibration import EditRouting
 from lafn_hf.routing.keys import layer_inputs
-from lafn_hf.routing.scope import ScopeIndex, calibrate_scope_space, occurrence_states
+from lafn_hf.routing.scope import ScopeIndex, calibrate_scope_space, entry_scope, occurrence_states
 from lafn_hf.zsre import Item, edit_group, load_files, resolve_item, subject_forms
 
 MARGINS = (-0.3, -0.2, -0.15, -0.1, -0.05, 0.0)
@@ -39,10 +38,9 @@ def gate_margins(model: EditableCausalLM, items: list[Item], hard: LocalityHard,
     paraphrases the model writes per language (``LafnConfig.write_paraphrases``) join the scope's own side;
     ``layer``: read the scope there instead of at the first edited layer; ``discriminant``: the scope space's
     discriminant basis (off: the space of banks made before it)."""
-    routing = EditRouting(model.model, model.tokenizer)
     config, scoped = LafnConfig(write_paraphrases=written), RoutingConfig()
     first = min(model.edit_layers(config)) if layer is None else layer
-    routing._scope_spaces[first] = calibrate_scope_space(model.model, model.tokenizer, first, discriminant)
+    space = calibrate_scope_space(model.model, model.tokenizer, first, discriminant)
     out: dict[tuple[str, str], list[float]] = defaultdict(list)
     for index, item in enumerate(items):
         group = edit_group(item)
@@ -50,7 +48,9 @@ def gate_margins(model: EditableCausalLM, items: list[Item], hard: LocalityHard,
             continue
         if written:
             group = write_paraphrases(model.model, model.tokenizer, group, config)
-        scope = routing.scope(group, [first], config, scoped)
+        scope = entry_scope(model.model, model.tokenizer, group, space, scoped.scope_margin, config.num_paraphrases)
+        if scope is None:
+            continue
         spans = resolve_item(item)[1]
         forms = subject_forms(item, spans)
         questions = []

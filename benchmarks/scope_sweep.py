@@ -18,7 +18,7 @@ and unedited. Per language and margin it prints:
 Resumable: answers are appended to ``--out`` (JSON lines, one per item) and reused for the same settings.
 
     python benchmarks/scope_sweep.py --data ../shared/data/mzsre-dev/mzsre_dev_enzh.json --limit 50 \\
-        --out scope-sweep-enzh.jsonl [--neighbour-kl 4]
+        --out scope-sweep-enzh.jsonl [--neighbour-kl 4] [--compare-scaled]
 """
 
 from __future__ import annotations
@@ -31,15 +31,18 @@ from pathlib import Path
 from typing import Any
 
 from lafn_hf import EditableCausalLM, LafnConfig
+from lafn_hf.bank.entries import ScopeSpace
 from lafn_hf.bench.metrics import answer_hit, contains, normalize_answer, same_answer, token_f1
 from lafn_hf.bench.runner import applies, load_locality_hard
 from lafn_hf.cli import _load_model
 from lafn_hf.evaluate import predict_batch
 from lafn_hf.routing import RoutingConfig
+from lafn_hf.routing.scope import calibrate_scope_space, entry_scope
 from lafn_hf.tokens import target_separator
 from lafn_hf.zsre import load_files, resolve_item
 
 OFF = "off"
+SCALED = "scaled "
 
 
 def answers(model: EditableCausalLM, questions: list[str], tokens: int) -> list[list[int]]:
@@ -47,8 +50,9 @@ def answers(model: EditableCausalLM, questions: list[str], tokens: int) -> list[
 
 
 def run_item(model: EditableCausalLM, item: Any, hard: dict[str, tuple[str, list[str]]], margins: list[float],
-             tokens: int, config: LafnConfig) -> dict[str, Any]:
-    """One item: its questions, the unedited answers, and the answers per setting (``OFF`` and each margin)."""
+             tokens: int, config: LafnConfig, scaled: ScopeSpace | None = None) -> dict[str, Any]:
+    """One item: its questions, the unedited answers, and the answers per setting (``OFF`` and each margin; with
+    ``scaled``, also each margin with the entry's scope read in that space, as ``SCALED`` + margin)."""
     group, spans, _ = resolve_item(item)
     questions = []
     for lang, record in item.items():
@@ -78,10 +82,28 @@ def run_item(model: EditableCausalLM, item: Any, hard: dict[str, tuple[str, list
             model.routing = (RoutingConfig(scope=False) if setting == OFF
                              else RoutingConfig(scope_margin_override=float(setting)))
             record["answers"][str(setting)] = answers(model, texts, tokens)
+        if scaled is not None:
+            answer_scaled(model, group, result.entry_id, scaled, margins, texts, tokens, config, record)
     finally:
         model.routing = base
         model.remove_edit(result.entry_id)
     return record
+
+
+def answer_scaled(model: EditableCausalLM, group: Any, entry_id: str, space: ScopeSpace, margins: list[float],
+                  texts: list[str], tokens: int, config: LafnConfig, record: dict[str, Any]) -> None:
+    """The same dV with its scope read in ``space`` (the scope space without its discriminant basis), per margin."""
+    entry = model.bank.get(entry_id)
+    with model.edits_disabled():
+        scope = entry_scope(model.model, model.tokenizer, group, space, RoutingConfig().scope_margin,
+                            config.num_paraphrases)
+    if scope is None:  # no sentence beside the subject: nothing to compare
+        return
+    model.remove_edit(entry_id)
+    model.add_entry(dataclasses.replace(entry, scope=scope))
+    for margin in margins:
+        model.routing = RoutingConfig(scope_margin_override=margin)
+        record["answers"][f"{SCALED}{margin}"] = answers(model, texts, tokens)
 
 
 def degenerate(ids: list[int], answer: str, target: str, special: set[int]) -> bool:
@@ -126,7 +148,7 @@ def summarize(model: EditableCausalLM, records: list[dict[str, Any]], settings: 
                         counts["hijacked"].append(contains(answer, target) and not contains(base, target))
                         counts["f1"].append(token_f1(list(ids), list(base_ids)))
             row = " | ".join(f"{100 * sum(v) / len(v):5.1f}" if v else "  -  " for v in counts.values())
-            print(f"{setting:>7} | {row} | {len(counts['kept'])}")
+            print(f"{setting:>12} | {row} | {len(counts['kept'])}")
 
 
 def main() -> None:
@@ -140,6 +162,8 @@ def main() -> None:
     parser.add_argument("--continuation-kl", type=int, default=None,
                         help="LafnConfig.continuation_kl (default: its default)")
     parser.add_argument("--lambda-continuation", type=float, default=None, help="LafnConfig.lambda_continuation")
+    parser.add_argument("--compare-scaled", action="store_true",
+                        help="also answer each margin with the scope read in the space without its discriminant basis")
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
     margins = [float(m) for m in args.margins.split(",")]
@@ -152,7 +176,7 @@ def main() -> None:
     if args.lambda_continuation is not None:
         config = dataclasses.replace(config, lambda_continuation=args.lambda_continuation)
     settings = {"model": args.model, "data": Path(args.data).name, "margins": margins, "tokens": args.tokens,
-                "config": config.to_dict()}
+                "config": config.to_dict(), "compare_scaled": args.compare_scaled}
     done: dict[int, dict[str, Any]] = {}
     if args.out.exists():
         lines = args.out.read_text("utf-8").splitlines()
@@ -163,16 +187,21 @@ def main() -> None:
     else:
         args.out.write_text(json.dumps(settings) + "\n", encoding="utf-8")
     indices = sorted(hard)[: args.limit]
+    scaled = None
+    if args.compare_scaled:
+        layer = min(model.edit_layers(config))
+        scaled = calibrate_scope_space(model.model, model.tokenizer, layer, discriminant=False)
     for index in indices:
         if index in done:
             continue
-        record = run_item(model, items[index], hard[index], margins, args.tokens, config)
+        record = run_item(model, items[index], hard[index], margins, args.tokens, config, scaled)
         record["index"] = index
         with args.out.open("a", encoding="utf-8") as handle:
             handle.write(json.dumps(record, ensure_ascii=False) + "\n")
         done[index] = record
         print(f"item {index}: edit {record.get('edit_s', 0):.1f} s {record['error'] or ''}", flush=True)
-    summarize(model, [done[i] for i in indices if i in done], [OFF, *[str(m) for m in margins]])
+    compared = [f"{SCALED}{m}" for m in margins] if args.compare_scaled else []
+    summarize(model, [done[i] for i in indices if i in done], [OFF, *[str(m) for m in margins], *compared])
 
 
 if __name__ == "__main__":

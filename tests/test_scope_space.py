@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
 
 from lafn_hf.bank.entries import KeySpace, QuestionScope, ScopeSpace
+from lafn_hf.bank.format import decode, encode
 from lafn_hf.bank.store import load_bank, save_bank
 from lafn_hf.routing import RoutingConfig
 from lafn_hf.routing.scope import ScopeIndex, discriminant_basis, nearest_relation, scope_space
@@ -65,6 +67,21 @@ def test_the_discriminant_basis_keeps_one_direction_per_relation_but_one() -> No
     assert torch.isfinite(basis).all()
 
 
+def test_class_labels_may_have_gaps_and_bad_input_is_refused() -> None:
+    relation, language, subject = sentence_states()
+    states, relations = templates(relation, language, subject)
+    flat, labels = states.flatten(0, 1), relations.repeat_interleave(SUBJECTS)
+    gapped = discriminant_basis(flat, labels * 7 + 3)  # ids 3, 10, 17, ...: the same classes
+    assert gapped.shape == (RELATIONS - 1, WIDTH)
+    assert torch.allclose(gapped.abs(), discriminant_basis(flat, labels).abs(), atol=1e-4)
+    with pytest.raises(TypeError, match="classes must be a"):
+        discriminant_basis(flat, labels.float())
+    with pytest.raises(TypeError, match="vectors must be a 2-D"):
+        discriminant_basis(flat[0], labels)
+    with pytest.raises(ValueError, match="at least 2 classes, got 1"):
+        discriminant_basis(flat, torch.zeros_like(labels))
+
+
 def test_a_space_projects_through_its_basis_and_keeps_its_width() -> None:
     relation, language, subject = sentence_states()
     space = scope_space(0, *templates(relation, language, subject))
@@ -106,3 +123,18 @@ def test_bases_are_saved_and_loaded_and_a_space_without_one_stays_without(tmp_pa
     assert torch.equal(with_basis.basis, saved.space.basis) and without.basis is None
     hidden = torch.randn(3, 32)
     assert torch.equal(with_basis.project(hidden), saved.space.project(hidden))
+
+
+@pytest.mark.parametrize(("damage", "message"), [
+    (lambda t: t["scope_bases"].__setitem__((0, 0), float("nan")), "scope_bases holds a value that is not finite"),
+    (lambda t: t.__setitem__("basis_offsets", torch.tensor([0, 33, 33])),
+     "basis_offsets must rise from 0 to the 3 rows of scope_bases"),
+    (lambda t: t.__setitem__("scope_bases", torch.randn(33, 32)) or t.__setitem__(
+        "basis_offsets", torch.tensor([0, 33, 33])), "gives scope space 0 33 basis rows, more than the hidden size 32"),
+    (lambda t: t.pop("basis_offsets"), "scope basis tensor 'basis_offsets' is missing"),
+])
+def test_damaged_bases_are_refused_naming_the_tensor(damage: Any, message: str) -> None:
+    tensors, rows = encode(routed_bank(32))
+    damage(tensors)
+    with pytest.raises(ValueError, match=message):
+        decode(rows, tensors, 3, 64, 32)

@@ -109,6 +109,19 @@ def _rows(tensors: dict[str, torch.Tensor], offsets_name: str, rows_name: str, c
     return [rows[a:b] for a, b in zip(bounds, bounds[1:])]
 
 
+def _bases(tensors: dict[str, torch.Tensor], count: int) -> list[torch.Tensor]:
+    """Each of ``count`` spaces' basis rows (none: no basis), checked: finite, at most as many as the width."""
+    bases = _rows(tensors, BASIS_OFFSETS, SCOPE_BASES, count)
+    width = tensors[SCOPE_BASES].shape[1]
+    for space, rows in enumerate(bases):
+        if rows.shape[0] > width:
+            raise ValueError(f"{BASIS_OFFSETS} gives scope space {space} {rows.shape[0]} basis rows, more than the "
+                             f"hidden size {width}")
+    if not bool(torch.isfinite(tensors[SCOPE_BASES]).all()):
+        raise ValueError(f"{SCOPE_BASES} holds a value that is not finite")
+    return bases
+
+
 def _stored(tensors: dict[str, torch.Tensor], names: Sequence[str], what: str) -> bool:
     """Whether the optional tensors ``names`` are stored: all of them, or none (else ``ValueError``)."""
     present = [name for name in names if name in tensors]
@@ -134,7 +147,7 @@ def decode_scopes(tensors: dict[str, torch.Tensor], count: int) -> dict[int, Que
         layers = tensors[SCOPE_SPACE_LAYERS].tolist()
         templates = _rows(tensors, TEMPLATE_OFFSETS, SCOPE_TEMPLATES, len(layers))
         relations = _rows(tensors, TEMPLATE_OFFSETS, TEMPLATE_RELATIONS, len(layers))
-        basis = _rows(tensors, BASIS_OFFSETS, SCOPE_BASES, len(layers)) if bases else [torch.zeros(0)] * len(layers)
+        basis = _bases(tensors, len(layers)) if bases else [torch.zeros(0)] * len(layers)
         spaces = [ScopeSpace(int(layer), mean.float().clone(), scale.float().clone(), rows.float().clone(),
                              kinds.clone(), basis_rows.float().clone() if basis_rows.shape[0] else None)
                   for layer, mean, scale, rows, kinds, basis_rows in
