@@ -14,6 +14,16 @@ def _describe(value: object) -> str:
     return type(value).__name__
 
 
+def project(hidden: torch.Tensor, mean: torch.Tensor, scale: torch.Tensor,
+            basis: torch.Tensor | None = None) -> torch.Tensor:
+    """Unit vectors of (hidden - mean) / scale along the last dimension (float32); with a ``basis`` (k, width)
+    through it first, the k coordinates padded with zeros back to the width."""
+    z = (hidden.float() - mean.to(hidden.device)) / scale.to(hidden.device)
+    if basis is not None:
+        z = torch.nn.functional.pad(z @ basis.to(hidden.device).T, (0, mean.numel() - basis.shape[0]))
+    return z / z.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+
+
 @dataclass(frozen=True)
 class KeySpace:
     """Where routing keys of one layer live: hidden states h (the input of decoder layer ``layer``) are compared
@@ -37,8 +47,7 @@ class KeySpace:
 
     def project(self, hidden: torch.Tensor) -> torch.Tensor:
         """Unit vectors of (hidden - mean) / scale along the last dimension (float32)."""
-        z = (hidden.float() - self.mean.to(hidden.device)) / self.scale.to(hidden.device)
-        return z / z.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+        return project(hidden, self.mean, self.scale)
 
     def __repr__(self) -> str:
         return f"KeySpace(layer={self.layer}, size={self.mean.numel()})"
@@ -117,11 +126,7 @@ class ScopeSpace(KeySpace):
 
     def project(self, hidden: torch.Tensor) -> torch.Tensor:
         """Unit vectors of (hidden - mean) / scale, through the basis when there is one (float32, same width)."""
-        if self.basis is None:
-            return super().project(hidden)
-        z = (hidden.float() - self.mean.to(hidden.device)) / self.scale.to(hidden.device)
-        z = torch.nn.functional.pad(z @ self.basis.to(hidden.device).T, (0, self.mean.numel() - self.basis.shape[0]))
-        return z / z.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+        return project(hidden, self.mean, self.scale, self.basis)
 
     def to(self, device: torch.device) -> ScopeSpace:
         """This space with its tensors on ``device``."""
@@ -133,8 +138,8 @@ class ScopeSpace(KeySpace):
                 and self.templates.shape == other.templates.shape and torch.equal(self.relations, other.relations)
                 and bool(torch.allclose(self.templates, other.templates, rtol=1e-3, atol=1e-4))):
             return False
-        return self.basis is None or other.basis is None or (
-            self.basis.shape == other.basis.shape and bool(torch.allclose(self.basis, other.basis, rtol=1e-3, atol=1e-4)))
+        return other.basis is None or self.basis is not None and self.basis.shape == other.basis.shape and bool(
+            torch.allclose(self.basis, other.basis, rtol=1e-3, atol=1e-4))
 
     def __repr__(self) -> str:
         basis = "" if self.basis is None else f", basis={self.basis.shape[0]}"

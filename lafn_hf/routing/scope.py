@@ -41,6 +41,7 @@ import torch
 from torch import nn
 
 from ..bank.entries import QuestionScope, ScopeSpace
+from ..bank.spaces import project
 from ..request import EditGroup
 from .keys import key_space, layer_inputs
 from .matcher import SubjectMatcher
@@ -145,13 +146,13 @@ def scope_space(layer: int, states: torch.Tensor, relations: torch.Tensor, discr
     if discriminant and relations.unique().numel() > 1:
         scaled = (states.flatten(0, 1) - space.mean) / space.scale
         basis = discriminant_basis(scaled, relations.repeat_interleave(states.shape[1])).contiguous()
-    plain = ScopeSpace(layer, space.mean, space.scale, vectors[:0], relations[:0], basis)
-    return ScopeSpace(layer, space.mean, space.scale, plain.project(vectors).contiguous(), relations, basis)
+    templates = project(vectors, space.mean, space.scale, basis).contiguous()
+    return ScopeSpace(layer, space.mean, space.scale, templates, relations, basis)
 
 
 #: Ridge added to the within-relation covariance, as a fraction of its mean eigenvalue (``discriminant_basis``).
 #: Chosen on MzsRE dev (Gemma-3-270M, en+zh/de/fr, 150 items each): rephrasings against same-subject
-#: other-relation questions separate alike from 0.01 to 0.1 (docs/scope.md).
+#: other-relation questions separate alike (areas within 0.02) from 0.003 to 0.1 (docs/scope.md).
 SHRINKAGE = 0.1
 
 
@@ -238,7 +239,7 @@ class ScopeIndex:
         self.space = space
         self.vectors = scope.vectors.to(space.templates.device)
         self.templates = space.templates
-        self.own = (space.relations == scope.relation)
+        self.own = space.relations == scope.relation
         self.margin = scope.margin if margin is None else margin
 
     def margins(self, pooled: torch.Tensor) -> torch.Tensor:
