@@ -91,6 +91,21 @@ def main() -> None:
         cells = " | ".join(f"{100 * sum(v >= m for v in values if not math.isnan(v)) / len(values):.1f}"
                            for m in MARGINS)
         print(f"| {kind} | {lang} | {len(values)} | {cells} |")
+    print("\n" + "; ".join(f"{lang} area {area:.3f}" for lang, area in areas(margins).items()))
+
+
+def areas(margins: dict[tuple[str, str], list[float]]) -> dict[str, float]:
+    """Per language, the area under the rephrase-against-Locality-Hard curve: how often a rephrasing's difference
+    beats a Locality-Hard question's (ties count half; a subject not found scores lowest)."""
+    out = {}
+    for (kind, lang), values in sorted(margins.items()):
+        hard = margins.get(("loc-hard", lang))
+        if kind != "rephrase" or not hard:
+            continue
+        good = torch.tensor(values).nan_to_num(-math.inf)[:, None]
+        bad = torch.tensor(hard).nan_to_num(-math.inf)[None]
+        out[lang] = float((good > bad).double().mean() + 0.5 * (good == bad).double().mean())
+    return out
 
 
 if __name__ == "__main__":
