@@ -19,7 +19,7 @@ import torch
 
 from lafn_hf import EditableCausalLM
 from lafn_hf.bench.metrics import answer_hit
-from lafn_hf.cli import _load_model
+from lafn_hf.cli.common import load_model
 from lafn_hf.evaluate import predict_ids
 from lafn_hf.zsre import edit_group, load_files
 
@@ -35,7 +35,7 @@ def main() -> None:
     args = parser.parse_args()
     logging.basicConfig(level=logging.ERROR)
     torch.set_num_threads(2)
-    model: EditableCausalLM = _load_model(args.model)
+    model: EditableCausalLM = load_model(args.model)
     groups = [g for g in (edit_group(item) for item in load_files([args.data], ["en", "zh"])) if g][: args.groups]
     reference: dict[int, dict[str, float]] = {}
     base_time = None

@@ -21,7 +21,7 @@ import torch
 
 from lafn_hf import LafnConfig
 from lafn_hf.bench import BenchSettings, build_methods, markdown_table, reach_table, run_benchmark
-from lafn_hf.cli import _load_model
+from lafn_hf.cli.common import load_model
 from lafn_hf.routing.config import ROUTING_PRESETS
 from lafn_hf.zsre import MZSRE_LANGUAGES, load_files, pair_file_code
 
@@ -63,7 +63,7 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     layers = tuple(int(x) for x in args.layers.split(",")) if args.layers else None
     config = LafnConfig(layers=layers, locate_strategy=args.locate_strategy, subject_search=args.subject_search)
-    model = _load_model(args.model)
+    model = load_model(args.model)
     model.routing = ROUTING_PRESETS[args.routing]
     methods = build_methods(args.methods.split(","), model, config)
     settings = BenchSettings(mode=args.mode, limit=args.limit, batch_size=args.batch_size,

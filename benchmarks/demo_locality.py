@@ -16,7 +16,7 @@ from importlib import resources
 
 from lafn_hf import EditableCausalLM, EditGroup
 from lafn_hf.bench.metrics import contains
-from lafn_hf.cli import _load_model
+from lafn_hf.cli.common import load_model
 from lafn_hf.evaluate import predict_batch
 from lafn_hf.routing import RoutingConfig
 
@@ -36,7 +36,7 @@ def main() -> None:
     parser.add_argument("--model", default="gemma-3-270m")
     args = parser.parse_args()
     demo = json.loads(resources.files("lafn_hf").joinpath("assets/demo_eiffel.json").read_text("utf-8"))
-    model: EditableCausalLM = _load_model(args.model)
+    model: EditableCausalLM = load_model(args.model)
     group = EditGroup.from_dict(demo["group"])
     asked = [(lang, "located", text) for lang, edit in group.edits.items() for text in (edit.prompt, *edit.paraphrases)]
     asked += [(lang, "held out", text) for lang, texts in demo["held_out"].items() for text in texts]

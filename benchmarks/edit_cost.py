@@ -17,7 +17,7 @@ import time
 from lafn_settings import parse_items, parse_variant
 
 from lafn_hf import LafnConfig
-from lafn_hf.cli import _load_model
+from lafn_hf.cli.common import load_model
 from lafn_hf.zsre import load_files, resolve_item
 
 
@@ -30,7 +30,7 @@ def main() -> None:
     args = parser.parse_args()
     variants = [parse_variant(text) for text in args.variant]
     configs = {name: dataclasses.replace(LafnConfig(), **fields) for name, fields in variants}
-    model = _load_model(args.model)
+    model = load_model(args.model)
     items = load_files([args.data])
     seconds = {name: 0.0 for name in configs}
     steps: dict[str, list[int]] = {name: [] for name in configs}

@@ -16,7 +16,7 @@ from importlib import resources
 import torch
 
 from lafn_hf import EditableCausalLM, EditGroup, LafnConfig, LanguageEdit
-from lafn_hf.cli import _load_model
+from lafn_hf.cli.common import load_model
 from lafn_hf.models import tiny_fact_group
 
 LEADS = ["", "Tell me: ", "Question: ", "Quick fact: ", "I wonder: ", "Note: ", "Trivia: ", "Answer this: ",
@@ -57,12 +57,12 @@ def main() -> None:
     print("| model | languages | s/edit, defaults | s/edit, 20 steps, shortcut | s/edit, 20 steps, full forward "
           "| speed-up | peak RSS MiB |")
     print("| --- | --- | --- | --- | --- | --- | --- |")
-    tiny = _load_model("tiny-bilingual")
+    tiny = load_model("tiny-bilingual")
     tiny_group = tiny_fact_group(0, 1)
     report("tiny-bilingual (layers 2,3)", tiny, with_paraphrases(tiny_group), (2, 3))
     if args.skip_gemma:
         return
-    gemma = _load_model("gemma-3-270m")
+    gemma = load_model("gemma-3-270m")
     demo = json.loads((resources.files("lafn_hf") / "assets" / "demo_eiffel.json").read_text("utf-8"))
     full = with_paraphrases(EditGroup.from_dict(demo["group"]))
     report("gemma-3-270m", gemma, EditGroup({k: full.edits[k] for k in ("en", "zh")}), None)

@@ -24,7 +24,7 @@ import torch
 
 from lafn_hf import BankEntry, EditableCausalLM, EditBank, LayerUpdate
 from lafn_hf.bank.entries import KeySpace, QuestionScope, RoutingKey, ScopeSpace
-from lafn_hf.cli import _load_model
+from lafn_hf.cli.common import load_model
 from lafn_hf.routing.keys import calibrate_key_space
 from lafn_hf.routing.scope import calibrate_scope_space
 
@@ -93,7 +93,7 @@ def main() -> None:
     parser.add_argument("--no-scopes", action="store_true", help="entries without question scopes")
     args = parser.parse_args()
     torch.set_num_threads(2)
-    model: EditableCausalLM = _load_model(args.model)
+    model: EditableCausalLM = load_model(args.model)
     layers = model.edit_layers()
     size = model.base_ref.intermediate_size
     space = None if args.no_keys else calibrate_key_space(model.model, model.tokenizer, min(layers))[0]

@@ -24,7 +24,7 @@ import torch
 
 from lafn_hf import LafnConfig
 from lafn_hf.bench import BenchSettings, LafnMethod, load_locality_hard, run_bench
-from lafn_hf.cli import _load_model
+from lafn_hf.cli.common import load_model
 from lafn_hf.zsre import MZSRE_LANGUAGES, load_files, pair_file_code
 
 DATA_DIR = Path(__file__).resolve().parents[2] / "shared" / "data" / "mzsre-dev"
@@ -75,7 +75,7 @@ def main() -> None:
     items = [every[i] for i in indices]
     shipped = load_locality_hard()  # keyed by dev index; run_bench keys by position in ``items``
     hard = {position: shipped[index] for position, index in enumerate(indices) if index in shipped}
-    model = _load_model(args.model)
+    model = load_model(args.model)
     lines = []
     for name, overrides in args.variant:
         config = dataclasses.replace(LafnConfig(), **overrides)

@@ -14,23 +14,23 @@ from importlib import resources
 import torch
 
 from lafn_hf import EditGroup, LafnConfig
-from lafn_hf.cli import _generate, _load_model
+from lafn_hf.cli.common import generate_text, load_model
 
 
 def main() -> None:
     torch.set_num_threads(2)
-    model = _load_model("gemma-3-270m")
+    model = load_model("gemma-3-270m")
     data = json.loads((resources.files("lafn_hf") / "assets" / "demo_eiffel.json").read_text("utf-8"))
     group = EditGroup.from_dict(data["group"])
     checks = [(lang, e.prompt) for lang, e in group.edits.items()]
     checks += [(lang, p) for lang, prompts in data["held_out"].items() for p in prompts]
-    unrelated_before = [_generate(model, p) for p in data["unrelated"]]
+    unrelated_before = [generate_text(model, p) for p in data["unrelated"]]
     print("| layers | edited prompts answering the target | unrelated changed | steps | s/edit |")
     print("| --- | --- | --- | --- | --- |")
     for layers in ((3, 4, 5), (6, 7, 8), (9, 10, 11)):
         result = model.edit(group, LafnConfig(layers=layers, min_target_probability=0.0))  # keep weak edits: measured
-        hits = sum(_generate(model, p).startswith(group.edits[lang].target) for lang, p in checks)
-        changed = sum(_generate(model, p) != b for p, b in zip(data["unrelated"], unrelated_before))
+        hits = sum(generate_text(model, p).startswith(group.edits[lang].target) for lang, p in checks)
+        changed = sum(generate_text(model, p) != b for p, b in zip(data["unrelated"], unrelated_before))
         print(f"| {layers} | {hits}/{len(checks)} | {changed} | {result.steps} | {result.wall_time_s:.1f} |")
         model.remove_edit(result.entry_id)
 

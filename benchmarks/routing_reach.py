@@ -28,7 +28,7 @@ from typing import Any
 import torch
 
 from lafn_hf import BankEntry, EditableCausalLM, EditBank, EditGroup, LanguageEdit, LayerUpdate
-from lafn_hf.cli import _load_model
+from lafn_hf.cli.common import load_model
 from lafn_hf.routing import RoutingConfig, entry_key, routes
 from lafn_hf.routing.keys import calibrate_key_space, separate
 from lafn_hf.zsre import load_files
@@ -105,7 +105,7 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     started = time.perf_counter()
-    editable: EditableCausalLM = _load_model(args.model)
+    editable: EditableCausalLM = load_model(args.model)
     layer = min(editable.edit_layers())
     paths = [args.data_dir / f"mzsre_dev_en{FILES.get(lang, lang)}.json" for lang in LANGS]
     items = load_files(paths)[: args.limit]

@@ -21,7 +21,7 @@ import torch
 
 from lafn_hf import EditableCausalLM, LafnConfig
 from lafn_hf.bench.runner import LocalityHard, applies, load_locality_hard
-from lafn_hf.cli import _load_model
+from lafn_hf.cli.common import load_model
 from lafn_hf.editing.self_paraphrase import write_paraphrases
 from lafn_hf.routing import RoutingConfig
 from lafn_hf.routing.keys import layer_inputs
@@ -81,16 +81,16 @@ def main() -> None:
                         help="the scope space: with its discriminant basis (today), or scaled only (before it)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    model = _load_model(args.model)
+    model = load_model(args.model)
     items = load_files(args.data)[: args.limit]
     margins = gate_margins(model, items, load_locality_hard(), args.write_paraphrases, args.layer,
                           args.space == "discriminant")
-    print("| kind | lang | n | " + " | ".join(f"pass at {m:+.2f}" for m in MARGINS) + " |")
-    print("| --- | --- | ---: | " + " | ".join("---:" for _ in MARGINS) + " |")
+    print("| kind | lang | n | subject not found | " + " | ".join(f"pass at {m:+.2f}" for m in MARGINS) + " |")
+    print("| --- | --- | ---: | ---: | " + " | ".join("---:" for _ in MARGINS) + " |")
     for (kind, lang), values in sorted(margins.items()):
         cells = " | ".join(f"{100 * sum(v >= m for v in values if not math.isnan(v)) / len(values):.1f}"
                            for m in MARGINS)
-        print(f"| {kind} | {lang} | {len(values)} | {cells} |")
+        print(f"| {kind} | {lang} | {len(values)} | {sum(math.isnan(v) for v in values)} | {cells} |")
     print("\n" + "; ".join(f"{lang} area {area:.3f}" for lang, area in areas(margins).items()))
 
 

@@ -34,7 +34,7 @@ from lafn_hf import EditableCausalLM, LafnConfig
 from lafn_hf.bank.entries import ScopeSpace
 from lafn_hf.bench.metrics import answer_hit, contains, normalize_answer, same_answer, token_f1
 from lafn_hf.bench.runner import applies, load_locality_hard
-from lafn_hf.cli import _load_model
+from lafn_hf.cli.common import load_model
 from lafn_hf.evaluate import predict_batch
 from lafn_hf.routing import RoutingConfig
 from lafn_hf.routing.scope import calibrate_scope_space, entry_scope
@@ -167,7 +167,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
     margins = [float(m) for m in args.margins.split(",")]
-    model = _load_model(args.model)
+    model = load_model(args.model)
     items = load_files([args.data])
     hard = load_locality_hard()
     config = LafnConfig(neighbour_kl=args.neighbour_kl)

@@ -43,7 +43,7 @@ import torch
 
 from lafn_hf.bench.methods import EditMethod, LafnMethod, UneditedMethod
 from lafn_hf.bench.metrics import answer_hit, same_answer
-from lafn_hf.cli import _load_model
+from lafn_hf.cli.common import load_model
 from lafn_hf.evaluate import answer_ids
 from lafn_hf.model import EditableCausalLM
 from lafn_hf.models import tiny_facts
@@ -145,7 +145,7 @@ def main() -> None:
         raise ValueError(f"--edits {args.edits}: the dev data gives only {len(records)} usable edits for "
                          f"{args.langs}; add languages to --langs")
     unrelated = [(r.loc, r.loc_ans) for _, _, r in records[-args.unrelated:]]
-    model = _load_model(args.model)
+    model = load_model(args.model)
     reference = answers(UneditedMethod(model), [q for q, _ in unrelated], [a for _, a in unrelated])
     edited = LafnMethod(model)
     args.out.mkdir(parents=True, exist_ok=True)

@@ -17,7 +17,7 @@ from typing import Any
 import torch
 
 from lafn_hf import EditableCausalLM, LafnConfig
-from lafn_hf.cli import _generate, _load_model
+from lafn_hf.cli.common import generate_text, load_model
 from lafn_hf.models import tiny_fact_group, tiny_facts
 
 LANGUAGES = ("en", "zh")
@@ -39,14 +39,14 @@ def run(model: EditableCausalLM, data: dict[str, Any], config: LafnConfig, count
         target = (source + 1) % len(facts)
         unrelated = [templates[lang][0].format(s=facts[(source + 25) % len(facts)][lang]["subject"])
                      for lang in LANGUAGES]
-        before = [_generate(model, p) for p in unrelated]
+        before = [generate_text(model, p) for p in unrelated]
         start = time.perf_counter()
         entry_id = model.edit(tiny_fact_group(source, target, LANGUAGES, data), config).entry_id
         seconds += time.perf_counter() - start
         for lang in LANGUAGES:
-            answers = [_generate(model, t.format(s=facts[source][lang]["subject"])) for t in templates[lang]]
+            answers = [generate_text(model, t.format(s=facts[source][lang]["subject"])) for t in templates[lang]]
             hits[lang] += sum(a.startswith(facts[target][lang]["object"]) for a in answers)
-        changed += sum(_generate(model, p) != b for p, b in zip(unrelated, before))
+        changed += sum(generate_text(model, p) != b for p, b in zip(unrelated, before))
         model.remove_edit(entry_id)
     prompts = count * len(templates["en"])
     rates = " | ".join(f"{100 * hits[lang] / prompts:.1f}%" for lang in LANGUAGES)
@@ -58,7 +58,7 @@ def main() -> None:
     parser.add_argument("--facts", type=int, default=50, help="edit facts 0..N-1 (default: all 50)")
     count = parser.parse_args().facts
     torch.set_num_threads(2)
-    model = _load_model("tiny-bilingual")
+    model = load_model("tiny-bilingual")
     data = tiny_facts()
     print(f"{count} edits per setting, en + zh in one group")
     print("| setting | en prompts answering the target | zh | unrelated changed | s/edit |")

@@ -69,7 +69,7 @@ def test_version_and_help_on_every_flag(capsys: pytest.CaptureFixture[str]) -> N
 
 def test_edit_validates_the_group_file_before_loading_the_model(tmp_path: Path, capsys: pytest.CaptureFixture[str],
                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr("lafn_hf.cli._load_model", lambda *a, **k: pytest.fail("loaded the model for a bad file"))
+    monkeypatch.setattr("lafn_hf.cli.banks.load_model", lambda *a, **k: pytest.fail("loaded the model for a bad file"))
     edit = '{"prompt": "Rome lies in", "subject": "Rome", "target": "Italy"}'
     cases = {
         f'[{{"en": {edit}}}, {{"en": {edit}, "en": {edit}}}]': "group 1: key 'en' is given twice",
