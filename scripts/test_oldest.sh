@@ -1,24 +1,25 @@
 #!/usr/bin/env bash
 # The oldest transformers pyproject.toml allows, each in a venv of its own (CPU torch, lafn-hf editable, pytest):
-# 1. .venv-oldest: the fast subset (runtime, packed forwards, bank format, bank files and the Hub) on the floor
-#    of the dependencies' "transformers>=X";
+# 1. .venv-oldest: the fast subset (runtime, packed forwards, bank format, bank files and the Hub) on the floors
+#    of the dependencies' "transformers>=X" and "huggingface-hub>=Y";
 # 2. .venv-oldest-serve: the serve tests on the floor of the serve extra's "transformers[serving]>=Y", unless
 #    .venv (the full run, newest transformers) has that very version.
 # About 2 minutes on 2 cores once the venvs exist (1 more to make each).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-floor() {  # the lowest transformers version that the dependencies ("core") or the extra $1 allow
-  python3 - "$1" <<'PY'
+floor() {  # floor GROUP PACKAGE: the lowest version of PACKAGE that the dependencies ("core") or the extra GROUP allow
+  python3 - "$1" "$2" <<'PY'
 import re
 import sys
 import tomllib
 
 project = tomllib.load(open("pyproject.toml", "rb"))["project"]
-specs = project["dependencies"] if sys.argv[1] == "core" else project["optional-dependencies"][sys.argv[1]]
-floors = [m.group(1) for s in specs if (m := re.match(r"transformers(?:\[[^]]*\])?\s*>=\s*([0-9][\w.]*)", s))]
+group, package = sys.argv[1], sys.argv[2]
+specs = project["dependencies"] if group == "core" else project["optional-dependencies"][group]
+floors = [m.group(1) for s in specs if (m := re.match(rf"{re.escape(package)}(?:\[[^]]*\])?\s*>=\s*([0-9][\w.]*)", s))]
 if not floors:
-    sys.exit(f"test_oldest: no 'transformers>=' in pyproject.toml's {sys.argv[1]} requirements")
+    sys.exit(f"test_oldest: no '{package}>=' in pyproject.toml's {group} requirements")
 print(floors[0])
 PY
 }
@@ -33,13 +34,14 @@ venv() {  # venv DIR REQUIREMENT...: DIR with CPU torch and the requirements (pi
     && "$dir/bin/pip" install -q "$@"; } >"$log" 2>&1 || { cat "$log" >&2; exit 1; }
 }
 
-core="$(floor core)"
-venv .venv-oldest -e . pytest "transformers==$core"
-echo "test_oldest: transformers $core (the dependencies' floor): runtime, packed forwards, banks"
+core="$(floor core transformers)"
+hub="$(floor core huggingface-hub)"
+venv .venv-oldest -e . pytest "transformers==$core" "huggingface-hub==$hub"
+echo "test_oldest: transformers $core, huggingface-hub $hub (the dependencies' floors): runtime, packed forwards, banks"
 .venv-oldest/bin/python -m pytest -q -p no:cacheprovider tests/test_runtime.py tests/test_packed.py \
   tests/test_bank_format.py tests/test_hub.py
 
-serve="$(floor serve)"
+serve="$(floor serve transformers)"
 newest="$(.venv/bin/python -c 'import transformers; print(transformers.__version__)')"
 if .venv/bin/python -c 'import sys; from packaging.version import Version; sys.exit(Version(sys.argv[1]) != Version(sys.argv[2]))' \
     "$serve" "$newest"; then
