@@ -22,6 +22,7 @@ import torch
 from lafn_hf import LafnConfig
 from lafn_hf.bench import BenchSettings, build_methods, markdown_table, reach_table, run_benchmark
 from lafn_hf.cli.common import load_model
+from lafn_hf.config import LOCATE_STRATEGIES
 from lafn_hf.routing.config import ROUTING_PRESETS
 from lafn_hf.zsre import MZSRE_LANGUAGES, load_files, pair_file_code
 
@@ -49,7 +50,7 @@ def main() -> None:
     parser.add_argument("--methods", default="lafn,unedited,in-context", help="add lora when peft is installed")
     parser.add_argument("--limit", type=int, default=100, help="first N dev items per set (default 100)")
     parser.add_argument("--mode", choices=["generate", "teacher_forced"], default="generate")
-    parser.add_argument("--locate-strategy", choices=["paraphrases", "single", "all", "random"], default="paraphrases")
+    parser.add_argument("--locate-strategy", choices=LOCATE_STRATEGIES, default="paraphrases")
     parser.add_argument("--layers", help="comma-separated edit layers (default: the modeling/ table's)")
     parser.add_argument("--threads", type=int, help="torch CPU threads (1 avoids oversubscription on a busy machine)")
     parser.add_argument("--routing", choices=sorted(ROUTING_PRESETS), default="full", help="routing stages for lafn")

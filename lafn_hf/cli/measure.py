@@ -6,7 +6,8 @@ import argparse
 import json
 from pathlib import Path
 
-from ..config import SUBJECT_SEARCHES, LafnConfig
+from ..config import LOCATE_STRATEGIES, SUBJECT_SEARCHES, LafnConfig
+from ..routing.config import ROUTING_PRESETS
 from .common import add_config_options, add_model_options, config_from_args, load_model
 
 
@@ -39,7 +40,6 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
     from ..bench import BenchSettings, build_methods, load_locality_hard, markdown_table, reach_table, run_benchmark
     from ..bench.methods import METHODS
-    from ..routing.config import ROUTING_PRESETS
     from ..zsre import load_files
 
     names = [name.strip() for name in args.methods.split(",") if name.strip()]
@@ -121,9 +121,9 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     bench.add_argument("--batch-size", type=int, default=16,
                        help="questions answered per generate() call (left-padded; 1: one by one)")
     bench.add_argument("--locality-hard", help="Locality-Hard JSON (default: the set shipped for the MzsRE dev split)")
-    bench.add_argument("--locate-strategy", choices=["paraphrases", "single", "all", "random"],
+    bench.add_argument("--locate-strategy", choices=LOCATE_STRATEGIES,
                        help="LAFN's locating (paper Table 4; default: the config's, paraphrases)")
-    bench.add_argument("--routing", choices=["exact", "lexical", "unscoped", "full"], default="full",
+    bench.add_argument("--routing", choices=list(ROUTING_PRESETS), default="full",
                        help="routing stages for lafn: the exact matcher, + normalised matching and aliases, "
                             "+ keys (unscoped), + question scopes (full)")
     bench.add_argument("--subject-search", choices=SUBJECT_SEARCHES, default="aligned",
